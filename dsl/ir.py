@@ -1,0 +1,246 @@
+"""The typed, immutable intermediate representation of a spec.
+
+The parser builds these nodes from the Lark tree; `resolve` merges `extends` chains into flat models and
+`validate` checks them. Every node keeps the position it came from so any later stage can point back at
+the spec. Names in the IR are already checked identifiers; expressions are a closed set of node types,
+so nothing here can carry arbitrary Python to the code generator.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Node(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Pos(Node):
+    file: str
+    line: int
+    column: int
+
+
+# ---- expressions -----------------------------------------------------------------------------------
+class Name(Node):
+    kind: Literal["name"] = "name"
+    id: str
+    pos: Pos
+
+
+class Number(Node):
+    kind: Literal["number"] = "number"
+    value: int | float
+    text: str
+    pos: Pos
+
+
+class String(Node):
+    kind: Literal["string"] = "string"
+    value: str
+    pos: Pos
+
+
+class Const(Node):
+    """`true`, `false` or `none`."""
+
+    kind: Literal["const"] = "const"
+    value: bool | None
+    pos: Pos
+
+
+class Unary(Node):
+    kind: Literal["unary"] = "unary"
+    op: Literal["-", "not"]
+    operand: Expr
+    pos: Pos
+
+
+class BinOp(Node):
+    kind: Literal["binop"] = "binop"
+    op: Literal["+", "-", "*", "/", "//", "%", "**", "and", "or", "==", "!=", "<", "<=", ">", ">="]
+    left: Expr
+    right: Expr
+    pos: Pos
+
+
+class IfExp(Node):
+    kind: Literal["if"] = "if"
+    test: Expr
+    body: Expr
+    orelse: Expr
+    pos: Pos
+
+
+class ListExpr(Node):
+    kind: Literal["list"] = "list"
+    items: tuple[Expr, ...]
+    pos: Pos
+
+
+class Call(Node):
+    kind: Literal["call"] = "call"
+    func: str
+    args: tuple[Expr, ...]
+    kwargs: tuple[tuple[str, Expr], ...]
+    pos: Pos
+
+    def kwarg(self, name: str) -> Expr | None:
+        return next((value for key, value in self.kwargs if key == name), None)
+
+
+Expr = Annotated[
+    Union[Name, Number, String, Const, Unary, BinOp, IfExp, ListExpr, Call],  # noqa: UP007
+    Field(discriminator="kind"),
+]
+
+
+# ---- config schema ---------------------------------------------------------------------------------
+class FieldType(Node):
+    name: str  # int, float, bool, str, activation, rope, list, dict, any, enum
+    optional: bool = False
+    choices: tuple[str, ...] = ()  # for enums
+
+    def __str__(self) -> str:
+        base = f"enum({', '.join(self.choices)})" if self.name == "enum" else self.name
+        return base + ("?" if self.optional else "")
+
+
+class ConfigField(Node):
+    name: str
+    type: FieldType
+    default: Expr | None  # None: required (no default)
+    pos: Pos
+
+
+class Alias(Node):
+    """An HF `attribute_map` entry: `alias` reads and writes `target`."""
+
+    alias: str
+    target: str
+    pos: Pos
+
+
+class ConfigSchema(Node):
+    fields: tuple[ConfigField, ...] = ()
+    aliases: tuple[Alias, ...] = ()
+
+    def field(self, name: str) -> ConfigField | None:
+        return next((f for f in self.fields if f.name == name), None)
+
+
+# ---- module tree and dataflow ----------------------------------------------------------------------
+class Submodule(Node):
+    """`name = Primitive(args)`, `name = BlockName` or `name = repeat(count, BlockName)`."""
+
+    name: str
+    kind: Literal["primitive", "block", "repeat"]
+    target: str
+    args: tuple[Expr, ...] = ()
+    kwargs: tuple[tuple[str, Expr], ...] = ()
+    count: Expr | None = None
+    pos: Pos
+
+
+class Tie(Node):
+    """`tie lm_head = model.embed_tokens if tie_word_embeddings`: share the weight of two modules."""
+
+    name: str
+    target: tuple[str, ...]
+    condition: Expr | None
+    pos: Pos
+
+
+class Assign(Node):
+    kind: Literal["assign"] = "assign"
+    targets: tuple[str, ...]
+    value: Expr
+    pos: Pos
+
+
+class Return(Node):
+    kind: Literal["return"] = "return"
+    value: Expr
+    pos: Pos
+
+
+Stmt = Annotated[Union[Assign, Return], Field(discriminator="kind")]  # noqa: UP007
+
+
+class Forward(Node):
+    params: tuple[str, ...]
+    body: tuple[Stmt, ...]
+    pos: Pos
+
+
+class Block(Node):
+    name: str
+    role: Literal["block", "backbone", "head"]
+    submodules: tuple[Submodule, ...] = ()
+    forward: Forward | None = None
+    ties: tuple[Tie, ...] = ()
+    attr: str | None = None  # backbone: its attribute name inside heads (`model`, `bert`, ...)
+    task: str | None = None  # head: causal_lm, sequence_classification, ...
+    pos: Pos
+
+    def submodule(self, name: str) -> Submodule | None:
+        return next((s for s in self.submodules if s.name == name), None)
+
+
+class Model(Node):
+    """A model as written in one file: possibly a delta (`parent`) not yet merged."""
+
+    name: str
+    parent: str | None = None
+    parent_pos: Pos | None = None
+    model_type: str | None = None
+    config: ConfigSchema = ConfigSchema()
+    # A delta's config items, kept apart from `config` until resolution.
+    field_overrides: tuple[tuple[str, Expr, Pos], ...] = ()
+    field_removals: tuple[tuple[str, Pos], ...] = ()
+    blocks: tuple[Block, ...] = ()
+    module_overrides: tuple[tuple[str, Submodule], ...] = ()  # (block name, submodule)
+    forward_overrides: tuple[tuple[str, Forward], ...] = ()  # (block name, forward)
+    head_removals: tuple[tuple[str, Pos], ...] = ()
+    source_file: str
+    pos: Pos
+
+    def block(self, name: str) -> Block | None:
+        return next((b for b in self.blocks if b.name == name), None)
+
+    @property
+    def backbone(self) -> Block:
+        return next(b for b in self.blocks if b.role == "backbone")
+
+    @property
+    def heads(self) -> tuple[Block, ...]:
+        return tuple(b for b in self.blocks if b.role == "head")
+
+
+class ResolvedModel(Node):
+    """A validated model with its `extends` chain merged in: what the code generator consumes."""
+
+    name: str
+    model_type: str
+    lineage: tuple[str, ...]  # this model first, then its ancestors
+    config: ConfigSchema
+    blocks: tuple[Block, ...]
+    source_files: tuple[str, ...]
+    spec_hash: str
+
+    def block(self, name: str) -> Block:
+        return next(b for b in self.blocks if b.name == name)
+
+    @property
+    def backbone(self) -> Block:
+        return next(b for b in self.blocks if b.role == "backbone")
+
+    @property
+    def heads(self) -> tuple[Block, ...]:
+        return tuple(b for b in self.blocks if b.role == "head")
+
+
+for _node in (Unary, BinOp, IfExp, ListExpr, Call, ConfigField, Submodule, Tie, Assign, Return, Forward, Model):
+    _node.model_rebuild()

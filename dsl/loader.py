@@ -1,0 +1,88 @@
+"""Reading spec files from disk and turning them into resolved, validated models."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from . import ir
+from .errors import SpecError
+from .parser import parse
+from .resolve import resolve
+from .validate import validate
+
+
+class SpecSet:
+    """All models declared by a set of spec files; `extends` may cross files."""
+
+    def __init__(self) -> None:
+        self.sources: dict[str, str] = {}
+        self.models: dict[str, ir.Model] = {}
+
+    def add_text(self, text: str, file: str) -> tuple[str, ...]:
+        self.sources[file] = text
+        try:
+            models = parse(text, file)
+        except SpecError as err:
+            raise err.with_source(self.sources) from None
+        for model in models:
+            if model.name in self.models:
+                other = self.models[model.name].pos
+                raise SpecError(
+                    f"model `{model.name}` is already declared at {other.file}:{other.line}", model.pos
+                ).with_source(self.sources)
+            self.models[model.name] = model
+        return tuple(m.name for m in models)
+
+    def add_file(self, path: str | Path, display: str | None = None) -> tuple[str, ...]:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise SpecError(f"{path}: cannot read spec: {err}") from None
+        return self.add_text(text, display or str(path))
+
+    def resolved(self, name: str) -> ir.ResolvedModel:
+        try:
+            flat, lineage = resolve(name, self.models)
+            validate(flat)
+        except SpecError as err:
+            raise err.with_source(self.sources) from None
+        files = tuple(dict.fromkeys(m.source_file for m in lineage))
+        digest = hashlib.sha256()
+        for file in sorted(files):
+            digest.update(file.encode() + b"\0" + self.sources[file].encode() + b"\0")
+        return ir.ResolvedModel(
+            name=flat.name,
+            model_type=flat.model_type or flat.name.lower(),
+            lineage=tuple(m.name for m in lineage),
+            config=flat.config,
+            blocks=flat.blocks,
+            source_files=files,
+            spec_hash=digest.hexdigest(),
+        )
+
+    def all_resolved(self) -> list[ir.ResolvedModel]:
+        return [self.resolved(name) for name in self.models]
+
+
+def load_dir(directory: str | Path, display_root: str | Path | None = None) -> SpecSet:
+    """Every `*.sf` file in `directory`, sorted by name so results never depend on the file system."""
+    directory = Path(directory)
+    specs = SpecSet()
+    for path in sorted(directory.glob("*.sf")):
+        display = path.relative_to(display_root).as_posix() if display_root else path.as_posix()
+        specs.add_file(path, display)
+    return specs
+
+
+def load_file(path: str | Path, search_dir: str | Path | None = None) -> tuple[SpecSet, tuple[str, ...]]:
+    """One spec file, with the other specs of `search_dir` available to `extends`."""
+    path = Path(path).resolve()
+    specs = SpecSet()
+    if search_dir is not None:
+        for other in sorted(Path(search_dir).glob("*.sf")):
+            if other.resolve() != path:
+                specs.add_file(other, other.as_posix())
+    names = specs.add_file(path, str(path))
+    return specs, names

@@ -1,0 +1,353 @@
+"""Spec text -> IR `Model` nodes. Only `SpecError` ever escapes from here."""
+
+from __future__ import annotations
+
+import keyword
+from functools import cache
+from importlib import resources
+
+from lark import Lark, Token, Transformer, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+
+from . import ir
+from .errors import SpecError
+from .primitives import RESERVED
+
+_TOKEN_NAMES = {
+    "NAME": "a name",
+    "NUMBER": "a number",
+    "STRING": "a string",
+    "LBRACE": "`{`",
+    "RBRACE": "`}`",
+    "LPAR": "`(`",
+    "RPAR": "`)`",
+    "EQUAL": "`=`",
+    "COLON": "`:`",
+    "COMMA": "`,`",
+    "DOT": "`.`",
+    "LSQB": "`[`",
+    "RSQB": "`]`",
+    "MINUS": "`-`",
+    "QMARK": "`?`",
+    "$END": "end of file",
+}
+
+
+@cache
+def _lark() -> Lark:
+    grammar = resources.files(__package__).joinpath("grammar.lark").read_text()
+    return Lark(grammar, parser="lalr", lexer="contextual", propagate_positions=True, maybe_placeholders=True)
+
+
+def check_identifier(name: str, pos: ir.Pos) -> str:
+    """Reject names that would mean something else once written into Python."""
+    if keyword.iskeyword(name) or keyword.issoftkeyword(name):
+        raise SpecError(f"`{name}` is a Python keyword and cannot be used as a name", pos)
+    if name.startswith("__") or name.startswith("_"):
+        raise SpecError(f"`{name}`: names may not start with an underscore", pos)
+    if name in RESERVED:
+        raise SpecError(f"`{name}` is reserved and cannot be used as a name", pos)
+    return name
+
+
+def _describe(expected: set[str]) -> str:
+    names = sorted({_TOKEN_NAMES.get(t, f"`{t.lower()}`" if t.isupper() else t) for t in expected})
+    return ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+
+
+def parse(text: str, file: str = "<spec>") -> tuple[ir.Model, ...]:
+    """Parse one spec file into (unresolved) models."""
+    try:
+        tree = _lark().parse(text)
+    except UnexpectedInput as err:
+        raise _syntax_error(err, text, file) from None
+    try:
+        return _ToIR(file).transform(tree)
+    except VisitError as err:
+        if isinstance(err.orig_exc, SpecError):
+            raise err.orig_exc.with_source({file: text}) from None
+        raise
+    except SpecError as err:
+        raise err.with_source({file: text}) from None
+
+
+def _syntax_error(err: UnexpectedInput, text: str, file: str) -> SpecError:
+    line, column = max(err.line, 1), max(err.column, 1)
+    if isinstance(err, UnexpectedToken):
+        got = "end of file" if err.token.type == "$END" else f"`{err.token}`"
+        message = f"unexpected {got}; expected {_describe(set(err.expected))}"
+    elif isinstance(err, UnexpectedCharacters):
+        message = f"unexpected character `{text[err.pos_in_stream]}`"
+        if text[err.pos_in_stream] in "'\\":
+            message += " (strings use double quotes and may not contain escapes)"
+    elif isinstance(err, UnexpectedEOF):
+        message = f"unexpected end of file; expected {_describe(set(err.expected))}"
+        lines = text.splitlines() or [""]
+        line, column = len(lines), len(lines[-1]) + 1
+    else:  # pragma: no cover - lark has no other subclasses today
+        message = str(err).splitlines()[0]
+    return SpecError(message, ir.Pos(file=file, line=line, column=column), text)
+
+
+@v_args(meta=True)
+class _ToIR(Transformer):
+    """Builds IR nodes bottom-up. Positions come from Lark's propagated metadata."""
+
+    def __init__(self, file: str) -> None:
+        super().__init__()
+        self.file = file
+
+    def _pos(self, meta_or_token: object) -> ir.Pos:
+        line = getattr(meta_or_token, "line", 1)
+        column = getattr(meta_or_token, "column", 1)
+        return ir.Pos(file=self.file, line=line, column=column)
+
+    def _name(self, token: Token) -> str:
+        return check_identifier(str(token), self._pos(token))
+
+    # ---- expressions -----------------------------------------------------------------------------
+    def name(self, meta, children):
+        return ir.Name(id=self._name(children[0]), pos=self._pos(children[0]))
+
+    def number(self, meta, children):
+        text = str(children[0])
+        value: int | float = float(text) if any(c in text for c in ".eE") else int(text)
+        return ir.Number(value=value, text=text, pos=self._pos(children[0]))
+
+    def string(self, meta, children):
+        return ir.String(value=str(children[0])[1:-1], pos=self._pos(children[0]))
+
+    def true(self, meta, children):
+        return ir.Const(value=True, pos=self._pos(meta))
+
+    def false(self, meta, children):
+        return ir.Const(value=False, pos=self._pos(meta))
+
+    def none(self, meta, children):
+        return ir.Const(value=None, pos=self._pos(meta))
+
+    def list(self, meta, children):
+        return ir.ListExpr(items=tuple(c for c in children if c is not None), pos=self._pos(meta))
+
+    def neg(self, meta, children):
+        return ir.Unary(op="-", operand=children[0], pos=self._pos(meta))
+
+    def not_op(self, meta, children):
+        return ir.Unary(op="not", operand=children[0], pos=self._pos(meta))
+
+    def binop(self, meta, children):
+        left, op, right = children
+        return ir.BinOp(op=str(op), left=left, right=right, pos=self._pos(op))
+
+    def compare(self, meta, children):
+        return self.binop(meta, children)
+
+    def pow(self, meta, children):
+        return ir.BinOp(op="**", left=children[0], right=children[1], pos=self._pos(meta))
+
+    def and_op(self, meta, children):
+        return ir.BinOp(op="and", left=children[0], right=children[1], pos=self._pos(meta))
+
+    def or_op(self, meta, children):
+        return ir.BinOp(op="or", left=children[0], right=children[1], pos=self._pos(meta))
+
+    def ternary(self, meta, children):
+        body, test, orelse = children
+        return ir.IfExp(test=test, body=body, orelse=orelse, pos=self._pos(meta))
+
+    def kwarg(self, meta, children):
+        return (self._name(children[0]), children[1])
+
+    def args(self, meta, children):
+        return list(children)
+
+    def _split_args(self, args: list | None, pos: ir.Pos) -> tuple[tuple, tuple]:
+        positional, keywords, seen = [], [], set()
+        for arg in args or []:
+            if isinstance(arg, tuple):
+                if arg[0] in seen:
+                    raise SpecError(f"argument `{arg[0]}` given twice", arg[1].pos)
+                seen.add(arg[0])
+                keywords.append(arg)
+            elif keywords:
+                raise SpecError("positional argument after a keyword argument", arg.pos)
+            else:
+                positional.append(arg)
+        return tuple(positional), tuple(keywords)
+
+    def call(self, meta, children):
+        func, args = children
+        pos = self._pos(func)
+        positional, keywords = self._split_args(args, pos)
+        return ir.Call(func=self._name(func), args=positional, kwargs=keywords, pos=pos)
+
+    # ---- config ----------------------------------------------------------------------------------
+    def named_type(self, meta, children):
+        return ir.FieldType(name=str(children[0]), optional=len(children) > 1)
+
+    def enum_type(self, meta, children):
+        optional = bool(children) and isinstance(children[-1], Token) and children[-1].type == "OPTIONAL"
+        names = [c for c in children if not (isinstance(c, Token) and c.type == "OPTIONAL")]
+        return ir.FieldType(name="enum", optional=optional, choices=tuple(str(n) for n in names))
+
+    def field_decl(self, meta, children):
+        name, type_, default = children
+        return ir.ConfigField(name=self._name(name), type=type_, default=default, pos=self._pos(name))
+
+    def field_override(self, meta, children):
+        return ("override", self._name(children[0]), children[1], self._pos(children[0]))
+
+    def field_remove(self, meta, children):
+        return ("remove", [(self._name(c), self._pos(c)) for c in children])
+
+    def alias(self, meta, children):
+        alias, target = children
+        return ir.Alias(alias=self._name(alias), target=self._name(target), pos=self._pos(alias))
+
+    def config(self, meta, children):
+        return ("config", children, self._pos(meta))
+
+    def model_type(self, meta, children):
+        return ("model_type", str(children[0])[1:-1], self._pos(meta))
+
+    # ---- blocks ----------------------------------------------------------------------------------
+    def block_ref(self, meta, children):
+        target = children[0]
+        return ("block", str(target), (), (), None, self._pos(target))
+
+    def primitive(self, meta, children):
+        target, args = children
+        pos = self._pos(target)
+        positional, keywords = self._split_args(args, pos)
+        return ("primitive", str(target), positional, keywords, None, pos)
+
+    def repeat(self, meta, children):
+        count, target = children
+        return ("repeat", str(target), (), (), count, self._pos(target))
+
+    def _submodule(self, name: Token, spec: tuple) -> ir.Submodule:
+        kind, target, args, kwargs, count, pos = spec
+        return ir.Submodule(
+            name=self._name(name), kind=kind, target=target, args=args, kwargs=kwargs, count=count, pos=pos
+        )
+
+    def submodule(self, meta, children):
+        return self._submodule(children[0], children[1])
+
+    def dotted(self, meta, children):
+        return tuple(self._name(c) for c in children)
+
+    def tie(self, meta, children):
+        name, target, condition = children
+        return ir.Tie(name=self._name(name), target=target, condition=condition, pos=self._pos(name))
+
+    def assign(self, meta, children):
+        *targets, value = children
+        names = tuple(self._name(t) for t in targets)
+        return ir.Assign(targets=names, value=value, pos=self._pos(meta))
+
+    def return_stmt(self, meta, children):
+        return ir.Return(value=children[0], pos=self._pos(meta))
+
+    def forward(self, meta, children):
+        params = [c for c in children if isinstance(c, Token)]
+        body = [c for c in children if not isinstance(c, Token) and c is not None]
+        return ir.Forward(params=tuple(self._name(p) for p in params), body=tuple(body), pos=self._pos(meta))
+
+    def _block(self, meta, role: str, name: Token, items: list, **extra) -> ir.Block:
+        submodules, ties, forwards = [], [], []
+        for item in items:
+            if isinstance(item, ir.Submodule):
+                if any(s.name == item.name for s in submodules):
+                    raise SpecError(f"submodule `{item.name}` is declared twice in `{name}`", item.pos)
+                submodules.append(item)
+            elif isinstance(item, ir.Tie):
+                ties.append(item)
+            else:
+                if forwards:
+                    raise SpecError(f"`{name}` has two forwards", item.pos)
+                forwards.append(item)
+        return ir.Block(
+            name=self._name(name),
+            role=role,
+            submodules=tuple(submodules),
+            ties=tuple(ties),
+            forward=forwards[0] if forwards else None,
+            pos=self._pos(name),
+            **extra,
+        )
+
+    def block(self, meta, children):
+        return self._block(meta, "block", children[0], children[1:])
+
+    def backbone(self, meta, children):
+        return self._block(meta, "backbone", children[0], children[2:], attr=self._name(children[1]))
+
+    def head(self, meta, children):
+        return self._block(meta, "head", children[0], children[2:], task=str(children[1]))
+
+    def override_module(self, meta, children):
+        block, name, spec = children
+        return ("override_module", str(block), self._submodule(name, spec))
+
+    def override_forward(self, meta, children):
+        return ("override_forward", str(children[0]), children[1])
+
+    def remove_head(self, meta, children):
+        return ("remove_head", str(children[0]), self._pos(children[0]))
+
+    def extends(self, meta, children):
+        return (str(children[0]), self._pos(children[0]))
+
+    # ---- model -----------------------------------------------------------------------------------
+    def model(self, meta, children):
+        name, parent, *members = children
+        fields: list[ir.ConfigField] = []
+        aliases: list[ir.Alias] = []
+        overrides, removals, blocks = [], [], []
+        module_overrides, forward_overrides, head_removals = [], [], []
+        model_type = None
+        for member in members:
+            if isinstance(member, ir.Block):
+                if any(b.name == member.name for b in blocks):
+                    raise SpecError(f"`{member.name}` is declared twice in model `{name}`", member.pos)
+                blocks.append(member)
+            elif member[0] == "model_type":
+                model_type = member[1]
+            elif member[0] == "config":
+                for item in member[1]:
+                    if isinstance(item, ir.ConfigField):
+                        if any(f.name == item.name for f in fields):
+                            raise SpecError(f"config field `{item.name}` is declared twice", item.pos)
+                        fields.append(item)
+                    elif isinstance(item, ir.Alias):
+                        aliases.append(item)
+                    elif item[0] == "override":
+                        overrides.append((item[1], item[2], item[3]))
+                    else:
+                        removals.extend(item[1])
+            elif member[0] == "override_module":
+                module_overrides.append((member[1], member[2]))
+            elif member[0] == "override_forward":
+                forward_overrides.append((member[1], member[2]))
+            elif member[0] == "remove_head":
+                head_removals.append((member[1], member[2]))
+        return ir.Model(
+            name=self._name(name),
+            parent=parent[0] if parent else None,
+            parent_pos=parent[1] if parent else None,
+            model_type=model_type,
+            config=ir.ConfigSchema(fields=tuple(fields), aliases=tuple(aliases)),
+            field_overrides=tuple(overrides),
+            field_removals=tuple(removals),
+            blocks=tuple(blocks),
+            module_overrides=tuple(module_overrides),
+            forward_overrides=tuple(forward_overrides),
+            head_removals=tuple(head_removals),
+            source_file=self.file,
+            pos=self._pos(name),
+        )
+
+    def start(self, meta, children):
+        return tuple(children)
+

@@ -1,0 +1,109 @@
+"""Merging `extends` chains: a delta model plus its ancestors becomes one flat model."""
+
+from __future__ import annotations
+
+from . import ir
+from .errors import SpecError, did_you_mean
+
+MAX_EXTENDS_DEPTH = 16
+
+
+def resolve(name: str, registry: dict[str, ir.Model]) -> tuple[ir.Model, tuple[ir.Model, ...]]:
+    """The flat model named `name`, and its lineage (itself first, then each ancestor)."""
+    chain: list[ir.Model] = []
+    current = registry[name]
+    while True:
+        if any(m.name == current.name for m in chain):
+            cycle = " -> ".join([m.name for m in chain] + [current.name])
+            raise SpecError(f"cycle in `extends`: {cycle}", chain[-1].parent_pos)
+        chain.append(current)
+        if current.parent is None:
+            break
+        if len(chain) > MAX_EXTENDS_DEPTH:
+            raise SpecError(f"`extends` chain deeper than {MAX_EXTENDS_DEPTH} models", current.parent_pos)
+        if current.parent not in registry:
+            hint = did_you_mean(current.parent, registry)
+            raise SpecError(f"`{current.name}` extends unknown model `{current.parent}`{hint}", current.parent_pos)
+        current = registry[current.parent]
+    flat = chain[-1]
+    for delta in reversed(chain[:-1]):
+        flat = _apply(flat, delta)
+    return flat, tuple(chain)
+
+
+def _apply(base: ir.Model, delta: ir.Model) -> ir.Model:
+    fields = list(base.config.fields)
+    for field in delta.config.fields:
+        index = next((i for i, f in enumerate(fields) if f.name == field.name), None)
+        if index is None:
+            fields.append(field)
+        else:
+            fields[index] = field
+    for name, value, pos in delta.field_overrides:
+        index = next((i for i, f in enumerate(fields) if f.name == name), None)
+        if index is None:
+            hint = did_you_mean(name, [f.name for f in fields])
+            raise SpecError(
+                f"unknown field `{name}` in `{base.name}`{hint} (declare new fields with a type: `{name}: int = ...`)",
+                pos,
+            )
+        fields[index] = fields[index].model_copy(update={"default": value, "pos": pos})
+    for name, pos in delta.field_removals:
+        if not any(f.name == name for f in fields):
+            raise SpecError(f"cannot remove unknown field `{name}`{did_you_mean(name, [f.name for f in fields])}", pos)
+        fields = [f for f in fields if f.name != name]
+    aliases = {a.alias: a for a in base.config.aliases} | {a.alias: a for a in delta.config.aliases}
+
+    blocks = list(base.blocks)
+    for block in delta.blocks:
+        index = next((i for i, b in enumerate(blocks) if b.name == block.name), None)
+        if block.role == "backbone":
+            index = next(i for i, b in enumerate(blocks) if b.role == "backbone")
+        if index is None:
+            blocks.append(block)
+        else:
+            if blocks[index].role != block.role:
+                raise SpecError(
+                    f"`{block.name}` is a {blocks[index].role} in `{base.name}` and cannot become a {block.role}",
+                    block.pos,
+                )
+            blocks[index] = block
+
+    def find(block_name: str, pos: ir.Pos) -> int:
+        index = next((i for i, b in enumerate(blocks) if b.name == block_name), None)
+        if index is None:
+            hint = did_you_mean(block_name, [b.name for b in blocks])
+            raise SpecError(f"`{base.name}` has no block `{block_name}`{hint}", pos)
+        return index
+
+    for block_name, sub in delta.module_overrides:
+        index = find(block_name, sub.pos)
+        subs = list(blocks[index].submodules)
+        at = next((i for i, s in enumerate(subs) if s.name == sub.name), None)
+        if at is None:
+            subs.append(sub)
+        else:
+            subs[at] = sub
+        blocks[index] = blocks[index].model_copy(update={"submodules": tuple(subs)})
+    for block_name, forward in delta.forward_overrides:
+        index = find(block_name, forward.pos)
+        blocks[index] = blocks[index].model_copy(update={"forward": forward})
+    for head_name, pos in delta.head_removals:
+        index = find(head_name, pos)
+        if blocks[index].role != "head":
+            raise SpecError(f"`{head_name}` is not a head", pos)
+        del blocks[index]
+
+    return delta.model_copy(
+        update={
+            "parent": None,
+            "model_type": delta.model_type or base.model_type,
+            "config": ir.ConfigSchema(fields=tuple(fields), aliases=tuple(aliases.values())),
+            "field_overrides": (),
+            "field_removals": (),
+            "blocks": tuple(blocks),
+            "module_overrides": (),
+            "forward_overrides": (),
+            "head_removals": (),
+        }
+    )
