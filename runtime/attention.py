@@ -1,0 +1,152 @@
+"""Attention backends and the mask they share.
+
+Generated attention blocks call `attend(q, k, v, mask, ...)`; the backend is chosen by name
+(`config.attn_implementation`). Masks are built lazily from the padding mask and the causal/window
+geometry, once per distinct (causal, window) pair in a forward, and shared by every layer that asks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+class AttentionMask:
+    """Which keys each query may see: padding, plus causality and an optional sliding window.
+
+    `padding` is the usual (B, past + T) 0/1 attention mask (or None for no padding); queries are the
+    last `q_len` positions, so a query shorter than the keys (decoding with a cache) is lower-right aligned.
+    """
+
+    def __init__(self, padding: torch.Tensor | None, q_len: int, past: int = 0) -> None:
+        self.q_len = q_len
+        self.past = past
+        self.kv_len = past + q_len
+        if padding is not None:
+            if padding.dim() != 2 or padding.shape[-1] != self.kv_len:
+                raise ValueError(
+                    f"attention_mask has shape {tuple(padding.shape)}; expected (batch, {self.kv_len}) "
+                    f"for {past} cached and {q_len} new positions"
+                )
+            padding = padding.bool()
+            if bool(padding.all()):
+                padding = None
+        self.padding = padding
+        self._cache: dict[tuple[bool, int | None, str], torch.Tensor | None] = {}
+
+    def is_trivial(self, causal: bool, window: int | None) -> bool:
+        """True when no mask is needed: no padding, no window, and causal only over a fresh square."""
+        if self.padding is not None or (window is not None and window < self.kv_len):
+            return False
+        return not causal or self.q_len == 1
+
+    def allowed(self, causal: bool, window: int | None, device: torch.device) -> torch.Tensor | None:
+        """Bool (B|1, 1, T, S) mask, True where attention is allowed; None when nothing is masked."""
+        key = (causal, window, str(device))
+        if key not in self._cache:
+            self._cache[key] = self._build(causal, window, device)
+        return self._cache[key]
+
+    def _build(self, causal: bool, window: int | None, device: torch.device) -> torch.Tensor | None:
+        q_pos = torch.arange(self.past, self.kv_len, device=device)[:, None]  # (T, 1)
+        k_pos = torch.arange(self.kv_len, device=device)[None, :]  # (1, S)
+        allowed = torch.ones(self.q_len, self.kv_len, dtype=torch.bool, device=device)
+        if causal:
+            allowed = allowed & (k_pos <= q_pos)
+        if window is not None:
+            allowed = allowed & (q_pos - k_pos < window)
+        mask = allowed[None, None]  # (1, 1, T, S)
+        if self.padding is not None:
+            mask = mask & self.padding.to(device)[:, None, None, :]  # (B, 1, T, S)
+            # A query with nothing to attend to (a left-padding position) would softmax to NaN and poison
+            # the next layer through 0 * NaN; let it see every key instead. Its output is never used.
+            mask = mask | ~mask.any(dim=-1, keepdim=True)
+        return mask
+
+    def position_ids(self, device: torch.device) -> torch.Tensor:
+        """Default positions past..past+T-1, shape (1, T), as Hugging Face uses when none are given."""
+        return torch.arange(self.past, self.kv_len, device=device)[None, :]
+
+
+AttentionFn = Callable[..., torch.Tensor]
+
+
+def sdpa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: AttentionMask,
+    *,
+    causal: bool,
+    window: int | None,
+    dropout: float,
+    scale: float | None,
+) -> torch.Tensor:
+    """torch's fused scaled_dot_product_attention; q (B, H, T, D), k/v (B, Hkv, S, D) -> (B, H, T, D)."""
+    gqa = q.shape[1] != k.shape[1]
+    if mask.is_trivial(causal, window):
+        square_causal = causal and mask.q_len > 1
+        return F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout, is_causal=square_causal, scale=scale, enable_gqa=gqa
+        )
+    allowed = mask.allowed(causal, window, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scale, enable_gqa=gqa)
+
+
+def eager_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: AttentionMask,
+    *,
+    causal: bool,
+    window: int | None,
+    dropout: float,
+    scale: float | None,
+) -> torch.Tensor:
+    """The textbook computation, softmax in float32: the reference the fused backends are tested against."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:  # grouped-query attention: each kv head serves `groups` query heads
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S)
+    needs_mask = not mask.is_trivial(causal, window) or (causal and mask.q_len > 1)
+    allowed = mask.allowed(causal, window, q.device) if needs_mask else None
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    weights = F.dropout(weights, p=dropout, training=dropout > 0)
+    return weights @ v
+
+
+ATTENTION_BACKENDS: dict[str, AttentionFn] = {"sdpa": sdpa_attention, "eager": eager_attention}
+
+
+def register_attention(name: str, fn: AttentionFn) -> None:
+    """Make `fn` selectable as `attn_implementation=name`; it receives the same arguments as `sdpa`."""
+    ATTENTION_BACKENDS[name] = fn
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: AttentionMask,
+    *,
+    causal: bool = False,
+    window: int | None = None,
+    dropout: float = 0.0,
+    scale: float | None = None,
+    impl: str = "sdpa",
+) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v with the backend named `impl`."""
+    try:
+        backend = ATTENTION_BACKENDS[impl]
+    except KeyError:
+        raise ValueError(
+            f"attn_implementation `{impl}` is not available; choose one of {sorted(ATTENTION_BACKENDS)}"
+        ) from None
+    return backend(q, k, v, mask, causal=causal, window=window, dropout=dropout, scale=scale)

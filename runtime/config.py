@@ -1,0 +1,225 @@
+"""The config base class: Hugging Face `config.json` compatible, with typed fields declared by each spec.
+
+A generated config subclass assigns its declared fields in `__init__` and hands every other key to this
+base, which keeps it so that unknown keys survive a load/save round trip.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .files import atomic_write_text
+
+CONFIG_NAME = "config.json"
+
+# Keys every config understands, whatever its architecture.
+_BASE_DEFAULTS: dict[str, Any] = {"architectures": None, "problem_type": None}
+
+
+class ConfigError(ValueError):
+    """A config.json or a constructor argument with the wrong type or value."""
+
+
+class PretrainedConfig:
+    model_type: ClassVar[str] = ""
+    # HF `attribute_map`: alias -> real field (DistilBERT's `hidden_size` reads `dim`).
+    attribute_map: ClassVar[dict[str, str]] = {}
+    # Declared field -> expected type name, filled in by generated subclasses and checked on construction.
+    field_types: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs = dict(kwargs)
+        kwargs.pop("model_type", None)
+        kwargs.pop("transformers_version", None)
+        for key in [k for k in kwargs if k in self.attribute_map]:
+            setattr(self, self.attribute_map[key], kwargs.pop(key))
+        dtype = kwargs.pop("dtype", None)
+        legacy_dtype = kwargs.pop("torch_dtype", None)
+        self.dtype: str | None = _dtype_name(dtype if dtype is not None else legacy_dtype)
+        self.architectures: list[str] | None = kwargs.pop("architectures", None)
+        self.problem_type: str | None = kwargs.pop("problem_type", None)
+        id2label = kwargs.pop("id2label", None)
+        num_labels = kwargs.pop("num_labels", None)
+        kwargs.pop("label2id", None)
+        if id2label is not None:
+            self.id2label = {int(k): v for k, v in id2label.items()}
+        else:
+            self.id2label = {i: f"LABEL_{i}" for i in range(2 if num_labels is None else num_labels)}
+        if num_labels is not None and num_labels != len(self.id2label):
+            self.id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
+        # Not serialised: chosen at load time.
+        self.attn_implementation: str = kwargs.pop("attn_implementation", None) or "sdpa"
+        self.extra: dict[str, Any] = kwargs  # unknown keys, written back unchanged
+        self._check_types()
+
+    # ---- attribute aliases -----------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails: resolve aliases and unknown-but-present keys.
+        amap = type(self).attribute_map
+        if name in amap:
+            return getattr(self, amap[name])
+        extra = self.__dict__.get("extra")
+        if extra is not None and name in extra:
+            return extra[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute `{name}`")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(type(self).attribute_map.get(name, name), value)
+
+    # ---- labels ----------------------------------------------------------------------------------
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+    @num_labels.setter
+    def num_labels(self, value: int) -> None:
+        self.id2label = {i: f"LABEL_{i}" for i in range(value)}
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {v: k for k, v in self.id2label.items()}
+
+    # ---- validation ------------------------------------------------------------------------------
+    def _check_types(self) -> None:
+        for name, type_name in self.field_types.items():
+            value = getattr(self, name)
+            if not _matches(value, type_name):
+                raise ConfigError(
+                    f"{type(self).__name__}: `{name}` is {value!r} ({type(value).__name__}); expected {type_name}"
+                )
+
+    # ---- serialisation ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {name: copy.deepcopy(getattr(self, name)) for name in self.field_types}
+        out.update(copy.deepcopy(self.extra))
+        out["model_type"] = self.model_type
+        if self.architectures is not None:
+            out["architectures"] = list(self.architectures)
+        if self.dtype is not None:
+            out["dtype"] = self.dtype
+        if self.problem_type is not None:
+            out["problem_type"] = self.problem_type
+        if self.id2label != {0: "LABEL_0", 1: "LABEL_1"}:
+            out["id2label"] = {str(k): v for k, v in self.id2label.items()}
+            out["label2id"] = self.label2id
+        return dict(sorted(out.items()))
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], **overrides: Any) -> PretrainedConfig:
+        model_type = data.get("model_type")
+        if model_type not in (None, cls.model_type):
+            raise ConfigError(f"config.json has model_type `{model_type}`; {cls.__name__} expects `{cls.model_type}`")
+        return cls(**{**data, **overrides})
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> PretrainedConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: not valid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> PretrainedConfig:
+        path = Path(path)
+        file = path / CONFIG_NAME if path.is_dir() else path
+        config = cls.from_json_file(file)
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        config._check_types()
+        return config
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / CONFIG_NAME
+        atomic_write_text(target, self.to_json_string())
+        return target
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self.to_dict() == other.to_dict()  # type: ignore[union-attr]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__} {self.to_json_string()}"
+
+
+def _dtype_name(value: object) -> str | None:
+    if value is None:
+        return None
+    name = str(value)
+    return name.removeprefix("torch.")
+
+
+_TYPE_CHECKS = {
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "bool": lambda v: isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "activation": lambda v: isinstance(v, str),
+    "rope": lambda v: isinstance(v, dict),
+    "list": lambda v: isinstance(v, list | tuple),
+    "dict": lambda v: isinstance(v, dict),
+    "any": lambda v: True,
+}
+
+
+def _matches(value: object, type_name: str) -> bool:
+    if type_name.endswith("?"):
+        if value is None:
+            return True
+        type_name = type_name[:-1]
+    if type_name.startswith("enum:"):
+        return value in type_name[5:].split("|")
+    return _TYPE_CHECKS[type_name](value)
+
+
+# ---- rotary position parameters ------------------------------------------------------------------
+_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
+
+
+def standardize_rope(
+    rope_parameters: dict[str, Any] | None,
+    legacy: dict[str, Any],
+    theta: float,
+    max_position_embeddings: int,
+) -> dict[str, Any]:
+    """One `rope_parameters` dict from either config.json form.
+
+    Transformers 5 writes `rope_parameters` (with `rope_theta` inside); 4.x checkpoints, most of those
+    published, carry `rope_theta` and an optional `rope_scaling` at the top level. The legacy keys are
+    popped from `legacy` (the constructor's leftover kwargs) so they are not written back twice.
+    """
+    legacy_theta = legacy.pop("rope_theta", None)
+    scaling = legacy.pop("rope_scaling", None)
+    params = dict(rope_parameters or scaling or {})
+    if "type" in params:  # very old checkpoints: {"type": "linear", "factor": 2.0}
+        params.setdefault("rope_type", params.pop("type"))
+    params.setdefault("rope_type", "default")
+    params.setdefault("rope_theta", legacy_theta if legacy_theta is not None else theta)
+    if "partial_rotary_factor" in legacy:
+        params.setdefault("partial_rotary_factor", legacy.pop("partial_rotary_factor"))
+    if params["rope_type"] not in _ROPE_TYPES:
+        raise ConfigError(f"rope_parameters.rope_type is `{params['rope_type']}`; expected one of {_ROPE_TYPES}")
+    if params["rope_type"] in ("llama3", "yarn", "longrope"):
+        params.setdefault("original_max_position_embeddings", max_position_embeddings)
+    required = {
+        "linear": ("factor",),
+        "dynamic": ("factor",),
+        "yarn": ("factor",),
+        "longrope": ("long_factor", "short_factor"),
+        "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+    }.get(params["rope_type"], ())
+    for key in required:
+        if key not in params:
+            raise ConfigError(f"rope_parameters of type `{params['rope_type']}` needs `{key}`")
+    return params

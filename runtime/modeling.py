@@ -1,0 +1,208 @@
+"""The model base class: weight initialisation, tying, and Hugging Face style load/save."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointError, checkpoint_files, iter_tensors, save_state_dict
+from .config import PretrainedConfig
+from .files import atomic_write_text
+from .layers import RMSNorm
+
+M = TypeVar("M", bound="PreTrainedModel")
+
+GENERATION_CONFIG_NAME = "generation_config.json"
+
+
+def _dtype(value: str | torch.dtype) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        return value
+    dtype = getattr(torch, value.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype `{value}` is not a torch dtype (e.g. float32, bfloat16, float16)")
+    return dtype
+
+
+class PreTrainedModel(nn.Module):
+    config_class: ClassVar[type[PretrainedConfig]] = PretrainedConfig
+    # The attribute under which heads hold the backbone; also the key prefix of its weights.
+    base_model_prefix: ClassVar[str] = "model"
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} expects a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+
+    # ---- construction ----------------------------------------------------------------------------
+    def tied_weights(self) -> dict[str, str]:
+        """Parameters that share storage: {tied key: source key}. Generated heads override this."""
+        return {}
+
+    def post_init(self) -> None:
+        """Initialise weights (skipped on the meta device, where loading will assign them) and tie."""
+        if not any(p.is_meta for p in self.parameters()):
+            self.apply(self._init_module)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        for tied, source in self.tied_weights().items():
+            owner, _, name = tied.rpartition(".")
+            setattr(self.get_submodule(owner), name, self.get_parameter(source))
+
+    def _init_module(self, module: nn.Module) -> None:
+        std = getattr(self.config, "initializer_range", 0.02)
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None:
+                module.weight.data[module.padding_idx].zero_()
+        elif isinstance(module, RMSNorm | nn.LayerNorm):
+            module.reset_parameters()
+
+    # ---- introspection ---------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(p.dtype for p in self.parameters() if p.is_floating_point())
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        seen: set[int] = set()
+        total = 0
+        for module in self.modules():
+            if exclude_embeddings and isinstance(module, nn.Embedding):
+                continue
+            for p in module.parameters(recurse=False):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    total += p.numel()
+        return total
+
+    # ---- loading ---------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls: type[M],
+        path: str | os.PathLike,
+        *,
+        dtype: str | torch.dtype | None = "auto",
+        attn_implementation: str | None = None,
+        device: str | torch.device = "cpu",
+        strict: bool = True,
+        **config_overrides: Any,
+    ) -> M:
+        """Load a Hugging Face style folder (config.json + single or sharded safetensors).
+
+        The model is built on the meta device and the checkpoint's tensors are assigned in place, so no
+        random initialisation is computed and thrown away. `dtype="auto"` uses the config's `dtype`.
+        """
+        directory = Path(path)
+        if not directory.is_dir():
+            raise CheckpointError(f"{directory}: not a folder")
+        config = cls.config_class.from_pretrained(directory, **config_overrides)
+        if attn_implementation is not None:
+            config.attn_implementation = attn_implementation
+        target_dtype = _dtype(config.dtype) if dtype == "auto" and config.dtype else None
+        if dtype not in (None, "auto"):
+            target_dtype = _dtype(dtype)  # type: ignore[arg-type]
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_checkpoint(checkpoint_files(directory), dtype=target_dtype, device=device, strict=strict)
+        return model.eval()
+
+    def load_checkpoint(
+        self,
+        files: list[Path],
+        *,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        strict: bool = True,
+    ) -> None:
+        expected = self.state_dict()
+        tied = set(self.tied_weights())
+        prefix = self.base_model_prefix + "."
+        has_backbone = hasattr(self, self.base_model_prefix) and isinstance(
+            getattr(self, self.base_model_prefix), nn.Module
+        )
+        loaded: dict[str, torch.Tensor] = {}
+        unexpected: list[str] = []
+        mismatched: list[str] = []
+        for key, tensor in iter_tensors(files):
+            name = key
+            if name not in expected:
+                # A backbone checkpoint loaded into a head model, or a head checkpoint into a backbone.
+                if has_backbone and prefix + name in expected:
+                    name = prefix + name
+                elif not has_backbone and name.startswith(prefix) and name[len(prefix) :] in expected:
+                    name = name[len(prefix) :]
+                elif self._ignorable(name):
+                    continue
+                else:
+                    unexpected.append(key)
+                    continue
+            if tuple(tensor.shape) != tuple(expected[name].shape):
+                mismatched.append(f"{key}: checkpoint {tuple(tensor.shape)}, model {tuple(expected[name].shape)}")
+                continue
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            loaded[name] = tensor.to(device)
+        missing = [k for k in expected if k not in loaded and k not in tied]
+        if missing and not strict:
+            self._materialize(missing, dtype, device)
+            missing = []
+        if missing or unexpected or mismatched:
+            lines = [f"checkpoint {files[0].parent} does not fit {type(self).__name__}:"]
+            for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+                if keys:
+                    shown = ", ".join(keys[:12]) + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
+                    lines.append(f"  {title} keys: {shown}")
+            raise CheckpointError("\n".join(lines))
+        self.load_state_dict(loaded, strict=False, assign=True)
+        self.to(device)  # buffers (rotary tables) follow the weights
+        self.tie_weights()
+
+    @staticmethod
+    def _ignorable(key: str) -> bool:
+        # Non-persistent buffers some exporters still write.
+        return key.endswith((".rotary_emb.inv_freq", ".masked_bias", ".attn.bias"))
+
+    def _materialize(self, keys: list[str], dtype: torch.dtype | None, device: str | torch.device) -> None:
+        """Give freshly initialised storage to parameters the checkpoint did not have (non-strict loads)."""
+        for key in keys:
+            owner_name, _, _ = key.rpartition(".")
+            owner = self.get_submodule(owner_name)
+            owner.to_empty(device=device, recurse=False)
+            if dtype is not None:
+                owner.to(dtype)
+            self._init_module(owner)
+
+    # ---- saving ----------------------------------------------------------------------------------
+    def save_pretrained(self, path: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> Path:
+        """Write config.json, safetensors weights (sharded past `max_shard_size`) and generation_config.json."""
+        directory = Path(path)
+        directory.mkdir(parents=True, exist_ok=True)
+        tied = set(self.tied_weights())
+        state = {k: v for k, v in self.state_dict().items() if k not in tied}
+        save_state_dict(state, directory, max_shard_size)
+        self.config.architectures = [type(self).__name__]
+        self.config.dtype = str(self.dtype).removeprefix("torch.")
+        self.config.save_pretrained(directory)
+        generation = self.generation_defaults()
+        if generation:
+            atomic_write_text(directory / GENERATION_CONFIG_NAME, json.dumps(generation, indent=2) + "\n")
+        return directory
+
+    def generation_defaults(self) -> dict[str, Any]:
+        """Defaults for `generation_config.json`; only causal LMs have any."""
+        return {}
