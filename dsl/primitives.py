@@ -78,6 +78,10 @@ BUILTINS: dict[str, Builtin] = {
             3,
         ),
         Builtin(_sig("dropout", "dropout while training", "x", "p")),
+        Builtin(_sig("first_token", "x[:, 0]: the first position of each sequence", "x")),
+        Builtin(
+            _sig("last_token", "each sequence's last non-padding position", "x"), needs=frozenset({"input_ids"})
+        ),
     )
 }
 

@@ -159,7 +159,7 @@ class Validator:
         if isinstance(default, ir.Call):
             if default.func != "rope" or field.type.name != "rope":
                 raise self.error(f"`{default.func}(...)` cannot be a config default", default.pos)
-            allowed = ("theta", "type", "factor")
+            allowed = ("theta",)
             for key, _ in default.kwargs:
                 if key not in allowed:
                     raise self.error(f"unknown rope parameter `{key}`{did_you_mean(key, allowed)}", default.pos)

@@ -206,3 +206,9 @@ class PreTrainedModel(nn.Module):
     def generation_defaults(self) -> dict[str, Any]:
         """Defaults for `generation_config.json`; only causal LMs have any."""
         return {}
+
+
+def generation_defaults(config: PretrainedConfig) -> dict[str, Any]:
+    """The special-token ids a causal LM's `generation_config.json` carries."""
+    keys = ("bos_token_id", "eos_token_id", "pad_token_id")
+    return {k: getattr(config, k) for k in keys if getattr(config, k, None) is not None}

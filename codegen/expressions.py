@@ -1,0 +1,103 @@
+"""IR expressions -> Python source.
+
+Only the closed set of IR node types can be emitted, names are already validated identifiers and string
+literals cannot contain quotes or backslashes (the grammar forbids them), so the output can only be the
+Python the language means.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from specformer.dsl import ir
+
+# Python operator precedence, low to high.
+_PRECEDENCE = {
+    "if": 0,
+    "or": 1,
+    "and": 2,
+    "not": 3,
+    "==": 4,
+    "!=": 4,
+    "<": 4,
+    "<=": 4,
+    ">": 4,
+    ">=": 4,
+    "+": 5,
+    "-": 5,
+    "*": 6,
+    "/": 6,
+    "//": 6,
+    "%": 6,
+    "neg": 7,
+    "**": 8,
+}
+_ATOM = 9
+
+NameFn = Callable[[str], str]
+CallFn = Callable[[ir.Call], str]
+
+
+def _precedence(expr: ir.Expr) -> int:
+    if isinstance(expr, ir.BinOp):
+        return _PRECEDENCE[expr.op]
+    if isinstance(expr, ir.Unary):
+        return _PRECEDENCE["neg" if expr.op == "-" else "not"]
+    if isinstance(expr, ir.IfExp):
+        return _PRECEDENCE["if"]
+    return _ATOM
+
+
+class ExprEmitter:
+    """Emits expressions; `name` maps a spec name to its Python spelling, `call` emits calls."""
+
+    def __init__(self, name: NameFn, call: CallFn) -> None:
+        self.name = name
+        self.call = call
+
+    def __call__(self, expr: ir.Expr) -> str:
+        return self.emit(expr)
+
+    def emit(self, expr: ir.Expr) -> str:
+        if isinstance(expr, ir.Name):
+            return self.name(expr.id)
+        if isinstance(expr, ir.Number):
+            return _number(expr)
+        if isinstance(expr, ir.String):
+            return json.dumps(expr.value)
+        if isinstance(expr, ir.Const):
+            return repr(expr.value)
+        if isinstance(expr, ir.ListExpr):
+            return "[" + ", ".join(self.emit(item) for item in expr.items) + "]"
+        if isinstance(expr, ir.Call):
+            return self.call(expr)
+        if isinstance(expr, ir.Unary):
+            operand = self._wrap(expr.operand, _precedence(expr), right=True)
+            return f"-{operand}" if expr.op == "-" else f"not {operand}"
+        if isinstance(expr, ir.IfExp):
+            body = self._wrap(expr.body, 1, right=False)
+            test = self._wrap(expr.test, 1, right=False)
+            return f"{body} if {test} else {self._wrap(expr.orelse, 0, right=True)}"
+        if isinstance(expr, ir.BinOp):
+            prec = _PRECEDENCE[expr.op]
+            right_assoc = expr.op == "**"
+            left = self._wrap(expr.left, prec + (1 if right_assoc else 0), right=False)
+            right = self._wrap(expr.right, prec + (0 if right_assoc else 1), right=True)
+            return f"{left} {expr.op} {right}"
+        raise TypeError(f"cannot emit {type(expr).__name__}")  # pragma: no cover - the IR is closed
+
+    def _wrap(self, expr: ir.Expr, minimum: int, right: bool) -> str:
+        text = self.emit(expr)
+        return f"({text})" if _precedence(expr) < minimum else text
+
+
+def _number(expr: ir.Number) -> str:
+    text = expr.text
+    if isinstance(expr.value, float):
+        # Canonical spelling: `1e-6` stays, `.5` becomes `0.5`, `5.` becomes `5.0`.
+        if text.startswith("."):
+            text = "0" + text
+        if text.endswith("."):
+            text += "0"
+    return text

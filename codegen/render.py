@@ -1,0 +1,56 @@
+"""Rendering: planned views -> file contents. Deterministic to the byte for a given spec."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import jinja2
+
+from specformer.dsl import ir
+
+from .layout import INDENT, statement_lines
+from .plan import ModelView, plan
+
+
+@cache
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("specformer.codegen", "templates"),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+
+
+def _layout(view: ModelView) -> ModelView:
+    for cls in view.classes:
+        cls.init_lines = [out for line in cls.init_lines for out in statement_lines(INDENT * 2, line)]
+    return view
+
+
+def render_model(model: ir.ResolvedModel) -> dict[str, str]:
+    """{relative path under generated/: contents} for one model."""
+    view = _layout(plan(model))
+    env = _environment()
+    context = {
+        "sources": ", ".join(model.source_files),
+        "spec_hash": model.spec_hash,
+        "package": view.package,
+        "config": view.config,
+        "config_uses_rope": any(f.type.name == "rope" for f in model.config.fields),
+        "classes": view.classes,
+        "imports": view.imports,
+        "exports": view.exports,
+        "uses_any": any("Any" in line for c in view.classes for m in c.methods for line in m),
+        "model_doc": f"{model.name}, generated from its spec.",
+    }
+    files = {
+        f"{view.package}/__init__.py": env.get_template("__init__.py.jinja").render(context),
+        f"{view.package}/configuration_{view.package}.py": env.get_template("configuration.py.jinja").render(
+            context
+        ),
+        f"{view.package}/modeling_{view.package}.py": env.get_template("modeling.py.jinja").render(context),
+    }
+    return {path: text.rstrip("\n") + "\n" for path, text in files.items()}
