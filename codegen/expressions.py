@@ -8,6 +8,7 @@ Python the language means.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 
 from specformer.dsl import ir
@@ -34,6 +35,7 @@ _PRECEDENCE = {
     "**": 8,
 }
 _ATOM = 9
+_SIMPLE = re.compile(r"^-?[\w.]+$")
 
 NameFn = Callable[[str], str]
 CallFn = Callable[[ir.Call], str]
@@ -84,6 +86,8 @@ class ExprEmitter:
             right_assoc = expr.op == "**"
             left = self._wrap(expr.left, prec + (1 if right_assoc else 0), right=False)
             right = self._wrap(expr.right, prec + (0 if right_assoc else 1), right=True)
+            if expr.op == "**" and _SIMPLE.match(left) and _SIMPLE.match(right):
+                return f"{left}**{right}"  # ruff hugs `**` between simple operands
             return f"{left} {expr.op} {right}"
         raise TypeError(f"cannot emit {type(expr).__name__}")  # pragma: no cover - the IR is closed
 

@@ -143,7 +143,7 @@ class _ToIR(Transformer):
         return self.binop(meta, children)
 
     def pow(self, meta, children):
-        return ir.BinOp(op="**", left=children[0], right=children[1], pos=self._pos(meta))
+        return ir.BinOp(op="**", left=children[0], right=children[2], pos=self._pos(children[1]))
 
     def and_op(self, meta, children):
         return ir.BinOp(op="and", left=children[0], right=children[1], pos=self._pos(meta))

@@ -365,6 +365,8 @@ class Validator:
                     raise self.error(
                         f"a backbone's inputs are {', '.join(BACKBONE_INPUTS)}; got `{param}`{hint}", forward.pos
                     )
+            if "input_ids" not in forward.params:
+                raise self.error("a backbone's forward takes `input_ids`", forward.pos)
         if block.role == "head" and len(forward.params) != 1:
             raise self.error("a head's forward takes one input: the backbone's output", forward.pos)
         if len(set(forward.params)) != len(forward.params):
@@ -488,6 +490,8 @@ class _ForwardScope:
                         raise self.v.error("each input must be a single tensor", value.pos)  # type: ignore[union-attr]
                 else:
                     self.scalar(value)  # type: ignore[arg-type]
+            if "input_ids" in builtin.needs and self.block.role != "head":
+                raise self.v.error(f"`{call.func}` pools a head's input and is only available in heads", call.pos)
             if "rope" in builtin.needs and not any(
                 s.kind == "primitive" and s.target == "Rotary" for s in self.v.model.backbone.submodules
             ):

@@ -169,8 +169,8 @@ class PreTrainedModel(nn.Module):
                     lines.append(f"  {title} keys: {shown}")
             raise CheckpointError("\n".join(lines))
         self.load_state_dict(loaded, strict=False, assign=True)
+        self.tie_weights()  # assignment replaced the shared parameters; share them again
         self.to(device)  # buffers (rotary tables) follow the weights
-        self.tie_weights()
 
     @staticmethod
     def _ignorable(key: str) -> bool:
