@@ -1,0 +1,158 @@
+"""Parity with Hugging Face Transformers, in both directions, over hypothesis-drawn small configs.
+
+A `transformers` model saved with its own `save_pretrained` must load into the generated package with no
+missing or unexpected keys and give the same numbers (1e-5 absolute, fp32), batched with left padding;
+the generated model's `save_pretrained` output must load back into `transformers` and agree.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from reference import ARCHS, Arch, hf_config, small_configs
+
+ATOL = 1e-5
+PARAMS = [pytest.param(arch, id=name) for name, arch in ARCHS.items()]
+
+
+def batch(vocab_size: int, seed: int, length: int = 11) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three sequences, the first two left-padded with the pad id 0."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab_size, (3, length), generator=generator)
+    mask = torch.ones_like(ids)
+    for row, pad in ((0, 4), (1, 1)):
+        ids[row, :pad] = 0
+        mask[row, :pad] = 0
+    return ids, mask
+
+
+def outputs(model: torch.nn.Module, task: str, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask)
+    if task == "Model":
+        return out.last_hidden_state
+    return out.logits
+
+
+def compare(task: str, expected: torch.Tensor, actual: torch.Tensor, mask: torch.Tensor) -> None:
+    if task != "ForSequenceClassification":  # per-position outputs: padding positions are undefined
+        keep = mask.bool()
+        expected, actual = expected[keep], actual[keep]
+    torch.testing.assert_close(actual, expected, atol=ATOL, rtol=0)
+
+
+def save_hf(arch: Arch, task: str, values: dict, folder: Path) -> torch.nn.Module:
+    model = arch.hf_heads[task](hf_config(arch, values)).eval()
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize("arch", PARAMS)
+@given(data=st.data())
+def test_hf_checkpoint_loads_and_matches(arch: Arch, data: st.DataObject, tmp_path_factory) -> None:
+    values = data.draw(small_configs(arch), label="config")
+    task = data.draw(st.sampled_from(sorted(arch.hf_heads)), label="task")
+    folder = tmp_path_factory.mktemp("hf")
+    reference = save_hf(arch, task, values, folder)
+    ours = arch.ours_class(task).from_pretrained(folder)
+
+    assert set(ours.state_dict()) == set(reference.state_dict())
+    # Longer than max_position_embeddings (32) sometimes, so dynamic and longrope rescale.
+    length = data.draw(st.sampled_from([11, 40]), label="length")
+    ids, mask = batch(values["vocab_size"], seed=len(values), length=length)
+    expected = outputs(reference, task, ids, mask)
+    for impl in ("sdpa", "eager"):
+        ours.config.attn_implementation = impl
+        compare(task, expected, outputs(ours, task, ids, mask), mask)
+
+
+@pytest.mark.parametrize("arch", PARAMS)
+@given(data=st.data())
+def test_saved_checkpoint_loads_in_transformers(arch: Arch, data: st.DataObject, tmp_path_factory) -> None:
+    values = data.draw(small_configs(arch), label="config")
+    task = data.draw(st.sampled_from(sorted(arch.hf_heads)), label="task")
+    hf_folder, our_folder = tmp_path_factory.mktemp("hf"), tmp_path_factory.mktemp("ours")
+    save_hf(arch, task, values, hf_folder)
+    ours = arch.ours_class(task).from_pretrained(hf_folder)
+    ours.save_pretrained(our_folder)
+
+    reference = arch.hf_heads[task].from_pretrained(our_folder).eval()
+    ids, mask = batch(values["vocab_size"], seed=7)
+    compare(task, outputs(reference, task, ids, mask), outputs(ours, task, ids, mask), mask)
+    hf_keys = set(json.loads((hf_folder / "config.json").read_text())) - {"transformers_version"}
+    assert set(json.loads((our_folder / "config.json").read_text())) == hf_keys
+
+
+@pytest.mark.parametrize("arch", PARAMS)
+def test_losses_match(arch: Arch, tmp_path: Path) -> None:
+    values = {
+        "vocab_size": 61,
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "pad_token_id": 0,
+    }
+    ids = torch.randint(1, 61, (2, 9))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    cases = [
+        ("ForCausalLM", {}, labels),
+        ("ForSequenceClassification", {"num_labels": 3}, torch.tensor([2, 0])),
+        ("ForSequenceClassification", {"num_labels": 1}, torch.tensor([0.5, -1.5])),
+        ("ForSequenceClassification", {"num_labels": 3}, torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])),
+    ]
+    for i, (task, extra, target) in enumerate(cases):
+        folder = tmp_path / str(i)
+        reference = save_hf(arch, task, values | extra, folder)
+        ours = arch.ours_class(task).from_pretrained(folder)
+        with torch.no_grad():
+            expected = reference(ids, labels=target).loss
+            actual = ours(ids, labels=target).loss
+        torch.testing.assert_close(actual, expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", PARAMS)
+def test_cached_decoding_matches_full_forward(arch: Arch, tmp_path: Path) -> None:
+    """Prefill, then one token at a time through the cache, with left padding: same logits as one pass."""
+    values = {"vocab_size": 53, "hidden_size": 32, "intermediate_size": 40, "num_hidden_layers": 2}
+    values |= {"num_attention_heads": 4, "num_key_value_heads": 1, "pad_token_id": 0}
+    save_hf(arch, "ForCausalLM", values, tmp_path)
+    model = arch.ours_class("ForCausalLM").from_pretrained(tmp_path)
+    ids, mask = batch(53, seed=3)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        out = model(ids[:, :6], attention_mask=mask[:, :6], use_cache=True)
+        steps = [out.logits]
+        for t in range(6, ids.shape[1]):
+            out = model(
+                ids[:, t : t + 1],
+                attention_mask=mask[:, : t + 1],
+                position_ids=torch.full((1, 1), t),
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
+            steps.append(out.logits)
+    compare("ForCausalLM", full, torch.cat(steps, dim=1), mask)
+
+
+@pytest.mark.parametrize("arch", PARAMS)
+def test_logits_to_keep(arch: Arch, tmp_path: Path) -> None:
+    values = {"vocab_size": 53, "hidden_size": 32, "intermediate_size": 40, "num_hidden_layers": 1}
+    values |= {"num_attention_heads": 2, "num_key_value_heads": 2}
+    save_hf(arch, "ForCausalLM", values, tmp_path)
+    model = arch.ours_class("ForCausalLM").from_pretrained(tmp_path)
+    ids = torch.randint(1, 53, (2, 7))
+    with torch.no_grad():
+        full = model(ids).logits
+        last = model(ids, logits_to_keep=1).logits
+        picked = model(ids, logits_to_keep=torch.tensor([0, 4])).logits
+    assert last.shape == (2, 1, 53)
+    torch.testing.assert_close(last, full[:, -1:])
+    torch.testing.assert_close(picked, full[:, [0, 4]])
