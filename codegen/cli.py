@@ -91,17 +91,17 @@ def _stale_files(out_dir: Path, expected: dict[str, str]) -> list[Path]:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     files = render_all(args.specs, args.only)
-    changed = 0
+    written = removed = 0
     for rel, text in sorted(files.items()):
         if _write_if_changed(args.out / rel, text):
-            changed += 1
+            written += 1
             print(f"wrote {args.out / rel}")
     if not args.only:
         for path in _stale_files(args.out, files):
             path.unlink()
+            removed += 1
             print(f"removed {path} (its spec is gone)")
-            changed += 1
-    print(f"{changed} file(s) changed, {len(files) - changed if changed <= len(files) else 0} up to date")
+    print(f"{written + removed} file(s) changed, {len(files) - written} up to date")
     return 0
 
 

@@ -29,6 +29,10 @@ _TOKEN_NAMES = {
     "RSQB": "`]`",
     "MINUS": "`-`",
     "QMARK": "`?`",
+    "ADD_OP": "`+`",
+    "MUL_OP": "`*`",
+    "COMP_OP": "a comparison",
+    "POW": "`**`",
     "$END": "end of file",
 }
 
@@ -73,17 +77,17 @@ def parse(text: str, file: str = "<spec>") -> tuple[ir.Model, ...]:
 
 def _syntax_error(err: UnexpectedInput, text: str, file: str) -> SpecError:
     line, column = max(err.line, 1), max(err.column, 1)
-    if isinstance(err, UnexpectedToken):
-        got = "end of file" if err.token.type == "$END" else f"`{err.token}`"
-        message = f"unexpected {got}; expected {_describe(set(err.expected))}"
+    at_end = isinstance(err, UnexpectedEOF) or (isinstance(err, UnexpectedToken) and err.token.type == "$END")
+    if at_end:
+        message = f"unexpected end of file; expected {_describe(set(err.expected))}"
+        lines = text.splitlines() or [""]
+        line, column = len(lines), len(lines[-1]) + 1
+    elif isinstance(err, UnexpectedToken):
+        message = f"unexpected `{err.token}`; expected {_describe(set(err.expected))}"
     elif isinstance(err, UnexpectedCharacters):
         message = f"unexpected character `{text[err.pos_in_stream]}`"
         if text[err.pos_in_stream] in "'\\":
             message += " (strings use double quotes and may not contain escapes)"
-    elif isinstance(err, UnexpectedEOF):
-        message = f"unexpected end of file; expected {_describe(set(err.expected))}"
-        lines = text.splitlines() or [""]
-        line, column = len(lines), len(lines[-1]) + 1
     else:  # pragma: no cover - lark has no other subclasses today
         message = str(err).splitlines()[0]
     return SpecError(message, ir.Pos(file=file, line=line, column=column), text)
