@@ -6,7 +6,13 @@ Package discovery lives here rather than in pyproject.toml so that a newly gener
 
 from setuptools import find_packages, setup
 
-FOLDERS = {"dsl": "dsl", "codegen": "codegen", "runtime": "runtime", "generated": "generated", "specs": "specs"}
+FOLDERS = {
+    "dsl": "dsl",
+    "codegen": "codegen",
+    "runtime": "runtime",
+    "generated": "generated",
+    "specs": "specs",
+}
 
 packages: list[str] = []
 package_dir: dict[str, str] = {}

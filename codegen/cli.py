@@ -37,7 +37,11 @@ def _load(specs_dir: Path, only: Sequence[str]) -> tuple[SpecSet, list[str]]:
         path = Path(item)
         if path.suffix == ".sf":
             display = path.resolve()
-            matches = [n for n, m in specs.models.items() if Path(specs_dir.parent, m.source_file).resolve() == display]
+            matches = [
+                n
+                for n, m in specs.models.items()
+                if Path(specs_dir.parent, m.source_file).resolve() == display
+            ]
             if not matches:
                 names.extend(specs.add_file(path))
             else:
@@ -45,7 +49,9 @@ def _load(specs_dir: Path, only: Sequence[str]) -> tuple[SpecSet, list[str]]:
         elif item in specs.models:
             names.append(item)
         else:
-            raise SpecError(f"no spec file or model named `{item}` (models: {', '.join(sorted(specs.models))})")
+            raise SpecError(
+                f"no spec file or model named `{item}` (models: {', '.join(sorted(specs.models))})"
+            )
     return specs, names
 
 
@@ -138,14 +144,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
     specs, names = load_file(args.file, args.specs)
     for name in names:
         model = specs.resolved(name)
-        print(f"{args.file}: model {name} is valid ({len(model.blocks)} blocks, {len(model.config.fields)} fields)")
+        print(
+            f"{args.file}: model {name} is valid ({len(model.blocks)} blocks, {len(model.config.fields)} fields)"
+        )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specformer", description=__doc__)
-    parser.add_argument("--specs", type=Path, default=None, help="folder of *.sf files (default: the installed specs)")
-    parser.add_argument("--out", type=Path, default=None, help="generated/ folder (default: the installed one)")
+    parser.add_argument(
+        "--specs", type=Path, default=None, help="folder of *.sf files (default: the installed specs)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="generated/ folder (default: the installed one)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     generate = sub.add_parser("generate", help="write generated/ from specs (only files that changed)")
     generate.add_argument("only", nargs="*", help="spec files or model names (default: all)")

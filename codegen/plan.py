@@ -139,15 +139,17 @@ class Planner:
         if block_name not in self._layer_idx:
             block = self.blocks[block_name]
             uses = "cache" in self._own_needs(block) or self._reads_layer_idx(block)
-            children = any(
-                s.kind == "block" and self.takes_layer_idx(s.target) for s in block.submodules
-            )
+            children = any(s.kind == "block" and self.takes_layer_idx(s.target) for s in block.submodules)
             self._layer_idx[block_name] = uses or children
         return self._layer_idx[block_name]
 
     def _own_needs(self, block: ir.Block) -> set[str]:
         subs = {s.name for s in block.submodules}
-        return {"cache" for c in self.calls(block) if c.func == "attend" and c.func not in subs and _may_be_causal(c)}
+        return {
+            "cache"
+            for c in self.calls(block)
+            if c.func == "attend" and c.func not in subs and _may_be_causal(c)
+        }
 
     def _reads_layer_idx(self, block: ir.Block) -> bool:
         exprs: list[ir.Expr] = [stmt.value for stmt in block.forward.body] if block.forward else []
@@ -193,11 +195,15 @@ class Planner:
                 plain.append(f"self.{f.name} = {f.name}")
             elif f.type.name == "rope":
                 params.append(f"{f.name}: dict | None = None")
-                theta = next((v for k, v in f.default.kwargs if k == "theta"), None) if isinstance(
-                    f.default, ir.Call
-                ) else None
+                theta = (
+                    next((v for k, v in f.default.kwargs if k == "theta"), None)
+                    if isinstance(f.default, ir.Call)
+                    else None
+                )
                 theta_src = literal(theta) if theta is not None else "10000.0"
-                max_pos = "self.max_position_embeddings" if "max_position_embeddings" in self.fields else "None"
+                max_pos = (
+                    "self.max_position_embeddings" if "max_position_embeddings" in self.fields else "None"
+                )
                 derived.append(
                     f"self.{f.name} = standardize_rope({f.name}, kwargs, theta={theta_src}, "
                     f"max_position_embeddings={max_pos})"
@@ -250,7 +256,14 @@ class Planner:
             return f"nn.ModuleList({cls}(config) for _ in range({expr(sub.count)}))"
         signature = PRIMITIVES[sub.target]
         given = dict(zip(signature.names, sub.args, strict=False)) | dict(sub.kwargs)
-        positional_count = {"Linear": 2, "Embedding": 2, "RMSNorm": 1, "LayerNorm": 1, "Rotary": 3, "Dropout": 1}
+        positional_count = {
+            "Linear": 2,
+            "Embedding": 2,
+            "RMSNorm": 1,
+            "LayerNorm": 1,
+            "Rotary": 3,
+            "Dropout": 1,
+        }
         n_pos = positional_count[sub.target]
         args = [expr(given[name]) for name in signature.names[:n_pos]]
         args += [f"{name}={expr(given[name])}" for name in signature.names[n_pos:] if name in given]
@@ -273,7 +286,11 @@ class Planner:
         forward_reads_config = self._forward_reads_config(block)
         if forward_reads_config:
             lines.append("self.config = config")
-        if block.role == "block" and self.takes_layer_idx(block.name) and self._forward_reads_layer_idx(block):
+        if (
+            block.role == "block"
+            and self.takes_layer_idx(block.name)
+            and self._forward_reads_layer_idx(block)
+        ):
             lines.append("self.layer_idx = layer_idx")
         for sub in block.submodules:
             lines.append(f"self.{sub.name} = {self.construct(sub, layer_scope)}")
@@ -287,7 +304,12 @@ class Planner:
         found: list[str] = []
         for call in self.calls(block):
             f = self.fields.get(call.func)
-            if call.func not in subs and f is not None and f.type.name == "activation" and call.func not in found:
+            if (
+                call.func not in subs
+                and f is not None
+                and f.type.name == "activation"
+                and call.func not in found
+            ):
                 found.append(call.func)
         return found
 
@@ -308,7 +330,9 @@ class Planner:
         return any(n.id != "layer_idx" for n in self._forward_scalars(block))
 
     def _forward_reads_layer_idx(self, block: ir.Block) -> bool:
-        return "cache" in self._own_needs(block) or any(n.id == "layer_idx" for n in self._forward_scalars(block))
+        return "cache" in self._own_needs(block) or any(
+            n.id == "layer_idx" for n in self._forward_scalars(block)
+        )
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward_emitter(self, block: ir.Block, context_names: dict[str, str]) -> ExprEmitter:
@@ -407,7 +431,9 @@ class Planner:
                 continue
             k, v = call.args[1], call.args[2]
             if not (isinstance(k, ir.Name) and isinstance(v, ir.Name)):
-                raise SpecError("name the keys and values given to `attend` (`k = ...`) so they can be cached", call.pos)
+                raise SpecError(
+                    "name the keys and values given to `attend` (`k = ...`) so they can be cached", call.pos
+                )
             cache = context_names["cache"]
             lines.append(f"if {cache} is not None:")
             lines.append(f"{INDENT}{k.id}, {v.id} = {cache}.update(self.layer_idx, {k.id}, {v.id})")
@@ -423,7 +449,9 @@ class Planner:
         for c in CONTEXT:
             if c in needs:
                 params.append(_CONTEXT_PARAMS[c])
-                self.use("rope" if c == "rope" else "attention" if c == "mask" else "cache", _CONTEXT_TYPES[c])
+                self.use(
+                    "rope" if c == "rope" else "attention" if c == "mask" else "cache", _CONTEXT_TYPES[c]
+                )
         body = self.statements(block, emit, context_names)
         body[-1] = f"return {body[-1]}"
         forward = _method("forward", params, "torch.Tensor", body)
@@ -474,7 +502,10 @@ class Planner:
             past = ", past" if "cache" in needs else ""
             body.append(f"mask = AttentionMask(attention_mask, input_ids.shape[1]{past})")
         if "position_ids" in names:
-            body += ["if position_ids is None:", f"{INDENT}position_ids = mask.position_ids(input_ids.device)"]
+            body += [
+                "if position_ids is None:",
+                f"{INDENT}position_ids = mask.position_ids(input_ids.device)",
+            ]
         if "rope" in needs:
             rotary = next(s.name for s in block.submodules if s.kind == "primitive" and s.target == "Rotary")
             body.append(f"rope = self.{rotary}(position_ids)")
@@ -501,7 +532,11 @@ class Planner:
         call_args = [inputs[0][0]] + [f"{n}={n}" for n, _, _ in inputs[1:]]
         hidden = head.forward.params[0]
         body = [f"out = self.{attr}({', '.join(call_args)})"]
-        cache = ", past_key_values=out.past_key_values" if any(n == "past_key_values" for n, _, _ in inputs) else ""
+        cache = (
+            ", past_key_values=out.past_key_values"
+            if any(n == "past_key_values" for n, _, _ in inputs)
+            else ""
+        )
         params = [f"{n}: {a}" + (f" = {d}" if d is not None else "") for n, a, d in inputs]
         params.append("labels: torch.Tensor | None = None")
         if head.task == "causal_lm":
@@ -515,9 +550,7 @@ class Planner:
             self.use("losses", "sequence_classification_loss")
             self.use("outputs", "SequenceClassifierOutput")
             body.append(f"{hidden} = out.last_hidden_state")
-            loss = (
-                "sequence_classification_loss(logits, labels, self.config.num_labels, self.config.problem_type)"
-            )
+            loss = "sequence_classification_loss(logits, labels, self.config.num_labels, self.config.problem_type)"
             output = "SequenceClassifierOutput"
         else:  # pragma: no cover - the validator rejects unknown tasks
             raise SpecError(f"unknown task `{head.task}`", head.pos)
@@ -533,7 +566,9 @@ class Planner:
         if head.task == "causal_lm":
             self.use("modeling", "generation_defaults")
             methods.append(
-                _method("generation_defaults", [], "dict[str, Any]", ["return generation_defaults(self.config)"])
+                _method(
+                    "generation_defaults", [], "dict[str, Any]", ["return generation_defaults(self.config)"]
+                )
             )
         init = [
             "super().__init__(config)",
@@ -630,14 +665,16 @@ class Planner:
 
     def _imports(self, classes: list[ClassView]) -> list[str]:
         """Import lines in the order ruff's isort wants: plain imports, then `from` imports by module."""
-        text = "\n".join(line for c in classes for line in [*c.init_lines, *c.forward_lines, *sum(c.methods, [])])
+        method_lines = [line for c in classes for method in c.methods for line in method]
+        text = "\n".join(line for c in classes for line in [*c.init_lines, *c.forward_lines]) + "\n".join(
+            method_lines
+        )
         lines = ["import torch"]
         if "F." in text:
             lines.append("import torch.nn.functional as F")
-        froms = {f"specformer.runtime.{module}": names for module, names in self.runtime.items()}
-        froms["torch"] = {"nn"}
-        for module in sorted(froms):
-            lines.append(f"from {module} import {', '.join(_isort(froms[module]))}")
+        lines += ["from torch import nn", ""]
+        for module in sorted(self.runtime):
+            lines.append(f"from specformer.runtime.{module} import {', '.join(_isort(self.runtime[module]))}")
         return lines
 
 

@@ -242,5 +242,18 @@ class ResolvedModel(Node):
         return tuple(b for b in self.blocks if b.role == "head")
 
 
-for _node in (Unary, BinOp, IfExp, ListExpr, Call, ConfigField, Submodule, Tie, Assign, Return, Forward, Model):
+for _node in (
+    Unary,
+    BinOp,
+    IfExp,
+    ListExpr,
+    Call,
+    ConfigField,
+    Submodule,
+    Tie,
+    Assign,
+    Return,
+    Forward,
+    Model,
+):
     _node.model_rebuild()

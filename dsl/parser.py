@@ -354,4 +354,3 @@ class _ToIR(Transformer):
 
     def start(self, meta, children):
         return tuple(children)
-

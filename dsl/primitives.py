@@ -46,6 +46,7 @@ PRIMITIVES: dict[str, Signature] = {
     )
 }
 
+
 # Functions a forward may call besides its submodules. `needs` names the implicit context they read.
 @dataclass(frozen=True)
 class Builtin:
@@ -80,7 +81,8 @@ BUILTINS: dict[str, Builtin] = {
         Builtin(_sig("dropout", "dropout while training", "x", "p")),
         Builtin(_sig("first_token", "x[:, 0]: the first position of each sequence", "x")),
         Builtin(
-            _sig("last_token", "each sequence's last non-padding position", "x"), needs=frozenset({"input_ids"})
+            _sig("last_token", "each sequence's last non-padding position", "x"),
+            needs=frozenset({"input_ids"}),
         ),
     )
 }

@@ -23,7 +23,9 @@ def resolve(name: str, registry: dict[str, ir.Model]) -> tuple[ir.Model, tuple[i
             raise SpecError(f"`extends` chain deeper than {MAX_EXTENDS_DEPTH} models", current.parent_pos)
         if current.parent not in registry:
             hint = did_you_mean(current.parent, registry)
-            raise SpecError(f"`{current.name}` extends unknown model `{current.parent}`{hint}", current.parent_pos)
+            raise SpecError(
+                f"`{current.name}` extends unknown model `{current.parent}`{hint}", current.parent_pos
+            )
         current = registry[current.parent]
     flat = chain[-1]
     for delta in reversed(chain[:-1]):
@@ -50,7 +52,9 @@ def _apply(base: ir.Model, delta: ir.Model) -> ir.Model:
         fields[index] = fields[index].model_copy(update={"default": value, "pos": pos})
     for name, pos in delta.field_removals:
         if not any(f.name == name for f in fields):
-            raise SpecError(f"cannot remove unknown field `{name}`{did_you_mean(name, [f.name for f in fields])}", pos)
+            raise SpecError(
+                f"cannot remove unknown field `{name}`{did_you_mean(name, [f.name for f in fields])}", pos
+            )
         fields = [f for f in fields if f.name != name]
     aliases = {a.alias: a for a in base.config.aliases} | {a.alias: a for a in delta.config.aliases}
 

@@ -125,13 +125,19 @@ class Validator:
         for field in self.model.config.fields:
             if field.type.name not in TYPES and field.type.name != "enum":
                 hint = did_you_mean(field.type.name, TYPES)
-                raise self.error(f"unknown type `{field.type.name}` for field `{field.name}`{hint}", field.pos)
+                raise self.error(
+                    f"unknown type `{field.type.name}` for field `{field.name}`{hint}", field.pos
+                )
             if field.name in BASE_CONFIG_FIELDS:
-                raise self.error(f"`{field.name}` is provided by every config and cannot be redeclared", field.pos)
+                raise self.error(
+                    f"`{field.name}` is provided by every config and cannot be redeclared", field.pos
+                )
         for alias in self.model.config.aliases:
             if alias.target not in self.fields:
                 hint = did_you_mean(alias.target, self.fields)
-                raise self.error(f"alias `{alias.alias}` points to unknown field `{alias.target}`{hint}", alias.pos)
+                raise self.error(
+                    f"alias `{alias.alias}` points to unknown field `{alias.target}`{hint}", alias.pos
+                )
             if alias.alias in self.fields:
                 raise self.error(f"alias `{alias.alias}` collides with a field of that name", alias.pos)
         for name in self._field_order():
@@ -162,7 +168,9 @@ class Validator:
             allowed = ("theta",)
             for key, _ in default.kwargs:
                 if key not in allowed:
-                    raise self.error(f"unknown rope parameter `{key}`{did_you_mean(key, allowed)}", default.pos)
+                    raise self.error(
+                        f"unknown rope parameter `{key}`{did_you_mean(key, allowed)}", default.pos
+                    )
             if default.args:
                 raise self.error("rope(...) takes keyword arguments only", default.pos)
         return default
@@ -186,7 +194,9 @@ class Validator:
                         hint = did_you_mean(ref.id, self.fields)
                         raise self.error(f"unknown field `{ref.id}`{hint}", ref.pos)
                     if self.fields[ref.id].default is None:
-                        raise self.error(f"`{ref.id}` has no default, so `{name}` cannot default to it", ref.pos)
+                        raise self.error(
+                            f"`{ref.id}` has no default, so `{name}` cannot default to it", ref.pos
+                        )
                     visit(ref.id, [*trail, name])
             state[name] = "done"
             order.append(name)
@@ -309,7 +319,9 @@ class Validator:
         backbone = self.model.backbone if hasattr(self.model, "backbone") else None
         path = list(tie.target)
         if backbone is None or path[0] != backbone.attr:
-            raise self.error(f"tie targets start at the backbone: `{backbone.attr if backbone else '?'}.…`", tie.pos)
+            raise self.error(
+                f"tie targets start at the backbone: `{backbone.attr if backbone else '?'}.…`", tie.pos
+            )
         current: ir.Block = backbone
         for i, part in enumerate(path[1:], start=1):
             sub = current.submodule(part)
@@ -318,7 +330,9 @@ class Validator:
                 raise self.error(f"`{'.'.join(path[: i + 1])}` does not exist{hint}", tie.pos)
             if sub.kind == "primitive":
                 if i != len(path) - 1:
-                    raise self.error(f"`{'.'.join(path[: i + 1])}` is a primitive with no submodules", tie.pos)
+                    raise self.error(
+                        f"`{'.'.join(path[: i + 1])}` is a primitive with no submodules", tie.pos
+                    )
                 if sub.target != own.target and {sub.target, own.target} != {"Linear", "Embedding"}:
                     raise self.error(f"cannot tie a {own.target} to a {sub.target}", tie.pos)
                 break
@@ -363,7 +377,8 @@ class Validator:
                 if param not in BACKBONE_INPUTS:
                     hint = did_you_mean(param, BACKBONE_INPUTS)
                     raise self.error(
-                        f"a backbone's inputs are {', '.join(BACKBONE_INPUTS)}; got `{param}`{hint}", forward.pos
+                        f"a backbone's inputs are {', '.join(BACKBONE_INPUTS)}; got `{param}`{hint}",
+                        forward.pos,
                     )
             if "input_ids" not in forward.params:
                 raise self.error("a backbone's forward takes `input_ids`", forward.pos)
@@ -408,7 +423,9 @@ class _ForwardScope:
             return
         returns = self.tensor(value)
         if returns != len(stmt.targets):
-            raise self.v.error(f"this produces {returns} value(s) but {len(stmt.targets)} are assigned", stmt.pos)
+            raise self.v.error(
+                f"this produces {returns} value(s) but {len(stmt.targets)} are assigned", stmt.pos
+            )
         for target in stmt.targets:
             if target in self.v.fields or target in self.subs:
                 raise self.v.error(f"`{target}` is already a config field or submodule", stmt.pos)
@@ -463,17 +480,23 @@ class _ForwardScope:
         sub = self.subs.get(call.func)
         if sub is not None:
             if sub.kind == "repeat":
-                raise self.v.error(f"a repeated stack is applied in its own statement: `x = {sub.name}(x)`", call.pos)
+                raise self.v.error(
+                    f"a repeated stack is applied in its own statement: `x = {sub.name}(x)`", call.pos
+                )
             if sub.kind == "primitive" and sub.target == "Rotary":
                 raise self.v.error("the rotary tables are applied with `rotary(q, k)` in attention", call.pos)
             if call.kwargs:
                 raise self.v.error("submodules take tensors as positional arguments only", call.pos)
             if sub.kind == "block":
-                expected = len(self.v.blocks[sub.target].forward.params) if self.v.blocks[sub.target].forward else 1
+                expected = (
+                    len(self.v.blocks[sub.target].forward.params) if self.v.blocks[sub.target].forward else 1
+                )
             else:
                 expected = 1
             if len(call.args) != expected:
-                raise self.v.error(f"`{call.func}` takes {expected} tensor input(s), got {len(call.args)}", call.pos)
+                raise self.v.error(
+                    f"`{call.func}` takes {expected} tensor input(s), got {len(call.args)}", call.pos
+                )
             for arg in call.args:
                 if self.tensor(arg) != 1:
                     raise self.v.error("each input must be a single tensor", arg.pos)
@@ -491,7 +514,9 @@ class _ForwardScope:
                 else:
                     self.scalar(value)  # type: ignore[arg-type]
             if "input_ids" in builtin.needs and self.block.role != "head":
-                raise self.v.error(f"`{call.func}` pools a head's input and is only available in heads", call.pos)
+                raise self.v.error(
+                    f"`{call.func}` pools a head's input and is only available in heads", call.pos
+                )
             if "rope" in builtin.needs and not any(
                 s.kind == "primitive" and s.target == "Rotary" for s in self.v.model.backbone.submodules
             ):
@@ -504,7 +529,9 @@ class _ForwardScope:
             self.tensor(call.args[0])
             return 1
         candidates = [*self.subs, *BUILTINS, *ACTIVATIONS]
-        raise self.v.error(f"unknown function or submodule `{call.func}`{did_you_mean(call.func, candidates)}", call.pos)
+        raise self.v.error(
+            f"unknown function or submodule `{call.func}`{did_you_mean(call.func, candidates)}", call.pos
+        )
 
 
 def _walk(expr: ir.Expr) -> Iterator[ir.Expr]:

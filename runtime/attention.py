@@ -92,7 +92,9 @@ def sdpa_attention(
             q, k, v, dropout_p=dropout, is_causal=square_causal, scale=scale, enable_gqa=gqa
         )
     allowed = mask.allowed(causal, window, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scale, enable_gqa=gqa
+    )
 
 
 def eager_attention(

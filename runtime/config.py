@@ -115,7 +115,9 @@ class PretrainedConfig:
     def from_dict(cls, data: dict[str, Any], **overrides: Any) -> PretrainedConfig:
         model_type = data.get("model_type")
         if model_type not in (None, cls.model_type):
-            raise ConfigError(f"config.json has model_type `{model_type}`; {cls.__name__} expects `{cls.model_type}`")
+            raise ConfigError(
+                f"config.json has model_type `{model_type}`; {cls.__name__} expects `{cls.model_type}`"
+            )
         return cls(**{**data, **overrides})
 
     @classmethod
@@ -124,7 +126,9 @@ class PretrainedConfig:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: not valid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+            raise ConfigError(
+                f"{path}: not valid JSON at line {err.lineno} column {err.colno}: {err.msg}"
+            ) from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a JSON object")
         return cls.from_dict(data)
@@ -209,7 +213,9 @@ def standardize_rope(
     if "partial_rotary_factor" in legacy:
         params.setdefault("partial_rotary_factor", legacy.pop("partial_rotary_factor"))
     if params["rope_type"] not in _ROPE_TYPES:
-        raise ConfigError(f"rope_parameters.rope_type is `{params['rope_type']}`; expected one of {_ROPE_TYPES}")
+        raise ConfigError(
+            f"rope_parameters.rope_type is `{params['rope_type']}`; expected one of {_ROPE_TYPES}"
+        )
     if params["rope_type"] in ("llama3", "yarn", "longrope"):
         params.setdefault("original_max_position_embeddings", max_position_embeddings)
     required = {

@@ -31,7 +31,9 @@ class RMSNorm(nn.Module):
         nn.init.zeros_(self.weight) if self.unit_offset else nn.init.ones_(self.weight)
 
     def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, eps={self.eps}" + (", unit_offset=True" if self.unit_offset else "")
+        return f"{tuple(self.weight.shape)}, eps={self.eps}" + (
+            ", unit_offset=True" if self.unit_offset else ""
+        )
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:

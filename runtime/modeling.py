@@ -37,7 +37,9 @@ class PreTrainedModel(nn.Module):
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__()
         if not isinstance(config, self.config_class):
-            raise TypeError(f"{type(self).__name__} expects a {self.config_class.__name__}, got {type(config).__name__}")
+            raise TypeError(
+                f"{type(self).__name__} expects a {self.config_class.__name__}, got {type(config).__name__}"
+            )
         self.config = config
 
     # ---- construction ----------------------------------------------------------------------------
@@ -152,7 +154,9 @@ class PreTrainedModel(nn.Module):
                     unexpected.append(key)
                     continue
             if tuple(tensor.shape) != tuple(expected[name].shape):
-                mismatched.append(f"{key}: checkpoint {tuple(tensor.shape)}, model {tuple(expected[name].shape)}")
+                mismatched.append(
+                    f"{key}: checkpoint {tuple(tensor.shape)}, model {tuple(expected[name].shape)}"
+                )
                 continue
             if dtype is not None and tensor.is_floating_point():
                 tensor = tensor.to(dtype)
@@ -163,7 +167,11 @@ class PreTrainedModel(nn.Module):
             missing = []
         if missing or unexpected or mismatched:
             lines = [f"checkpoint {files[0].parent} does not fit {type(self).__name__}:"]
-            for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+            for title, keys in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("wrong shape", mismatched),
+            ):
                 if keys:
                     shown = ", ".join(keys[:12]) + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
                     lines.append(f"  {title} keys: {shown}")

@@ -69,7 +69,9 @@ def _yarn(params: dict[str, Any], base: float, dim: int, max_pos: int) -> tuple[
     ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
     extrapolation_weight = 1 - ramp
     pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
-    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation_weight) + (1.0 / pos_freqs) * extrapolation_weight
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation_weight) + (
+        1.0 / pos_freqs
+    ) * extrapolation_weight
     return inv_freq, attention_factor
 
 
@@ -112,7 +114,9 @@ class RotaryEmbedding(nn.Module):
         self.max_position_embeddings = max_position_embeddings
         self.rope_type = params.get("rope_type", "default")
         with torch.device("cpu"):  # real values even when the model is built on the meta device
-            inv_freq, self.attention_scaling = inverse_frequencies(self.params, self.dim, max_position_embeddings)
+            inv_freq, self.attention_scaling = inverse_frequencies(
+                self.params, self.dim, max_position_embeddings
+            )
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.cached_len = max_position_embeddings
 
@@ -120,7 +124,9 @@ class RotaryEmbedding(nn.Module):
         if self.rope_type == "dynamic":
             if seq_len > self.cached_len or (seq_len < self.max_position_embeddings < self.cached_len):
                 new_len = max(seq_len, self.max_position_embeddings)
-                inv_freq, _ = inverse_frequencies(self.params, self.dim, self.max_position_embeddings, new_len)
+                inv_freq, _ = inverse_frequencies(
+                    self.params, self.dim, self.max_position_embeddings, new_len
+                )
                 self.inv_freq = inv_freq.to(self.inv_freq.device)
                 self.cached_len = new_len
         elif self.rope_type == "longrope":

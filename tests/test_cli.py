@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "specformer.codegen.cli", *args], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "specformer.codegen.cli", *args], capture_output=True, text=True
+    )
 
 
 @pytest.fixture()
@@ -74,8 +76,10 @@ def test_check_fails_on_a_broken_spec(workspace: tuple[Path, Path]) -> None:
 
 def test_validate_prints_the_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.sf"
-    bad.write_text("model Bad {\n  config { hidden_size: int = 8 }\n  backbone M as m {\n"
-                   "    e = Embedding(10, hiden_size)\n    forward(input_ids) { return e(input_ids) }\n  }\n}\n")
+    bad.write_text(
+        "model Bad {\n  config { hidden_size: int = 8 }\n  backbone M as m {\n"
+        "    e = Embedding(10, hiden_size)\n    forward(input_ids) { return e(input_ids) }\n  }\n}\n"
+    )
     result = run("validate", str(bad))
     assert result.returncode == 1
     assert "bad.sf:4:23: error: unknown field `hiden_size`" in result.stderr
@@ -84,7 +88,9 @@ def test_validate_prints_the_error(tmp_path: Path) -> None:
 
 def test_validate_accepts_a_delta_of_an_installed_spec(tmp_path: Path) -> None:
     spec = tmp_path / "mine.sf"
-    spec.write_text('model Mine extends Llama {\n  model_type = "mine"\n  config { rms_norm_eps = 1e-5 }\n}\n')
+    spec.write_text(
+        'model Mine extends Llama {\n  model_type = "mine"\n  config { rms_norm_eps = 1e-5 }\n}\n'
+    )
     result = run("validate", str(spec))
     assert result.returncode == 0, result.stderr
     assert "model Mine is valid" in result.stdout

@@ -39,7 +39,9 @@ def test_every_file_names_its_spec_and_hash() -> None:
 def test_generated_code_is_ruff_clean() -> None:
     ruff = shutil.which("ruff")
     assert ruff is not None
-    fmt = subprocess.run([ruff, "format", "--check", str(GENERATED)], capture_output=True, text=True, cwd=ROOT)
+    fmt = subprocess.run(
+        [ruff, "format", "--check", str(GENERATED)], capture_output=True, text=True, cwd=ROOT
+    )
     assert fmt.returncode == 0, fmt.stdout + fmt.stderr
     lint = subprocess.run([ruff, "check", str(GENERATED)], capture_output=True, text=True, cwd=ROOT)
     assert lint.returncode == 0, lint.stdout + lint.stderr
@@ -114,7 +116,16 @@ model Plain {
 
 def test_cli_check_passes_on_the_repository() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "specformer.codegen.cli", "--specs", str(SPECS), "--out", str(GENERATED), "check"],
+        [
+            sys.executable,
+            "-m",
+            "specformer.codegen.cli",
+            "--specs",
+            str(SPECS),
+            "--out",
+            str(GENERATED),
+            "check",
+        ],
         capture_output=True,
         text=True,
     )

@@ -101,7 +101,9 @@ def test_type_mismatch_in_default() -> None:
 
 
 def test_default_dividing_by_zero() -> None:
-    text = MINIMAL.replace("hidden_size: int = 8", "hidden_size: int = 8\n    heads: int = 0\n    d: int = hidden_size // heads")
+    text = MINIMAL.replace(
+        "hidden_size: int = 8", "hidden_size: int = 8\n    heads: int = 0\n    d: int = hidden_size // heads"
+    )
     err = error_of(text)
     assert "division by zero" in str(err)
     assert err.line == 7
@@ -132,7 +134,7 @@ def test_unknown_name_in_forward() -> None:
 
 
 def test_removed_field_still_used_is_reported_where_used() -> None:
-    err = error_of('model Mine extends Llama { config { remove mlp_bias } }', (LLAMA, "llama.sf"))
+    err = error_of("model Mine extends Llama { config { remove mlp_bias } }", (LLAMA, "llama.sf"))
     assert "unknown field `mlp_bias`" in str(err)
     assert err.pos is not None and err.pos.file == "llama.sf"
 
@@ -150,7 +152,10 @@ def test_huge_repeat_is_rejected() -> None:
     text = MINIMAL.replace(
         "    embed_tokens = Embedding(vocab_size, hidden_size)\n",
         "    embed_tokens = Embedding(vocab_size, hidden_size)\n    layers = repeat(10 ** 9, L)\n",
-    ).replace("  backbone Model", "  block L { n = RMSNorm(hidden_size)  forward(x) { return n(x) } }\n  backbone Model")
+    ).replace(
+        "  backbone Model",
+        "  block L { n = RMSNorm(hidden_size)  forward(x) { return n(x) } }\n  backbone Model",
+    )
     assert "repeat count" in str(error_of(text))
 
 
@@ -161,7 +166,7 @@ def test_huge_repeat_is_rejected() -> None:
         "model X { config { a: int = __import__ } }",
         "model X { config { a: int = 1 } backbone M as m { e = Embedding(a, a) forward(input_ids) { return os.system(input_ids) } } }",
         "model X { config { a: int = 1 } backbone M as m { e = Embedding(a, a) forward(input_ids) { return eval(input_ids) } } }",
-        "model X { config { a: str = \"\n\" } }",
+        'model X { config { a: str = "\n" } }',
         "model X { config { a: int = 1 } backbone M as m { e = Embedding(a, a) forward(input_ids) { return e(input_ids).__class__ } } }",
         "model X { config { a: int = 1 } backbone M as m { e = Embedding(a, a) forward(input_ids) { exec = e(input_ids) return exec } } }",
     ],

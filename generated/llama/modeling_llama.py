@@ -8,6 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
+
 from specformer.runtime.attention import AttentionMask, attend
 from specformer.runtime.cache import Cache, DynamicCache
 from specformer.runtime.layers import RMSNorm, activation
@@ -15,7 +17,6 @@ from specformer.runtime.losses import causal_lm_loss, keep_last, last_token, seq
 from specformer.runtime.modeling import PreTrainedModel, generation_defaults
 from specformer.runtime.outputs import BaseModelOutput, CausalLMOutput, SequenceClassifierOutput
 from specformer.runtime.rope import Rope, RotaryEmbedding, apply_rotary
-from torch import nn
 
 from .configuration_llama import LlamaConfig
 
