@@ -68,7 +68,13 @@ class PretrainedConfig:
         raise AttributeError(f"{type(self).__name__} has no attribute `{name}`")
 
     def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(type(self).attribute_map.get(name, name), value)
+        name = type(self).attribute_map.get(name, name)
+        type_name = self.field_types.get(name)
+        if type_name is not None and not _matches(value, type_name):
+            raise ConfigError(
+                f"{type(self).__name__}: `{name}` is {value!r} ({type(value).__name__}); expected {type_name}"
+            )
+        super().__setattr__(name, value)
 
     # ---- labels ----------------------------------------------------------------------------------
     @property

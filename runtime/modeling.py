@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -16,6 +17,7 @@ from .files import atomic_write_text
 from .layers import RMSNorm
 
 M = TypeVar("M", bound="PreTrainedModel")
+logger = logging.getLogger(__name__)
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 
@@ -139,6 +141,8 @@ class PreTrainedModel(nn.Module):
         )
         loaded: dict[str, torch.Tensor] = {}
         unexpected: list[str] = []
+        head_only: list[str] = []  # a head checkpoint's own weights, when loading just its backbone
+        from_head_checkpoint = False
         mismatched: list[str] = []
         for key, tensor in iter_tensors(files):
             name = key
@@ -148,7 +152,11 @@ class PreTrainedModel(nn.Module):
                     name = prefix + name
                 elif not has_backbone and name.startswith(prefix) and name[len(prefix) :] in expected:
                     name = name[len(prefix) :]
+                    from_head_checkpoint = True
                 elif self._ignorable(name):
+                    continue
+                elif not has_backbone and not name.startswith(prefix):
+                    head_only.append(key)
                     continue
                 else:
                     unexpected.append(key)
@@ -161,10 +169,20 @@ class PreTrainedModel(nn.Module):
             if dtype is not None and tensor.is_floating_point():
                 tensor = tensor.to(dtype)
             loaded[name] = tensor.to(device)
+        if from_head_checkpoint:
+            logger.info("%s: ignoring the checkpoint's head weights %s", type(self).__name__, head_only[:5])
+        else:
+            unexpected += head_only
         missing = [k for k in expected if k not in loaded and k not in tied]
-        if missing and not strict:
-            self._materialize(missing, dtype, device)
-            missing = []
+        if not strict:
+            if unexpected:
+                logger.warning("%s: ignoring unexpected keys %s", type(self).__name__, unexpected[:12])
+            if missing:
+                logger.warning(
+                    "%s: initialising keys the checkpoint lacks: %s", type(self).__name__, missing[:12]
+                )
+                self._materialize(missing, dtype, device)
+            missing, unexpected = [], []
         if missing or unexpected or mismatched:
             lines = [f"checkpoint {files[0].parent} does not fit {type(self).__name__}:"]
             for title, keys in (
