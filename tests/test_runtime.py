@@ -67,7 +67,7 @@ def test_config_reads_the_transformers_4_rope_form() -> None:
 
 
 def test_config_rejects_wrong_types_naming_the_key() -> None:
-    with pytest.raises(ConfigError, match="`hidden_size` is '32'.*expected int"):
+    with pytest.raises(ConfigError, match=r"`hidden_size` is '32'.*expected int"):
         LlamaConfig(hidden_size="32")
     with pytest.raises(ConfigError, match="rope_type"):
         LlamaConfig(rope_parameters={"rope_type": "spiral", "rope_theta": 1.0})
@@ -119,7 +119,7 @@ def test_tied_weights_are_shared_and_saved_once(tmp_path: Path) -> None:
     from safetensors import safe_open
 
     with safe_open(tmp_path / WEIGHTS_NAME, "pt") as f:
-        assert "lm_head.weight" not in f.keys()
+        assert "lm_head.weight" not in f.keys()  # noqa: SIM118 - safe_open is not a mapping
     loaded = LlamaForCausalLM.from_pretrained(tmp_path)
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     torch.testing.assert_close(logits(loaded), logits(model), atol=0, rtol=0)
@@ -165,7 +165,7 @@ def test_mismatched_checkpoint_reports_every_problem(tmp_path: Path) -> None:
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     LlamaConfig(**TINY).save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match="no model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"no model\.safetensors"):
         LlamaForCausalLM.from_pretrained(tmp_path)
 
 
