@@ -1,4 +1,4 @@
-"""`specformer` command line: generate, check, validate."""
+"""`specformer` command line: generate, check and validate specs; run a model."""
 
 from __future__ import annotations
 
@@ -150,6 +150,52 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from specformer.runtime.auto import default_model_path, load_causal_lm
+    from specformer.runtime.generation import generate
+
+    path = args.model or default_model_path()
+    start = time.perf_counter()
+    model, tokenizer = load_causal_lm(path)
+    print(f"loaded {path} ({model.num_parameters() / 1e6:.0f}M parameters) in {time.perf_counter() - start:.1f}s")
+    if args.raw or not tokenizer.chat_template:
+        ids = tokenizer.encode(args.prompt)
+    else:
+        messages = [{"role": "user", "content": args.prompt}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    print(f"> {args.prompt}")
+    generated: list[int] = []
+    shown = ""
+
+    def show(token: int) -> None:
+        nonlocal shown
+        generated.append(token)
+        text = tokenizer.decode(generated, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            print(text[len(shown) :], end="", flush=True)
+            shown = text
+
+    generator = torch.Generator().manual_seed(args.seed)
+    start = time.perf_counter()
+    generate(
+        model,
+        torch.tensor([ids]),
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        eos_token_id=tokenizer.eos_token_id,
+        on_token=show,
+        generator=generator,
+    )
+    elapsed = time.perf_counter() - start
+    print(f"\n[{len(generated)} tokens in {elapsed:.2f}s, {len(generated) / elapsed:.1f} tokens/s]")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specformer", description=__doc__)
     parser.add_argument(
@@ -167,6 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="parse and check one spec file")
     validate.add_argument("file", type=Path)
     validate.set_defaults(func=cmd_validate)
+    run = sub.add_parser("run", help="generate text with a real model (default: SmolLM2-135M-Instruct)")
+    run.add_argument("--model", type=Path, default=None, help="a .gguf file or a Hugging Face folder")
+    run.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
+    run.add_argument("--max-new-tokens", type=int, default=64)
+    run.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily")
+    run.add_argument("--top-p", type=float, default=1.0)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+    run.set_defaults(func=cmd_run)
     return parser
 
 
@@ -178,6 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except SpecError as err:
         print(err, file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        print(f"specformer {args.command}: {err}", file=sys.stderr)
         return 1
     except Exception as err:  # a crash is a failure, never a pass
         print(f"specformer {args.command}: internal error: {type(err).__name__}: {err}", file=sys.stderr)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -15,6 +16,9 @@ from .checkpoint import CheckpointError, checkpoint_files, iter_tensors, save_st
 from .config import PretrainedConfig
 from .files import atomic_write_text
 from .layers import RMSNorm
+
+if TYPE_CHECKING:
+    from .gguf import GGUFFile
 
 M = TypeVar("M", bound="PreTrainedModel")
 logger = logging.getLogger(__name__)
@@ -122,12 +126,36 @@ class PreTrainedModel(nn.Module):
             target_dtype = _dtype(dtype)  # type: ignore[arg-type]
         with torch.device("meta"):
             model = cls(config)
-        model.load_checkpoint(checkpoint_files(directory), dtype=target_dtype, device=device, strict=strict)
+        tensors = iter_tensors(checkpoint_files(directory))
+        model.load_tensors(tensors, str(directory), dtype=target_dtype, device=device, strict=strict)
         return model.eval()
 
-    def load_checkpoint(
+    @classmethod
+    def from_gguf(
+        cls: type[M],
+        source: str | os.PathLike | GGUFFile,
+        *,
+        dtype: str | torch.dtype | None = None,
+        attn_implementation: str | None = None,
+        device: str | torch.device = "cpu",
+    ) -> M:
+        """Load a llama.cpp GGUF file, or one already read, dequantised to `dtype` (float32 by default)."""
+        from .gguf import GGUFFile, read_gguf
+
+        checkpoint = source if isinstance(source, GGUFFile) else read_gguf(source)
+        config = cls.config_class.from_dict(checkpoint.config)
+        if attn_implementation is not None:
+            config.attn_implementation = attn_implementation
+        with torch.device("meta"):
+            model = cls(config)
+        target = _dtype(dtype) if dtype is not None else None
+        model.load_tensors(checkpoint.tensors.items(), checkpoint.source, dtype=target, device=device, strict=True)
+        return model.eval()
+
+    def load_tensors(
         self,
-        files: list[Path],
+        tensors: Iterable[tuple[str, torch.Tensor]],
+        source: str,
         *,
         dtype: torch.dtype | None = None,
         device: str | torch.device = "cpu",
@@ -144,7 +172,7 @@ class PreTrainedModel(nn.Module):
         head_only: list[str] = []  # a head checkpoint's own weights, when loading just its backbone
         from_head_checkpoint = False
         mismatched: list[str] = []
-        for key, tensor in iter_tensors(files):
+        for key, tensor in tensors:
             name = key
             if name not in expected:
                 # A backbone checkpoint loaded into a head model, or a head checkpoint into a backbone.
@@ -184,7 +212,7 @@ class PreTrainedModel(nn.Module):
                 self._materialize(missing, dtype, device)
             missing, unexpected = [], []
         if missing or unexpected or mismatched:
-            lines = [f"checkpoint {files[0].parent} does not fit {type(self).__name__}:"]
+            lines = [f"checkpoint {source} does not fit {type(self).__name__}:"]
             for title, keys in (
                 ("missing", missing),
                 ("unexpected", unexpected),

@@ -1,0 +1,155 @@
+"""GGUF checkpoints (llama.cpp's format): config, weights and tokenizer from one file.
+
+The container is read with the `gguf` package (an optional dependency, imported only here) and its
+numpy dequantisers; tensor names are mapped to Hugging Face names, undoing the Q/K row permutation that
+the HF -> GGUF conversion applies for rotary attention.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import CheckpointError
+
+# GGUF tensor names (per layer after `blk.N.`) -> Hugging Face names for Llama-family decoders.
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+# Architectures whose GGUF layout is the Llama one above, and the model_type they load as.
+DECODER_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+
+
+@dataclass
+class GGUFFile:
+    architecture: str
+    config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    tokenizer: dict[str, Any] = field(default_factory=dict)
+    source: str = "<gguf>"
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError("reading .gguf files needs the `gguf` package: pip install gguf") from None
+    return gguf
+
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    entry = reader.fields.get(key)
+    if entry is None:
+        return default
+    return entry.contents()
+
+
+def unpermute_rotary_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo llama.cpp's conversion permutation of q/k rows (interleaved pairs back to rotate-half halves)."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def read_gguf(path: str | os.PathLike) -> GGUFFile:
+    """Read a llama-family GGUF into a Hugging Face style config dict and state dict (float32)."""
+    gguf = _gguf()
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such GGUF file")
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable GGUF file ({err})") from None
+    arch = _field(reader, "general.architecture")
+    if arch not in DECODER_ARCHITECTURES:
+        raise CheckpointError(
+            f"{path}: general.architecture is `{arch}`; supported: {', '.join(sorted(DECODER_ARCHITECTURES))}"
+        )
+
+    def meta(key: str, default: Any = None) -> Any:
+        return _field(reader, f"{arch}.{key}", default)
+
+    tokens = _field(reader, "tokenizer.ggml.tokens") or []
+    heads = meta("attention.head_count")
+    kv_heads = meta("attention.head_count_kv", heads)
+    hidden = meta("embedding_length")
+    config: dict[str, Any] = {
+        "model_type": DECODER_ARCHITECTURES[arch],
+        "vocab_size": meta("vocab_size", len(tokens)),
+        "hidden_size": hidden,
+        "intermediate_size": meta("feed_forward_length"),
+        "num_hidden_layers": meta("block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": meta("attention.key_length", hidden // heads),
+        "max_position_embeddings": meta("context_length", 2048),
+        "rms_norm_eps": float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(meta("rope.freq_base", 10000.0))},
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
+    }
+    scaling = meta("rope.scaling.type")
+    if scaling in ("linear", "yarn"):
+        config["rope_parameters"] |= {"rope_type": scaling, "factor": float(meta("rope.scaling.factor"))}
+        if scaling == "yarn":
+            original = meta("rope.scaling.original_context_length", config["max_position_embeddings"])
+            config["rope_parameters"]["original_max_position_embeddings"] = original
+    window = meta("attention.sliding_window")
+    if window is not None:
+        config["sliding_window"] = window
+
+    tensors: dict[str, torch.Tensor] = {}
+    for tensor in reader.tensors:
+        name = _hf_name(tensor.name)
+        if name is None:
+            raise CheckpointError(f"{path}: tensor `{tensor.name}` has no Hugging Face counterpart")
+        array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        weight = torch.from_numpy(array.copy()).float()
+        if name.endswith("q_proj.weight"):
+            weight = unpermute_rotary_rows(weight, heads)
+        elif name.endswith("k_proj.weight"):
+            weight = unpermute_rotary_rows(weight, kv_heads)
+        tensors[name] = weight
+    config["tie_word_embeddings"] = "lm_head.weight" not in tensors
+
+    tokenizer = {
+        "model": _field(reader, "tokenizer.ggml.model"),
+        "pre": _field(reader, "tokenizer.ggml.pre"),
+        "tokens": tokens,
+        "token_types": _field(reader, "tokenizer.ggml.token_type") or [],
+        "merges": _field(reader, "tokenizer.ggml.merges") or [],
+        "bos_token_id": config["bos_token_id"],
+        "eos_token_id": config["eos_token_id"],
+        "pad_token_id": config["pad_token_id"],
+        "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+        "chat_template": _field(reader, "tokenizer.chat_template"),
+    }
+    return GGUFFile(arch, config, tensors, tokenizer, str(path))
+
+
+def _hf_name(name: str) -> str | None:
+    stem, _, suffix = name.rpartition(".")
+    if stem.startswith("blk."):
+        _, index, part = stem.split(".", 2)
+        mapped = _LAYER_NAMES.get(part)
+        return f"model.layers.{index}.{mapped}.{suffix}" if mapped else None
+    mapped = _GLOBAL_NAMES.get(stem)
+    return f"{mapped}.{suffix}" if mapped else None
