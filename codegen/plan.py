@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 from specformer.dsl import ir
 from specformer.dsl.errors import SpecError
-from specformer.dsl.primitives import ACTIVATIONS, BASE_CONFIG_FIELDS, PRIMITIVES
-from specformer.dsl.validate import names_in
+from specformer.dsl.primitives import ACTIVATIONS, PRIMITIVES
+from specformer.dsl.validate import names_in, walk
 
 from .expressions import ExprEmitter
 from .layout import INDENT, call_lines, statement_lines
@@ -20,6 +20,17 @@ from .layout import INDENT, call_lines, statement_lines
 # Implicit context a block can need, in the order it is passed.
 CONTEXT = ("rope", "mask", "cache")
 _CONTEXT_PARAMS = {"rope": "rope: Rope", "mask": "mask: AttentionMask", "cache": "cache: Cache | None"}
+
+# Primitive -> (constructor, how many leading arguments are passed positionally, runtime module to import
+# it from, or None for torch.nn). Optional arguments the spec does not give are left to their defaults.
+_PRIMITIVE_EMISSION: dict[str, tuple[str, int, str | None]] = {
+    "Linear": ("nn.Linear", 2, None),
+    "Embedding": ("nn.Embedding", 2, None),
+    "LayerNorm": ("nn.LayerNorm", 1, None),
+    "Dropout": ("nn.Dropout", 1, None),
+    "RMSNorm": ("RMSNorm", 1, "layers"),
+    "Rotary": ("RotaryEmbedding", 3, "rope"),
+}
 
 _TORCH_ACTIVATIONS = {
     "silu": "F.silu({})",
@@ -49,7 +60,6 @@ _PY_TYPES = {
 class ClassView:
     name: str
     base: str
-    doc: str
     init_signature: str
     init_lines: list[str]
     forward_lines: list[str]  # the whole method, signature included, at class-body indentation
@@ -243,7 +253,7 @@ class Planner:
         raise SpecError("calls are not allowed in a config expression", node.pos)
 
     # ---- module construction ---------------------------------------------------------------------
-    def construct(self, sub: ir.Submodule, layer_scope: bool) -> str:
+    def construct(self, sub: ir.Submodule) -> str:
         expr = self.config_name("config")
         if sub.kind == "block":
             args = "config, layer_idx" if self.takes_layer_idx(sub.target) else "config"
@@ -255,33 +265,15 @@ class Planner:
                 return f"nn.ModuleList({cls}(config, layer_idx) for layer_idx in range({expr(sub.count)}))"
             return f"nn.ModuleList({cls}(config) for _ in range({expr(sub.count)}))"
         signature = PRIMITIVES[sub.target]
+        callee, positional, runtime_module = _PRIMITIVE_EMISSION[sub.target]
+        if runtime_module is not None:
+            self.use(runtime_module, callee)
         given = dict(zip(signature.names, sub.args, strict=False)) | dict(sub.kwargs)
-        positional_count = {
-            "Linear": 2,
-            "Embedding": 2,
-            "RMSNorm": 1,
-            "LayerNorm": 1,
-            "Rotary": 3,
-            "Dropout": 1,
-        }
-        n_pos = positional_count[sub.target]
-        args = [expr(given[name]) for name in signature.names[:n_pos]]
-        args += [f"{name}={expr(given[name])}" for name in signature.names[n_pos:] if name in given]
-        callee = {
-            "Linear": "nn.Linear",
-            "Embedding": "nn.Embedding",
-            "LayerNorm": "nn.LayerNorm",
-            "Dropout": "nn.Dropout",
-            "RMSNorm": "RMSNorm",
-            "Rotary": "RotaryEmbedding",
-        }[sub.target]
-        if sub.target == "RMSNorm":
-            self.use("layers", "RMSNorm")
-        if sub.target == "Rotary":
-            self.use("rope", "RotaryEmbedding")
+        args = [expr(given[name]) for name in signature.names[:positional]]
+        args += [f"{name}={expr(given[name])}" for name in signature.names[positional:] if name in given]
         return f"{callee}({', '.join(args)})"
 
-    def init_lines(self, block: ir.Block, layer_scope: bool) -> list[str]:
+    def init_lines(self, block: ir.Block) -> list[str]:
         lines: list[str] = []
         forward_reads_config = self._forward_reads_config(block)
         if forward_reads_config:
@@ -293,7 +285,7 @@ class Planner:
         ):
             lines.append("self.layer_idx = layer_idx")
         for sub in block.submodules:
-            lines.append(f"self.{sub.name} = {self.construct(sub, layer_scope)}")
+            lines.append(f"self.{sub.name} = {self.construct(sub)}")
         for act in self._activation_fields(block):
             self.use("layers", "activation")
             lines.append(f"self.{act}_fn = activation(config.{act})")
@@ -459,9 +451,8 @@ class Planner:
         return ClassView(
             name=self.class_name(block.name),
             base="nn.Module",
-            doc="",
             init_signature=f"self, config: {self.config_class}" + (", layer_idx: int" if takes_idx else ""),
-            init_lines=["super().__init__()", *self.init_lines(block, takes_idx)],
+            init_lines=["super().__init__()", *self.init_lines(block)],
             forward_lines=forward,
         )
 
@@ -518,9 +509,8 @@ class Planner:
         return ClassView(
             name=self.class_name(block.name),
             base=self.pretrained_base,
-            doc="",
             init_signature=f"self, config: {self.config_class}",
-            init_lines=["super().__init__(config)", *self.init_lines(block, False), "self.post_init()"],
+            init_lines=["super().__init__(config)", *self.init_lines(block), "self.post_init()"],
             forward_lines=_method("forward", params, "BaseModelOutput", body),
         )
 
@@ -573,13 +563,12 @@ class Planner:
         init = [
             "super().__init__(config)",
             f"self.{attr} = {self.class_name(self.backbone.name)}(config)",
-            *self.init_lines(head, False),
+            *self.init_lines(head),
             "self.post_init()",
         ]
         return ClassView(
             name=self.class_name(head.name),
             base=self.pretrained_base,
-            doc="",
             init_signature=f"self, config: {self.config_class}",
             init_lines=init,
             forward_lines=_method("forward", params, output, body),
@@ -615,7 +604,6 @@ class Planner:
         pretrained = ClassView(
             name=self.pretrained_base,
             base="PreTrainedModel",
-            doc="",
             init_signature="",
             init_lines=[],
             forward_lines=[],
@@ -712,9 +700,7 @@ def _atom(text: str) -> str:
 
 
 def _calls_in(expr: ir.Expr) -> list[ir.Call]:
-    from specformer.dsl.validate import _walk
-
-    return [n for n in _walk(expr) if isinstance(n, ir.Call)]
+    return [n for n in walk(expr) if isinstance(n, ir.Call)]
 
 
 def _may_be_causal(call: ir.Call) -> bool:
@@ -729,8 +715,6 @@ def _shape_comment(expr: ir.Expr) -> str:
 
 
 def plan(model: ir.ResolvedModel) -> ModelView:
-    if any(f.name in BASE_CONFIG_FIELDS for f in model.config.fields):  # pragma: no cover - validated
-        raise SpecError("a spec redeclares a base config field")
     return Planner(model).plan()
 
 

@@ -219,7 +219,7 @@ class Validator:
             raise self.error(f"unknown field `{ref.id}` in {what}{hint}", ref.pos)
         if isinstance(expr, ir.Call):
             raise self.error(f"calls are not allowed in {what}", expr.pos)
-        for node in _walk(expr):
+        for node in walk(expr):
             if isinstance(node, ir.Call):
                 raise self.error(f"calls are not allowed in {what}", node.pos)
 
@@ -432,7 +432,7 @@ class _ForwardScope:
         self.locals.update(stmt.targets)
 
     def scalar(self, expr: ir.Expr) -> None:
-        for node in _walk(expr):
+        for node in walk(expr):
             if isinstance(node, ir.Call):
                 raise self.v.error("calls are not allowed in a config expression", node.pos)
             if isinstance(node, ir.Name) and node.id in self.locals:
@@ -469,8 +469,8 @@ class _ForwardScope:
 
     def _operand(self, expr: ir.Expr) -> int:
         """1 for a tensor operand, 0 for a config scalar."""
-        if any(isinstance(n, ir.Name) and n.id in self.locals for n in _walk(expr)) or any(
-            isinstance(n, ir.Call) for n in _walk(expr)
+        if any(isinstance(n, ir.Name) and n.id in self.locals for n in walk(expr)) or any(
+            isinstance(n, ir.Call) for n in walk(expr)
         ):
             return self.tensor(expr)
         self.scalar(expr)
@@ -534,7 +534,8 @@ class _ForwardScope:
         )
 
 
-def _walk(expr: ir.Expr) -> Iterator[ir.Expr]:
+def walk(expr: ir.Expr) -> Iterator[ir.Expr]:
+    """Every node of an expression, itself first."""
     yield expr
     children: tuple = ()
     if isinstance(expr, ir.Unary):
@@ -548,7 +549,7 @@ def _walk(expr: ir.Expr) -> Iterator[ir.Expr]:
     elif isinstance(expr, ir.Call):
         children = (*expr.args, *(v for _, v in expr.kwargs))
     for child in children:
-        yield from _walk(child)
+        yield from walk(child)
 
 
 def validate(model: ir.Model) -> dict[str, object]:

@@ -183,7 +183,8 @@ def test_arbitrary_text_raises_only_spec_errors(text: str) -> None:
     try:
         resolve(text)
     except SpecError as err:
-        assert err.pos is None or (err.line >= 1 and err.column >= 1)
+        assert err.pos is not None, str(err)
+        assert err.line >= 1 and err.column >= 1
 
 
 @given(st.data())
