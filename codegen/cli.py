@@ -161,7 +161,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     path = args.model or default_model_path()
     start = time.perf_counter()
     model, tokenizer = load_causal_lm(path)
-    print(f"loaded {path} ({model.num_parameters() / 1e6:.0f}M parameters) in {time.perf_counter() - start:.1f}s")
+    print(
+        f"loaded {path} ({model.num_parameters() / 1e6:.0f}M parameters) in {time.perf_counter() - start:.1f}s"
+    )
     if args.raw or not tokenizer.chat_template:
         ids = tokenizer.encode(args.prompt)
     else:

@@ -64,7 +64,9 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
 def unpermute_rotary_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """Undo llama.cpp's conversion permutation of q/k rows (interleaved pairs back to rotate-half halves)."""
     rows = weight.shape[0]
-    return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+    return (
+        weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+    )
 
 
 def read_gguf(path: str | os.PathLike) -> GGUFFile:

@@ -54,9 +54,17 @@ class PreTrainedModel(nn.Module):
         return {}
 
     def post_init(self) -> None:
-        """Initialise weights (skipped on the meta device, where loading will assign them) and tie."""
-        if not any(p.is_meta for p in self.parameters()):
-            self.apply(self._init_module)
+        """Initialise weights (skipped on the meta device, where loading will assign them) and tie.
+
+        A head's backbone runs `post_init` first; its modules are marked so the head does not
+        initialise them a second time.
+        """
+        for module in self.modules():
+            if getattr(module, "_sf_initialized", False):
+                continue
+            if not any(p.is_meta for p in module.parameters(recurse=False)):
+                self._init_module(module)
+            module._sf_initialized = True
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -149,7 +157,9 @@ class PreTrainedModel(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         target = _dtype(dtype) if dtype is not None else None
-        model.load_tensors(checkpoint.tensors.items(), checkpoint.source, dtype=target, device=device, strict=True)
+        model.load_tensors(
+            checkpoint.tensors.items(), checkpoint.source, dtype=target, device=device, strict=True
+        )
         return model.eval()
 
     def load_tensors(

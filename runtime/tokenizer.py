@@ -42,7 +42,9 @@ class Tokenizer:
     @classmethod
     def from_gguf_metadata(cls, meta: dict[str, Any]) -> Tokenizer:
         if meta.get("model") != "gpt2":
-            raise ValueError(f"GGUF tokenizer model `{meta.get('model')}` is not supported yet (supported: gpt2)")
+            raise ValueError(
+                f"GGUF tokenizer model `{meta.get('model')}` is not supported yet (supported: gpt2)"
+            )
         tokens: list[str] = list(meta["tokens"])
         vocab = {token: i for i, token in enumerate(tokens)}
         merges = [tuple(m.split(" ", 1)) for m in meta["merges"]]
@@ -50,12 +52,16 @@ class Tokenizer:
         byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         if meta.get("pre") in ("smollm", "qwen2", "llama-bpe", "deepseek-llm"):
             # These pre-tokenizers split every digit on its own before the GPT-2 pattern.
-            backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+            backend.pre_tokenizer = pre_tokenizers.Sequence(
+                [pre_tokenizers.Digits(individual_digits=True), byte_level]
+            )
         else:
             backend.pre_tokenizer = byte_level
         backend.decoder = decoders.ByteLevel()
         types = list(meta.get("token_types") or [])
-        specials = [AddedToken(tokens[i], special=True) for i, t in enumerate(types) if t in _SPECIAL_TOKEN_TYPES]
+        specials = [
+            AddedToken(tokens[i], special=True) for i, t in enumerate(types) if t in _SPECIAL_TOKEN_TYPES
+        ]
         backend.add_special_tokens(specials)
         return cls(
             backend,

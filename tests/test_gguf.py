@@ -14,13 +14,17 @@ from specformer.runtime.gguf import unpermute_rotary_rows
 def hf_permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """What convert_hf_to_gguf.py does to q/k rows (llama.cpp's interleaved rotary layout)."""
     rows = weight.shape[0]
-    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    return (
+        weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    )
 
 
 @pytest.mark.parametrize("heads", [1, 3, 8])
 def test_unpermute_undoes_the_conversion(heads: int) -> None:
     weight = torch.randn(heads * 16, 24)
-    torch.testing.assert_close(unpermute_rotary_rows(hf_permute(weight, heads), heads), weight, atol=0, rtol=0)
+    torch.testing.assert_close(
+        unpermute_rotary_rows(hf_permute(weight, heads), heads), weight, atol=0, rtol=0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +44,9 @@ def reference(smollm2):
     transformers = pytest.importorskip("transformers")
     path = smollm2[0]
     kwargs = {"gguf_file": path.name}
-    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kwargs).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, dtype=torch.float32, **kwargs
+    ).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, **kwargs)
     return model, tokenizer
 
@@ -74,7 +80,10 @@ def test_smollm2_chat_and_greedy_generation_match(smollm2, reference) -> None:
     hf_model, hf_tokenizer = reference
     messages = [{"role": "user", "content": "Name three colours."}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    assert ids == hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+    assert (
+        ids
+        == hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+    )
     prompt = torch.tensor([ids])
     ours = generate(model, prompt, max_new_tokens=20, eos_token_id=tokenizer.eos_token_id)
     with torch.no_grad():
