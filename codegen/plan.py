@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from specformer.dsl import ir
+from specformer.dsl.comments import CommentIndex
 from specformer.dsl.errors import SpecError
 from specformer.dsl.primitives import ACTIVATIONS, PRIMITIVES
 from specformer.dsl.validate import names_in, walk
@@ -60,6 +61,7 @@ _PY_TYPES = {
 class ClassView:
     name: str
     base: str
+    doc: str
     init_signature: str
     init_lines: list[str]
     forward_lines: list[str]  # the whole method, signature included, at class-body indentation
@@ -82,6 +84,7 @@ class ConfigView:
 @dataclass
 class ModelView:
     model: ir.ResolvedModel
+    doc: str
     package: str
     config: ConfigView
     pretrained_base: str
@@ -107,6 +110,7 @@ class Planner:
         self.runtime: dict[str, set[str]] = {}
         self.torch_names: set[str] = {"torch", "nn"}
         self._needs: dict[str, frozenset[str]] = {}
+        self.comments = CommentIndex(model.comments)
         self._layer_idx: dict[str, bool] = {}
 
     # ---- bookkeeping -----------------------------------------------------------------------------
@@ -285,6 +289,7 @@ class Planner:
         ):
             lines.append("self.layer_idx = layer_idx")
         for sub in block.submodules:
+            lines += [f"# {text}" for text in self.comments.take(sub.pos)]
             lines.append(f"self.{sub.name} = {self.construct(sub)}")
         for act in self._activation_fields(block):
             self.use("layers", "activation")
@@ -399,6 +404,7 @@ class Planner:
         subs = {s.name: s for s in block.submodules}
         lines: list[str] = []
         for stmt in block.forward.body:
+            lines += [f"# {text}" for text in self.comments.take(stmt.pos)]
             lines.extend(self._cache_update(stmt.value, emit, context_names))
             if isinstance(stmt, ir.Return):
                 lines.append(emit(stmt.value))
@@ -432,7 +438,17 @@ class Planner:
         return lines
 
     # ---- classes ---------------------------------------------------------------------------------
+    def docstring(self, block: ir.Block) -> str:
+        """The comment above a block's declaration, as a docstring (quotes and backslashes defused)."""
+        comment = self.comments.take(block.pos, above_only=True)
+        return _docstring(comment, INDENT) if comment else ""
+
+    def forward_comments(self, block: ir.Block) -> list[str]:
+        assert block.forward is not None
+        return self.comments.take(block.forward.pos, above_only=True)
+
     def plan_block(self, block: ir.Block) -> ClassView:
+        doc, comments = self.docstring(block), self.forward_comments(block)
         needs = self.needs(block.name)
         context_names = {c: c for c in needs}
         emit = self.forward_emitter(block, context_names)
@@ -446,11 +462,12 @@ class Planner:
                 )
         body = self.statements(block, emit, context_names)
         body[-1] = f"return {body[-1]}"
-        forward = _method("forward", params, "torch.Tensor", body)
+        forward = _method("forward", params, "torch.Tensor", body, comments)
         takes_idx = self.takes_layer_idx(block.name)
         return ClassView(
             name=self.class_name(block.name),
             base="nn.Module",
+            doc=doc,
             init_signature=f"self, config: {self.config_class}" + (", layer_idx: int" if takes_idx else ""),
             init_lines=["super().__init__()", *self.init_lines(block)],
             forward_lines=forward,
@@ -474,6 +491,7 @@ class Planner:
 
     def plan_backbone(self) -> ClassView:
         block = self.backbone
+        doc, comments = self.docstring(block), self.forward_comments(block)
         needs = self.needs(block.name)
         context_names = {"rope": "rope", "mask": "mask", "cache": "past_key_values"}
         emit = self.forward_emitter(block, context_names)
@@ -509,13 +527,15 @@ class Planner:
         return ClassView(
             name=self.class_name(block.name),
             base=self.pretrained_base,
+            doc=doc,
             init_signature=f"self, config: {self.config_class}",
             init_lines=["super().__init__(config)", *self.init_lines(block), "self.post_init()"],
-            forward_lines=_method("forward", params, "BaseModelOutput", body),
+            forward_lines=_method("forward", params, "BaseModelOutput", body, comments),
         )
 
     def plan_head(self, head: ir.Block) -> ClassView:
         assert head.forward is not None and self.backbone.attr is not None
+        doc, comments = self.docstring(head), self.forward_comments(head)
         attr = self.backbone.attr
         emit = self.forward_emitter(head, {})
         inputs = self.backbone_inputs()
@@ -569,9 +589,10 @@ class Planner:
         return ClassView(
             name=self.class_name(head.name),
             base=self.pretrained_base,
+            doc=doc,
             init_signature=f"self, config: {self.config_class}",
             init_lines=init,
-            forward_lines=_method("forward", params, output, body),
+            forward_lines=_method("forward", params, output, body, comments),
             methods=methods,
         )
 
@@ -594,6 +615,8 @@ class Planner:
 
     # ---- everything ------------------------------------------------------------------------------
     def plan(self) -> ModelView:
+        model_comment = self.comments.take(self.model.pos, above_only=True)
+        doc = _docstring(model_comment or [f"{self.model.name}, generated from its spec."], "")
         config = self.plan_config()
         classes: list[ClassView] = []
         for name in self._block_order():
@@ -604,6 +627,7 @@ class Planner:
         pretrained = ClassView(
             name=self.pretrained_base,
             base="PreTrainedModel",
+            doc="",
             init_signature="",
             init_lines=[],
             forward_lines=[],
@@ -613,6 +637,7 @@ class Planner:
         classes.insert(len(classes) - 1 - len(self.model.heads), pretrained)
         return ModelView(
             model=self.model,
+            doc=doc,
             package=package_name(self.model),
             config=config,
             pretrained_base=self.pretrained_base,
@@ -674,16 +699,33 @@ def _isort(names: set[str]) -> list[str]:
     return sorted(names, key=lambda n: (0 if n.isupper() else 1 if n[0].isupper() else 2, n))
 
 
-def _method(name: str, params: list[str], returns: str, body: list[str]) -> list[str]:
-    head = call_lines(INDENT, f"def {name}(", ["self", *params], f") -> {returns}:")
-    if len(head) > 1 and not head[-2].endswith(","):
+def _method(
+    name: str, params: list[str], returns: str, body: list[str], comments: list[str] = ()
+) -> list[str]:
+    head = [f"{INDENT}# {text}" for text in comments]
+    head += call_lines(INDENT, f"def {name}(", ["self", *params], f") -> {returns}:")
+    if len(head) > len(comments) + 1 and not head[-2].endswith(","):
         # ruff puts each parameter on its own line once a signature is split
-        head = [head[0], *(f"{INDENT * 2}{p}," for p in ["self", *params]), f"{INDENT}) -> {returns}:"]
+        head = [
+            *head[: len(comments) + 1],
+            *(f"{INDENT * 2}{p}," for p in ["self", *params]),
+            f"{INDENT}) -> {returns}:",
+        ]
     lines = list(head)
     for line in body:
         indent = INDENT * 2 + " " * (len(line) - len(line.lstrip(" ")))
         lines.extend(statement_lines(indent, line.lstrip(" ")))
     return lines
+
+
+def _docstring(lines: list[str], indent: str) -> str:
+    """Comment lines as a docstring, quotes included. Quotes and backslashes in the text are replaced so
+    nothing in a comment can end or escape the string."""
+    safe = [line.replace("\\", "/").replace('"', "'") for line in lines]
+    if len(safe) == 1:
+        return f'"""{safe[0]}"""'
+    body = "\n".join(f"{indent}{line}" if i else line for i, line in enumerate(safe))
+    return f'"""{body}\n{indent}"""'
 
 
 def _atom(text: str) -> str:

@@ -44,7 +44,7 @@ def render_model(model: ir.ResolvedModel) -> dict[str, str]:
         "imports": view.imports,
         "exports": view.exports,
         "uses_any": any("Any" in line for c in view.classes for m in c.methods for line in m),
-        "model_doc": f"{model.name}, generated from its spec.",
+        "model_doc": view.doc,
     }
     files = {
         f"{view.package}/__init__.py": env.get_template("__init__.py.jinja").render(context),

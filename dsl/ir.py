@@ -23,6 +23,14 @@ class Pos(Node):
     column: int
 
 
+class Comment(Node):
+    file: str
+    line: int
+    column: int
+    text: str
+    own_line: bool  # a whole-line comment, rather than one after code
+
+
 # ---- expressions -----------------------------------------------------------------------------------
 class Name(Node):
     kind: Literal["name"] = "name"
@@ -229,6 +237,8 @@ class ResolvedModel(Node):
     blocks: tuple[Block, ...]
     source_files: tuple[str, ...]
     spec_hash: str
+    pos: Pos
+    comments: tuple[Comment, ...] = ()
 
     def block(self, name: str) -> Block:
         return next(b for b in self.blocks if b.name == name)

@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 
 from . import ir
+from .comments import scan_comments
 from .errors import SpecError
 from .parser import parse
 from .resolve import resolve
@@ -18,6 +19,7 @@ class SpecSet:
     def __init__(self) -> None:
         self.sources: dict[str, str] = {}
         self.models: dict[str, ir.Model] = {}
+        self.comments: dict[str, tuple[ir.Comment, ...]] = {}
 
     def add_text(self, text: str, file: str) -> tuple[str, ...]:
         self.sources[file] = text
@@ -25,6 +27,7 @@ class SpecSet:
             models = parse(text, file)
         except SpecError as err:
             raise err.with_source(self.sources) from None
+        self.comments[file] = scan_comments(text, file)
         for model in models:
             if model.name in self.models:
                 other = self.models[model.name].pos
@@ -60,6 +63,8 @@ class SpecSet:
             blocks=flat.blocks,
             source_files=files,
             spec_hash=digest.hexdigest(),
+            pos=flat.pos,
+            comments=tuple(c for file in files for c in self.comments[file]),
         )
 
     def all_resolved(self) -> list[ir.ResolvedModel]:

@@ -130,3 +130,43 @@ def test_cli_check_passes_on_the_repository() -> None:
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_spec_comments_travel_safely_into_the_generated_code() -> None:
+    from specformer.codegen import render_model
+    from specformer.dsl import SpecSet
+
+    text = (
+        '# Tiny: a test model with a """ docstring breaker \\ and a\rcarriage return.\n'
+        "model Tiny {\n"
+        "  config { vocab_size: int = 10  hidden_size: int = 8 }\n"
+        "  # a block that only normalises\n"
+        "  block Norm {\n"
+        "    # why: the RMS norm of the embedding\n"
+        "    ln = RMSNorm(hidden_size)\n"
+        "    forward(x) {\n"
+        "      return ln(x)  # one line; import os\n"
+        "    }\n"
+        "  }\n"
+        "  backbone Model as model {\n"
+        "    embed = Embedding(vocab_size, hidden_size)\n"
+        "    norm = Norm\n"
+        '    forward(input_ids) { return norm(embed(input_ids)) }  # "quoted"\n'
+        "  }\n"
+        "}\n"
+    )
+    specs = SpecSet()
+    specs.add_text(text, "tiny.sf")
+    modeling = render_model(specs.resolved("Tiny"))["tiny/modeling_tiny.py"]
+    tree = ast.parse(modeling)
+    assert (
+        ast.get_docstring(tree) == "Tiny: a test model with a ''' docstring breaker / and acarriage return."
+    )
+    norm = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "TinyNorm")
+    assert ast.get_docstring(norm) == "a block that only normalises"
+    assert (
+        "        # why: the RMS norm of the embedding\n        self.ln = RMSNorm(config.hidden_size)"
+        in modeling
+    )
+    assert "        # one line; import os\n        return self.ln(x)" in modeling
+    assert not any(isinstance(n, ast.Import) and n.names[0].name == "os" for n in ast.walk(tree))
