@@ -36,11 +36,12 @@ class AttentionMask:
         self.padding = padding
         self._cache: dict[tuple[bool, int | None, str], torch.Tensor | None] = {}
 
-    def is_trivial(self, causal: bool, window: int | None) -> bool:
-        """True when no mask is needed: no padding, no window, and causal only over a fresh square."""
+    def needs_mask(self, causal: bool, window: int | None) -> bool:
+        """False when a backend's own causal flag (or nothing at all) expresses the masking exactly."""
         if self.padding is not None or (window is not None and window < self.kv_len):
-            return False
-        return not causal or self.q_len == 1
+            return True
+        # Backends' `is_causal` aligns the triangle top-left; after cached positions it must be lower-right.
+        return causal and self.past > 0 and self.q_len > 1
 
     def allowed(self, causal: bool, window: int | None, device: torch.device) -> torch.Tensor | None:
         """Bool (B|1, 1, T, S) mask, True where attention is allowed; None when nothing is masked."""
@@ -86,10 +87,10 @@ def sdpa_attention(
 ) -> torch.Tensor:
     """torch's fused scaled_dot_product_attention; q (B, H, T, D), k/v (B, Hkv, S, D) -> (B, H, T, D)."""
     gqa = q.shape[1] != k.shape[1]
-    if mask.is_trivial(causal, window):
-        square_causal = causal and mask.q_len > 1
+    if not mask.needs_mask(causal, window):
+        is_causal = causal and mask.q_len > 1  # a single new query may see every cached key
         return F.scaled_dot_product_attention(
-            q, k, v, dropout_p=dropout, is_causal=square_causal, scale=scale, enable_gqa=gqa
+            q, k, v, dropout_p=dropout, is_causal=is_causal, scale=scale, enable_gqa=gqa
         )
     allowed = mask.allowed(causal, window, q.device)
     return F.scaled_dot_product_attention(
@@ -115,8 +116,8 @@ def eager_attention(
         v = v.repeat_interleave(groups, dim=1)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S)
-    needs_mask = not mask.is_trivial(causal, window) or (causal and mask.q_len > 1)
-    allowed = mask.allowed(causal, window, q.device) if needs_mask else None
+    masked = mask.needs_mask(causal, window) or (causal and mask.q_len > 1)
+    allowed = mask.allowed(causal, window, q.device) if masked else None
     if allowed is not None:
         scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
