@@ -219,8 +219,8 @@ class Model(Node):
         return next((b for b in self.blocks if b.name == name), None)
 
     @property
-    def backbone(self) -> Block:
-        return next(b for b in self.blocks if b.role == "backbone")
+    def backbone(self) -> Block | None:
+        return next((b for b in self.blocks if b.role == "backbone"), None)
 
     @property
     def heads(self) -> tuple[Block, ...]:

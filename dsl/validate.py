@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import operator
+import re
 from collections.abc import Callable, Iterator
 
 from . import ir
@@ -316,7 +317,7 @@ class Validator:
         own = block.submodule(tie.name)
         if own is None or own.kind != "primitive":
             raise self.error(f"`tie {tie.name}`: `{block.name}` has no such primitive submodule", tie.pos)
-        backbone = self.model.backbone if hasattr(self.model, "backbone") else None
+        backbone = self.model.backbone
         path = list(tie.target)
         if backbone is None or path[0] != backbone.attr:
             raise self.error(
@@ -397,7 +398,15 @@ class Validator:
         if not forward.body or not isinstance(forward.body[-1], ir.Return):
             raise self.error(f"the forward of `{block.name}` must end with `return`", forward.pos)
 
+    def check_model_type(self) -> None:
+        model_type = self.model.model_type or self.model.name.lower()
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", model_type):
+            raise self.error(
+                f"model_type `{model_type}` must be lower-case letters, digits and underscores", self.model.pos
+            )
+
     def run(self) -> dict[str, object]:
+        self.check_model_type()
         self.check_config()
         self.check_blocks()
         self.check_forwards()
@@ -517,8 +526,10 @@ class _ForwardScope:
                 raise self.v.error(
                     f"`{call.func}` pools a head's input and is only available in heads", call.pos
                 )
+            backbone = self.v.model.backbone
+            assert backbone is not None  # checked before forwards
             if "rope" in builtin.needs and not any(
-                s.kind == "primitive" and s.target == "Rotary" for s in self.v.model.backbone.submodules
+                s.kind == "primitive" and s.target == "Rotary" for s in backbone.submodules
             ):
                 raise self.v.error("`rotary` needs a `Rotary(...)` submodule in the backbone", call.pos)
             return builtin.returns

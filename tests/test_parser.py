@@ -167,6 +167,8 @@ def test_huge_repeat_is_rejected() -> None:
         "model X { config { a: int = 1 } backbone M as m { e = Embedding(a, a) forward(input_ids) { return os.system(input_ids) } } }",
         "model X { config { a: int = 1 } backbone M as m { e = Embedding(a, a) forward(input_ids) { return eval(input_ids) } } }",
         'model X { config { a: str = "\n" } }',
+        'model X { config { a: str = "\rimport os\r" } }',
+        'model X { model_type = "x y" }',
         "model X { config { a: int = 1 } backbone M as m { e = Embedding(a, a) forward(input_ids) { return e(input_ids).__class__ } } }",
         "model X { config { a: int = 1 } backbone M as m { e = Embedding(a, a) forward(input_ids) { exec = e(input_ids) return exec } } }",
     ],
