@@ -402,7 +402,8 @@ class Validator:
         model_type = self.model.model_type or self.model.name.lower()
         if not re.fullmatch(r"[a-z][a-z0-9_]*", model_type):
             raise self.error(
-                f"model_type `{model_type}` must be lower-case letters, digits and underscores", self.model.pos
+                f"model_type `{model_type}` must be lower-case letters, digits and underscores",
+                self.model.pos,
             )
 
     def run(self) -> dict[str, object]:

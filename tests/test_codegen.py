@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import event, given
+from hypothesis import strategies as st
 
 from specformer.codegen.cli import render_all
 
@@ -170,3 +172,39 @@ def test_spec_comments_travel_safely_into_the_generated_code() -> None:
     )
     assert "        # one line; import os\n        return self.ln(x)" in modeling
     assert not any(isinstance(n, ast.Import) and n.names[0].name == "os" for n in ast.walk(tree))
+
+
+_ALPHABET = 'abcdefghij_ 0123456789+-*/().,=#"\n'
+
+
+@given(st.data())
+def test_every_spec_that_validates_generates_safe_python(data: st.DataObject) -> None:
+    """Mutate the Llama spec; whenever the result still validates, its generated code must parse and
+    import nothing beyond torch, typing and the runtime."""
+    from specformer.codegen import render_model
+    from specformer.dsl import SpecError, SpecSet
+
+    source = (SPECS / "llama.sf").read_text()
+    start = data.draw(st.integers(0, len(source) - 1))
+    end = data.draw(st.integers(start, min(len(source), start + 8)))
+    mutated = source[:start] + data.draw(st.text(alphabet=_ALPHABET, max_size=6)) + source[end:]
+    specs = SpecSet()
+    try:
+        specs.add_text(mutated, "llama.sf")
+        models = [specs.resolved(name) for name in specs.models]
+    except SpecError:
+        event("rejected")
+        return
+    event("validated and generated")
+    for model in models:
+        for rel, text in render_model(model).items():
+            tree = ast.parse(text, rel)
+            for module in _imports(tree):
+                assert module in (
+                    "__future__",
+                    "typing",
+                    "torch",
+                    "torch.nn.functional",
+                ) or module.startswith(("specformer.runtime", ".configuration_", ".modeling_")), module
+            names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+            assert not names & {"eval", "exec", "open", "__import__", "os", "sys", "getattr"}
