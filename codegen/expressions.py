@@ -74,6 +74,16 @@ class ExprEmitter:
             return "[" + ", ".join(self.emit(item) for item in expr.items) + "]"
         if isinstance(expr, ir.Call):
             return self.call(expr)
+        if isinstance(expr, ir.Subscript):
+            return f"{self._wrap(expr.value, _ATOM, right=False)}[{self.emit(expr.index)}]"
+        if isinstance(expr, ir.Comprehension):
+            outer = self.name
+            self.name = lambda n: n if n == expr.var else outer(n)  # the loop variable is a plain local
+            try:
+                element = self.emit(expr.element)
+            finally:
+                self.name = outer
+            return f"[{element} for {expr.var} in range({self.emit(expr.count)})]"
         if isinstance(expr, ir.Unary):
             operand = self._wrap(expr.operand, _precedence(expr), right=True)
             return f"-{operand}" if expr.op == "-" else f"not {operand}"

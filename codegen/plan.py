@@ -3,6 +3,12 @@
 The templates only loop over what this module produces: class views with their lines already laid out.
 Nothing is emitted for a feature a spec does not use: a block takes the rotary tables, the mask or the
 cache only when its dataflow (or a block it calls) needs them.
+
+Three kinds of module come out of a spec:
+- plain blocks, `forward(x, <context>)`, where the context is what their dataflow needs (rope, mask, cache);
+- input blocks: the backbone, and any block or head that holds it (DPR's encoders); they take the model's
+  inputs (`input_ids`, `attention_mask`, ...) and pass them on;
+- heads over the backbone, which call it and turn its output into the task's outputs, loss included.
 """
 
 from __future__ import annotations
@@ -12,15 +18,22 @@ from dataclasses import dataclass, field
 from specformer.dsl import ir
 from specformer.dsl.comments import CommentIndex
 from specformer.dsl.errors import SpecError
-from specformer.dsl.primitives import ACTIVATIONS, PRIMITIVES
-from specformer.dsl.validate import names_in, walk
+from specformer.dsl.primitives import ACTIVATIONS, PRIMITIVES, TASKS
+from specformer.dsl.validate import Validator, names_in, walk
 
+from .config_plan import ConfigView, is_literal, literal_source, plan_config
 from .expressions import ExprEmitter
 from .layout import INDENT, call_lines, statement_lines
+from .tasks import TASK_EMISSION
 
-# Implicit context a block can need, in the order it is passed.
+# Implicit context a plain block can need, in the order it is passed.
 CONTEXT = ("rope", "mask", "cache")
 _CONTEXT_PARAMS = {"rope": "rope: Rope", "mask": "mask: AttentionMask", "cache": "cache: Cache | None"}
+_CONTEXT_TYPES = {
+    "rope": ("rope", "Rope"),
+    "mask": ("attention", "AttentionMask"),
+    "cache": ("cache", "Cache"),
+}
 
 # Primitive -> (constructor, how many leading arguments are passed positionally, runtime module to import
 # it from, or None for torch.nn). Optional arguments the spec does not give are left to their defaults.
@@ -43,19 +56,6 @@ _TORCH_ACTIVATIONS = {
     "sigmoid": "torch.sigmoid({})",
 }
 
-_PY_TYPES = {
-    "int": "int",
-    "float": "float",
-    "bool": "bool",
-    "str": "str",
-    "activation": "str",
-    "rope": "dict",
-    "list": "list",
-    "dict": "dict",
-    "any": "Any",
-    "enum": "str",
-}
-
 
 @dataclass
 class ClassView:
@@ -67,18 +67,6 @@ class ClassView:
     forward_lines: list[str]  # the whole method, signature included, at class-body indentation
     methods: list[list[str]] = field(default_factory=list)
     attributes: list[str] = field(default_factory=list)
-
-
-@dataclass
-class ConfigView:
-    name: str
-    model_type: str
-    doc: str
-    attribute_map: list[tuple[str, str]]
-    params: list[str]
-    body: list[str]
-    field_types: list[tuple[str, str]]
-    uses_any: bool
 
 
 @dataclass
@@ -100,18 +88,20 @@ def package_name(model: ir.ResolvedModel) -> str:
 class Planner:
     def __init__(self, model: ir.ResolvedModel) -> None:
         self.model = model
+        self.analysis = Validator(model)  # type: ignore[arg-type] - a resolved model has the same shape
+        self.analysis.run()
         self.fields = {f.name: f for f in model.config.fields}
-        self.aliases = {a.alias: a.target for a in model.config.aliases}
         self.blocks = {b.name: b for b in model.blocks}
         self.prefix = model.name
         self.config_class = f"{model.name}Config"
         self.pretrained_base = f"{model.name}PreTrainedModel"
-        self.backbone = model.backbone
+        backbone = model.backbone
+        assert backbone is not None and backbone.attr is not None
+        self.backbone = backbone
         self.runtime: dict[str, set[str]] = {}
-        self.torch_names: set[str] = {"torch", "nn"}
         self._needs: dict[str, frozenset[str]] = {}
-        self.comments = CommentIndex(model.comments)
         self._layer_idx: dict[str, bool] = {}
+        self.comments = CommentIndex(model.comments)
 
     # ---- bookkeeping -----------------------------------------------------------------------------
     def use(self, module: str, *names: str) -> None:
@@ -120,174 +110,150 @@ class Planner:
     def class_name(self, block_name: str) -> str:
         return f"{self.prefix}{block_name}"
 
+    def is_input_block(self, block: ir.Block) -> bool:
+        return self.analysis.takes_inputs(block)
+
     # ---- analysis --------------------------------------------------------------------------------
     def calls(self, block: ir.Block) -> list[ir.Call]:
-        assert block.forward is not None
-        found: list[ir.Call] = []
-        for stmt in block.forward.body:
-            found.extend(_calls_in(stmt.value))
-        return found
+        return [c for e in _forward_exprs(block) for c in _calls_in(e)]
 
     def needs(self, block_name: str) -> frozenset[str]:
-        """The implicit context (rope, mask, cache) a block's forward needs, including through children."""
+        """The implicit context (rope, mask, cache) a plain block's forward needs, through its children too."""
         if block_name in self._needs:
             return self._needs[block_name]
         block = self.blocks[block_name]
         subs = {s.name: s for s in block.submodules}
         needed: set[str] = set()
         for call in self.calls(block):
-            if call.func == "rotary" and call.func not in subs:
+            sub = subs.get(call.func)
+            if sub is None and call.func == "rotary":
                 needed.add("rope")
-            elif call.func == "attend" and call.func not in subs:
+            elif sub is None and call.func == "attend":
                 needed.add("mask")
                 if _may_be_causal(call):
                     needed.add("cache")
-            elif call.func in subs and subs[call.func].kind in ("block", "repeat"):
-                needed |= self.needs(subs[call.func].target)
-        result = frozenset(needed)
-        if block.role == "block":
-            self._needs[block_name] = result
-        return result
+            elif sub is not None and sub.kind in ("block", "repeat") and not self._holds_inputs(sub):
+                needed |= self.needs(sub.target)
+        self._needs[block_name] = frozenset(needed)
+        return self._needs[block_name]
+
+    def _holds_inputs(self, sub: ir.Submodule) -> bool:
+        return sub.kind == "block" and self.is_input_block(self.blocks[sub.target])
 
     def takes_layer_idx(self, block_name: str) -> bool:
         if block_name not in self._layer_idx:
             block = self.blocks[block_name]
-            uses = "cache" in self._own_needs(block) or self._reads_layer_idx(block)
             children = any(s.kind == "block" and self.takes_layer_idx(s.target) for s in block.submodules)
-            self._layer_idx[block_name] = uses or children
+            self._layer_idx[block_name] = (
+                self._stores_layer_idx(block) or self._reads_layer_idx_in_init(block) or children
+            )
         return self._layer_idx[block_name]
 
-    def _own_needs(self, block: ir.Block) -> set[str]:
+    def _own_cache(self, block: ir.Block) -> bool:
         subs = {s.name for s in block.submodules}
-        return {
-            "cache"
-            for c in self.calls(block)
-            if c.func == "attend" and c.func not in subs and _may_be_causal(c)
-        }
+        return any(c.func == "attend" and c.func not in subs and _may_be_causal(c) for c in self.calls(block))
 
-    def _reads_layer_idx(self, block: ir.Block) -> bool:
-        exprs: list[ir.Expr] = [stmt.value for stmt in block.forward.body] if block.forward else []
-        for sub in block.submodules:
-            exprs.extend(sub.args)
-            exprs.extend(v for _, v in sub.kwargs)
-        return any(n.id == "layer_idx" for e in exprs for n in names_in(e))
+    def _reads_layer(self, expr: ir.Expr) -> bool:
+        return any(n.id == "layer_idx" or n.id in self.analysis.layer_lets for n in names_in(expr))
 
-    # ---- expressions -----------------------------------------------------------------------------
-    def config_name(self, owner: str) -> ExprEmitter:
-        """Emitter for config expressions; `owner` is `config` in __init__ and `self.config` in forward."""
+    def _reads_layer_idx_in_init(self, block: ir.Block) -> bool:
+        exprs = [e for s in block.submodules for e in (*s.args, *(v for _, v in s.kwargs))]
+        exprs += [s.condition for s in block.submodules if s.condition is not None]
+        return any(self._reads_layer(e) for e in exprs)
+
+    def _stores_layer_idx(self, block: ir.Block) -> bool:
+        """The forward reads `self.layer_idx`: to update the cache of its layer, or a layer-dependent value."""
+        return self._own_cache(block) or any(n.id == "layer_idx" for n in self._forward_scalars(block))
+
+    def _forward_scalars(self, block: ir.Block) -> list[ir.Name]:
+        """Config names a forward reads."""
+        locals_ = _locals(block)
+        return [n for e in _forward_exprs(block) for n in names_in(e) if n.id not in locals_]
+
+    def _layer_lets_in_forward(self, block: ir.Block) -> list[str]:
+        found: list[str] = []
+        for name in self._forward_scalars(block):
+            if name.id in self.analysis.layer_lets and name.id not in found:
+                found.append(name.id)
+        return found
+
+    # ---- config expressions ----------------------------------------------------------------------
+    def config_expr(self, owner: str, hoisted: frozenset[str] = frozenset()) -> ExprEmitter:
+        """Spells config expressions: `owner` is `config` in __init__ and `self.config` in forward.
+
+        `let` values are resolved here: a constant is inlined, an alias of another field reads that
+        field, a per-layer value reads the attribute its block computed in __init__ (`hoisted`), and any
+        other `let` reads the config's property of that name.
+        """
 
         def name(id_: str) -> str:
             if id_ == "layer_idx":
                 return "layer_idx" if owner == "config" else "self.layer_idx"
+            field = self.fields.get(id_)
+            if field is not None and field.computed:
+                assert field.default is not None
+                if is_literal(field):
+                    return literal_source(field)
+                if isinstance(field.default, ir.Name):
+                    return name(field.default.id)
+                if id_ in self.analysis.layer_lets:
+                    return f"self.{id_}" if id_ in hoisted else f"({emitter(field.default)})"
             return f"{owner}.{id_}"
 
         def call(node: ir.Call) -> str:
             raise SpecError("calls are not allowed in a config expression", node.pos)
 
-        return ExprEmitter(name, call)
-
-    # ---- config ----------------------------------------------------------------------------------
-    def plan_config(self) -> ConfigView:
-        params: list[str] = []
-        plain: list[str] = []
-        derived: list[str] = []
-        field_types: list[tuple[str, str]] = []
-        literal = ExprEmitter(lambda n: n, self._no_call)
-        uses_any = False
-        body: list[str] = []
-        for alias, target in self.aliases.items():
-            body.append(f'if "{alias}" in kwargs:')
-            body.append(f'{INDENT}{target} = kwargs.pop("{alias}")')
-        for f in self.model.config.fields:
-            py = _PY_TYPES[f.type.name]
-            uses_any |= py == "Any"
-            type_name = f"enum:{'|'.join(f.type.choices)}" if f.type.name == "enum" else f.type.name
-            field_types.append((f.name, type_name + ("?" if f.type.optional else "")))
-            optional = f.type.optional or py == "Any"
-            if f.default is None:
-                params.append(f"{f.name}: {py}{' | None' if optional and py != 'Any' else ''}")
-                plain.append(f"self.{f.name} = {f.name}")
-            elif f.type.name == "rope":
-                params.append(f"{f.name}: dict | None = None")
-                theta = (
-                    next((v for k, v in f.default.kwargs if k == "theta"), None)
-                    if isinstance(f.default, ir.Call)
-                    else None
-                )
-                theta_src = literal(theta) if theta is not None else "10000.0"
-                max_pos = (
-                    "self.max_position_embeddings" if "max_position_embeddings" in self.fields else "None"
-                )
-                derived.append(
-                    f"self.{f.name} = standardize_rope({f.name}, kwargs, theta={theta_src}, "
-                    f"max_position_embeddings={max_pos})"
-                )
-            elif _is_literal(f):
-                value = self._literal_default(f, literal)
-                annotation = f"{py} | None" if f.type.optional and py != "Any" else py
-                params.append(f"{f.name}: {annotation} = {value}")
-                plain.append(f"self.{f.name} = {f.name}")
-            else:
-                # A default computed from other fields, as Hugging Face does for `head_dim`.
-                annotation = py if py == "Any" else f"{py} | None"
-                params.append(f"{f.name}: {annotation} = None")
-                expr = ExprEmitter(lambda n: f"self.{n}", self._no_call)(f.default)
-                derived.append(f"self.{f.name} = {expr} if {f.name} is None else {f.name}")
-        body.extend(plain)
-        body.extend(derived)
-        return ConfigView(
-            name=self.config_class,
-            model_type=self.model.model_type,
-            doc=f"Configuration of {self.model.name} models; fields and defaults as in its spec.",
-            attribute_map=sorted(self.aliases.items()),
-            params=params,
-            body=[line for b in body for line in statement_lines(INDENT * 2, b)],
-            field_types=field_types,
-            uses_any=uses_any,
-        )
-
-    def _literal_default(self, f: ir.ConfigField, literal: ExprEmitter) -> str:
-        assert f.default is not None
-        if isinstance(f.default, ir.Name):  # activation or enum spelled as a bare name
-            return f'"{f.default.id}"'
-        return literal(f.default)
-
-    @staticmethod
-    def _no_call(node: ir.Call) -> str:
-        raise SpecError("calls are not allowed in a config expression", node.pos)
+        emitter = ExprEmitter(name, call)
+        return emitter
 
     # ---- module construction ---------------------------------------------------------------------
     def construct(self, sub: ir.Submodule) -> str:
-        expr = self.config_name("config")
+        expr = self.config_expr("config")
         if sub.kind == "block":
-            args = "config, layer_idx" if self.takes_layer_idx(sub.target) else "config"
-            return f"{self.class_name(sub.target)}({args})"
-        if sub.kind == "repeat":
+            target = self.blocks[sub.target]
+            per_layer = (
+                target.role == "block"
+                and not self.is_input_block(target)
+                and self.takes_layer_idx(sub.target)
+            )
+            args = "config, layer_idx" if per_layer else "config"
+            built = f"{self.class_name(sub.target)}({args})"
+        elif sub.kind == "repeat":
             assert sub.count is not None
             cls = self.class_name(sub.target)
             if self.takes_layer_idx(sub.target):
-                return f"nn.ModuleList({cls}(config, layer_idx) for layer_idx in range({expr(sub.count)}))"
-            return f"nn.ModuleList({cls}(config) for _ in range({expr(sub.count)}))"
-        signature = PRIMITIVES[sub.target]
-        callee, positional, runtime_module = _PRIMITIVE_EMISSION[sub.target]
-        if runtime_module is not None:
-            self.use(runtime_module, callee)
-        given = dict(zip(signature.names, sub.args, strict=False)) | dict(sub.kwargs)
-        args = [expr(given[name]) for name in signature.names[:positional]]
-        args += [f"{name}={expr(given[name])}" for name in signature.names[positional:] if name in given]
-        return f"{callee}({', '.join(args)})"
+                built = f"nn.ModuleList({cls}(config, layer_idx) for layer_idx in range({expr(sub.count)}))"
+            else:
+                built = f"nn.ModuleList({cls}(config) for _ in range({expr(sub.count)}))"
+        else:
+            signature = PRIMITIVES[sub.target]
+            callee, positional, runtime_module = _PRIMITIVE_EMISSION[sub.target]
+            given = dict(zip(signature.names, sub.args, strict=False)) | dict(sub.kwargs)
+            if sub.target == "Embedding" and "sinusoidal" in given:
+                callee, runtime_module = "Embedding", "layers"  # the runtime's, which can hold fixed codes
+            if runtime_module is not None:
+                self.use(runtime_module, callee)
+            args = [expr(given[name]) for name in signature.names[:positional]]
+            defaults = {p.name: repr(p.default) for p in signature.params}
+            for name in signature.names[positional:]:
+                if name in given and expr(given[name]) != defaults[name]:
+                    args.append(f"{name}={expr(given[name])}")
+            built = f"{callee}({', '.join(args)})"
+        if sub.condition is not None:
+            return f"{built} if {expr(sub.condition)} else None"
+        return built
 
     def init_lines(self, block: ir.Block) -> list[str]:
         lines: list[str] = []
-        forward_reads_config = self._forward_reads_config(block)
-        if forward_reads_config:
+        if block.role == "block" and self._forward_reads_config(block):
             lines.append("self.config = config")
-        if (
-            block.role == "block"
-            and self.takes_layer_idx(block.name)
-            and self._forward_reads_layer_idx(block)
-        ):
+        if block.role == "block" and self._stores_layer_idx(block):
             lines.append("self.layer_idx = layer_idx")
+        for let in self._layer_lets_in_forward(block):
+            # computed once per layer, as Hugging Face does for e.g. a layer's sliding window
+            default = self.fields[let].default
+            assert default is not None
+            lines.append(f"self.{let} = {self.config_expr('config')(default)}")
         for sub in block.submodules:
             lines += [f"# {text}" for text in self.comments.take(sub.pos)]
             lines.append(f"self.{sub.name} = {self.construct(sub)}")
@@ -310,36 +276,24 @@ class Planner:
                 found.append(call.func)
         return found
 
-    def _forward_scalars(self, block: ir.Block) -> list[ir.Name]:
-        """Config names a forward reads (outside of calls to activation fields)."""
-        assert block.forward is not None
-        locals_: set[str] = set(block.forward.params)
-        for stmt in block.forward.body:
-            if isinstance(stmt, ir.Assign):
-                locals_.update(stmt.targets)
-        return [n for stmt in block.forward.body for n in names_in(stmt.value) if n.id not in locals_]
-
     def _forward_reads_config(self, block: ir.Block) -> bool:
-        if block.role != "block":
-            return False  # backbones and heads inherit `self.config` from the model base class
         if any(c.func == "attend" for c in self.calls(block)):
             return True
-        return any(n.id != "layer_idx" for n in self._forward_scalars(block))
-
-    def _forward_reads_layer_idx(self, block: ir.Block) -> bool:
-        return "cache" in self._own_needs(block) or any(
-            n.id == "layer_idx" for n in self._forward_scalars(block)
-        )
+        hoisted = set(self._layer_lets_in_forward(block))
+        for n in self._forward_scalars(block):
+            if n.id == "layer_idx" or n.id in hoisted:
+                continue
+            field = self.fields.get(n.id)
+            if field is not None and field.computed and is_literal(field):
+                continue
+            return True
+        return False
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward_emitter(self, block: ir.Block, context_names: dict[str, str]) -> ExprEmitter:
         subs = {s.name: s for s in block.submodules}
-        assert block.forward is not None
-        locals_: set[str] = set(block.forward.params)
-        for stmt in block.forward.body:
-            if isinstance(stmt, ir.Assign):
-                locals_.update(stmt.targets)
-        scalar = self.config_name("self.config")
+        locals_ = _locals(block)
+        scalar = self.config_expr("self.config", frozenset(self._layer_lets_in_forward(block)))
 
         def name(id_: str) -> str:
             return id_ if id_ in locals_ else scalar.name(id_)
@@ -350,6 +304,10 @@ class Planner:
             args = [emitter(a) for a in node.args]
             sub = subs.get(node.func)
             if sub is not None:
+                if sub.kind == "block" and self._holds_inputs(sub):
+                    raise SpecError(
+                        f"`{node.func}` reads the model inputs: call it in its own statement", node.pos
+                    )
                 if sub.kind == "block":
                     args += [context_names[c] for c in CONTEXT if c in self.needs(sub.target)]
                 return f"self.{node.func}({', '.join(args)})"
@@ -369,11 +327,13 @@ class Planner:
             if node.func == "last_token":
                 self.use("losses", "last_token")
                 return f"last_token({args[0]}, input_ids, self.config.pad_token_id)"
+            if node.func == "split_last":
+                return f"{_atom(args[0])}.unbind(-1)"
+            if node.func == "squeeze_last":
+                return f"{_atom(args[0])}.squeeze(-1)"
             if node.func in self.fields:  # an activation chosen by the config
                 return f"self.{node.func}_fn({args[0]})"
             if node.func in _TORCH_ACTIVATIONS:
-                if node.func != "tanh" and node.func != "sigmoid":
-                    self.torch_names.add("F")
                 return _TORCH_ACTIVATIONS[node.func].format(args[0])
             if node.func in ACTIVATIONS:
                 self.use("layers", "ACTIVATIONS")
@@ -389,7 +349,7 @@ class Planner:
         parts = [q, k, v, context_names["mask"]]
         kwargs = dict(node.kwargs)
         parts.append(f"causal={emit(kwargs['causal'])}" if "causal" in kwargs else "causal=False")
-        if "window" in kwargs:
+        if "window" in kwargs and emit(kwargs["window"]) != "None":
             parts.append(f"window={emit(kwargs['window'])}")
         if "dropout" in kwargs:
             parts.append(f"dropout={_atom(emit(kwargs['dropout']))} if self.training else 0.0")
@@ -399,28 +359,49 @@ class Planner:
         return f"attend({', '.join(parts)})"
 
     def statements(self, block: ir.Block, emit: ExprEmitter, context_names: dict[str, str]) -> list[str]:
-        """The forward body except the final `return`, whose emitted value comes back as the last line."""
+        """The forward body; the final `return` comes back as its emitted values, as the last line."""
         assert block.forward is not None
         subs = {s.name: s for s in block.submodules}
         lines: list[str] = []
         for stmt in block.forward.body:
             lines += [f"# {text}" for text in self.comments.take(stmt.pos)]
-            lines.extend(self._cache_update(stmt.value, emit, context_names))
+            values = stmt.values if isinstance(stmt, ir.Return) else (stmt.value,)
+            for value in values:
+                lines.extend(self._cache_update(value, emit, context_names))
             if isinstance(stmt, ir.Return):
-                lines.append(emit(stmt.value))
+                lines.append(", ".join(emit(v) for v in stmt.values))
                 continue
             value = stmt.value
-            if isinstance(value, ir.Call) and value.func in subs and subs[value.func].kind == "repeat":
-                target, source = stmt.targets[0], emit(value.args[0])
+            sub = subs.get(value.func) if isinstance(value, ir.Call) else None
+            if sub is not None and sub.kind == "repeat":
+                target, source = stmt.targets[0], emit(value.args[0])  # type: ignore[union-attr]
                 if source != target:
                     lines.append(f"{target} = {source}")
-                ctx = [context_names[c] for c in CONTEXT if c in self.needs(subs[value.func].target)]
-                lines.append(f"for layer in self.{value.func}:")
+                ctx = [context_names[c] for c in CONTEXT if c in self.needs(sub.target)]
+                lines.append(f"for layer in self.{sub.name}:")
                 lines.append(f"{INDENT}{target} = layer({', '.join([target, *ctx])})")
                 continue
-            comment = _shape_comment(value)
-            lines.append(f"{', '.join(stmt.targets)} = {emit(value)}{comment}")
+            if sub is not None and self._holds_inputs(sub):
+                lines += self._input_call(stmt, sub, emit)
+                continue
+            lines.append(f"{', '.join(stmt.targets)} = {emit(value)}{_shape_comment(value)}")
         return lines
+
+    def _input_call(self, stmt: ir.Assign, sub: ir.Submodule, emit: ExprEmitter) -> list[str]:
+        """`h = bert_model(input_ids, token_type_ids)`: the spec's inputs by name, the rest passed along."""
+        callee = self.blocks[sub.target]
+        assert callee.forward is not None and isinstance(stmt.value, ir.Call)
+        given = {p: emit(a) for p, a in zip(callee.forward.params, stmt.value.args, strict=False)}
+        names = [n for n, _, _ in self.model_inputs()]
+        args = [given.get("input_ids", "input_ids")]
+        args += [f"{n}={given.get(n, n)}" for n in names[1:]]
+        call = f"self.{sub.name}({', '.join(args)})"
+        if callee.role != "backbone":
+            return [f"{', '.join(stmt.targets)} = {call}"]
+        fields = ["last_hidden_state", "pooler_output"][: len(stmt.targets)]
+        if len(fields) == 1:
+            return [f"{stmt.targets[0]} = {call}.last_hidden_state"]
+        return [f"out = {call}", f"{', '.join(stmt.targets)} = {', '.join(f'out.{f}' for f in fields)}"]
 
     def _cache_update(self, expr: ir.Expr, emit: ExprEmitter, context_names: dict[str, str]) -> list[str]:
         lines: list[str] = []
@@ -430,7 +411,7 @@ class Planner:
             k, v = call.args[1], call.args[2]
             if not (isinstance(k, ir.Name) and isinstance(v, ir.Name)):
                 raise SpecError(
-                    "name the keys and values given to `attend` (`k = ...`) so they can be cached", call.pos
+                    "name the keys and values given to `attend` (`k = ...`) to cache them", call.pos
                 )
             cache = context_names["cache"]
             lines.append(f"if {cache} is not None:")
@@ -439,7 +420,6 @@ class Planner:
 
     # ---- classes ---------------------------------------------------------------------------------
     def docstring(self, block: ir.Block) -> str:
-        """The comment above a block's declaration, as a docstring (quotes and backslashes defused)."""
         comment = self.comments.take(block.pos, above_only=True)
         return _docstring(comment, INDENT) if comment else ""
 
@@ -447,7 +427,13 @@ class Planner:
         assert block.forward is not None
         return self.comments.take(block.forward.pos, above_only=True)
 
+    def _returns(self, block: ir.Block) -> str:
+        count = self.analysis.returns[block.name]
+        return "torch.Tensor" if count == 1 else f"tuple[{', '.join(['torch.Tensor'] * count)}]"
+
     def plan_block(self, block: ir.Block) -> ClassView:
+        if self.is_input_block(block):
+            return self.plan_input_block(block)
         doc, comments = self.docstring(block), self.forward_comments(block)
         needs = self.needs(block.name)
         context_names = {c: c for c in needs}
@@ -457,12 +443,9 @@ class Planner:
         for c in CONTEXT:
             if c in needs:
                 params.append(_CONTEXT_PARAMS[c])
-                self.use(
-                    "rope" if c == "rope" else "attention" if c == "mask" else "cache", _CONTEXT_TYPES[c]
-                )
+                self.use(*_CONTEXT_TYPES[c])
         body = self.statements(block, emit, context_names)
         body[-1] = f"return {body[-1]}"
-        forward = _method("forward", params, "torch.Tensor", body, comments)
         takes_idx = self.takes_layer_idx(block.name)
         return ClassView(
             name=self.class_name(block.name),
@@ -470,11 +453,11 @@ class Planner:
             doc=doc,
             init_signature=f"self, config: {self.config_class}" + (", layer_idx: int" if takes_idx else ""),
             init_lines=["super().__init__()", *self.init_lines(block)],
-            forward_lines=forward,
+            forward_lines=_method("forward", params, self._returns(block), body, comments),
         )
 
-    def backbone_inputs(self) -> list[tuple[str, str, str | None]]:
-        """(name, annotation, default) of the backbone's inputs, shared by every head's signature."""
+    def model_inputs(self) -> list[tuple[str, str, str | None]]:
+        """(name, annotation, default) of the model's inputs, shared by the backbone and every head."""
         needs = self.needs(self.backbone.name)
         assert self.backbone.forward is not None
         declared = self.backbone.forward.params
@@ -489,14 +472,31 @@ class Planner:
             inputs.append(("use_cache", "bool", "False"))
         return inputs
 
+    def _input_params(self) -> list[str]:
+        return [f"{n}: {a}" + (f" = {d}" if d is not None else "") for n, a, d in self.model_inputs()]
+
+    def plan_input_block(self, block: ir.Block) -> ClassView:
+        """A block holding the backbone (DPR's encoder): model inputs in, tensors out."""
+        doc, comments = self.docstring(block), self.forward_comments(block)
+        emit = self.forward_emitter(block, {})
+        body = self.statements(block, emit, {})
+        body[-1] = f"return {body[-1]}"
+        return ClassView(
+            name=self.class_name(block.name),
+            base=self.pretrained_base,
+            doc=doc,
+            init_signature=f"self, config: {self.config_class}",
+            init_lines=["super().__init__(config)", *self.init_lines(block), "self.post_init()"],
+            forward_lines=_method("forward", self._input_params(), self._returns(block), body, comments),
+        )
+
     def plan_backbone(self) -> ClassView:
         block = self.backbone
         doc, comments = self.docstring(block), self.forward_comments(block)
         needs = self.needs(block.name)
         context_names = {"rope": "rope", "mask": "mask", "cache": "past_key_values"}
         emit = self.forward_emitter(block, context_names)
-        inputs = self.backbone_inputs()
-        names = {n for n, _, _ in inputs}
+        names = {n for n, _, _ in self.model_inputs()}
         self.use("outputs", "BaseModelOutput")
         body: list[str] = []
         if "cache" in needs:
@@ -515,61 +515,86 @@ class Planner:
                 "if position_ids is None:",
                 f"{INDENT}position_ids = mask.position_ids(input_ids.device)",
             ]
+        if "token_type_ids" in names:
+            body += ["if token_type_ids is None:", f"{INDENT}token_type_ids = torch.zeros_like(input_ids)"]
         if "rope" in needs:
             rotary = next(s.name for s in block.submodules if s.kind == "primitive" and s.target == "Rotary")
             body.append(f"rope = self.{rotary}(position_ids)")
         statements = self.statements(block, emit, context_names)
         result = statements.pop()
         body += statements
-        cache = ", past_key_values=past_key_values" if "cache" in needs else ""
-        body.append(f"return BaseModelOutput(last_hidden_state={result}{cache})")
-        params = [f"{n}: {a}" + (f" = {d}" if d is not None else "") for n, a, d in inputs]
+        outputs = ["last_hidden_state", "pooler_output"]
+        values = [f"{n}={v}" for n, v in zip(outputs, _split_top_level(result), strict=False)]
+        if "cache" in needs:
+            values.append("past_key_values=past_key_values")
+        body.append(f"return BaseModelOutput({', '.join(values)})")
         return ClassView(
             name=self.class_name(block.name),
             base=self.pretrained_base,
             doc=doc,
             init_signature=f"self, config: {self.config_class}",
             init_lines=["super().__init__(config)", *self.init_lines(block), "self.post_init()"],
-            forward_lines=_method("forward", params, "BaseModelOutput", body, comments),
+            forward_lines=_method("forward", self._input_params(), "BaseModelOutput", body, comments),
         )
 
     def plan_head(self, head: ir.Block) -> ClassView:
-        assert head.forward is not None and self.backbone.attr is not None
+        assert head.forward is not None and head.task is not None
         doc, comments = self.docstring(head), self.forward_comments(head)
-        attr = self.backbone.attr
+        task = TASK_EMISSION[head.task]
+        outputs = TASKS[head.task]
         emit = self.forward_emitter(head, {})
-        inputs = self.backbone_inputs()
-        call_args = [inputs[0][0]] + [f"{n}={n}" for n, _, _ in inputs[1:]]
-        hidden = head.forward.params[0]
-        body = [f"out = self.{attr}({', '.join(call_args)})"]
-        cache = (
-            ", past_key_values=out.past_key_values"
-            if any(n == "past_key_values" for n, _, _ in inputs)
-            else ""
-        )
-        params = [f"{n}: {a}" + (f" = {d}" if d is not None else "") for n, a, d in inputs]
-        params.append("labels: torch.Tensor | None = None")
-        if head.task == "causal_lm":
-            self.use("losses", "causal_lm_loss", "keep_last")
-            self.use("outputs", "CausalLMOutput")
-            params.append("logits_to_keep: int | torch.Tensor = 0")
-            body.append(f"{hidden} = keep_last(out.last_hidden_state, logits_to_keep)")
-            loss = "causal_lm_loss(logits, labels)"
-            output = "CausalLMOutput"
-        elif head.task == "sequence_classification":
-            self.use("losses", "sequence_classification_loss")
-            self.use("outputs", "SequenceClassifierOutput")
-            body.append(f"{hidden} = out.last_hidden_state")
-            loss = "sequence_classification_loss(logits, labels, self.config.num_labels, self.config.problem_type)"
-            output = "SequenceClassifierOutput"
-        else:  # pragma: no cover - the validator rejects unknown tasks
-            raise SpecError(f"unknown task `{head.task}`", head.pos)
+        inputs = self.model_inputs()
+        names = [n for n, _, _ in inputs]
+        params = self._input_params() + [f"{label}: torch.Tensor | None = None" for label in task.labels]
+        body: list[str] = []
+        init = ["super().__init__(config)"]
+        attributes: list[str] = []
+        explicit = self.is_input_block(head)  # the head holds the backbone itself, where it chose
+        if head.task == "multiple_choice":
+            # (batch, choices, length) inputs become (batch * choices, length) rows
+            body.append("num_choices = input_ids.shape[1]")
+            for n, _, _ in inputs[: 4 if "use_cache" not in names else len(inputs)]:
+                if n in ("input_ids", "attention_mask", "token_type_ids", "position_ids"):
+                    flat = (
+                        f"{n}.flatten(0, 1)"
+                        if n == "input_ids"
+                        else f"{n}.flatten(0, 1) if {n} is not None else None"
+                    )
+                    body.append(f"{n} = {flat}")
+        if not explicit:
+            attr = head.attr or self.backbone.attr
+            assert attr is not None
+            if attr != self.backbone.attr:
+                attributes.append(f'base_model_prefix = "{attr}"')
+            init.append(f"self.{attr} = {self.class_name(self.backbone.name)}(config)")
+            body.append(f"out = self.{attr}({', '.join([names[0], *(f'{n}={n}' for n in names[1:])])})")
+            hidden = head.forward.params
+            sources = ["out.last_hidden_state", "out.pooler_output"][: len(hidden)]
+            if head.task == "causal_lm":
+                self.use("losses", "keep_last")
+                params.append("logits_to_keep: int | torch.Tensor = 0")
+                sources[0] = "keep_last(out.last_hidden_state, logits_to_keep)"
+            body.append(f"{', '.join(hidden)} = {', '.join(sources)}")
+        else:
+            holder = next(s.name for s in head.submodules if self._holds_inputs(s))
+            attributes.append(f'base_model_prefix = "{holder}"')
         statements = self.statements(head, emit, {})
         result = statements.pop()
         body += statements
-        body.append(f"logits = {result}")
-        body += ["loss = None", "if labels is not None:", f"{INDENT}loss = {loss}"]
-        body.append(f"return {output}(logits=logits, loss=loss{cache})")
+        body.append(f"{', '.join(outputs)} = {result}")
+        if head.task == "multiple_choice":
+            body.append("logits = logits.view(-1, num_choices)")
+        self.use("outputs", task.output)
+        fields = [f"{o}={o}" for o in outputs]
+        if task.loss is not None:
+            assert task.loss_function is not None
+            self.use("losses", task.loss_function)
+            present = " and ".join(f"{label} is not None" for label in task.labels)
+            body += ["loss = None", f"if {present}:", f"{INDENT}loss = {task.loss}"]
+            fields.append("loss=loss")
+        if not explicit and "past_key_values" in names:
+            fields.append("past_key_values=out.past_key_values")
+        body.append(f"return {task.output}({', '.join(fields)})")
         methods = []
         if head.ties:
             methods.append(self._tied_weights(head))
@@ -580,24 +605,19 @@ class Planner:
                     "generation_defaults", [], "dict[str, Any]", ["return generation_defaults(self.config)"]
                 )
             )
-        init = [
-            "super().__init__(config)",
-            f"self.{attr} = {self.class_name(self.backbone.name)}(config)",
-            *self.init_lines(head),
-            "self.post_init()",
-        ]
         return ClassView(
             name=self.class_name(head.name),
             base=self.pretrained_base,
             doc=doc,
             init_signature=f"self, config: {self.config_class}",
-            init_lines=init,
-            forward_lines=_method("forward", params, output, body, comments),
+            init_lines=[*init, *self.init_lines(head), "self.post_init()"],
+            forward_lines=_method("forward", params, task.output, body, comments),
             methods=methods,
+            attributes=attributes,
         )
 
     def _tied_weights(self, head: ir.Block) -> list[str]:
-        emit = self.config_name("self.config")
+        emit = self.config_expr("self.config")
         pairs = [(f'"{t.name}.weight"', f'"{".".join(t.target)}.weight"', t.condition) for t in head.ties]
         if len(pairs) == 1 and pairs[0][2] is not None:
             key, value, condition = pairs[0]
@@ -617,13 +637,13 @@ class Planner:
     def plan(self) -> ModelView:
         model_comment = self.comments.take(self.model.pos, above_only=True)
         doc = _docstring(model_comment or [f"{self.model.name}, generated from its spec."], "")
-        config = self.plan_config()
-        classes: list[ClassView] = []
-        for name in self._block_order():
-            classes.append(self.plan_block(self.blocks[name]))
-        classes.append(self.plan_backbone())
-        for head in self.model.heads:
-            classes.append(self.plan_head(head))
+        config = plan_config(
+            self.model,
+            self.analysis.order,
+            self.analysis.layer_lets,
+            self.config_expr("self"),
+            f"Configuration of {self.model.name} models; fields and defaults as in its spec.",
+        )
         pretrained = ClassView(
             name=self.pretrained_base,
             base="PreTrainedModel",
@@ -634,7 +654,11 @@ class Planner:
             attributes=[f"config_class = {self.config_class}", f'base_model_prefix = "{self.backbone.attr}"'],
         )
         self.use("modeling", "PreTrainedModel")
-        classes.insert(len(classes) - 1 - len(self.model.heads), pretrained)
+        plain = [self.plan_block(self.blocks[n]) for n in self._block_order() if not self._is_input(n)]
+        backbone = self.plan_backbone()
+        holders = [self.plan_block(self.blocks[n]) for n in self._block_order() if self._is_input(n)]
+        heads = [self.plan_head(h) for h in self.model.heads]
+        classes = [*plain, pretrained, backbone, *holders, *heads]
         return ModelView(
             model=self.model,
             doc=doc,
@@ -646,8 +670,11 @@ class Planner:
             exports=[config.name, *_isort({c.name for c in classes if c.base != "nn.Module"})],
         )
 
+    def _is_input(self, name: str) -> bool:
+        return self.is_input_block(self.blocks[name])
+
     def _block_order(self) -> list[str]:
-        """Plain blocks, children before the blocks that contain them, otherwise in spec order."""
+        """Blocks other than the backbone and heads, children first, otherwise in spec order."""
         order: list[str] = []
 
         def visit(name: str) -> None:
@@ -679,19 +706,14 @@ class Planner:
     def _imports(self, classes: list[ClassView]) -> list[str]:
         """Import lines in the order ruff's isort wants: plain imports, then `from` imports by module."""
         method_lines = [line for c in classes for method in c.methods for line in method]
-        text = "\n".join(line for c in classes for line in [*c.init_lines, *c.forward_lines]) + "\n".join(
-            method_lines
-        )
+        code = "\n".join(line for c in classes for line in [*c.init_lines, *c.forward_lines, *method_lines])
         lines = ["import torch"]
-        if "F." in text:
+        if "F." in code:
             lines.append("import torch.nn.functional as F")
         lines += ["from torch import nn", ""]
         for module in sorted(self.runtime):
             lines.append(f"from specformer.runtime.{module} import {', '.join(_isort(self.runtime[module]))}")
         return lines
-
-
-_CONTEXT_TYPES = {"rope": "Rope", "mask": "AttentionMask", "cache": "Cache"}
 
 
 def _isort(names: set[str]) -> list[str]:
@@ -703,15 +725,15 @@ def _method(
     name: str, params: list[str], returns: str, body: list[str], comments: list[str] = ()
 ) -> list[str]:
     head = [f"{INDENT}# {text}" for text in comments]
-    head += call_lines(INDENT, f"def {name}(", ["self", *params], f") -> {returns}:")
-    if len(head) > len(comments) + 1 and not head[-2].endswith(","):
+    signature = call_lines(INDENT, f"def {name}(", ["self", *params], f") -> {returns}:")
+    if len(signature) > 1 and not signature[-2].endswith(","):
         # ruff puts each parameter on its own line once a signature is split
-        head = [
-            *head[: len(comments) + 1],
+        signature = [
+            signature[0],
             *(f"{INDENT * 2}{p}," for p in ["self", *params]),
             f"{INDENT}) -> {returns}:",
         ]
-    lines = list(head)
+    lines = head + signature
     for line in body:
         indent = INDENT * 2 + " " * (len(line) - len(line.lstrip(" ")))
         lines.extend(statement_lines(indent, line.lstrip(" ")))
@@ -741,6 +763,30 @@ def _atom(text: str) -> str:
     return text
 
 
+def _split_top_level(text: str) -> list[str]:
+    from .layout import split_args
+
+    return split_args(text)
+
+
+def _forward_exprs(block: ir.Block) -> list[ir.Expr]:
+    if block.forward is None:
+        return []
+    exprs: list[ir.Expr] = []
+    for stmt in block.forward.body:
+        exprs.extend(stmt.values if isinstance(stmt, ir.Return) else (stmt.value,))
+    return exprs
+
+
+def _locals(block: ir.Block) -> set[str]:
+    assert block.forward is not None
+    names = set(block.forward.params)
+    for stmt in block.forward.body:
+        if isinstance(stmt, ir.Assign):
+            names.update(stmt.targets)
+    return names
+
+
 def _calls_in(expr: ir.Expr) -> list[ir.Call]:
     return [n for n in walk(expr) if isinstance(n, ir.Call)]
 
@@ -758,10 +804,3 @@ def _shape_comment(expr: ir.Expr) -> str:
 
 def plan(model: ir.ResolvedModel) -> ModelView:
     return Planner(model).plan()
-
-
-def _is_literal(f: ir.ConfigField) -> bool:
-    """A default that needs no other field: a constant, or an activation/enum spelled as a bare name."""
-    if isinstance(f.default, ir.Name):
-        return f.type.name in ("activation", "enum")
-    return f.default is not None and not list(names_in(f.default))

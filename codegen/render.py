@@ -39,7 +39,6 @@ def render_model(model: ir.ResolvedModel) -> dict[str, str]:
         "spec_hash": model.spec_hash,
         "package": view.package,
         "config": view.config,
-        "config_uses_rope": any(f.type.name == "rope" for f in model.config.fields),
         "classes": view.classes,
         "imports": view.imports,
         "exports": view.exports,

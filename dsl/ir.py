@@ -88,6 +88,23 @@ class ListExpr(Node):
     pos: Pos
 
 
+class Subscript(Node):
+    kind: Literal["subscript"] = "subscript"
+    value: Expr
+    index: Expr
+    pos: Pos
+
+
+class Comprehension(Node):
+    """`[element for var in range(count)]`: the language's only loop, bounded by a config value."""
+
+    kind: Literal["comprehension"] = "comprehension"
+    element: Expr
+    var: str
+    count: Expr
+    pos: Pos
+
+
 class Call(Node):
     kind: Literal["call"] = "call"
     func: str
@@ -100,7 +117,7 @@ class Call(Node):
 
 
 Expr = Annotated[
-    Union[Name, Number, String, Const, Unary, BinOp, IfExp, ListExpr, Call],  # noqa: UP007
+    Union[Name, Number, String, Const, Unary, BinOp, IfExp, ListExpr, Subscript, Comprehension, Call],  # noqa: UP007
     Field(discriminator="kind"),
 ]
 
@@ -121,6 +138,7 @@ class ConfigField(Node):
     type: FieldType
     default: Expr | None  # None: required (no default)
     pos: Pos
+    computed: bool = False  # `let`: derived from other fields, not a constructor argument, not serialised
 
 
 class Alias(Node):
@@ -149,6 +167,7 @@ class Submodule(Node):
     args: tuple[Expr, ...] = ()
     kwargs: tuple[tuple[str, Expr], ...] = ()
     count: Expr | None = None
+    condition: Expr | None = None  # the submodule exists only when this config expression holds
     pos: Pos
 
 
@@ -170,7 +189,7 @@ class Assign(Node):
 
 class Return(Node):
     kind: Literal["return"] = "return"
-    value: Expr
+    values: tuple[Expr, ...]
     pos: Pos
 
 
@@ -189,7 +208,7 @@ class Block(Node):
     submodules: tuple[Submodule, ...] = ()
     forward: Forward | None = None
     ties: tuple[Tie, ...] = ()
-    attr: str | None = None  # backbone: its attribute name inside heads (`model`, `bert`, ...)
+    attr: str | None = None  # backbone: its attribute in heads (`model`, `bert`); head: an override of it
     task: str | None = None  # head: causal_lm, sequence_classification, ...
     pos: Pos
 
@@ -212,6 +231,7 @@ class Model(Node):
     module_overrides: tuple[tuple[str, Submodule], ...] = ()  # (block name, submodule)
     forward_overrides: tuple[tuple[str, Forward], ...] = ()  # (block name, forward)
     head_removals: tuple[tuple[str, Pos], ...] = ()
+    module_removals: tuple[tuple[str, str, Pos], ...] = ()  # (block name, submodule name)
     source_file: str
     pos: Pos
 

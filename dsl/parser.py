@@ -54,6 +54,30 @@ def check_identifier(name: str, pos: ir.Pos) -> str:
     return name
 
 
+# Attributes every generated module already has (nn.Module's API and ours): a submodule may not shadow them.
+MODULE_ATTRIBUTES: frozenset[str] = frozenset(
+    {
+        "config", "layer_idx", "training", "forward", "parameters", "buffers", "modules", "children",
+        "state_dict", "load_state_dict", "to", "cuda", "cpu", "eval", "train", "apply", "half", "float",
+        "double", "bfloat16", "type", "zero_grad", "register_buffer", "register_parameter", "register_module",
+        "add_module", "get_submodule", "get_parameter", "get_buffer", "named_modules", "named_parameters",
+        "named_buffers", "named_children", "requires_grad_", "extra_repr", "dtype", "device", "post_init",
+        "tie_weights", "tied_weights", "save_pretrained", "from_pretrained", "from_gguf", "num_parameters",
+        "generation_defaults", "load_tensors", "base_model_prefix", "config_class", "to_empty", "share_memory",
+    }
+)  # fmt: skip
+
+
+def check_attribute(name: str, pos: ir.Pos) -> str:
+    if keyword.iskeyword(name) or name.startswith("_"):
+        return check_identifier(name, pos)
+    if name in MODULE_ATTRIBUTES:
+        raise SpecError(
+            f"`{name}` is already an attribute of every module; choose another submodule name", pos
+        )
+    return name
+
+
 def _describe(expected: set[str]) -> str:
     names = sorted({_TOKEN_NAMES.get(t, f"`{t.lower()}`" if t.isupper() else t) for t in expected})
     return ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
@@ -130,6 +154,13 @@ class _ToIR(Transformer):
     def none(self, meta, children):
         return ir.Const(value=None, pos=self._pos(meta))
 
+    def subscript(self, meta, children):
+        return ir.Subscript(value=children[0], index=children[1], pos=self._pos(meta))
+
+    def comprehension(self, meta, children):
+        element, var, count = children
+        return ir.Comprehension(element=element, var=self._name(var), count=count, pos=self._pos(meta))
+
     def list(self, meta, children):
         return ir.ListExpr(items=tuple(c for c in children if c is not None), pos=self._pos(meta))
 
@@ -183,7 +214,7 @@ class _ToIR(Transformer):
         func, args = children
         pos = self._pos(func)
         positional, keywords = self._split_args(args, pos)
-        return ir.Call(func=self._name(func), args=positional, kwargs=keywords, pos=pos)
+        return ir.Call(func=self._attribute(func), args=positional, kwargs=keywords, pos=pos)
 
     # ---- config ----------------------------------------------------------------------------------
     def named_type(self, meta, children):
@@ -197,6 +228,12 @@ class _ToIR(Transformer):
     def field_decl(self, meta, children):
         name, type_, default = children
         return ir.ConfigField(name=self._name(name), type=type_, default=default, pos=self._pos(name))
+
+    def let_decl(self, meta, children):
+        name, type_, value = children
+        return ir.ConfigField(
+            name=self._name(name), type=type_, default=value, pos=self._pos(name), computed=True
+        )
 
     def field_override(self, meta, children):
         return ("override", self._name(children[0]), children[1], self._pos(children[0]))
@@ -229,21 +266,33 @@ class _ToIR(Transformer):
         count, target = children
         return ("repeat", str(target), (), (), count, self._pos(target))
 
-    def _submodule(self, name: Token, spec: tuple) -> ir.Submodule:
+    def _submodule(self, name: Token, spec: tuple, condition: ir.Expr | None) -> ir.Submodule:
         kind, target, args, kwargs, count, pos = spec
         return ir.Submodule(
-            name=self._name(name), kind=kind, target=target, args=args, kwargs=kwargs, count=count, pos=pos
+            name=self._attribute(name),
+            kind=kind,
+            target=target,
+            args=args,
+            kwargs=kwargs,
+            count=count,
+            condition=condition,
+            pos=pos,
         )
 
+    def _attribute(self, token: Token) -> str:
+        """A submodule name: it only ever appears as `self.<name>`, so `self` or `LayerNorm` are fine,
+        but names nn.Module already uses are not."""
+        return check_attribute(str(token), self._pos(token))
+
     def submodule(self, meta, children):
-        return self._submodule(children[0], children[1])
+        return self._submodule(children[0], children[1], children[2])
 
     def dotted(self, meta, children):
-        return tuple(self._name(c) for c in children)
+        return tuple(self._attribute(c) for c in children)
 
     def tie(self, meta, children):
         name, target, condition = children
-        return ir.Tie(name=self._name(name), target=target, condition=condition, pos=self._pos(name))
+        return ir.Tie(name=self._attribute(name), target=target, condition=condition, pos=self._pos(name))
 
     def assign(self, meta, children):
         *targets, value = children
@@ -251,7 +300,7 @@ class _ToIR(Transformer):
         return ir.Assign(targets=names, value=value, pos=self._pos(meta))
 
     def return_stmt(self, meta, children):
-        return ir.Return(value=children[0], pos=self._pos(meta))
+        return ir.Return(values=tuple(children), pos=self._pos(meta))
 
     def forward(self, meta, children):
         params = [c for c in children if isinstance(c, Token)]
@@ -288,11 +337,17 @@ class _ToIR(Transformer):
         return self._block(meta, "backbone", children[0], children[2:], attr=self._name(children[1]))
 
     def head(self, meta, children):
-        return self._block(meta, "head", children[0], children[2:], task=str(children[1]))
+        name, task, attr, *items = children
+        backbone_attr = self._attribute(attr) if attr is not None else None
+        return self._block(meta, "head", name, items, task=str(task), attr=backbone_attr)
 
     def override_module(self, meta, children):
-        block, name, spec = children
-        return ("override_module", str(block), self._submodule(name, spec))
+        block, name, spec, condition = children
+        return ("override_module", str(block), self._submodule(name, spec, condition))
+
+    def remove_module(self, meta, children):
+        block, name = children
+        return ("remove_module", str(block), str(name), self._pos(name))
 
     def override_forward(self, meta, children):
         return ("override_forward", str(children[0]), children[1])
@@ -310,6 +365,7 @@ class _ToIR(Transformer):
         aliases: list[ir.Alias] = []
         overrides, removals, blocks = [], [], []
         module_overrides, forward_overrides, head_removals = [], [], []
+        module_removals = []
         model_type = None
         for member in members:
             if isinstance(member, ir.Block):
@@ -336,6 +392,8 @@ class _ToIR(Transformer):
                 forward_overrides.append((member[1], member[2]))
             elif member[0] == "remove_head":
                 head_removals.append((member[1], member[2]))
+            elif member[0] == "remove_module":
+                module_removals.append((member[1], member[2], member[3]))
         return ir.Model(
             name=self._name(name),
             parent=parent[0] if parent else None,
@@ -348,6 +406,7 @@ class _ToIR(Transformer):
             module_overrides=tuple(module_overrides),
             forward_overrides=tuple(forward_overrides),
             head_removals=tuple(head_removals),
+            module_removals=tuple(module_removals),
             source_file=self.file,
             pos=self._pos(name),
         )

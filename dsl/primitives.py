@@ -38,7 +38,14 @@ PRIMITIVES: dict[str, Signature] = {
     s.name: s
     for s in (
         _sig("Linear", "y = x W^T + b", "in_features", "out_features", ("bias", True)),
-        _sig("Embedding", "a lookup table", "num_embeddings", "embedding_dim", ("padding_idx", None)),
+        _sig(
+            "Embedding",
+            "a lookup table; `sinusoidal` fixes it to sin/cos position codes",
+            "num_embeddings",
+            "embedding_dim",
+            ("padding_idx", None),
+            ("sinusoidal", False),
+        ),
         _sig("RMSNorm", "x / rms(x) * w, or * (1 + w)", "dim", ("eps", 1e-6), ("unit_offset", False)),
         _sig("LayerNorm", "(x - mean) / std * w + b", "dim", ("eps", 1e-5), ("bias", True)),
         _sig("Rotary", "rotary position tables for a backbone", "dim", "rope", "max_position_embeddings"),
@@ -51,7 +58,7 @@ PRIMITIVES: dict[str, Signature] = {
 @dataclass(frozen=True)
 class Builtin:
     signature: Signature
-    returns: int = 1  # how many tensors
+    returns: int = 1  # how many tensors; 0: as many as its literal `n` argument
     needs: frozenset[str] = frozenset()
     tensor_params: int = 1  # leading positional params that are tensors; the rest are config scalars
 
@@ -80,6 +87,8 @@ BUILTINS: dict[str, Builtin] = {
         ),
         Builtin(_sig("dropout", "dropout while training", "x", "p")),
         Builtin(_sig("first_token", "x[:, 0]: the first position of each sequence", "x")),
+        Builtin(_sig("split_last", "split the last dim into n tensors, dropping it", "x", "n"), returns=0),
+        Builtin(_sig("squeeze_last", "drop a last dim of size 1", "x")),
         Builtin(
             _sig("last_token", "each sequence's last non-padding position", "x"),
             needs=frozenset({"input_ids"}),
@@ -101,8 +110,18 @@ ACTIVATIONS: tuple[str, ...] = (
     "sigmoid",
 )
 
-# Task heads: the runtime supplies each task's inputs, pooling, loss and output type.
-TASKS: tuple[str, ...] = ("causal_lm", "sequence_classification")
+# Task heads: the names of the outputs a head's forward returns, in order. The runtime supplies each
+# task's extra inputs (labels, ...), its loss and its output type.
+TASKS: dict[str, tuple[str, ...]] = {
+    "causal_lm": ("logits",),
+    "sequence_classification": ("logits",),
+    "token_classification": ("logits",),
+    "question_answering": ("start_logits", "end_logits"),
+    "masked_lm": ("logits",),
+    "multiple_choice": ("logits",),
+    "dense_embedding": ("pooler_output",),
+    "span_reader": ("start_logits", "end_logits", "relevance_logits"),
+}
 
 # Config field types.
 TYPES: tuple[str, ...] = ("int", "float", "bool", "str", "activation", "rope", "list", "dict", "any")

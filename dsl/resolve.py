@@ -92,6 +92,15 @@ def _apply(base: ir.Model, delta: ir.Model) -> ir.Model:
     for block_name, forward in delta.forward_overrides:
         index = find(block_name, forward.pos)
         blocks[index] = blocks[index].model_copy(update={"forward": forward})
+    for block_name, sub_name, pos in delta.module_removals:
+        index = find(block_name, pos)
+        subs = blocks[index].submodules
+        if not any(s.name == sub_name for s in subs):
+            hint = did_you_mean(sub_name, [s.name for s in subs])
+            raise SpecError(f"`{block_name}` has no submodule `{sub_name}`{hint}", pos)
+        blocks[index] = blocks[index].model_copy(
+            update={"submodules": tuple(s for s in subs if s.name != sub_name)}
+        )
     for head_name, pos in delta.head_removals:
         index = find(head_name, pos)
         if blocks[index].role != "head":
@@ -109,5 +118,6 @@ def _apply(base: ir.Model, delta: ir.Model) -> ir.Model:
             "module_overrides": (),
             "forward_overrides": (),
             "head_removals": (),
+            "module_removals": (),
         }
     )

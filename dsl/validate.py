@@ -41,24 +41,65 @@ _BINOPS: dict[str, Callable] = {
 }
 
 
-def names_in(expr: ir.Expr) -> Iterator[ir.Name]:
-    """Every `Name` an expression reads (call targets excluded)."""
-    if isinstance(expr, ir.Name):
-        yield expr
-    elif isinstance(expr, ir.Unary):
-        yield from names_in(expr.operand)
+def walk(expr: ir.Expr) -> Iterator[ir.Expr]:
+    """Every node of an expression, itself first."""
+    yield expr
+    children: tuple = ()
+    if isinstance(expr, ir.Unary):
+        children = (expr.operand,)
     elif isinstance(expr, ir.BinOp):
-        yield from names_in(expr.left)
-        yield from names_in(expr.right)
+        children = (expr.left, expr.right)
     elif isinstance(expr, ir.IfExp):
-        for part in (expr.test, expr.body, expr.orelse):
-            yield from names_in(part)
+        children = (expr.test, expr.body, expr.orelse)
     elif isinstance(expr, ir.ListExpr):
-        for item in expr.items:
-            yield from names_in(item)
+        children = expr.items
+    elif isinstance(expr, ir.Subscript):
+        children = (expr.value, expr.index)
+    elif isinstance(expr, ir.Comprehension):
+        children = (expr.element, expr.count)
     elif isinstance(expr, ir.Call):
-        for arg in (*expr.args, *(v for _, v in expr.kwargs)):
-            yield from names_in(arg)
+        children = (*expr.args, *(v for _, v in expr.kwargs))
+    for child in children:
+        yield from walk(child)
+
+
+def names_in(expr: ir.Expr, bound: frozenset[str] = frozenset()) -> Iterator[ir.Name]:
+    """Every free `Name` an expression reads (call targets and comprehension variables excluded)."""
+    if isinstance(expr, ir.Name):
+        if expr.id not in bound:
+            yield expr
+    elif isinstance(expr, ir.Comprehension):
+        yield from names_in(expr.count, bound)
+        yield from names_in(expr.element, bound | {expr.var})
+    else:
+        children: tuple = ()
+        if isinstance(expr, ir.Unary):
+            children = (expr.operand,)
+        elif isinstance(expr, ir.BinOp):
+            children = (expr.left, expr.right)
+        elif isinstance(expr, ir.IfExp):
+            children = (expr.test, expr.body, expr.orelse)
+        elif isinstance(expr, ir.ListExpr):
+            children = expr.items
+        elif isinstance(expr, ir.Subscript):
+            children = (expr.value, expr.index)
+        elif isinstance(expr, ir.Call):
+            children = (*expr.args, *(v for _, v in expr.kwargs))
+        for child in children:
+            yield from names_in(child, bound)
+
+
+def same_expr(a: ir.Expr, b: ir.Expr) -> bool:
+    """Structural equality, ignoring where the two were written."""
+
+    def strip(node: object) -> object:
+        if isinstance(node, ir.Node):
+            return tuple((k, strip(v)) for k, v in node if k != "pos")
+        if isinstance(node, tuple):
+            return tuple(strip(v) for v in node)
+        return node
+
+    return strip(a) == strip(b)
 
 
 def evaluate(expr: ir.Expr, env: dict[str, object]) -> object:
@@ -69,9 +110,24 @@ def evaluate(expr: ir.Expr, env: dict[str, object]) -> object:
         return expr.value
     if isinstance(expr, ir.ListExpr):
         return [evaluate(item, env) for item in expr.items]
+    if isinstance(expr, ir.Comprehension):
+        count = evaluate(expr.count, env)
+        if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= MAX_REPEAT:
+            raise SpecError(f"range() of {count!r}; expected an int in 0..{MAX_REPEAT}", expr.count.pos)
+        return [evaluate(expr.element, {**env, expr.var: i}) for i in range(count)]
+    if isinstance(expr, ir.Subscript):
+        container, index = evaluate(expr.value, env), evaluate(expr.index, env)
+        try:
+            return container[index]  # type: ignore[index]
+        except (IndexError, KeyError, TypeError) as err:
+            raise SpecError(f"cannot index {container!r} with {index!r}: {err}", expr.pos) from None
     if isinstance(expr, ir.Unary):
         value = evaluate(expr.operand, env)
-        return (not value) if expr.op == "not" else -value  # type: ignore[operator]
+        if expr.op == "not":
+            return not value
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise SpecError(f"cannot negate {value!r}", expr.pos)
+        return -value
     if isinstance(expr, ir.IfExp):
         return evaluate(expr.body if evaluate(expr.test, env) else expr.orelse, env)
     if isinstance(expr, ir.BinOp):
@@ -85,7 +141,7 @@ def evaluate(expr: ir.Expr, env: dict[str, object]) -> object:
             return _BINOPS[expr.op](left, right)
         except ZeroDivisionError:
             raise SpecError("division by zero for the default config", expr.pos) from None
-        except (TypeError, OverflowError) as err:
+        except (TypeError, OverflowError, ValueError) as err:
             raise SpecError(f"cannot compute `{expr.op}` here: {err}", expr.pos) from None
     if isinstance(expr, ir.Call) and expr.func == "rope":
         return {"rope_type": "default", **{k: evaluate(v, env) for k, v in expr.kwargs}}
@@ -117,6 +173,9 @@ class Validator:
         self.aliases = {a.alias: a for a in model.config.aliases}
         self.blocks = {b.name: b for b in model.blocks}
         self.defaults: dict[str, object] = {}
+        self.layer_lets: set[str] = set()  # `let` fields that read `layer_idx`: only usable per layer
+        self.returns: dict[str, int] = {}  # block name -> how many tensors its forward returns
+        self.order: list[str] = []  # config fields, each after the fields its default reads
 
     def error(self, message: str, pos: ir.Pos | None) -> SpecError:
         return SpecError(message, pos)
@@ -134,18 +193,20 @@ class Validator:
                     f"`{field.name}` is provided by every config and cannot be redeclared", field.pos
                 )
         for alias in self.model.config.aliases:
-            if alias.target not in self.fields:
+            if alias.target not in self.fields or self.fields[alias.target].computed:
                 hint = did_you_mean(alias.target, self.fields)
                 raise self.error(
                     f"alias `{alias.alias}` points to unknown field `{alias.target}`{hint}", alias.pos
                 )
             if alias.alias in self.fields:
                 raise self.error(f"alias `{alias.alias}` collides with a field of that name", alias.pos)
-        for name in self._field_order():
+        self.order = self._field_order()
+        for name in self.order:
             field = self.fields[name]
             if field.default is None:
                 continue
-            value = evaluate(self._config_literal(field), self.defaults)
+            env = {**self.defaults, "layer_idx": 0} if name in self.layer_lets else self.defaults
+            value = evaluate(self._config_literal(field), env)
             if not _type_ok(value, field.type):
                 raise self.error(
                     f"default of `{field.name}` is {value!r}, which is not of type `{field.type}`",
@@ -163,14 +224,16 @@ class Validator:
                 hint = did_you_mean(default.id, choices)
                 raise self.error(f"`{default.id}` is not a known {field.type.name}{hint}", default.pos)
             return ir.String(value=default.id, pos=default.pos)
+        for node in walk(default):
+            if isinstance(node, ir.Call) and (node is not default or node.func != "rope"):
+                raise self.error(f"`{node.func}(...)` cannot be a config default", node.pos)
         if isinstance(default, ir.Call):
-            if default.func != "rope" or field.type.name != "rope":
-                raise self.error(f"`{default.func}(...)` cannot be a config default", default.pos)
-            allowed = ("theta",)
-            for key, _ in default.kwargs:
-                if key not in allowed:
+            if field.type.name != "rope":
+                raise self.error("`rope(...)` is the default of a `rope` field only", default.pos)
+            for key, value in default.kwargs:
+                if key != "theta":
                     raise self.error(
-                        f"unknown rope parameter `{key}`{did_you_mean(key, allowed)}", default.pos
+                        f"unknown rope parameter `{key}`{did_you_mean(key, ['theta'])}", value.pos
                     )
             if default.args:
                 raise self.error("rope(...) takes keyword arguments only", default.pos)
@@ -191,6 +254,11 @@ class Validator:
             field = self.fields[name]
             if field.default is not None and not self._is_bare_literal(field):
                 for ref in names_in(field.default):
+                    if ref.id == "layer_idx":
+                        if not field.computed:
+                            raise self.error("only `let` fields may depend on `layer_idx`", ref.pos)
+                        self.layer_lets.add(name)
+                        continue
                     if ref.id not in self.fields:
                         hint = did_you_mean(ref.id, self.fields)
                         raise self.error(f"unknown field `{ref.id}`{hint}", ref.pos)
@@ -199,6 +267,12 @@ class Validator:
                             f"`{ref.id}` has no default, so `{name}` cannot default to it", ref.pos
                         )
                     visit(ref.id, [*trail, name])
+                    if ref.id in self.layer_lets:
+                        if not field.computed:
+                            raise self.error(
+                                f"`{ref.id}` depends on the layer; only `let` fields may use it", ref.pos
+                            )
+                        self.layer_lets.add(name)
             state[name] = "done"
             order.append(name)
 
@@ -211,18 +285,20 @@ class Validator:
 
     def check_config_expr(self, expr: ir.Expr, layer_scope: bool, what: str) -> None:
         """An expression over config values, as used in constructor arguments and tie conditions."""
+        for node in walk(expr):
+            if isinstance(node, ir.Call):
+                raise self.error(f"calls are not allowed in {what}", node.pos)
         for ref in names_in(expr):
-            if ref.id == "layer_idx" and layer_scope:
-                continue
+            if ref.id == "layer_idx" or ref.id in self.layer_lets:
+                if layer_scope:
+                    continue
+                raise self.error(
+                    f"`{ref.id}` depends on the layer and is only known inside a repeated block", ref.pos
+                )
             if ref.id in self.fields or ref.id in BASE_CONFIG_FIELDS or ref.id in self.aliases:
                 continue
             hint = did_you_mean(ref.id, [*self.fields, *BASE_CONFIG_FIELDS])
             raise self.error(f"unknown field `{ref.id}` in {what}{hint}", ref.pos)
-        if isinstance(expr, ir.Call):
-            raise self.error(f"calls are not allowed in {what}", expr.pos)
-        for node in walk(expr):
-            if isinstance(node, ir.Call):
-                raise self.error(f"calls are not allowed in {what}", node.pos)
 
     # ---- module tree -----------------------------------------------------------------------------
     def check_blocks(self) -> None:
@@ -258,7 +334,18 @@ class Validator:
                     mark(sub.target)
         return scoped
 
+    def holds_backbone(self, name: str) -> bool:
+        """Whether a block contains the backbone, directly or through its children."""
+        block = self.blocks[name]
+        return any(
+            s.kind == "block" and (self.blocks[s.target].role == "backbone" or self.holds_backbone(s.target))
+            for s in block.submodules
+            if s.target in self.blocks
+        )
+
     def _check_submodule(self, block: ir.Block, sub: ir.Submodule, layer_scope: bool) -> None:
+        if sub.condition is not None:
+            self.check_config_expr(sub.condition, layer_scope, f"the condition of `{sub.name}`")
         if sub.kind == "primitive":
             signature = PRIMITIVES.get(sub.target)
             if signature is None:
@@ -276,8 +363,10 @@ class Validator:
         if target is None:
             hint = did_you_mean(sub.target, [*self.blocks, *PRIMITIVES])
             raise self.error(f"unknown block `{sub.target}`{hint}", sub.pos)
-        if target.role != "block":
-            raise self.error(f"`{sub.target}` is a {target.role} and cannot be used as a submodule", sub.pos)
+        if target.role == "head":
+            raise self.error(f"`{sub.target}` is a head and cannot be used as a submodule", sub.pos)
+        if target.role == "backbone" and (sub.kind == "repeat" or sub.condition is not None):
+            raise self.error("the backbone is held once, unconditionally", sub.pos)
         if sub.kind == "repeat":
             assert sub.count is not None
             self.check_config_expr(sub.count, False, "a repeat count")
@@ -317,23 +406,25 @@ class Validator:
         own = block.submodule(tie.name)
         if own is None or own.kind != "primitive":
             raise self.error(f"`tie {tie.name}`: `{block.name}` has no such primitive submodule", tie.pos)
-        backbone = self.model.backbone
+        current = block
         path = list(tie.target)
-        if backbone is None or path[0] != backbone.attr:
-            raise self.error(
-                f"tie targets start at the backbone: `{backbone.attr if backbone else '?'}.…`", tie.pos
-            )
-        current: ir.Block = backbone
-        for i, part in enumerate(path[1:], start=1):
+        backbone = self.model.backbone
+        assert backbone is not None
+        if block.role == "head" and not self.holds_backbone(block.name):
+            if path[0] != (block.attr or backbone.attr):
+                raise self.error(
+                    f"tie targets start at the backbone: `{block.attr or backbone.attr}.…`", tie.pos
+                )
+            current, path = backbone, path[1:]
+        for i, part in enumerate(path):
             sub = current.submodule(part)
+            shown = ".".join(tie.target[: len(tie.target) - len(path) + i + 1])
             if sub is None:
                 hint = did_you_mean(part, [s.name for s in current.submodules])
-                raise self.error(f"`{'.'.join(path[: i + 1])}` does not exist{hint}", tie.pos)
+                raise self.error(f"`{shown}` does not exist{hint}", tie.pos)
             if sub.kind == "primitive":
                 if i != len(path) - 1:
-                    raise self.error(
-                        f"`{'.'.join(path[: i + 1])}` is a primitive with no submodules", tie.pos
-                    )
+                    raise self.error(f"`{shown}` is a primitive with no submodules", tie.pos)
                 if sub.target != own.target and {sub.target, own.target} != {"Linear", "Embedding"}:
                     raise self.error(f"cannot tie a {own.target} to a {sub.target}", tie.pos)
                 break
@@ -341,7 +432,7 @@ class Validator:
                 raise self.error("cannot tie into a repeated stack", tie.pos)
             current = self.blocks[sub.target]
         else:
-            raise self.error(f"`{'.'.join(path)}` is not a primitive submodule", tie.pos)
+            raise self.error(f"`{'.'.join(tie.target)}` is not a primitive submodule", tie.pos)
         if tie.condition is not None:
             self.check_config_expr(tie.condition, False, "a tie condition")
 
@@ -368,35 +459,83 @@ class Validator:
         for block in self.model.blocks:
             if block.forward is None:
                 raise self.error(f"{block.role} `{block.name}` has no forward", block.pos)
-            self._check_forward(block, block.forward)
+        # Children first, so a call knows how many tensors the callee returns.
+        for name in self._children_first():
+            block = self.blocks[name]
+            assert block.forward is not None
+            self.returns[name] = self._check_forward(block, block.forward)
 
-    def _check_forward(self, block: ir.Block, forward: ir.Forward) -> None:
+    def _children_first(self) -> list[str]:
+        order: list[str] = []
+
+        def visit(name: str) -> None:
+            if name in order:
+                return
+            for sub in self.blocks[name].submodules:
+                if sub.kind != "primitive":
+                    visit(sub.target)
+            order.append(name)
+
+        backbone = self.model.backbone
+        assert backbone is not None
+        for block in self.model.blocks:
+            if block.role == "head" and not self.holds_backbone(block.name):
+                visit(backbone.name)
+            visit(block.name)
+        return order
+
+    def takes_inputs(self, block: ir.Block) -> bool:
+        """A block that reads the model's inputs: the backbone, and any block or head that holds it."""
+        return block.role == "backbone" or self.holds_backbone(block.name)
+
+    def _check_forward(self, block: ir.Block, forward: ir.Forward) -> int:
         if not forward.params:
             raise self.error("a forward takes at least one input", forward.pos)
-        if block.role == "backbone":
+        if len(set(forward.params)) != len(forward.params):
+            raise self.error("a forward input is named twice", forward.pos)
+        if self.takes_inputs(block):
             for param in forward.params:
                 if param not in BACKBONE_INPUTS:
                     hint = did_you_mean(param, BACKBONE_INPUTS)
                     raise self.error(
-                        f"a backbone's inputs are {', '.join(BACKBONE_INPUTS)}; got `{param}`{hint}",
+                        f"`{block.name}` reads the model inputs ({', '.join(BACKBONE_INPUTS)}); got `{param}`{hint}",
                         forward.pos,
                     )
             if "input_ids" not in forward.params:
-                raise self.error("a backbone's forward takes `input_ids`", forward.pos)
-        if block.role == "head" and len(forward.params) != 1:
-            raise self.error("a head's forward takes one input: the backbone's output", forward.pos)
-        if len(set(forward.params)) != len(forward.params):
-            raise self.error("a forward input is named twice", forward.pos)
+                raise self.error(f"the forward of `{block.name}` takes `input_ids`", forward.pos)
+        elif block.role == "head":
+            backbone = self.model.backbone
+            assert backbone is not None
+            outputs = self.returns.get(backbone.name, 1)
+            if not 1 <= len(forward.params) <= outputs:
+                names = ", ".join(["last_hidden_state", "pooler_output"][:outputs])
+                raise self.error(f"a head's forward takes the backbone's outputs ({names})", forward.pos)
         scope = _ForwardScope(self, block, set(forward.params))
+        returns = 0
         for i, stmt in enumerate(forward.body):
             if isinstance(stmt, ir.Return):
                 if i != len(forward.body) - 1:
                     raise self.error("statements after `return` never run", forward.body[i + 1].pos)
-                scope.tensor(stmt.value)
+                for value in stmt.values:
+                    if scope.tensor(value) != 1:
+                        raise self.error("each returned value must be a single tensor", value.pos)
+                returns = len(stmt.values)
             else:
                 scope.assign(stmt)
         if not forward.body or not isinstance(forward.body[-1], ir.Return):
             raise self.error(f"the forward of `{block.name}` must end with `return`", forward.pos)
+        if block.role == "backbone" and returns > 2:
+            raise self.error(
+                "a backbone returns its hidden states and, optionally, a pooled output", forward.pos
+            )
+        if block.role == "head":
+            expected = TASKS[block.task or ""]
+            if returns != len(expected):
+                raise self.error(
+                    f"a {block.task} head returns {len(expected)} value(s) ({', '.join(expected)}), not {returns}",
+                    forward.body[-1].pos,
+                )
+        return returns
 
     def check_model_type(self) -> None:
         model_type = self.model.model_type or self.model.name.lower()
@@ -422,12 +561,16 @@ class _ForwardScope:
         self.block = block
         self.locals = set(params)
         self.subs = {s.name: s for s in block.submodules}
+        self.guards: list[ir.Expr] = []  # conditions known to hold where we are (inside `a if cond else b`)
+        self.layer_scope = block.name in validator._layer_scoped_blocks()
 
     def assign(self, stmt: ir.Assign) -> None:
         value = stmt.value
         if isinstance(value, ir.Call) and value.func in self.subs and self.subs[value.func].kind == "repeat":
             if len(stmt.targets) != 1 or len(value.args) != 1 or value.kwargs:
                 raise self.v.error(f"a repeated stack is applied as `x = {value.func}(x)`", value.pos)
+            if self.v.returns.get(self.subs[value.func].target) != 1:
+                raise self.v.error("a repeated block must return exactly one tensor", value.pos)
             self.tensor(value.args[0])
             self.locals.update(stmt.targets)
             return
@@ -447,7 +590,7 @@ class _ForwardScope:
                 raise self.v.error("calls are not allowed in a config expression", node.pos)
             if isinstance(node, ir.Name) and node.id in self.locals:
                 raise self.v.error(f"`{node.id}` is a tensor; a config value is expected here", node.pos)
-        self.v.check_config_expr(expr, True, "this expression")
+        self.v.check_config_expr(expr, self.layer_scope, "this expression")
 
     def tensor(self, expr: ir.Expr) -> int:
         """Check an expression that yields tensors; return how many."""
@@ -469,7 +612,12 @@ class _ForwardScope:
             return self.tensor(expr.operand)
         if isinstance(expr, ir.IfExp):
             self.scalar(expr.test)
-            left, right = self.tensor(expr.body), self.tensor(expr.orelse)
+            self.guards.append(expr.test)
+            try:
+                left = self.tensor(expr.body)
+            finally:
+                self.guards.pop()
+            right = self.tensor(expr.orelse)
             if left != right:
                 raise self.v.error("both branches must produce the same number of values", expr.pos)
             return left
@@ -489,28 +637,7 @@ class _ForwardScope:
     def call(self, call: ir.Call) -> int:
         sub = self.subs.get(call.func)
         if sub is not None:
-            if sub.kind == "repeat":
-                raise self.v.error(
-                    f"a repeated stack is applied in its own statement: `x = {sub.name}(x)`", call.pos
-                )
-            if sub.kind == "primitive" and sub.target == "Rotary":
-                raise self.v.error("the rotary tables are applied with `rotary(q, k)` in attention", call.pos)
-            if call.kwargs:
-                raise self.v.error("submodules take tensors as positional arguments only", call.pos)
-            if sub.kind == "block":
-                expected = (
-                    len(self.v.blocks[sub.target].forward.params) if self.v.blocks[sub.target].forward else 1
-                )
-            else:
-                expected = 1
-            if len(call.args) != expected:
-                raise self.v.error(
-                    f"`{call.func}` takes {expected} tensor input(s), got {len(call.args)}", call.pos
-                )
-            for arg in call.args:
-                if self.tensor(arg) != 1:
-                    raise self.v.error("each input must be a single tensor", arg.pos)
-            return 1
+            return self._call_submodule(sub, call)
         builtin = BUILTINS.get(call.func)
         if builtin is not None:
             bound = self.v.bind(builtin.signature, call.args, call.kwargs, call.pos)
@@ -533,6 +660,11 @@ class _ForwardScope:
                 s.kind == "primitive" and s.target == "Rotary" for s in backbone.submodules
             ):
                 raise self.v.error("`rotary` needs a `Rotary(...)` submodule in the backbone", call.pos)
+            if builtin.returns == 0:  # as many outputs as its literal `n`
+                n = bound["n"]
+                if not isinstance(n, ir.Number) or not isinstance(n.value, int) or not 1 <= n.value <= 8:
+                    raise self.v.error(f"`{call.func}` needs a literal count from 1 to 8", call.pos)
+                return n.value
             return builtin.returns
         field = self.v.fields.get(call.func)
         if call.func in ACTIVATIONS or (field is not None and field.type.name == "activation"):
@@ -545,23 +677,38 @@ class _ForwardScope:
             f"unknown function or submodule `{call.func}`{did_you_mean(call.func, candidates)}", call.pos
         )
 
-
-def walk(expr: ir.Expr) -> Iterator[ir.Expr]:
-    """Every node of an expression, itself first."""
-    yield expr
-    children: tuple = ()
-    if isinstance(expr, ir.Unary):
-        children = (expr.operand,)
-    elif isinstance(expr, ir.BinOp):
-        children = (expr.left, expr.right)
-    elif isinstance(expr, ir.IfExp):
-        children = (expr.test, expr.body, expr.orelse)
-    elif isinstance(expr, ir.ListExpr):
-        children = expr.items
-    elif isinstance(expr, ir.Call):
-        children = (*expr.args, *(v for _, v in expr.kwargs))
-    for child in children:
-        yield from walk(child)
+    def _call_submodule(self, sub: ir.Submodule, call: ir.Call) -> int:
+        if sub.kind == "repeat":
+            raise self.v.error(
+                f"a repeated stack is applied in its own statement: `x = {sub.name}(x)`", call.pos
+            )
+        if sub.kind == "primitive" and sub.target == "Rotary":
+            raise self.v.error("the rotary tables are applied with `rotary(q, k)` in attention", call.pos)
+        if sub.condition is not None and not any(same_expr(sub.condition, g) for g in self.guards):
+            raise self.v.error(
+                f"`{sub.name}` exists only if its condition holds: call it as `{sub.name}(x) if <condition> else ...`",
+                call.pos,
+            )
+        if call.kwargs:
+            raise self.v.error("submodules take tensors as positional arguments only", call.pos)
+        expected, returns = 1, 1
+        if sub.kind == "block":
+            callee = self.v.blocks[sub.target]
+            assert callee.forward is not None
+            expected, returns = len(callee.forward.params), self.v.returns[sub.target]
+            if self.v.takes_inputs(callee):
+                # Inputs are matched by name; attention_mask and the rest travel along implicitly.
+                if len(call.args) > expected:
+                    raise self.v.error(f"`{call.func}` takes {', '.join(callee.forward.params)}", call.pos)
+                expected = len(call.args)
+        if len(call.args) != expected:
+            raise self.v.error(
+                f"`{call.func}` takes {expected} tensor input(s), got {len(call.args)}", call.pos
+            )
+        for arg in call.args:
+            if self.tensor(arg) != 1:
+                raise self.v.error("each input must be a single tensor", arg.pos)
+        return returns
 
 
 def validate(model: ir.Model) -> dict[str, object]:
