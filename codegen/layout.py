@@ -1,30 +1,145 @@
-"""Line layout for generated code, matching what `ruff format` would produce for the shapes we emit."""
+"""Line layout for generated code: what `ruff format` would produce for the statements we emit.
+
+A statement that fits in `LINE_LENGTH` stays on one line. Otherwise, like black and ruff:
+- a right-hand side ending in brackets (a call, a list) is split inside its last bracket pair;
+- any other right-hand side is wrapped in parentheses;
+- the inside of a bracket pair goes on one indented line if it fits, else it is split at its loosest
+  top-level delimiter (comprehension `for`, comma, `if`/`else`, `or`, `and`, comparison, `+`/`-`, ...),
+  one piece per line, each piece split again if it is still too long.
+"""
 
 from __future__ import annotations
+
+import io
+import keyword
+import tokenize
 
 LINE_LENGTH = 110
 INDENT = "    "
 
+_OPEN, _CLOSE = "([{", ")]}"
+# Black's delimiter priorities: a line is split at its highest-priority top-level delimiter.
+_PRIORITY = {
+    "for": 20,
+    ",": 18,
+    "if": 16,
+    "else": 16,
+    "or": 14,
+    "and": 13,
+    "not": 12,
+    "in": 10,
+    "==": 10,
+    "!=": 10,
+    "<": 10,
+    "<=": 10,
+    ">": 10,
+    ">=": 10,
+    "is": 10,
+    "+": 5,
+    "-": 5,
+    "*": 4,
+    "/": 4,
+    "//": 4,
+    "%": 4,
+    "**": 1,
+}
+
+
+def _tokens(text: str) -> list[tuple[str, int, int]]:
+    """(token text, start column, end column) for a single-line expression."""
+    out = []
+    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+        if tok.type in (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER, tokenize.INDENT, tokenize.DEDENT):
+            continue
+        out.append((tok.string, tok.start[1], tok.end[1]))
+    return out
+
+
+def _top_level_delimiters(text: str) -> list[tuple[int, int, str]]:
+    """(priority, column, token) of every delimiter outside brackets."""
+    found = []
+    depth = 0
+    tokens = _tokens(text)
+    for i, (tok, start, _) in enumerate(tokens):
+        if tok in _OPEN:
+            depth += 1
+        elif tok in _CLOSE:
+            depth -= 1
+        elif depth == 0 and tok in _PRIORITY:
+            if tok == "-" and (i == 0 or tokens[i - 1][0] in _PRIORITY or tokens[i - 1][0] in _OPEN):
+                continue  # unary minus
+            if tok == "not" and i + 1 < len(tokens) and tokens[i - 1][0] == "is":
+                continue  # `is not` splits at `is`
+            if tok == "in" and i > 0 and tokens[i - 1][0] == "not":
+                continue  # `not in` splits at `not`
+            found.append((_PRIORITY[tok], start, tok))
+    return found
+
 
 def split_args(args: str) -> list[str]:
     """Split a comma-separated argument list at top-level commas only."""
-    parts, depth, start, quote = [], 0, 0, False
-    for i, ch in enumerate(args):
-        if ch == '"':
-            quote = not quote
-        elif quote:
-            continue
-        elif ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            parts.append(args[start:i].strip())
-            start = i + 1
+    cuts = [col for prio, col, tok in _top_level_delimiters(args) if tok == ","]
+    parts, start = [], 0
+    for col in cuts:
+        parts.append(args[start:col].strip())
+        start = col + 1
     tail = args[start:].strip()
     if tail:
         parts.append(tail)
     return parts
+
+
+def _content_lines(indent: str, content: str) -> list[str]:
+    """The inside of a bracket pair, at `indent`."""
+    if len(indent) + len(content) <= LINE_LENGTH:
+        return [indent + content]
+    delimiters = _top_level_delimiters(content)
+    if not delimiters:
+        return _trailing_bracket_split(indent, content, "") or [indent + content]
+    top = max(p for p, _, _ in delimiters)
+    if top == _PRIORITY[","]:
+        return [line for part in split_args(content) for line in _piece(indent, part + ",")]
+    cuts = [col for p, col, _ in delimiters if p == top]
+    pieces = [content[a:b].strip() for a, b in zip([0, *cuts], [*cuts, len(content)], strict=True)]
+    return [line for piece in pieces if piece for line in _piece(indent, piece)]
+
+
+def _piece(indent: str, piece: str) -> list[str]:
+    """One piece of a split bracket: as is if it fits, else split at its trailing brackets or delimiters."""
+    if len(indent) + len(piece) <= LINE_LENGTH:
+        return [indent + piece]
+    suffix = "," if piece.endswith(",") else ""
+    body = piece[: -len(suffix)] if suffix else piece
+    if _top_level_delimiters(body):
+        *lines, last = _content_lines(indent, body)
+        return [*lines, last + suffix]
+    return _trailing_bracket_split(indent, body, suffix) or [indent + piece]
+
+
+def _trailing_bracket_split(indent: str, text: str, suffix: str) -> list[str] | None:
+    """`head(content)` -> `head(`, content, `)`; None when `text` does not end in a bracket pair."""
+    if not text or text[-1] not in _CLOSE:
+        return None
+    depth = 0
+    for i in range(len(text) - 1, -1, -1):
+        if text[i] in _CLOSE:
+            depth += 1
+        elif text[i] in _OPEN:
+            depth -= 1
+            if depth == 0:
+                head, content = text[: i + 1], text[i + 1 : -1]
+                if not content.strip():
+                    return None
+                inner = _content_lines(indent + INDENT, content)
+                if (
+                    len(inner) > 1
+                    and _top_level_delimiters(content)
+                    and max(p for p, _, _ in _top_level_delimiters(content)) == _PRIORITY[","]
+                    and not inner[-1].endswith(",")
+                ):
+                    inner[-1] += ","  # the magic trailing comma of a one-per-line split
+                return [indent + head, *inner, indent + text[-1] + suffix]
+    return None
 
 
 def call_lines(indent: str, head: str, args: list[str], tail: str = ")") -> list[str]:
@@ -39,24 +154,41 @@ def call_lines(indent: str, head: str, args: list[str], tail: str = ")") -> list
     return [f"{indent}{head}", *(f"{indent}{INDENT}{a}," for a in args), f"{indent}{tail}"]
 
 
-def statement_lines(indent: str, text: str) -> list[str]:
-    """Lay out one statement. Long statements whose value is a single call are wrapped at that call."""
-    line = indent + text
-    if len(line) <= LINE_LENGTH:
-        return [line]
-    lhs, eq, rhs = text.partition(" = ")
-    if eq and not text.endswith(")") and "(" not in lhs:
-        # ruff wraps a long right-hand side in parentheses
-        return [f"{indent}{lhs} = (", f"{indent}{INDENT}{rhs}", f"{indent})"]
-    if not text.endswith(")"):
-        return [line]
+def _split_statement(text: str) -> tuple[str, str]:
+    """(`lhs = ` or `return ` or '', the expression)."""
+    if text.startswith("return "):
+        return "return ", text[len("return ") :]
     depth = 0
-    for i in range(len(text) - 1, -1, -1):
-        ch = text[i]
-        if ch == ")":
+    for tok, _, end in _tokens(text):
+        if tok in _OPEN:
             depth += 1
-        elif ch == "(":
+        elif tok in _CLOSE:
             depth -= 1
-            if depth == 0:
-                return call_lines(indent, text[: i + 1], split_args(text[i + 1 : -1]))
-    return [line]
+        elif tok == "=" and depth == 0:
+            return text[:end] + " ", text[end:].strip()
+    return "", text
+
+
+def statement_lines(indent: str, text: str) -> list[str]:
+    """Lay out one simple statement (assignment, return or expression) as `ruff format` would."""
+    line = indent + text
+    if len(line) <= LINE_LENGTH or text.startswith("#") or text.endswith(":"):
+        return [line]
+    comment = ""
+    if "  # " in text and not text.rstrip().endswith('"'):
+        text, comment = text.split("  # ", 1)
+        comment = "  # " + comment
+    lead, expr = _split_statement(text)
+    split = _trailing_bracket_split(indent, lead + expr, "")
+    if split is not None and len(split[0]) <= LINE_LENGTH and not _top_level_delimiters(expr):
+        split[0] += comment
+        return split
+    if keyword.iskeyword(expr.split(" ", 1)[0]) and expr.split(" ", 1)[0] not in (
+        "not",
+        "None",
+        "True",
+        "False",
+    ):
+        return [line]
+    inner = _content_lines(indent + INDENT, expr)
+    return [f"{indent}{lead}({comment}", *inner, f"{indent})"]

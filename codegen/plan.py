@@ -23,7 +23,7 @@ from specformer.dsl.validate import Validator, names_in, walk
 
 from .config_plan import ConfigView, is_literal, literal_source, plan_config
 from .expressions import ExprEmitter
-from .layout import INDENT, call_lines, statement_lines
+from .layout import INDENT, LINE_LENGTH, call_lines, statement_lines
 from .tasks import TASK_EMISSION
 
 # Implicit context a plain block can need, in the order it is passed.
@@ -712,7 +712,16 @@ class Planner:
             lines.append("import torch.nn.functional as F")
         lines += ["from torch import nn", ""]
         for module in sorted(self.runtime):
-            lines.append(f"from specformer.runtime.{module} import {', '.join(_isort(self.runtime[module]))}")
+            names = _isort(self.runtime[module])
+            line = f"from specformer.runtime.{module} import {', '.join(names)}"
+            if len(line) > LINE_LENGTH:  # isort: one name per line once wrapped
+                lines += [
+                    f"from specformer.runtime.{module} import (",
+                    *(f"{INDENT}{n}," for n in names),
+                    ")",
+                ]
+            else:
+                lines.append(line)
         return lines
 
 

@@ -135,7 +135,10 @@ class _ToIR(Transformer):
 
     # ---- expressions -----------------------------------------------------------------------------
     def name(self, meta, children):
-        return ir.Name(id=self._name(children[0]), pos=self._pos(children[0]))
+        token = children[0]
+        # `layer_idx` is the one reserved name an expression may read: the index of the layer being built.
+        identifier = "layer_idx" if str(token) == "layer_idx" else self._name(token)
+        return ir.Name(id=identifier, pos=self._pos(token))
 
     def number(self, meta, children):
         text = str(children[0])

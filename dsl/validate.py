@@ -516,10 +516,10 @@ class Validator:
             if isinstance(stmt, ir.Return):
                 if i != len(forward.body) - 1:
                     raise self.error("statements after `return` never run", forward.body[i + 1].pos)
-                for value in stmt.values:
-                    if scope.tensor(value) != 1:
-                        raise self.error("each returned value must be a single tensor", value.pos)
-                returns = len(stmt.values)
+                counts = [scope.tensor(value) for value in stmt.values]
+                if len(counts) > 1 and counts != [1] * len(counts):
+                    raise self.error("each returned value must be a single tensor", stmt.pos)
+                returns = sum(counts)
             else:
                 scope.assign(stmt)
         if not forward.body or not isinstance(forward.body[-1], ir.Return):

@@ -2,4 +2,6 @@
 # One subpackage per spec'd architecture:
 #   specformer.generated.gemma
 #   specformer.generated.llama
+#   specformer.generated.mistral
+#   specformer.generated.qwen2
 """Architectures generated from `specs/`; each subpackage imports only torch and the runtime."""

@@ -36,6 +36,43 @@ class RMSNorm(nn.Module):
         )
 
 
+class Embedding(nn.Embedding):
+    """An embedding table that can hold fixed sinusoidal position codes instead of learned vectors
+    (DistilBERT's `sinusoidal_pos_embds`); a checkpoint's values are loaded either way."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        padding_idx: int | None = None,
+        sinusoidal: bool = False,
+    ) -> None:
+        self.sinusoidal = sinusoidal
+        super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx)
+        if sinusoidal:
+            self.weight.requires_grad_(False)
+
+    def reset_parameters(self) -> None:
+        if not self.sinusoidal:
+            super().reset_parameters()
+            return
+        if self.weight.is_meta:
+            return
+        with torch.no_grad():
+            self.weight.copy_(sinusoidal_positions(self.num_embeddings, self.embedding_dim))
+
+
+def sinusoidal_positions(positions: int, dim: int) -> torch.Tensor:
+    """sin on even and cos on odd dims of pos / 10000^(2i/dim), computed in float64 like the original."""
+    pos = torch.arange(positions, dtype=torch.float64)[:, None]
+    i = torch.arange(dim, dtype=torch.float64)[None, :]
+    angles = pos / torch.pow(10000.0, 2 * torch.div(i, 2, rounding_mode="floor") / dim)
+    table = torch.empty(positions, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(angles[:, 0::2])
+    table[:, 1::2] = torch.cos(angles[:, 1::2])
+    return table.float()
+
+
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 

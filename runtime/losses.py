@@ -59,3 +59,36 @@ def sequence_classification_loss(
         f"problem_type `{problem_type}`: expected regression, single_label_classification or "
         "multi_label_classification"
     )
+
+
+def token_classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross entropy per token; -100 labels (padding, sub-words) are ignored."""
+    return F.cross_entropy(
+        logits.flatten(0, -2).float(), labels.flatten().to(logits.device), ignore_index=IGNORE_INDEX
+    )
+
+
+def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross entropy at masked positions; every other position carries the label -100."""
+    return token_classification_loss(logits, labels)
+
+
+def multiple_choice_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross entropy over the choices, logits (batch, choices)."""
+    return F.cross_entropy(logits.float(), labels.to(logits.device))
+
+
+def question_answering_loss(
+    start_logits: torch.Tensor,
+    end_logits: torch.Tensor,
+    start_positions: torch.Tensor,
+    end_positions: torch.Tensor,
+) -> torch.Tensor:
+    """Mean of the start and end cross entropies. Positions outside the sequence are clamped to its length
+    and ignored, as Hugging Face does for answers truncated away."""
+    length = start_logits.shape[1]
+    start = start_positions.reshape(-1).to(start_logits.device).clamp(0, length)
+    end = end_positions.reshape(-1).to(end_logits.device).clamp(0, length)
+    start_loss = F.cross_entropy(start_logits.float(), start, ignore_index=length)
+    end_loss = F.cross_entropy(end_logits.float(), end, ignore_index=length)
+    return (start_loss + end_loss) / 2

@@ -15,7 +15,7 @@ from torch import nn
 from .checkpoint import CheckpointError, checkpoint_files, iter_tensors, save_state_dict
 from .config import PretrainedConfig
 from .files import atomic_write_text
-from .layers import RMSNorm
+from .layers import Embedding, RMSNorm
 
 if TYPE_CHECKING:
     from .gguf import GGUFFile
@@ -78,6 +78,8 @@ class PreTrainedModel(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+        elif isinstance(module, Embedding) and module.sinusoidal:
+            module.reset_parameters()
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.padding_idx is not None:

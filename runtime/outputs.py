@@ -12,6 +12,7 @@ from .cache import Cache
 @dataclass
 class BaseModelOutput:
     last_hidden_state: torch.Tensor
+    pooler_output: torch.Tensor | None = None
     past_key_values: Cache | None = None
 
 
@@ -27,3 +28,46 @@ class SequenceClassifierOutput:
     logits: torch.Tensor
     loss: torch.Tensor | None = None
     past_key_values: Cache | None = None
+
+
+@dataclass
+class TokenClassifierOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+
+
+@dataclass
+class QuestionAnsweringOutput:
+    start_logits: torch.Tensor
+    end_logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+
+
+@dataclass
+class MaskedLMOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+@dataclass
+class MultipleChoiceOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+@dataclass
+class DenseEmbeddingOutput:
+    """One vector per sequence, as DPR's question and context encoders produce."""
+
+    pooler_output: torch.Tensor
+
+
+@dataclass
+class SpanReaderOutput:
+    """Answer-span and passage-relevance scores, as DPR's reader produces."""
+
+    start_logits: torch.Tensor
+    end_logits: torch.Tensor
+    relevance_logits: torch.Tensor
