@@ -5,6 +5,7 @@ Only tests import this module; specformer itself never imports transformers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,53 +14,82 @@ from hypothesis import strategies as st
 
 import specformer.generated.gemma as sf_gemma
 import specformer.generated.llama as sf_llama
+import specformer.generated.mistral as sf_mistral
+import specformer.generated.qwen2 as sf_qwen2
+
+DECODER_HEADS = (
+    "Model",
+    "ForCausalLM",
+    "ForSequenceClassification",
+    "ForTokenClassification",
+    "ForQuestionAnswering",
+)
 
 
 @dataclass(frozen=True)
 class Arch:
     name: str
-    hf_config: type
-    hf_heads: dict[str, type]  # task -> HF class
+    hf_prefix: str  # transformers class prefix, e.g. "Llama"
     ours: Any  # the generated package
-    prefix: str
+    prefix: str  # generated class prefix
+    heads: tuple[str, ...]
+    extra: Callable[[st.DrawFn, dict[str, Any]], dict[str, Any]]  # architecture-specific config fields
 
-    def ours_class(self, task: str) -> type:
-        return getattr(self.ours, f"{self.prefix}{task}")
+    @property
+    def hf_config(self) -> type:
+        return getattr(transformers, f"{self.hf_prefix}Config")
 
-    def ours_config(self) -> type:
-        return getattr(self.ours, f"{self.prefix}Config")
+    def hf_class(self, head: str) -> type:
+        return getattr(transformers, f"{self.hf_prefix}{head}")
+
+    def ours_class(self, head: str) -> type:
+        return getattr(self.ours, f"{self.prefix}{head}")
 
 
-LLAMA = Arch(
-    "llama",
-    transformers.LlamaConfig,
-    {
-        "Model": transformers.LlamaModel,
-        "ForCausalLM": transformers.LlamaForCausalLM,
-        "ForSequenceClassification": transformers.LlamaForSequenceClassification,
-    },
-    sf_llama,
-    "Llama",
-)
-GEMMA = Arch(
-    "gemma",
-    transformers.GemmaConfig,
-    {
-        "Model": transformers.GemmaModel,
-        "ForCausalLM": transformers.GemmaForCausalLM,
-        "ForSequenceClassification": transformers.GemmaForSequenceClassification,
-    },
-    sf_gemma,
-    "Gemma",
-)
-ARCHS = {a.name: a for a in (LLAMA, GEMMA)}
+def _llama_extra(draw: st.DrawFn, config: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "attention_bias": draw(st.booleans()),
+        "mlp_bias": draw(st.booleans()),
+        "head_dim": config["head_dim"],
+    }
+
+
+def _gemma_extra(draw: st.DrawFn, config: dict[str, Any]) -> dict[str, Any]:
+    return {"attention_bias": draw(st.booleans()), "head_dim": config["head_dim"]}
+
+
+def _mistral_extra(draw: st.DrawFn, config: dict[str, Any]) -> dict[str, Any]:
+    # windows shorter than the test sequences, so the window really cuts
+    return {"sliding_window": draw(st.sampled_from([None, 3, 8])), "head_dim": config["head_dim"]}
+
+
+def _qwen2_extra(draw: st.DrawFn, config: dict[str, Any]) -> dict[str, Any]:
+    layers = config["num_hidden_layers"]
+    return {
+        "use_sliding_window": draw(st.booleans()),
+        "sliding_window": draw(st.sampled_from([3, 8])),
+        "max_window_layers": draw(st.integers(0, layers)),
+    }
+
+
+ARCHS = {
+    a.name: a
+    for a in (
+        Arch("llama", "Llama", sf_llama, "Llama", DECODER_HEADS, _llama_extra),
+        Arch("gemma", "Gemma", sf_gemma, "Gemma", DECODER_HEADS[:4], _gemma_extra),
+        Arch("mistral", "Mistral", sf_mistral, "Mistral", DECODER_HEADS, _mistral_extra),
+        Arch("qwen2", "Qwen2", sf_qwen2, "Qwen2", DECODER_HEADS, _qwen2_extra),
+    )
+}
 
 
 @st.composite
-def rope_parameters(draw: st.DrawFn, max_position_embeddings: int) -> dict[str, Any]:
+def rope_parameters(draw: st.DrawFn, max_position_embeddings: int, head_dim: int) -> dict[str, Any]:
     rope_type = draw(st.sampled_from(["default", "linear", "dynamic", "yarn", "longrope", "llama3"]))
-    theta = draw(st.sampled_from([10000.0, 500000.0]))
-    params: dict[str, Any] = {"rope_type": rope_type, "rope_theta": theta}
+    params: dict[str, Any] = {
+        "rope_type": rope_type,
+        "rope_theta": draw(st.sampled_from([10000.0, 500000.0])),
+    }
     original = max_position_embeddings // 4
     if rope_type in ("linear", "dynamic"):
         params["factor"] = draw(st.sampled_from([2.0, 4.0]))
@@ -75,19 +105,19 @@ def rope_parameters(draw: st.DrawFn, max_position_embeddings: int) -> dict[str, 
             "original_max_position_embeddings": original,
         }
     elif rope_type == "longrope":
+        n = head_dim // 2
         params["original_max_position_embeddings"] = original
-        params["_longrope_dims"] = True  # filled in once head_dim is known
+        params["long_factor"] = [1.0 + i / n for i in range(n)]
+        params["short_factor"] = [1.0 + i / (2 * n) for i in range(n)]
     return params
 
 
 @st.composite
 def small_configs(draw: st.DrawFn, arch: Arch) -> dict[str, Any]:
-    """Small but varied decoder configs: GQA/MQA, explicit head_dim, biases, rope variants, tying."""
+    """Small but varied decoder configs: GQA/MQA, explicit head_dim, biases, rope variants, tying, windows."""
     kv_heads = draw(st.sampled_from([1, 2, 4]))
     heads = kv_heads * draw(st.sampled_from([1, 2]))
-    head_dim = draw(st.sampled_from([8, 16]))
-    hidden = draw(st.sampled_from([32, 48, 64]))
-    max_pos = 32
+    hidden = heads * draw(st.sampled_from([8, 16]))
     config: dict[str, Any] = {
         "vocab_size": 97,
         "hidden_size": hidden,
@@ -95,23 +125,18 @@ def small_configs(draw: st.DrawFn, arch: Arch) -> dict[str, Any]:
         "num_hidden_layers": draw(st.integers(1, 3)),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
-        "head_dim": head_dim,
-        "max_position_embeddings": max_pos,
+        "head_dim": draw(st.sampled_from([8, 16])),
+        "max_position_embeddings": 32,
         "rms_norm_eps": draw(st.sampled_from([1e-6, 1e-5])),
-        "attention_bias": draw(st.booleans()),
         "tie_word_embeddings": draw(st.booleans()),
         "pad_token_id": 0,
         "num_labels": draw(st.sampled_from([1, 3])),
         "hidden_act": draw(st.sampled_from(["silu", "gelu_pytorch_tanh", "gelu"])),
     }
-    if arch is LLAMA:
-        config["mlp_bias"] = draw(st.booleans())
-    rope = draw(rope_parameters(max_pos))
-    if rope.pop("_longrope_dims", False):
-        n = head_dim // 2
-        rope["long_factor"] = [1.0 + i / n for i in range(n)]
-        rope["short_factor"] = [1.0 + i / (2 * n) for i in range(n)]
-    config["rope_parameters"] = rope
+    extra = arch.extra(draw, config)
+    head_dim = extra.get("head_dim", hidden // heads)
+    config = {k: v for k, v in config.items() if k != "head_dim"} | extra
+    config["rope_parameters"] = draw(rope_parameters(32, head_dim))
     return config
 
 
@@ -121,3 +146,12 @@ def hf_config(arch: Arch, values: dict[str, Any]) -> Any:
     config = arch.hf_config(**values)
     config.num_labels = num_labels
     return config
+
+
+def output_tensors(output: Any, head: str) -> dict[str, Any]:
+    """The tensors a head returns, by name (the same names on both sides)."""
+    names = {
+        "Model": ("last_hidden_state",),
+        "ForQuestionAnswering": ("start_logits", "end_logits"),
+    }.get(head, ("logits",))
+    return {name: getattr(output, name) for name in names}

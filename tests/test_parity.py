@@ -14,9 +14,14 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from reference import ARCHS, Arch, hf_config, small_configs
+from reference import ARCHS, Arch, hf_config, output_tensors, small_configs
 
 ATOL = 1e-5
+# Sliding windows shorter than the test sequences, for the architectures that have them.
+WINDOWED = {
+    "mistral": {"sliding_window": 3},
+    "qwen2": {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1},
+}
 PARAMS = [pytest.param(arch, id=name) for name, arch in ARCHS.items()]
 
 
@@ -31,23 +36,25 @@ def batch(vocab_size: int, seed: int, length: int = 11) -> tuple[torch.Tensor, t
     return ids, mask
 
 
-def outputs(model: torch.nn.Module, task: str, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def outputs(
+    model: torch.nn.Module, task: str, ids: torch.Tensor, mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
     with torch.no_grad():
-        out = model(ids, attention_mask=mask)
-    if task == "Model":
-        return out.last_hidden_state
-    return out.logits
+        return output_tensors(model(ids, attention_mask=mask), task)
 
 
-def compare(task: str, expected: torch.Tensor, actual: torch.Tensor, mask: torch.Tensor) -> None:
-    if task != "ForSequenceClassification":  # per-position outputs: padding positions are undefined
-        keep = mask.bool()
-        expected, actual = expected[keep], actual[keep]
-    torch.testing.assert_close(actual, expected, atol=ATOL, rtol=0)
+def compare(task: str, expected: dict, actual: dict, mask: torch.Tensor) -> None:
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        want, got = expected[name], actual[name]
+        if task != "ForSequenceClassification":  # per-position outputs: padding positions are undefined
+            keep = mask.bool()
+            want, got = want[keep], got[keep]
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def save_hf(arch: Arch, task: str, values: dict, folder: Path) -> torch.nn.Module:
-    model = arch.hf_heads[task](hf_config(arch, values)).eval()
+    model = arch.hf_class(task)(hf_config(arch, values)).eval()
     model.save_pretrained(folder)
     return model
 
@@ -56,7 +63,7 @@ def save_hf(arch: Arch, task: str, values: dict, folder: Path) -> torch.nn.Modul
 @given(data=st.data())
 def test_hf_checkpoint_loads_and_matches(arch: Arch, data: st.DataObject, tmp_path_factory) -> None:
     values = data.draw(small_configs(arch), label="config")
-    task = data.draw(st.sampled_from(sorted(arch.hf_heads)), label="task")
+    task = data.draw(st.sampled_from(arch.heads), label="task")
     folder = tmp_path_factory.mktemp("hf")
     reference = save_hf(arch, task, values, folder)
     ours = arch.ours_class(task).from_pretrained(folder)
@@ -75,13 +82,13 @@ def test_hf_checkpoint_loads_and_matches(arch: Arch, data: st.DataObject, tmp_pa
 @given(data=st.data())
 def test_saved_checkpoint_loads_in_transformers(arch: Arch, data: st.DataObject, tmp_path_factory) -> None:
     values = data.draw(small_configs(arch), label="config")
-    task = data.draw(st.sampled_from(sorted(arch.hf_heads)), label="task")
+    task = data.draw(st.sampled_from(arch.heads), label="task")
     hf_folder, our_folder = tmp_path_factory.mktemp("hf"), tmp_path_factory.mktemp("ours")
     save_hf(arch, task, values, hf_folder)
     ours = arch.ours_class(task).from_pretrained(hf_folder)
     ours.save_pretrained(our_folder)
 
-    reference = arch.hf_heads[task].from_pretrained(our_folder).eval()
+    reference = arch.hf_class(task).from_pretrained(our_folder).eval()
     ids, mask = batch(values["vocab_size"], seed=7)
     compare(task, outputs(reference, task, ids, mask), outputs(ours, task, ids, mask), mask)
     hf_keys = set(json.loads((hf_folder / "config.json").read_text())) - {"transformers_version"}
@@ -102,19 +109,30 @@ def test_losses_match(arch: Arch, tmp_path: Path) -> None:
     ids = torch.randint(1, 61, (2, 9))
     labels = ids.clone()
     labels[0, :3] = -100
+    token_labels = torch.randint(0, 3, (2, 9))
+    token_labels[1, 5:] = -100
     cases = [
-        ("ForCausalLM", {}, labels),
-        ("ForSequenceClassification", {"num_labels": 3}, torch.tensor([2, 0])),
-        ("ForSequenceClassification", {"num_labels": 1}, torch.tensor([0.5, -1.5])),
-        ("ForSequenceClassification", {"num_labels": 3}, torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])),
+        ("ForCausalLM", {}, {"labels": labels}),
+        ("ForSequenceClassification", {"num_labels": 3}, {"labels": torch.tensor([2, 0])}),
+        ("ForSequenceClassification", {"num_labels": 1}, {"labels": torch.tensor([0.5, -1.5])}),
+        ("ForSequenceClassification", {"num_labels": 3}, {"labels": torch.tensor([[1.0, 0, 1], [0, 1, 0]])}),
+        ("ForTokenClassification", {"num_labels": 3}, {"labels": token_labels}),
+        # an end position past the sequence is clamped and ignored, as for answers truncated away
+        (
+            "ForQuestionAnswering",
+            {},
+            {"start_positions": torch.tensor([1, 4]), "end_positions": torch.tensor([3, 20])},
+        ),
     ]
-    for i, (task, extra, target) in enumerate(cases):
+    for i, (task, extra, targets) in enumerate(cases):
+        if task not in arch.heads:
+            continue
         folder = tmp_path / str(i)
         reference = save_hf(arch, task, values | extra, folder)
         ours = arch.ours_class(task).from_pretrained(folder)
         with torch.no_grad():
-            expected = reference(ids, labels=target).loss
-            actual = ours(ids, labels=target).loss
+            expected = reference(ids, **targets).loss
+            actual = ours(ids, **targets).loss
         torch.testing.assert_close(actual, expected, atol=ATOL, rtol=0)
 
 
@@ -122,7 +140,9 @@ def test_losses_match(arch: Arch, tmp_path: Path) -> None:
 def test_cached_decoding_matches_full_forward(arch: Arch, tmp_path: Path) -> None:
     """Prefill, then one token at a time through the cache, with left padding: same logits as one pass."""
     values = {"vocab_size": 53, "hidden_size": 32, "intermediate_size": 40, "num_hidden_layers": 2}
-    values |= {"num_attention_heads": 4, "num_key_value_heads": 1, "pad_token_id": 0}
+    values |= {"num_attention_heads": 4, "num_key_value_heads": 1, "pad_token_id": 0} | WINDOWED.get(
+        arch.name, {}
+    )
     save_hf(arch, "ForCausalLM", values, tmp_path)
     model = arch.ours_class("ForCausalLM").from_pretrained(tmp_path)
     ids, mask = batch(53, seed=3)
@@ -139,7 +159,7 @@ def test_cached_decoding_matches_full_forward(arch: Arch, tmp_path: Path) -> Non
                 use_cache=True,
             )
             steps.append(out.logits)
-    compare("ForCausalLM", full, torch.cat(steps, dim=1), mask)
+    compare("ForCausalLM", {"logits": full}, {"logits": torch.cat(steps, dim=1)}, mask)
 
 
 @pytest.mark.parametrize("arch", PARAMS)
