@@ -96,6 +96,8 @@ class ExprEmitter:
             right_assoc = expr.op == "**"
             left = self._wrap(expr.left, prec + (1 if right_assoc else 0), right=False)
             right = self._wrap(expr.right, prec + (0 if right_assoc else 1), right=True)
+            if expr.op in ("==", "!=") and (_is_none(expr.left) or _is_none(expr.right)):
+                return f"{left} {'is' if expr.op == '==' else 'is not'} {right}"  # identity, as PEP 8 asks
             if expr.op == "**" and _SIMPLE.match(left) and _SIMPLE.match(right):
                 return f"{left}**{right}"  # ruff hugs `**` between simple operands
             return f"{left} {expr.op} {right}"
@@ -104,6 +106,10 @@ class ExprEmitter:
     def _wrap(self, expr: ir.Expr, minimum: int, right: bool) -> str:
         text = self.emit(expr)
         return f"({text})" if _precedence(expr) < minimum else text
+
+
+def _is_none(expr: ir.Expr) -> bool:
+    return isinstance(expr, ir.Const) and expr.value is None
 
 
 def _number(expr: ir.Number) -> str:

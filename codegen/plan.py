@@ -21,7 +21,7 @@ from specformer.dsl.errors import SpecError
 from specformer.dsl.primitives import ACTIVATIONS, PRIMITIVES, TASKS
 from specformer.dsl.validate import Validator, names_in, walk
 
-from .config_plan import ConfigView, is_literal, literal_source, plan_config
+from .config_plan import ConfigView, is_literal, literal_source, plan_config, python_type
 from .expressions import ExprEmitter
 from .layout import INDENT, LINE_LENGTH, call_lines, statement_lines
 from .tasks import TASK_EMISSION
@@ -178,7 +178,9 @@ class Planner:
         return found
 
     # ---- config expressions ----------------------------------------------------------------------
-    def config_expr(self, owner: str, hoisted: frozenset[str] = frozenset()) -> ExprEmitter:
+    def config_expr(
+        self, owner: str, hoisted: frozenset[str] = frozenset(), options: frozenset[str] = frozenset()
+    ) -> ExprEmitter:
         """Spells config expressions: `owner` is `config` in __init__ and `self.config` in forward.
 
         `let` values are resolved here: a constant is inlined, an alias of another field reads that
@@ -187,8 +189,8 @@ class Planner:
         """
 
         def name(id_: str) -> str:
-            if id_ == "layer_idx":
-                return "layer_idx" if owner == "config" else "self.layer_idx"
+            if id_ == "layer_idx" or id_ in options:  # constructor arguments, kept on self for forward
+                return id_ if owner == "config" else f"self.{id_}"
             field = self.fields.get(id_)
             if field is not None and field.computed:
                 assert field.default is not None
@@ -207,8 +209,8 @@ class Planner:
         return emitter
 
     # ---- module construction ---------------------------------------------------------------------
-    def construct(self, sub: ir.Submodule) -> str:
-        expr = self.config_expr("config")
+    def construct(self, sub: ir.Submodule, options: frozenset[str] = frozenset()) -> str:
+        expr = self.config_expr("config", options=options)
         if sub.kind == "block":
             target = self.blocks[sub.target]
             per_layer = (
@@ -216,8 +218,9 @@ class Planner:
                 and not self.is_input_block(target)
                 and self.takes_layer_idx(sub.target)
             )
-            args = "config, layer_idx" if per_layer else "config"
-            built = f"{self.class_name(sub.target)}({args})"
+            args = ["config", "layer_idx"] if per_layer else ["config"]
+            args += [f"{key}={expr(value)}" for key, value in sub.kwargs]  # backbone options
+            built = f"{self.class_name(sub.target)}({', '.join(args)})"
         elif sub.kind == "repeat":
             assert sub.count is not None
             cls = self.class_name(sub.target)
@@ -244,7 +247,12 @@ class Planner:
         return built
 
     def init_lines(self, block: ir.Block) -> list[str]:
+        options = frozenset(o.name for o in block.options)
         lines: list[str] = []
+        read = {n.id for n in self._forward_scalars(block)}
+        for option in block.options:
+            if option.name in read:
+                lines.append(f"self.{option.name} = {option.name}")
         if block.role == "block" and self._forward_reads_config(block):
             lines.append("self.config = config")
         if block.role == "block" and self._stores_layer_idx(block):
@@ -256,7 +264,7 @@ class Planner:
             lines.append(f"self.{let} = {self.config_expr('config')(default)}")
         for sub in block.submodules:
             lines += [f"# {text}" for text in self.comments.take(sub.pos)]
-            lines.append(f"self.{sub.name} = {self.construct(sub)}")
+            lines.append(f"self.{sub.name} = {self.construct(sub, options)}")
         for act in self._activation_fields(block):
             self.use("layers", "activation")
             lines.append(f"self.{act}_fn = activation(config.{act})")
@@ -280,8 +288,9 @@ class Planner:
         if any(c.func == "attend" for c in self.calls(block)):
             return True
         hoisted = set(self._layer_lets_in_forward(block))
+        options = {o.name for o in block.options}
         for n in self._forward_scalars(block):
-            if n.id == "layer_idx" or n.id in hoisted:
+            if n.id == "layer_idx" or n.id in hoisted or n.id in options:
                 continue
             field = self.fields.get(n.id)
             if field is not None and field.computed and is_literal(field):
@@ -293,7 +302,8 @@ class Planner:
     def forward_emitter(self, block: ir.Block, context_names: dict[str, str]) -> ExprEmitter:
         subs = {s.name: s for s in block.submodules}
         locals_ = _locals(block)
-        scalar = self.config_expr("self.config", frozenset(self._layer_lets_in_forward(block)))
+        options = frozenset(o.name for o in block.options)
+        scalar = self.config_expr("self.config", frozenset(self._layer_lets_in_forward(block)), options)
 
         def name(id_: str) -> str:
             return id_ if id_ in locals_ else scalar.name(id_)
@@ -528,11 +538,12 @@ class Planner:
         if "cache" in needs:
             values.append("past_key_values=past_key_values")
         body.append(f"return BaseModelOutput({', '.join(values)})")
+        options = "".join(f", {o.name}: {python_type(o)} = {literal_source(o)}" for o in block.options)
         return ClassView(
             name=self.class_name(block.name),
             base=self.pretrained_base,
             doc=doc,
-            init_signature=f"self, config: {self.config_class}",
+            init_signature=f"self, config: {self.config_class}{options}",
             init_lines=["super().__init__(config)", *self.init_lines(block), "self.post_init()"],
             forward_lines=_method("forward", self._input_params(), "BaseModelOutput", body, comments),
         )
@@ -566,15 +577,19 @@ class Planner:
             assert attr is not None
             if attr != self.backbone.attr:
                 attributes.append(f'base_model_prefix = "{attr}"')
-            init.append(f"self.{attr} = {self.class_name(self.backbone.name)}(config)")
+            expr = self.config_expr("config")
+            args = ["config", *(f"{k}={expr(v)}" for k, v in head.backbone_args)]
+            init.append(f"self.{attr} = {self.class_name(self.backbone.name)}({', '.join(args)})")
             body.append(f"out = self.{attr}({', '.join([names[0], *(f'{n}={n}' for n in names[1:])])})")
-            hidden = head.forward.params
-            sources = ["out.last_hidden_state", "out.pooler_output"][: len(hidden)]
+            sources = ["out.last_hidden_state", "out.pooler_output"]
             if head.task == "causal_lm":
                 self.use("losses", "keep_last")
                 params.append("logits_to_keep: int | torch.Tensor = 0")
                 sources[0] = "keep_last(out.last_hidden_state, logits_to_keep)"
-            body.append(f"{', '.join(hidden)} = {', '.join(sources)}")
+            read = {n.id for e in _forward_exprs(head) for n in names_in(e)}
+            bound = [(p, s) for p, s in zip(head.forward.params, sources, strict=False) if p in read]
+            if bound:
+                body.append(f"{', '.join(p for p, _ in bound)} = {', '.join(s for _, s in bound)}")
         else:
             holder = next(s.name for s in head.submodules if self._holds_inputs(s))
             attributes.append(f'base_model_prefix = "{holder}"')

@@ -209,6 +209,8 @@ class Block(Node):
     forward: Forward | None = None
     ties: tuple[Tie, ...] = ()
     attr: str | None = None  # backbone: its attribute in heads (`model`, `bert`); head: an override of it
+    options: tuple[ConfigField, ...] = ()  # backbone: constructor options such as `add_pooling_layer`
+    backbone_args: tuple[tuple[str, Expr], ...] = ()  # head: the options it builds its backbone with
     task: str | None = None  # head: causal_lm, sequence_classification, ...
     pos: Pos
 

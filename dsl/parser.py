@@ -336,13 +336,30 @@ class _ToIR(Transformer):
     def block(self, meta, children):
         return self._block(meta, "block", children[0], children[1:])
 
+    def option(self, meta, children):
+        name, type_, default = children
+        return ir.ConfigField(name=self._name(name), type=type_, default=default, pos=self._pos(name))
+
+    def options(self, meta, children):
+        return tuple(children)
+
     def backbone(self, meta, children):
-        return self._block(meta, "backbone", children[0], children[2:], attr=self._name(children[1]))
+        name, attr, options, *items = children
+        return self._block(meta, "backbone", name, items, attr=self._attribute(attr), options=options or ())
+
+    def head_backbone(self, meta, children):
+        attr, args = children
+        positional, keywords = self._split_args(args, self._pos(attr))
+        if positional:
+            raise SpecError(
+                "backbone options are given by name: `as bert(add_pooling_layer = false)`", self._pos(attr)
+            )
+        return self._attribute(attr), keywords
 
     def head(self, meta, children):
-        name, task, attr, *items = children
-        backbone_attr = self._attribute(attr) if attr is not None else None
-        return self._block(meta, "head", name, items, task=str(task), attr=backbone_attr)
+        name, task, backbone, *items = children
+        attr, args = backbone if backbone is not None else (None, ())
+        return self._block(meta, "head", name, items, task=str(task), attr=attr, backbone_args=args)
 
     def override_module(self, meta, children):
         block, name, spec, condition = children

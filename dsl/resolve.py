@@ -30,7 +30,20 @@ def resolve(name: str, registry: dict[str, ir.Model]) -> tuple[ir.Model, tuple[i
     flat = chain[-1]
     for delta in reversed(chain[:-1]):
         flat = _apply(flat, delta)
-    return flat, tuple(chain)
+    return _block_calls_as_refs(flat), tuple(chain)
+
+
+def _block_calls_as_refs(model: ir.Model) -> ir.Model:
+    """`bert_model = Model(add_pooling_layer = false)` parses like a primitive; it is a block with options."""
+    names = {b.name for b in model.blocks}
+    blocks = []
+    for block in model.blocks:
+        subs = tuple(
+            s.model_copy(update={"kind": "block"}) if s.kind == "primitive" and s.target in names else s
+            for s in block.submodules
+        )
+        blocks.append(block.model_copy(update={"submodules": subs}))
+    return model.model_copy(update={"blocks": tuple(blocks)})
 
 
 def _apply(base: ir.Model, delta: ir.Model) -> ir.Model:

@@ -176,6 +176,8 @@ class Validator:
         self.layer_lets: set[str] = set()  # `let` fields that read `layer_idx`: only usable per layer
         self.returns: dict[str, int] = {}  # block name -> how many tensors its forward returns
         self.order: list[str] = []  # config fields, each after the fields its default reads
+        backbone = model.backbone
+        self.options = {o.name: o for o in backbone.options} if backbone is not None else {}
 
     def error(self, message: str, pos: ir.Pos | None) -> SpecError:
         return SpecError(message, pos)
@@ -283,8 +285,9 @@ class Validator:
     def _is_bare_literal(self, field: ir.ConfigField) -> bool:
         return isinstance(field.default, ir.Name) and field.type.name in ("activation", "enum")
 
-    def check_config_expr(self, expr: ir.Expr, layer_scope: bool, what: str) -> None:
-        """An expression over config values, as used in constructor arguments and tie conditions."""
+    def check_config_expr(self, expr: ir.Expr, layer_scope: bool, what: str, options: bool = False) -> None:
+        """An expression over config values (and, in the backbone, its options), as used in constructor
+        arguments, conditions and forwards."""
         for node in walk(expr):
             if isinstance(node, ir.Call):
                 raise self.error(f"calls are not allowed in {what}", node.pos)
@@ -297,7 +300,11 @@ class Validator:
                 )
             if ref.id in self.fields or ref.id in BASE_CONFIG_FIELDS or ref.id in self.aliases:
                 continue
-            hint = did_you_mean(ref.id, [*self.fields, *BASE_CONFIG_FIELDS])
+            if options and ref.id in self.options:
+                continue
+            hint = did_you_mean(
+                ref.id, [*self.fields, *BASE_CONFIG_FIELDS, *(self.options if options else ())]
+            )
             raise self.error(f"unknown field `{ref.id}` in {what}{hint}", ref.pos)
 
     # ---- module tree -----------------------------------------------------------------------------
@@ -305,8 +312,11 @@ class Validator:
         backbones = [b for b in self.model.blocks if b.role == "backbone"]
         if len(backbones) != 1:
             raise self.error(f"model `{self.model.name}` needs exactly one backbone", self.model.pos)
+        self._check_options(backbones[0])
         layer_scoped = self._layer_scoped_blocks()
         for block in self.model.blocks:
+            if block.role == "head" and block.backbone_args:
+                self._check_backbone_args(block.backbone_args, block.pos)
             for sub in block.submodules:
                 self._check_submodule(block, sub, block.name in layer_scoped)
             for tie in block.ties:
@@ -315,6 +325,27 @@ class Validator:
                 hint = did_you_mean(block.task or "", TASKS)
                 raise self.error(f"unknown task `{block.task}` for head `{block.name}`{hint}", block.pos)
         self._check_acyclic()
+
+    def _check_options(self, backbone: ir.Block) -> None:
+        for option in backbone.options:
+            if option.name in self.fields or option.name in BASE_CONFIG_FIELDS:
+                raise self.error(f"option `{option.name}` has the name of a config field", option.pos)
+            if option.type.name not in ("bool", "int", "float", "str"):
+                raise self.error("backbone options are bool, int, float or str", option.pos)
+            assert option.default is not None
+            value = evaluate(option.default, {})
+            if not _type_ok(value, option.type):
+                raise self.error(
+                    f"default of `{option.name}` is {value!r}, not of type `{option.type}`", option.pos
+                )
+
+    def _check_backbone_args(self, args: tuple[tuple[str, ir.Expr], ...], pos: ir.Pos) -> None:
+        for key, value in args:
+            if key not in self.options:
+                hint = did_you_mean(key, self.options)
+                known = ", ".join(self.options) or "none"
+                raise self.error(f"the backbone has no option `{key}`{hint} (options: {known})", value.pos)
+            self.check_config_expr(value, False, f"option `{key}`")
 
     def _layer_scoped_blocks(self) -> set[str]:
         """Blocks built once per layer (under a `repeat`): only these may read `layer_idx`."""
@@ -338,24 +369,36 @@ class Validator:
         """Whether a block contains the backbone, directly or through its children."""
         block = self.blocks[name]
         return any(
-            s.kind == "block" and (self.blocks[s.target].role == "backbone" or self.holds_backbone(s.target))
+            self.blocks[s.target].role == "backbone" or self.holds_backbone(s.target)
             for s in block.submodules
-            if s.target in self.blocks
+            if s.kind == "block"
         )
 
     def _check_submodule(self, block: ir.Block, sub: ir.Submodule, layer_scope: bool) -> None:
+        in_backbone = block.role == "backbone"
         if sub.condition is not None:
-            self.check_config_expr(sub.condition, layer_scope, f"the condition of `{sub.name}`")
+            self.check_config_expr(
+                sub.condition, layer_scope, f"the condition of `{sub.name}`", options=in_backbone
+            )
+        if sub.kind == "block" and (sub.args or sub.kwargs):
+            if self.blocks.get(sub.target) is None or self.blocks[sub.target].role != "backbone":
+                raise self.error(
+                    f"only the backbone takes options; write `{sub.name} = {sub.target}`", sub.pos
+                )
+            if sub.args:
+                raise self.error("backbone options are given by name", sub.pos)
+            self._check_backbone_args(sub.kwargs, sub.pos)
+            return
         if sub.kind == "primitive":
             signature = PRIMITIVES.get(sub.target)
             if signature is None:
-                if sub.target in self.blocks:
-                    raise self.error(f"`{sub.target}` is a block: write `{sub.name} = {sub.target}`", sub.pos)
                 hint = did_you_mean(sub.target, [*PRIMITIVES, *self.blocks])
                 raise self.error(f"unknown primitive `{sub.target}`{hint}", sub.pos)
             self.bind(signature, sub.args, sub.kwargs, sub.pos)
             for arg in (*sub.args, *(v for _, v in sub.kwargs)):
-                self.check_config_expr(arg, layer_scope, f"the arguments of `{sub.name}`")
+                self.check_config_expr(
+                    arg, layer_scope, f"the arguments of `{sub.name}`", options=in_backbone
+                )
             if sub.target == "Rotary" and block.role != "backbone":
                 raise self.error("Rotary belongs in the backbone, which computes positions once", sub.pos)
             return
@@ -590,7 +633,9 @@ class _ForwardScope:
                 raise self.v.error("calls are not allowed in a config expression", node.pos)
             if isinstance(node, ir.Name) and node.id in self.locals:
                 raise self.v.error(f"`{node.id}` is a tensor; a config value is expected here", node.pos)
-        self.v.check_config_expr(expr, self.layer_scope, "this expression")
+        self.v.check_config_expr(
+            expr, self.layer_scope, "this expression", options=self.block.role == "backbone"
+        )
 
     def tensor(self, expr: ir.Expr) -> int:
         """Check an expression that yields tensors; return how many."""
@@ -614,16 +659,22 @@ class _ForwardScope:
             self.scalar(expr.test)
             self.guards.append(expr.test)
             try:
-                left = self.tensor(expr.body)
+                left = self._branch(expr.body)
             finally:
                 self.guards.pop()
-            right = self.tensor(expr.orelse)
+            right = self._branch(expr.orelse)
             if left != right:
                 raise self.v.error("both branches must produce the same number of values", expr.pos)
             return left
         if isinstance(expr, ir.Call):
             return self.call(expr)
         raise self.v.error("expected a tensor expression", expr.pos)
+
+    def _branch(self, expr: ir.Expr) -> int:
+        """A branch of `a if cond else b`: a tensor, or `none` for an output that is absent."""
+        if isinstance(expr, ir.Const) and expr.value is None:
+            return 1
+        return self.tensor(expr)
 
     def _operand(self, expr: ir.Expr) -> int:
         """1 for a tensor operand, 0 for a config scalar."""
