@@ -174,14 +174,13 @@ def statement_lines(indent: str, text: str) -> list[str]:
     line = indent + text
     if len(line) <= LINE_LENGTH or text.startswith("#") or text.endswith(":"):
         return [line]
-    comment = ""
     if "  # " in text and not text.rstrip().endswith('"'):
-        text, comment = text.split("  # ", 1)
-        comment = "  # " + comment
+        text, _ = text.split("  # ", 1)  # a trailing shape comment is dropped rather than wrapped
+        if len(indent + text) <= LINE_LENGTH:
+            return [indent + text]
     lead, expr = _split_statement(text)
     split = _trailing_bracket_split(indent, lead + expr, "")
     if split is not None and len(split[0]) <= LINE_LENGTH and not _top_level_delimiters(expr):
-        split[0] += comment
         return split
     if keyword.iskeyword(expr.split(" ", 1)[0]) and expr.split(" ", 1)[0] not in (
         "not",
@@ -191,4 +190,4 @@ def statement_lines(indent: str, text: str) -> list[str]:
     ):
         return [line]
     inner = _content_lines(indent + INDENT, expr)
-    return [f"{indent}{lead}({comment}", *inner, f"{indent})"]
+    return [f"{indent}{lead}(", *inner, f"{indent})"]

@@ -253,7 +253,8 @@ class Planner:
         for option in block.options:
             if option.name in read:
                 lines.append(f"self.{option.name} = {option.name}")
-        if block.role == "block" and self._forward_reads_config(block):
+        plain = block.role == "block" and not self.is_input_block(block)  # models already keep `self.config`
+        if plain and self._forward_reads_config(block):
             lines.append("self.config = config")
         if block.role == "block" and self._stores_layer_idx(block):
             lines.append("self.layer_idx = layer_idx")
@@ -373,14 +374,25 @@ class Planner:
         assert block.forward is not None
         subs = {s.name: s for s in block.submodules}
         lines: list[str] = []
-        for stmt in block.forward.body:
+        body = block.forward.body
+        for index, stmt in enumerate(body):
             lines += [f"# {text}" for text in self.comments.take(stmt.pos)]
             values = stmt.values if isinstance(stmt, ir.Return) else (stmt.value,)
             for value in values:
                 lines.extend(self._cache_update(value, emit, context_names))
             if isinstance(stmt, ir.Return):
-                lines.append(", ".join(emit(v) for v in stmt.values))
+                only = stmt.values[0] if len(stmt.values) == 1 else None
+                sub = subs.get(only.func) if isinstance(only, ir.Call) else None
+                if sub is not None and self._holds_inputs(sub):
+                    lines.append(self._input_call_expr(only, sub, emit))  # type: ignore[arg-type]
+                else:
+                    lines.append(", ".join(emit(v) for v in stmt.values))
                 continue
+            if len(stmt.targets) > 1:  # unpacked values nobody reads become `_`
+                later = {n.id for s in body[index + 1 :] for e in _stmt_exprs(s) for n in names_in(e)}
+                stmt = stmt.model_copy(
+                    update={"targets": tuple(t if t in later else "_" for t in stmt.targets)}
+                )
             value = stmt.value
             sub = subs.get(value.func) if isinstance(value, ir.Call) else None
             if sub is not None and sub.kind == "repeat":
@@ -397,20 +409,23 @@ class Planner:
             lines.append(f"{', '.join(stmt.targets)} = {emit(value)}{_shape_comment(value)}")
         return lines
 
-    def _input_call(self, stmt: ir.Assign, sub: ir.Submodule, emit: ExprEmitter) -> list[str]:
-        """`h = bert_model(input_ids, token_type_ids)`: the spec's inputs by name, the rest passed along."""
+    def _input_call_expr(self, call: ir.Call, sub: ir.Submodule, emit: ExprEmitter) -> str:
+        """`bert_model(input_ids, token_type_ids)`: the spec's inputs by name, the rest passed along."""
         callee = self.blocks[sub.target]
-        assert callee.forward is not None and isinstance(stmt.value, ir.Call)
-        given = {p: emit(a) for p, a in zip(callee.forward.params, stmt.value.args, strict=False)}
+        assert callee.forward is not None
+        given = {p: emit(a) for p, a in zip(callee.forward.params, call.args, strict=False)}
         names = [n for n, _, _ in self.model_inputs()]
         args = [given.get("input_ids", "input_ids")]
         args += [f"{n}={given.get(n, n)}" for n in names[1:]]
-        call = f"self.{sub.name}({', '.join(args)})"
+        return f"self.{sub.name}({', '.join(args)})"
+
+    def _input_call(self, stmt: ir.Assign, sub: ir.Submodule, emit: ExprEmitter) -> list[str]:
+        assert isinstance(stmt.value, ir.Call)
+        callee = self.blocks[sub.target]
+        call = self._input_call_expr(stmt.value, sub, emit)
         if callee.role != "backbone":
             return [f"{', '.join(stmt.targets)} = {call}"]
         fields = ["last_hidden_state", "pooler_output"][: len(stmt.targets)]
-        if len(fields) == 1:
-            return [f"{stmt.targets[0]} = {call}.last_hidden_state"]
         return [f"out = {call}", f"{', '.join(stmt.targets)} = {', '.join(f'out.{f}' for f in fields)}"]
 
     def _cache_update(self, expr: ir.Expr, emit: ExprEmitter, context_names: dict[str, str]) -> list[str]:
@@ -596,11 +611,14 @@ class Planner:
         statements = self.statements(head, emit, {})
         result = statements.pop()
         body += statements
-        body.append(f"{', '.join(outputs)} = {result}")
+        if task.loss is None and len(outputs) == 1 and result.isidentifier():
+            outputs = (f"{outputs[0]}={result}",)  # hand the named value straight to the output
+        else:
+            body.append(f"{', '.join(outputs)} = {result}")
         if head.task == "multiple_choice":
             body.append("logits = logits.view(-1, num_choices)")
         self.use("outputs", task.output)
-        fields = [f"{o}={o}" for o in outputs]
+        fields = [o if "=" in o else f"{o}={o}" for o in outputs]
         if task.loss is not None:
             assert task.loss_function is not None
             self.use("losses", task.loss_function)
@@ -800,6 +818,10 @@ def _forward_exprs(block: ir.Block) -> list[ir.Expr]:
     for stmt in block.forward.body:
         exprs.extend(stmt.values if isinstance(stmt, ir.Return) else (stmt.value,))
     return exprs
+
+
+def _stmt_exprs(stmt: ir.Assign | ir.Return) -> tuple[ir.Expr, ...]:
+    return stmt.values if isinstance(stmt, ir.Return) else (stmt.value,)
 
 
 def _locals(block: ir.Block) -> set[str]:

@@ -618,6 +618,9 @@ class _ForwardScope:
             self.locals.update(stmt.targets)
             return
         returns = self.tensor(value)
+        sub = self.subs.get(value.func) if isinstance(value, ir.Call) else None
+        if sub is not None and sub.kind == "block" and self.v.blocks[sub.target].role == "backbone":
+            returns = min(returns, len(stmt.targets))  # the hidden states, and the pooled output if wanted
         if returns != len(stmt.targets):
             raise self.v.error(
                 f"this produces {returns} value(s) but {len(stmt.targets)} are assigned", stmt.pos
