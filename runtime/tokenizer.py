@@ -8,6 +8,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import torch
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as FastTokenizer
@@ -31,6 +32,9 @@ class Tokenizer:
         add_bos_token: bool = False,
         chat_template: str | None = None,
     ) -> None:
+        # Padding and truncation stored in tokenizer.json would apply to every encode; we pad per batch.
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
         self.backend = tokenizer
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
@@ -105,10 +109,31 @@ class Tokenizer:
         return None if token_id is None else self.backend.id_to_token(token_id)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=False).ids
-        if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
-            ids = [self.bos_token_id, *ids]
+        """Token ids; special tokens come from the tokenizer's post-processor (BERT's [CLS] ... [SEP]) or,
+        for tokenizers without one (GGUF), from `add_bos_token`."""
+        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        bos = self.bos_token_id
+        if add_special_tokens and self.add_bos_token and bos is not None and ids[:1] != [bos]:
+            ids = [bos, *ids]
         return ids
+
+    def batch_encode(
+        self, texts: list[str], *, add_special_tokens: bool = True, padding_side: str = "right"
+    ) -> dict[str, torch.Tensor]:
+        """`input_ids` and `attention_mask`, padded to the longest text with the pad token."""
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side is `{padding_side}`; expected `left` or `right`")
+        encoded = [self.encode(text, add_special_tokens) for text in texts]
+        if self.pad_token_id is None and len({len(e) for e in encoded}) > 1:
+            raise ValueError("texts of different lengths need a pad token, and this tokenizer has none")
+        width = max(map(len, encoded), default=0)
+        ids = torch.full((len(texts), width), self.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros((len(texts), width), dtype=torch.long)
+        for row, tokens in enumerate(encoded):
+            span = slice(width - len(tokens), width) if padding_side == "left" else slice(0, len(tokens))
+            ids[row, span] = torch.tensor(tokens, dtype=torch.long)
+            mask[row, span] = 1
+        return {"input_ids": ids, "attention_mask": mask}
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
