@@ -1,64 +1,125 @@
-"""Safetensors checkpoints in the Hugging Face layout: single file or shards with an index."""
+"""Checkpoints in the Hugging Face layout: safetensors (single or sharded with an index), legacy `.bin`.
+
+Reading is lazy and memory-mapped: a tensor's bytes are read when the model first touches them, and the
+model's parameters are the mapped tensors themselves, so loading needs no second copy in RAM.
+
+Saving never leaves a half-written checkpoint in place of a good one: every file is written under a
+temporary name and renamed, and for sharded checkpoints the index is the commit point. New shards get
+names the old index does not use, the index is swapped atomically, and only then are old shards removed.
+A crash at any moment leaves either the old checkpoint or the new one, each complete.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .files import atomic_path, atomic_write_text
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+LEGACY_NAME = "pytorch_model.bin"
+LEGACY_INDEX_NAME = "pytorch_model.bin.index.json"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, malformed, or does not fit the model."""
 
 
+def _read_index(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(
+            f"{index}: not a valid checkpoint index ({type(err).__name__}: {err})"
+        ) from None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: `weight_map` is not an object")
+    return weight_map
+
+
 def checkpoint_files(directory: Path) -> list[Path]:
-    """The safetensors files of a checkpoint folder, single or sharded."""
-    index = directory / WEIGHTS_INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({err})") from None
-        files = [directory / name for name in dict.fromkeys(weight_map.values())]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise CheckpointError(f"{index} lists shards that are not there: {', '.join(missing)}")
-        return files
-    single = directory / WEIGHTS_NAME
-    if single.is_file():
-        return [single]
-    raise CheckpointError(f"{directory}: no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}")
+    """The weight files of a checkpoint folder: sharded or single safetensors, else legacy `.bin`."""
+    for index_name, single_name in ((WEIGHTS_INDEX_NAME, WEIGHTS_NAME), (LEGACY_INDEX_NAME, LEGACY_NAME)):
+        index = directory / index_name
+        if index.is_file():
+            weight_map = _read_index(index)
+            files = [directory / name for name in dict.fromkeys(weight_map.values())]
+            for file in files:
+                if not file.is_file():
+                    keys = [k for k, v in weight_map.items() if directory / v == file]
+                    raise CheckpointError(
+                        f"{index} maps {len(keys)} tensor(s) (e.g. `{keys[0]}`) to {file.name}, which is missing"
+                    )
+            return files
+        if (directory / single_name).is_file():
+            return [directory / single_name]
+    raise CheckpointError(f"{directory}: no {WEIGHTS_NAME}, {WEIGHTS_INDEX_NAME} or {LEGACY_NAME}")
 
 
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, tensor) for every tensor, memory-mapped: a tensor is read when it is used."""
+    """(key, tensor) for every tensor, memory-mapped: bytes are read when the tensor is first used."""
     for file in files:
-        with safe_open(file, framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
-                yield key, handle.get_tensor(key)
+        if file.suffix == ".bin":
+            yield from _legacy_tensors(file)
+            continue
+        try:
+            with safe_open(file, framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    try:
+                        yield key, handle.get_tensor(key)
+                    except SafetensorError as err:
+                        raise CheckpointError(f"{file}: tensor `{key}` cannot be read: {err}") from None
+        except SafetensorError as err:
+            raise CheckpointError(
+                f"{file}: not a valid safetensors file ({err}); it may be truncated"
+            ) from None
 
 
-def _shard_plan(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = tensor
-        size += nbytes
-    return shards
+def count_tensors(files: list[Path]) -> int:
+    """How many tensors the files hold, from their headers alone (for progress bars)."""
+    total = 0
+    for file in files:
+        if file.suffix == ".bin":
+            return 0  # unknown without unpickling; the bar then counts without a total
+        try:
+            with safe_open(file, framework="pt") as handle:
+                total += len(handle.keys())
+        except SafetensorError as err:
+            raise CheckpointError(
+                f"{file}: not a valid safetensors file ({err}); it may be truncated"
+            ) from None
+    return total
+
+
+def _legacy_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pickled PyTorch weights, read with `weights_only=True` so no code in the file can run."""
+    warnings.warn(
+        f"{file.name} is a legacy pickle checkpoint; it is read with torch.load(weights_only=True). "
+        "Re-save it with save_pretrained to get safetensors.",
+        stacklevel=3,
+    )
+    try:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            state = torch.load(file, map_location="cpu", weights_only=True)  # pre-1.6 format: no mmap
+    except Exception as err:  # torch raises many kinds for corrupt or unsafe pickles
+        raise CheckpointError(f"{file}: cannot be read safely: {type(err).__name__}: {err}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file}: expected a state dict, found {type(state).__name__}")
+    yield from state.items()
 
 
 def parse_size(size: int | str) -> int:
@@ -76,27 +137,64 @@ def parse_size(size: int | str) -> int:
         raise ValueError(f"max_shard_size `{size}`: expected bytes or a size such as `5GB`") from None
 
 
+def _shard_plan(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    return shards
+
+
+def _existing_weight_files(directory: Path) -> set[str]:
+    names: set[str] = set()
+    for index_name in (WEIGHTS_INDEX_NAME, LEGACY_INDEX_NAME):
+        index = directory / index_name
+        if index.is_file():
+            with contextlib.suppress(CheckpointError):  # a broken index is replaced all the same
+                names.update(_read_index(index).values())
+            names.add(index_name)
+    for name in (WEIGHTS_NAME, LEGACY_NAME):
+        if (directory / name).is_file():
+            names.add(name)
+    return names
+
+
 def save_state_dict(
     state: dict[str, torch.Tensor], directory: Path, max_shard_size: int | str = "5GB"
 ) -> list[Path]:
-    """Write `state` as one file or as shards plus an index; each file appears only once complete."""
+    """Write `state` as one file or as shards plus an index, replacing any checkpoint already there."""
+    directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in state.items()}
     shards = _shard_plan(state, parse_size(max_shard_size))
     metadata = {"format": "pt"}
+    previous = _existing_weight_files(directory)
     if len(shards) == 1:
-        with atomic_path(directory / WEIGHTS_NAME) as tmp:
+        with atomic_path(directory / WEIGHTS_NAME) as tmp:  # the commit point
             save_file(shards[0], os.fspath(tmp), metadata=metadata)
-        (directory / WEIGHTS_INDEX_NAME).unlink(missing_ok=True)
-        return [directory / WEIGHTS_NAME]
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map: dict[str, str] = {}
-    for name, shard in zip(names, shards, strict=True):
-        with atomic_path(directory / name) as tmp:
-            save_file(shard, os.fspath(tmp), metadata=metadata)
-        weight_map.update(dict.fromkeys(shard, name))
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    # The index goes last: a reader never sees an index that points at shards not yet written.
-    atomic_write_text(directory / WEIGHTS_INDEX_NAME, json.dumps(index, indent=2) + "\n")
-    (directory / WEIGHTS_NAME).unlink(missing_ok=True)
-    return [directory / n for n in names]
+        written = [directory / WEIGHTS_NAME]
+        stale = previous - {WEIGHTS_NAME}
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        if previous & set(names):  # never overwrite a shard the current index still points to
+            tag = secrets.token_hex(4)
+            names = [name.replace(".safetensors", f"-{tag}.safetensors") for name in names]
+        weight_map: dict[str, str] = {}
+        for name, shard in zip(names, shards, strict=True):
+            with atomic_path(directory / name) as tmp:
+                save_file(shard, os.fspath(tmp), metadata=metadata)
+            weight_map.update(dict.fromkeys(shard, name))
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        atomic_write_text(
+            directory / WEIGHTS_INDEX_NAME, json.dumps(index, indent=2) + "\n"
+        )  # the commit point
+        written = [directory / n for n in names]
+        stale = previous - set(names) - {WEIGHTS_INDEX_NAME}
+    for name in sorted(stale):
+        (directory / name).unlink(missing_ok=True)
+    return written

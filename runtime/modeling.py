@@ -12,10 +12,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, checkpoint_files, iter_tensors, save_state_dict
+from .checkpoint import CheckpointError, checkpoint_files, count_tensors, iter_tensors, save_state_dict
 from .config import PretrainedConfig
 from .files import atomic_write_text
+from .hub import resolve
 from .layers import Embedding, RMSNorm
+from .placement import DeviceMap, attach_device_hooks, device_for, resolve_device_map
 
 if TYPE_CHECKING:
     from .gguf import GGUFFile
@@ -114,20 +116,28 @@ class PreTrainedModel(nn.Module):
         cls: type[M],
         path: str | os.PathLike,
         *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
         dtype: str | torch.dtype | None = "auto",
         attn_implementation: str | None = None,
-        device: str | torch.device = "cpu",
+        device_map: DeviceMap | None = None,
+        max_memory: dict[str | int, int | str] | None = None,
         strict: bool = True,
+        progress: bool | None = None,
         **config_overrides: Any,
     ) -> M:
-        """Load a Hugging Face style folder (config.json + single or sharded safetensors).
+        """Load a checkpoint folder or hub id (config.json + single or sharded safetensors, or legacy .bin).
 
-        The model is built on the meta device and the checkpoint's tensors are assigned in place, so no
-        random initialisation is computed and thrown away. `dtype="auto"` uses the config's `dtype`.
+        The model is built on the meta device and the checkpoint's memory-mapped tensors are assigned in
+        place: no random initialisation is computed and thrown away, and no second copy is made.
+        `dtype="auto"` keeps the dtype the config names; `device_map` places modules ("cpu", "cuda",
+        "auto", or {module prefix: device}; "meta" leaves a module unloaded).
         """
-        directory = Path(path)
-        if not directory.is_dir():
-            raise CheckpointError(f"{directory}: not a folder")
+        directory = resolve(
+            path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
+        )
         config = cls.config_class.from_pretrained(directory, **config_overrides)
         if attn_implementation is not None:
             config.attn_implementation = attn_implementation
@@ -136,8 +146,10 @@ class PreTrainedModel(nn.Module):
             target_dtype = _dtype(dtype)  # type: ignore[arg-type]
         with torch.device("meta"):
             model = cls(config)
-        tensors = iter_tensors(checkpoint_files(directory))
-        model.load_tensors(tensors, str(directory), dtype=target_dtype, device=device, strict=strict)
+        files = checkpoint_files(directory)
+        tensors = _with_progress(iter_tensors(files), files, progress)
+        plan = resolve_device_map(model, device_map, max_memory)
+        model.load_tensors(tensors, str(directory), dtype=target_dtype, placement=plan, strict=strict)
         return model.eval()
 
     @classmethod
@@ -147,7 +159,7 @@ class PreTrainedModel(nn.Module):
         *,
         dtype: str | torch.dtype | None = None,
         attn_implementation: str | None = None,
-        device: str | torch.device = "cpu",
+        device_map: DeviceMap | None = None,
     ) -> M:
         """Load a llama.cpp GGUF file, or one already read, dequantised to `dtype` (float32 by default)."""
         from .gguf import GGUFFile, read_gguf
@@ -159,9 +171,8 @@ class PreTrainedModel(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         target = _dtype(dtype) if dtype is not None else None
-        model.load_tensors(
-            checkpoint.tensors.items(), checkpoint.source, dtype=target, device=device, strict=True
-        )
+        plan = resolve_device_map(model, device_map)
+        model.load_tensors(checkpoint.tensors.items(), checkpoint.source, dtype=target, placement=plan)
         return model.eval()
 
     def load_tensors(
@@ -170,9 +181,11 @@ class PreTrainedModel(nn.Module):
         source: str,
         *,
         dtype: torch.dtype | None = None,
-        device: str | torch.device = "cpu",
+        placement: dict[str, torch.device] | None = None,
         strict: bool = True,
     ) -> None:
+        """Assign checkpoint tensors to this (meta-built) model, checking every key and shape."""
+        plan = placement or {"": torch.device("cpu")}
         expected = self.state_dict()
         tied = set(self.tied_weights())
         prefix = self.base_model_prefix + "."
@@ -206,7 +219,11 @@ class PreTrainedModel(nn.Module):
                     f"{key}: checkpoint {tuple(tensor.shape)}, model {tuple(expected[name].shape)}"
                 )
                 continue
-            if dtype is not None and tensor.is_floating_point():
+            device = device_for(name, plan)
+            if device.type == "meta":
+                loaded[name] = expected[name]  # left unloaded, as asked
+                continue
+            if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
                 tensor = tensor.to(dtype)
             loaded[name] = tensor.to(device)
         if from_head_checkpoint:
@@ -221,7 +238,7 @@ class PreTrainedModel(nn.Module):
                 logger.warning(
                     "%s: initialising keys the checkpoint lacks: %s", type(self).__name__, missing[:12]
                 )
-                self._materialize(missing, dtype, device)
+                self._materialize(missing, dtype, plan)
             missing, unexpected = [], []
         if missing or unexpected or mismatched:
             lines = [f"checkpoint {source} does not fit {type(self).__name__}:"]
@@ -236,19 +253,24 @@ class PreTrainedModel(nn.Module):
             raise CheckpointError("\n".join(lines))
         self.load_state_dict(loaded, strict=False, assign=True)
         self.tie_weights()  # assignment replaced the shared parameters; share them again
-        self.to(device)  # buffers (rotary tables) follow the weights
+        for name, buffer in list(self.named_buffers()):  # rotary tables and such follow their module
+            owner, _, attr = name.rpartition(".")
+            device = device_for(name, plan)
+            if device.type != "meta" and buffer.device != device:
+                self.get_submodule(owner).register_buffer(attr, buffer.to(device), persistent=False)
+        attach_device_hooks(self, plan)
 
     @staticmethod
     def _ignorable(key: str) -> bool:
         # Non-persistent buffers some exporters still write.
         return key.endswith((".rotary_emb.inv_freq", "embeddings.position_ids", ".masked_bias", ".attn.bias"))
 
-    def _materialize(self, keys: list[str], dtype: torch.dtype | None, device: str | torch.device) -> None:
+    def _materialize(self, keys: list[str], dtype: torch.dtype | None, plan: dict[str, torch.device]) -> None:
         """Give freshly initialised storage to parameters the checkpoint did not have (non-strict loads)."""
         for key in keys:
             owner_name, _, _ = key.rpartition(".")
             owner = self.get_submodule(owner_name)
-            owner.to_empty(device=device, recurse=False)
+            owner.to_empty(device=device_for(key, plan), recurse=False)
             if dtype is not None:
                 owner.to(dtype)
             self._init_module(owner)
@@ -272,6 +294,18 @@ class PreTrainedModel(nn.Module):
     def generation_defaults(self) -> dict[str, Any]:
         """Defaults for `generation_config.json`; only causal LMs have any."""
         return {}
+
+
+def _with_progress(
+    tensors: Iterable[tuple[str, torch.Tensor]], files: list[Path], progress: bool | None
+) -> Iterable[tuple[str, torch.Tensor]]:
+    """A tqdm bar over the tensors for big checkpoints (over 200 MB) or when asked."""
+    size = sum(f.stat().st_size for f in files)
+    if progress is False or (progress is None and size < 200 * 2**20):
+        return tensors
+    from tqdm.auto import tqdm
+
+    return tqdm(tensors, total=count_tensors(files), desc="Loading weights", unit="tensor", leave=False)
 
 
 def generation_defaults(config: PretrainedConfig) -> dict[str, Any]:
