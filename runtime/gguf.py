@@ -33,8 +33,9 @@ _GLOBAL_NAMES = {
     "output_norm": "model.norm",
     "output": "lm_head",
 }
-# Architectures whose GGUF layout is the Llama one above, and the model_type they load as.
-DECODER_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+# GGUF architectures with the Llama tensor layout above -> (model_type, whether q/k rows were permuted).
+# llama.cpp's converter permutes q/k for the Llama family (interleaved rotary), not for Qwen2 (NeoX style).
+DECODER_ARCHITECTURES = {"llama": ("llama", True), "mistral": ("mistral", True), "qwen2": ("qwen2", False)}
 
 
 @dataclass
@@ -69,21 +70,50 @@ def unpermute_rotary_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
     )
 
 
-def read_gguf(path: str | os.PathLike) -> GGUFFile:
-    """Read a llama-family GGUF into a Hugging Face style config dict and state dict (float32)."""
+def _open(path: str | os.PathLike) -> tuple[Any, str]:
     gguf = _gguf()
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such GGUF file")
     try:
         reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as err:
-        raise CheckpointError(f"{path}: not a readable GGUF file ({err})") from None
+    except (ValueError, OSError, KeyError) as err:
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err})") from None
     arch = _field(reader, "general.architecture")
     if arch not in DECODER_ARCHITECTURES:
         raise CheckpointError(
             f"{path}: general.architecture is `{arch}`; supported: {', '.join(sorted(DECODER_ARCHITECTURES))}"
         )
+    return reader, arch
+
+
+def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The tokenizer settings and chat template of a GGUF file, without reading its tensors."""
+    reader, _ = _open(path)
+    return _tokenizer_metadata(reader)
+
+
+def _tokenizer_metadata(reader: Any) -> dict[str, Any]:
+    return {
+        "model": _field(reader, "tokenizer.ggml.model"),
+        "pre": _field(reader, "tokenizer.ggml.pre"),
+        "tokens": _field(reader, "tokenizer.ggml.tokens") or [],
+        "token_types": _field(reader, "tokenizer.ggml.token_type") or [],
+        "merges": _field(reader, "tokenizer.ggml.merges") or [],
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
+        "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+        "chat_template": _field(reader, "tokenizer.chat_template"),
+    }
+
+
+def read_gguf(path: str | os.PathLike) -> GGUFFile:
+    """Read a llama-family GGUF into a Hugging Face style config dict and state dict (float32)."""
+    gguf = _gguf()
+    reader, arch = _open(path)
+    path = Path(path)
+    model_type, permuted = DECODER_ARCHITECTURES[arch]
 
     def meta(key: str, default: Any = None) -> Any:
         return _field(reader, f"{arch}.{key}", default)
@@ -93,7 +123,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
     kv_heads = meta("attention.head_count_kv", heads)
     hidden = meta("embedding_length")
     config: dict[str, Any] = {
-        "model_type": DECODER_ARCHITECTURES[arch],
+        "model_type": model_type,
         "vocab_size": meta("vocab_size", len(tokens)),
         "hidden_size": hidden,
         "intermediate_size": meta("feed_forward_length"),
@@ -123,27 +153,21 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
         name = _hf_name(tensor.name)
         if name is None:
             raise CheckpointError(f"{path}: tensor `{tensor.name}` has no Hugging Face counterpart")
-        array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        try:
+            array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError:
+            raise CheckpointError(
+                f"{path}: tensor `{tensor.name}` is stored as {tensor.tensor_type.name}, which cannot be dequantised"
+            ) from None
         weight = torch.from_numpy(array.copy()).float()
-        if name.endswith("q_proj.weight"):
+        if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
             weight = unpermute_rotary_rows(weight, heads)
-        elif name.endswith("k_proj.weight"):
+        elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
             weight = unpermute_rotary_rows(weight, kv_heads)
         tensors[name] = weight
     config["tie_word_embeddings"] = "lm_head.weight" not in tensors
 
-    tokenizer = {
-        "model": _field(reader, "tokenizer.ggml.model"),
-        "pre": _field(reader, "tokenizer.ggml.pre"),
-        "tokens": tokens,
-        "token_types": _field(reader, "tokenizer.ggml.token_type") or [],
-        "merges": _field(reader, "tokenizer.ggml.merges") or [],
-        "bos_token_id": config["bos_token_id"],
-        "eos_token_id": config["eos_token_id"],
-        "pad_token_id": config["pad_token_id"],
-        "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
-        "chat_template": _field(reader, "tokenizer.chat_template"),
-    }
+    tokenizer = _tokenizer_metadata(reader)
     return GGUFFile(arch, config, tensors, tokenizer, str(path))
 
 

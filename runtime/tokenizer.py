@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +21,8 @@ class TemplateError(ValueError):
 
 
 class Tokenizer:
+    """A fast tokenizer with the Hugging Face calling conventions most code relies on."""
+
     def __init__(
         self,
         tokenizer: FastTokenizer,
@@ -31,6 +32,8 @@ class Tokenizer:
         pad_token_id: int | None = None,
         add_bos_token: bool = False,
         chat_template: str | None = None,
+        padding_side: str = "right",
+        model_max_length: int | None = None,
     ) -> None:
         # Padding and truncation stored in tokenizer.json would apply to every encode; we pad per batch.
         tokenizer.no_padding()
@@ -41,6 +44,8 @@ class Tokenizer:
         self.pad_token_id = pad_token_id
         self.add_bos_token = add_bos_token
         self.chat_template = chat_template
+        self.padding_side = padding_side
+        self.model_max_length = model_max_length
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
@@ -77,12 +82,15 @@ class Tokenizer:
         )
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> Tokenizer:
-        """A Hugging Face folder with `tokenizer.json` and, optionally, `tokenizer_config.json`."""
-        folder = Path(path)
+    def from_pretrained(cls, path: str | os.PathLike, **hub: Any) -> Tokenizer:
+        """A folder or hub id with `tokenizer.json` and, optionally, `tokenizer_config.json` (special
+        tokens, `padding_side`, `chat_template`) and `chat_template.jinja`."""
+        from .hub import resolve
+
+        folder = resolve(path, **hub)
         file = folder / "tokenizer.json"
         if not file.is_file():
-            raise FileNotFoundError(f"{folder}: no tokenizer.json")
+            raise FileNotFoundError(f"{folder}: no tokenizer.json (only fast tokenizers are supported)")
         backend = FastTokenizer.from_file(str(file))
         settings: dict[str, Any] = {}
         config_file = folder / "tokenizer_config.json"
@@ -95,13 +103,21 @@ class Tokenizer:
                 token = token.get("content")
             return backend.token_to_id(token) if isinstance(token, str) else None
 
+        template = settings.get("chat_template")
+        if isinstance(template, list):  # several named templates: use the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if (folder / "chat_template.jinja").is_file():
+            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        max_length = settings.get("model_max_length")
         return cls(
             backend,
             bos_token_id=token_id("bos_token"),
             eos_token_id=token_id("eos_token"),
             pad_token_id=token_id("pad_token"),
             add_bos_token=bool(settings.get("add_bos_token", False)),
-            chat_template=settings.get("chat_template"),
+            chat_template=template,
+            padding_side=settings.get("padding_side", "right"),
+            model_max_length=max_length if isinstance(max_length, int) and max_length < 10**9 else None,
         )
 
     # ---- encoding --------------------------------------------------------------------------------
@@ -117,26 +133,66 @@ class Tokenizer:
             ids = [bos, *ids]
         return ids
 
-    def batch_encode(
-        self, texts: list[str], *, add_special_tokens: bool = True, padding_side: str = "right"
-    ) -> dict[str, torch.Tensor]:
-        """`input_ids` and `attention_mask`, padded to the longest text with the pad token."""
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side is `{padding_side}`; expected `left` or `right`")
-        encoded = [self.encode(text, add_special_tokens) for text in texts]
-        if self.pad_token_id is None and len({len(e) for e in encoded}) > 1:
-            raise ValueError("texts of different lengths need a pad token, and this tokenizer has none")
-        width = max(map(len, encoded), default=0)
-        ids = torch.full((len(texts), width), self.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros((len(texts), width), dtype=torch.long)
-        for row, tokens in enumerate(encoded):
-            span = slice(width - len(tokens), width) if padding_side == "left" else slice(0, len(tokens))
-            ids[row, span] = torch.tensor(tokens, dtype=torch.long)
-            mask[row, span] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+    def __call__(
+        self,
+        text: str | list[str],
+        *,
+        add_special_tokens: bool = True,
+        padding: bool | str = False,
+        truncation: bool = False,
+        max_length: int | None = None,
+        padding_side: str | None = None,
+        return_tensors: str | None = None,
+    ) -> dict[str, Any]:
+        """`input_ids` and `attention_mask` for one text or a batch, as Hugging Face tokenizers return them.
 
-    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
-        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        `padding`: False, True / "longest", or "max_length"; `truncation` cuts to `max_length` (or the
+        model's maximum); `return_tensors="pt"` gives (batch, length) tensors.
+        """
+        single = isinstance(text, str)
+        texts = [text] if single else list(text)
+        side = padding_side or self.padding_side
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side is `{side}`; expected `left` or `right`")
+        if padding not in (False, True, "longest", "max_length", "do_not_pad"):
+            raise ValueError(f"padding is {padding!r}; expected False, True, 'longest' or 'max_length'")
+        limit = max_length if max_length is not None else self.model_max_length
+        encoded = [self.encode(t, add_special_tokens) for t in texts]
+        if truncation:
+            if limit is None:
+                raise ValueError("truncation needs `max_length` (this tokenizer has no model_max_length)")
+            encoded = [ids[:limit] for ids in encoded]
+        width = max(map(len, encoded), default=0)
+        if padding == "max_length":
+            if max_length is None:
+                raise ValueError("padding='max_length' needs `max_length`")
+            width = max(width, max_length)
+        pad = padding in (True, "longest", "max_length")
+        if pad and self.pad_token_id is None:
+            raise ValueError("padding needs a pad token, and this tokenizer has none (set tokenizer.pad_token_id)")
+        if not pad and return_tensors == "pt" and len({len(e) for e in encoded}) > 1:
+            raise ValueError("texts of different lengths cannot form one tensor without padding=True")
+        ids_rows, mask_rows = [], []
+        for ids in encoded:
+            fill = [self.pad_token_id] * (width - len(ids)) if pad else []
+            ones, zeros = [1] * len(ids), [0] * len(fill)
+            ids_rows.append(fill + ids if side == "left" else ids + fill)
+            mask_rows.append(zeros + ones if side == "left" else ones + zeros)
+        if return_tensors == "pt":
+            return {"input_ids": torch.tensor(ids_rows, dtype=torch.long), "attention_mask": torch.tensor(mask_rows)}
+        if return_tensors is not None:
+            raise ValueError(f"return_tensors={return_tensors!r}; only 'pt' is supported")
+        if single:
+            return {"input_ids": ids_rows[0], "attention_mask": mask_rows[0]}
+        return {"input_ids": ids_rows, "attention_mask": mask_rows}
+
+    def batch_encode(self, texts: list[str], *, add_special_tokens: bool = True) -> dict[str, Any]:
+        """Padded (batch, length) tensors: `self(texts, padding=True, return_tensors="pt")`."""
+        return self(texts, add_special_tokens=add_special_tokens, padding=True, return_tensors="pt")
+
+    def batch_decode(self, sequences: list[list[int]] | torch.Tensor, skip_special_tokens: bool = False) -> list[str]:
+        rows = sequences.tolist() if isinstance(sequences, torch.Tensor) else sequences
+        return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in rows]
 
     # ---- chat ------------------------------------------------------------------------------------
     @cached_property
@@ -168,3 +224,15 @@ class Tokenizer:
         except Exception as err:  # jinja2 errors of every kind, and sandbox violations
             raise TemplateError(f"chat template failed to render: {err}") from err
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+class AutoTokenizer:
+    """The tokenizer of a checkpoint folder, hub id, or `.gguf` file."""
+
+    @staticmethod
+    def from_pretrained(path: str | os.PathLike, **hub: Any) -> Tokenizer:
+        if str(path).endswith(".gguf"):
+            from .gguf import read_gguf_metadata
+
+            return Tokenizer.from_gguf_metadata(read_gguf_metadata(path))
+        return Tokenizer.from_pretrained(path, **hub)

@@ -1,0 +1,85 @@
+"""GGUF files of each supported architecture and storage type load as transformers loads them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from gguf_files import bpe_tokenizer, write_gguf
+
+from specformer.runtime import CheckpointError
+from specformer.runtime.auto import load_causal_lm
+
+CONFIG = {
+    "vocab_size": 0,  # the tokenizer's
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "rms_norm_eps": 1e-5,
+}
+# llama.cpp writes Mistral checkpoints with the `llama` architecture (same layout, no window metadata).
+CASES = [
+    ("llama", "F32"),
+    ("llama", "F16"),
+    ("llama", "BF16"),
+    ("llama", "Q8_0"),
+    ("llama", "Q4_0"),
+    ("llama", "Q4_1"),
+    ("qwen2", "Q8_0"),
+    ("qwen2", "F16"),
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return bpe_tokenizer(300)
+
+
+@pytest.mark.parametrize(("arch", "qtype"), CASES, ids=[f"{a}-{q}" for a, q in CASES])
+def test_gguf_matches_transformers(arch: str, qtype: str, tokenizer, tmp_path: Path) -> None:
+    config = CONFIG | {"vocab_size": tokenizer.get_vocab_size()}
+    hf_config_class = transformers.LlamaConfig if arch == "llama" else transformers.Qwen2Config
+    source = transformers.AutoModelForCausalLM.from_config(hf_config_class(**config))
+    path = tmp_path / f"{arch}.gguf"
+    write_gguf(path, arch, config, source.state_dict(), qtype, tokenizer)
+
+    model, ours_tokenizer = load_causal_lm(path)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name).eval()
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    assert type(model).__name__.lower().startswith(arch)
+    text = "hello world, the quick brown fox 12345"
+    ids = ours_tokenizer.encode(text)
+    assert ids == hf_tokenizer.encode(text, add_special_tokens=False)
+    with torch.no_grad():
+        expected = reference(torch.tensor([ids])).logits
+        actual = model(torch.tensor([ids])).logits
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+    messages = [{"role": "user", "content": "hi"}]
+    assert ours_tokenizer.apply_chat_template(messages, tokenize=False) == hf_tokenizer.apply_chat_template(
+        messages, tokenize=False
+    )
+
+
+def test_unsupported_architecture_names_the_file(tokenizer, tmp_path: Path) -> None:
+    import gguf
+
+    path = tmp_path / "phi.gguf"
+    writer = gguf.GGUFWriter(str(path), "phi3")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", torch.zeros(4, 4).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(
+        CheckpointError, match=r"phi\.gguf: general\.architecture is `phi3`; supported: llama"
+    ):
+        load_causal_lm(path)
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF\x00\x01broken")
+    with pytest.raises(CheckpointError, match=r"junk\.gguf: not a readable GGUF file"):
+        load_causal_lm(tmp_path / "junk.gguf")
