@@ -58,14 +58,9 @@ class Tokenizer:
         vocab = {token: i for i, token in enumerate(tokens)}
         merges = [tuple(m.split(" ", 1)) for m in meta["merges"]]
         backend = FastTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        if meta.get("pre") in ("smollm", "qwen2", "llama-bpe", "deepseek-llm"):
-            # These pre-tokenizers split every digit on its own before the GPT-2 pattern.
-            backend.pre_tokenizer = pre_tokenizers.Sequence(
-                [pre_tokenizers.Digits(individual_digits=True), byte_level]
-            )
-        else:
-            backend.pre_tokenizer = byte_level
+        # The GPT-2 byte-level split, as transformers builds GGUF tokenizers. (llama.cpp's own `pre` variants,
+        # e.g. SmolLM's digit splitting, differ on rare inputs such as spaces before a digit.)
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         backend.decoder = decoders.ByteLevel()
         types = list(meta.get("token_types") or [])
         specials = [
@@ -169,7 +164,9 @@ class Tokenizer:
             width = max(width, max_length)
         pad = padding in (True, "longest", "max_length")
         if pad and self.pad_token_id is None:
-            raise ValueError("padding needs a pad token, and this tokenizer has none (set tokenizer.pad_token_id)")
+            raise ValueError(
+                "padding needs a pad token, and this tokenizer has none (set tokenizer.pad_token_id)"
+            )
         if not pad and return_tensors == "pt" and len({len(e) for e in encoded}) > 1:
             raise ValueError("texts of different lengths cannot form one tensor without padding=True")
         ids_rows, mask_rows = [], []
@@ -179,7 +176,10 @@ class Tokenizer:
             ids_rows.append(fill + ids if side == "left" else ids + fill)
             mask_rows.append(zeros + ones if side == "left" else ones + zeros)
         if return_tensors == "pt":
-            return {"input_ids": torch.tensor(ids_rows, dtype=torch.long), "attention_mask": torch.tensor(mask_rows)}
+            return {
+                "input_ids": torch.tensor(ids_rows, dtype=torch.long),
+                "attention_mask": torch.tensor(mask_rows),
+            }
         if return_tensors is not None:
             raise ValueError(f"return_tensors={return_tensors!r}; only 'pt' is supported")
         if single:
@@ -190,7 +190,13 @@ class Tokenizer:
         """Padded (batch, length) tensors: `self(texts, padding=True, return_tensors="pt")`."""
         return self(texts, add_special_tokens=add_special_tokens, padding=True, return_tensors="pt")
 
-    def batch_decode(self, sequences: list[list[int]] | torch.Tensor, skip_special_tokens: bool = False) -> list[str]:
+    def decode(self, ids: list[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
+        tokens = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        return self.backend.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(
+        self, sequences: list[list[int]] | torch.Tensor, skip_special_tokens: bool = False
+    ) -> list[str]:
         rows = sequences.tolist() if isinstance(sequences, torch.Tensor) else sequences
         return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in rows]
 

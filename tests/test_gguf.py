@@ -51,10 +51,73 @@ def reference(smollm2):
     return model, tokenizer
 
 
-TEXTS = [
+BASE_TEXTS = [
     "Hello world! 12345 numbers, and   spaces.\n\nNew paragraph: café ñ 日本語 🙂",
     "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
     "def f(x):\n\treturn x**2  # tabs and code",
+    "",
+    " ",
+    "   leading and trailing   ",
+    "\n\n\n",
+    "\t\tindented\n\t\t\tmore",
+    "UPPER lower MiXeD",
+    "Ünïcödé façade naïve coöperate",
+    "Привет, мир! Здравствуйте.",
+    "こんにちは世界、漢字とかな。",
+    "مرحبا بالعالم",
+    "👍🏽 👨‍👩‍👧‍👦 🇫🇷 ❤️",
+    "3.14159 2,718 1e-10 0x1F 007",
+    "https://example.com/path?query=1&x=y#frag",
+    "email@example.com @mention #hashtag",
+    'JSON: {"key": [1, 2, {"nested": null}]}',
+    "for (int i = 0; i < n; ++i) { sum += a[i]; }",
+    "SELECT * FROM users WHERE id = 42;",
+    "<|endoftext|>special<|im_end|> tokens <|im_start|>",
+    "can't won't I'm you're they've",
+    "a" * 300,
+    "ab " * 50,
+    "Zero-width\u200bspace and non\u00a0breaking",
+]
+
+
+def _varied_texts() -> list[str]:
+    """A hundred strings: the cases above, then random mixes of words, digits, scripts and whitespace."""
+    import random
+
+    rng = random.Random(0)
+    pieces = [
+        "the",
+        "Model",
+        "42",
+        "7.5",
+        " ",
+        "  ",
+        "\n",
+        "\t",
+        "ü",
+        "日本",
+        "🙂",
+        "<|im_end|>",
+        "x_y",
+        "--",
+        "'s",
+    ]
+    texts = list(BASE_TEXTS)
+    while len(texts) < 100:
+        texts.append("".join(rng.choice(pieces) for _ in range(rng.randint(1, 25))))
+    return texts
+
+
+TEXTS = _varied_texts()
+CONVERSATIONS = [
+    [{"role": "user", "content": "Name three colours."}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi!"}],
+    [
+        {"role": "system", "content": "You answer in French."},
+        {"role": "user", "content": "What is the capital of Italy?"},
+        {"role": "assistant", "content": "Rome."},
+        {"role": "user", "content": "And of Spain?"},
+    ],
 ]
 
 
