@@ -150,13 +150,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _load_for_text(args: argparse.Namespace):
     import time
 
-    import torch
-
     from specformer.runtime.auto import default_model_path, load_causal_lm
-    from specformer.runtime.generation import generate
 
     path = args.model or default_model_path()
     start = time.perf_counter()
@@ -164,12 +161,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(
         f"loaded {path} ({model.num_parameters() / 1e6:.0f}M parameters) in {time.perf_counter() - start:.1f}s"
     )
-    if args.raw or not tokenizer.chat_template:
-        ids = tokenizer.encode(args.prompt)
-    else:
-        messages = [{"role": "user", "content": args.prompt}]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    print(f"> {args.prompt}")
+    return model, tokenizer
+
+
+def _reply(model, tokenizer, ids: list[int], args: argparse.Namespace) -> list[int]:
+    """Generate after `ids`, printing text as it forms; returns the new token ids."""
+    import time
+
+    import torch
+
+    from specformer.runtime.generation import generate
+
     generated: list[int] = []
     shown = ""
 
@@ -181,7 +183,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(text[len(shown) :], end="", flush=True)
             shown = text
 
-    generator = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
     generate(
         model,
@@ -191,10 +192,47 @@ def cmd_run(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         eos_token_id=tokenizer.eos_token_id,
         on_token=show,
-        generator=generator,
+        generator=torch.Generator().manual_seed(args.seed),
     )
     elapsed = time.perf_counter() - start
-    print(f"\n[{len(generated)} tokens in {elapsed:.2f}s, {len(generated) / elapsed:.1f} tokens/s]")
+    print(
+        f"\n[{len(generated)} tokens in {elapsed:.2f}s, {len(generated) / max(elapsed, 1e-9):.1f} tokens/s]"
+    )
+    return generated
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    model, tokenizer = _load_for_text(args)
+    if args.raw or not tokenizer.chat_template:
+        ids = tokenizer.encode(args.prompt)
+    else:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], add_generation_prompt=True
+        )
+    print(f"> {args.prompt}")
+    _reply(model, tokenizer, ids, args)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """A chat loop on stdin: each turn re-renders the whole conversation through the chat template."""
+    model, tokenizer = _load_for_text(args)
+    if not tokenizer.chat_template:
+        print("this model has no chat template; use `specformer run --raw` instead", file=sys.stderr)
+        return 1
+    messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    print("chat: an empty line or end of input quits")
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        messages.append({"role": "user", "content": line})
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        answer = _reply(model, tokenizer, ids, args)
+        messages.append({"role": "assistant", "content": tokenizer.decode(answer, skip_special_tokens=True)})
     return 0
 
 
@@ -215,15 +253,25 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="parse and check one spec file")
     validate.add_argument("file", type=Path)
     validate.set_defaults(func=cmd_validate)
-    run = sub.add_parser("run", help="generate text with a real model (default: SmolLM2-135M-Instruct)")
-    run.add_argument("--model", type=Path, default=None, help="a .gguf file or a Hugging Face folder")
-    run.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
-    run.add_argument("--max-new-tokens", type=int, default=64)
-    run.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily")
-    run.add_argument("--top-p", type=float, default=1.0)
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
-    run.set_defaults(func=cmd_run)
+    text_commands = {}
+    for name, func, text in (
+        ("run", cmd_run, "generate text with a real model (default: SmolLM2-135M-Instruct)"),
+        ("chat", cmd_chat, "chat with a real model on the terminal"),
+    ):
+        command = text_commands[name] = sub.add_parser(name, help=text)
+        command.add_argument("--model", default=None, help="a .gguf file, a Hugging Face folder or a hub id")
+        command.add_argument("--max-new-tokens", type=int, default=64 if name == "run" else 256)
+        command.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily")
+        command.add_argument("--top-p", type=float, default=1.0)
+        command.add_argument("--seed", type=int, default=0)
+        command.set_defaults(func=func)
+    text_commands["run"].add_argument(
+        "--prompt", default="What is the capital of France? Answer in one sentence."
+    )
+    text_commands["run"].add_argument(
+        "--raw", action="store_true", help="do not wrap the prompt in the chat template"
+    )
+    text_commands["chat"].add_argument("--system", default=None, help="a system message for the conversation")
     return parser
 
 

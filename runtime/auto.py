@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 from .checkpoint import CheckpointError
 from .config import PretrainedConfig
+from .hub import resolve
 from .modeling import PreTrainedModel
 from .tokenizer import Tokenizer
 
@@ -145,15 +146,13 @@ def default_model_path() -> Path:
     return path
 
 
-def load_causal_lm(path: str | os.PathLike) -> tuple[PreTrainedModel, Tokenizer]:
-    """A causal LM and its tokenizer from a `.gguf` file or a Hugging Face folder."""
-    path = Path(path)
-    if path.suffix == ".gguf":
+def load_causal_lm(path: str | os.PathLike, **kwargs: Any) -> tuple[PreTrainedModel, Tokenizer]:
+    """A causal LM and its tokenizer from a `.gguf` file, a Hugging Face folder or a hub id."""
+    if str(path).endswith(".gguf"):
         from .gguf import read_gguf
 
         checkpoint = read_gguf(path)
-        model = model_class(checkpoint.config["model_type"]).from_gguf(checkpoint)
+        model = model_class(checkpoint.config["model_type"]).from_gguf(checkpoint, **kwargs)
         return model, Tokenizer.from_gguf_metadata(checkpoint.tokenizer)
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"{path}: expected a .gguf file or a folder with config.json")
-    return AutoModelForCausalLM.from_pretrained(path), Tokenizer.from_pretrained(path)
+    folder = resolve(path)
+    return AutoModelForCausalLM.from_pretrained(folder, **kwargs), Tokenizer.from_pretrained(folder)

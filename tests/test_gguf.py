@@ -163,3 +163,16 @@ def test_run_command_answers(smollm2) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
+
+
+@pytest.mark.slow
+def test_chat_command_keeps_the_conversation(smollm2) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "specformer.codegen.cli", "chat", "--max-new-tokens", "8"],
+        input="What is the capital of France?\nThanks!\n\n",
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("tokens in") == 2
+    assert "Paris" in result.stdout
