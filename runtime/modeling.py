@@ -17,6 +17,7 @@ from .config import PretrainedConfig
 from .files import atomic_write_text
 from .hub import resolve
 from .layers import Embedding, RMSNorm
+from .meta import meta_init
 from .placement import DeviceMap, attach_device_hooks, device_for, resolve_device_map
 
 if TYPE_CHECKING:
@@ -144,7 +145,7 @@ class PreTrainedModel(nn.Module):
         target_dtype = _dtype(config.dtype) if dtype == "auto" and config.dtype else None
         if dtype not in (None, "auto"):
             target_dtype = _dtype(dtype)  # type: ignore[arg-type]
-        with torch.device("meta"):
+        with meta_init():
             model = cls(config)
         files = checkpoint_files(directory)
         tensors = _with_progress(iter_tensors(files), files, progress)
@@ -168,7 +169,7 @@ class PreTrainedModel(nn.Module):
         config = cls.config_class.from_dict(checkpoint.config)
         if attn_implementation is not None:
             config.attn_implementation = attn_implementation
-        with torch.device("meta"):
+        with meta_init():
             model = cls(config)
         target = _dtype(dtype) if dtype is not None else None
         plan = resolve_device_map(model, device_map)

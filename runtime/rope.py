@@ -12,11 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
+CPU = torch.device("cpu")  # tables are always computed here, whatever device the model is built on
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (B, T, rotary_dim), float32
 
 
 def _base_inv_freq(base: float, dim: int) -> torch.Tensor:
-    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=CPU).float() / dim))
 
 
 def inverse_frequencies(
@@ -66,9 +67,9 @@ def _yarn(params: dict[str, Any], base: float, dim: int, max_pos: int) -> tuple[
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device=CPU) - low) / (high - low), 0, 1)
     extrapolation_weight = 1 - ramp
-    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    pos_freqs = base ** (torch.arange(0, dim, 2, device=CPU).float() / dim)
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation_weight) + (
         1.0 / pos_freqs
     ) * extrapolation_weight
@@ -84,8 +85,8 @@ def _longrope(
     if attention_factor is None:
         attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
     long = seq_len is not None and seq_len > original
-    ext = torch.tensor(params["long_factor" if long else "short_factor"], dtype=torch.float32)
-    shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    ext = torch.tensor(params["long_factor" if long else "short_factor"], dtype=torch.float32, device=CPU)
+    shape = torch.arange(0, dim, 2, dtype=torch.int64, device=CPU).float() / dim
     return 1.0 / (ext * base**shape), attention_factor
 
 
@@ -113,10 +114,8 @@ class RotaryEmbedding(nn.Module):
         self.params = dict(params)
         self.max_position_embeddings = max_position_embeddings
         self.rope_type = params.get("rope_type", "default")
-        with torch.device("cpu"):  # real values even when the model is built on the meta device
-            inv_freq, self.attention_scaling = inverse_frequencies(
-                self.params, self.dim, max_position_embeddings
-            )
+        # computed on the CPU (every factory call below names it) even while the model is built on meta
+        inv_freq, self.attention_scaling = inverse_frequencies(self.params, self.dim, max_position_embeddings)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.cached_len = max_position_embeddings
 

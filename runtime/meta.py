@@ -1,0 +1,61 @@
+"""Building a model without allocating or initialising its weights: factory calls land on `meta`.
+
+`torch.device("meta")` as a context manager does much the same, but it runs the modules' initialisers on
+meta tensors through torch's reference implementations, whose first use imports the compiler stack
+(about a second on a small machine). This mode skips those initialisers, which compute nothing on meta.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+# The constructors nn.Module initialisers use. Explicit `device=` arguments are respected, so a module
+# can still build real buffers (rotary tables) while its parameters stay on meta.
+_CONSTRUCTORS: frozenset[Callable] = frozenset(
+    {
+        torch.empty,
+        torch.empty_strided,
+        torch.zeros,
+        torch.ones,
+        torch.full,
+        torch.rand,
+        torch.randn,
+        torch.randint,
+        torch.arange,
+        torch.tensor,
+        torch.eye,
+        torch.linspace,
+    }
+)
+# In-place initialisers (torch.nn.init's and the tensor methods they call).
+_INITIALISERS = frozenset(
+    {
+        "normal_",
+        "uniform_",
+        "zero_",
+        "zeros_",
+        "ones_",
+        "fill_",
+        "constant_",
+        "kaiming_uniform_",
+        "trunc_normal_",
+    }
+)
+
+
+class meta_init(TorchFunctionMode):  # lower case: used like a function, `with meta_init(): ...`
+    def __torch_function__(
+        self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func in _CONSTRUCTORS and kwargs.get("device") is None:
+            kwargs["device"] = "meta"
+        elif getattr(func, "__name__", "") in _INITIALISERS:
+            target = args[0] if args else kwargs.get("tensor", kwargs.get("self"))
+            if getattr(target, "is_meta", False):
+                return target
+        return func(*args, **kwargs)
