@@ -52,9 +52,31 @@ def permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
     )
 
 
+def k_quant_blocks(rows: int, cols: int, qtype: str, seed: int = 0) -> np.ndarray:
+    """Random K-quant bytes (gguf can read but not write these) with small, finite block scales."""
+    kind = gguf.GGMLQuantizationType[qtype]
+    block_values, block_bytes = gguf.GGML_QUANT_SIZES[kind]
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, (rows, cols // block_values, block_bytes), dtype=np.uint8)
+    scale = np.frombuffer(np.float16(0.002).tobytes(), dtype=np.uint8)
+    if qtype in ("Q4_K", "Q5_K"):  # d and dmin lead the block
+        data[..., 0:2] = scale
+        data[..., 2:4] = scale
+    else:  # Q6_K: d ends the block, after 16 signed sub-block scales
+        data[..., -2:] = scale
+    return data.reshape(rows, -1)
+
+
 def write_gguf(
-    path: Path, arch: str, config: dict, state: dict[str, torch.Tensor], qtype: str, tokenizer: Tokenizer
+    path: Path,
+    arch: str,
+    config: dict,
+    state: dict[str, torch.Tensor],
+    qtype: str,
+    tokenizer: Tokenizer,
+    raw: dict[str, tuple[np.ndarray, str]] | None = None,
 ) -> None:
+    """`raw`: tensors written as given bytes of a quantised type, replacing the model's values."""
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
@@ -100,7 +122,10 @@ def write_gguf(
         elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
             tensor = permute(tensor, config["num_key_value_heads"])
         data = tensor.detach().float().numpy()
-        if data.ndim == 2 and qtype != "F32":
+        if raw and name in raw:
+            blocks, kind = raw[name]
+            writer.add_tensor(gguf_name, blocks, raw_dtype=gguf.GGMLQuantizationType[kind])
+        elif data.ndim == 2 and qtype != "F32":
             kind = gguf.GGMLQuantizationType[qtype]
             writer.add_tensor(gguf_name, gguf.quants.quantize(data, kind), raw_dtype=kind)
         else:

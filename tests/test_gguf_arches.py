@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from gguf_files import bpe_tokenizer, write_gguf
+from gguf_files import bpe_tokenizer, k_quant_blocks, write_gguf
 
 from specformer.runtime import CheckpointError
 from specformer.runtime.auto import load_causal_lm
@@ -63,6 +63,23 @@ def test_gguf_matches_transformers(arch: str, qtype: str, tokenizer, tmp_path: P
     assert ours_tokenizer.apply_chat_template(messages, tokenize=False) == hf_tokenizer.apply_chat_template(
         messages, tokenize=False
     )
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q5_K", "Q6_K"])
+def test_k_quants_match_transformers(kind: str, tokenizer, tmp_path: Path) -> None:
+    config = CONFIG | {"vocab_size": tokenizer.get_vocab_size(), "intermediate_size": 256}
+    source = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
+    raw = {"model.layers.0.mlp.down_proj.weight": (k_quant_blocks(64, 256, kind), kind)}
+    path = tmp_path / "k.gguf"
+    write_gguf(path, "llama", config, source.state_dict(), "Q8_0", tokenizer, raw)
+    model, _ = load_causal_lm(path)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name).eval()
+    weight = model.model.layers[0].mlp.down_proj.weight
+    torch.testing.assert_close(weight, reference.model.layers[0].mlp.down_proj.weight, atol=0, rtol=0)
+    assert weight.abs().max() > 0 and torch.isfinite(weight).all()
+    ids = torch.arange(1, 9)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=0)
 
 
 def test_unsupported_architecture_names_the_file(tokenizer, tmp_path: Path) -> None:
