@@ -707,22 +707,10 @@ class Planner:
         return self.is_input_block(self.blocks[name])
 
     def _block_order(self) -> list[str]:
-        """Blocks other than the backbone and heads, children first, otherwise in spec order."""
-        order: list[str] = []
-
-        def visit(name: str) -> None:
-            if name in order:
-                return
-            for sub in self.blocks[name].submodules:
-                if sub.kind != "primitive":
-                    visit(sub.target)
-            if self.blocks[name].role == "block":
-                order.append(name)
-
-        for block in self.model.blocks:
-            if block.role == "block" and self._reachable(block.name):
-                visit(block.name)
-        return order
+        """Blocks other than the backbone and heads, children first, that something uses."""
+        return [
+            n for n in self.analysis.children_first() if self.blocks[n].role == "block" and self._reachable(n)
+        ]
 
     def _reachable(self, name: str) -> bool:
         """Blocks no backbone or head uses are not emitted (a delta may orphan its parent's blocks)."""

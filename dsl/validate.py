@@ -41,25 +41,28 @@ _BINOPS: dict[str, Callable] = {
 }
 
 
+def _children(expr: ir.Expr) -> tuple[ir.Expr, ...]:
+    if isinstance(expr, ir.Unary):
+        return (expr.operand,)
+    if isinstance(expr, ir.BinOp):
+        return (expr.left, expr.right)
+    if isinstance(expr, ir.IfExp):
+        return (expr.test, expr.body, expr.orelse)
+    if isinstance(expr, ir.ListExpr):
+        return expr.items
+    if isinstance(expr, ir.Subscript):
+        return (expr.value, expr.index)
+    if isinstance(expr, ir.Comprehension):
+        return (expr.element, expr.count)
+    if isinstance(expr, ir.Call):
+        return (*expr.args, *(v for _, v in expr.kwargs))
+    return ()
+
+
 def walk(expr: ir.Expr) -> Iterator[ir.Expr]:
     """Every node of an expression, itself first."""
     yield expr
-    children: tuple = ()
-    if isinstance(expr, ir.Unary):
-        children = (expr.operand,)
-    elif isinstance(expr, ir.BinOp):
-        children = (expr.left, expr.right)
-    elif isinstance(expr, ir.IfExp):
-        children = (expr.test, expr.body, expr.orelse)
-    elif isinstance(expr, ir.ListExpr):
-        children = expr.items
-    elif isinstance(expr, ir.Subscript):
-        children = (expr.value, expr.index)
-    elif isinstance(expr, ir.Comprehension):
-        children = (expr.element, expr.count)
-    elif isinstance(expr, ir.Call):
-        children = (*expr.args, *(v for _, v in expr.kwargs))
-    for child in children:
+    for child in _children(expr):
         yield from walk(child)
 
 
@@ -72,20 +75,7 @@ def names_in(expr: ir.Expr, bound: frozenset[str] = frozenset()) -> Iterator[ir.
         yield from names_in(expr.count, bound)
         yield from names_in(expr.element, bound | {expr.var})
     else:
-        children: tuple = ()
-        if isinstance(expr, ir.Unary):
-            children = (expr.operand,)
-        elif isinstance(expr, ir.BinOp):
-            children = (expr.left, expr.right)
-        elif isinstance(expr, ir.IfExp):
-            children = (expr.test, expr.body, expr.orelse)
-        elif isinstance(expr, ir.ListExpr):
-            children = expr.items
-        elif isinstance(expr, ir.Subscript):
-            children = (expr.value, expr.index)
-        elif isinstance(expr, ir.Call):
-            children = (*expr.args, *(v for _, v in expr.kwargs))
-        for child in children:
+        for child in _children(expr):
             yield from names_in(child, bound)
 
 
@@ -503,12 +493,13 @@ class Validator:
             if block.forward is None:
                 raise self.error(f"{block.role} `{block.name}` has no forward", block.pos)
         # Children first, so a call knows how many tensors the callee returns.
-        for name in self._children_first():
+        for name in self.children_first():
             block = self.blocks[name]
             assert block.forward is not None
             self.returns[name] = self._check_forward(block, block.forward)
 
-    def _children_first(self) -> list[str]:
+    def children_first(self) -> list[str]:
+        """Every block after the blocks it holds (the backbone before heads that call it)."""
         order: list[str] = []
 
         def visit(name: str) -> None:

@@ -32,12 +32,16 @@ def generated_packages() -> dict[str, ModuleType]:
     return found
 
 
-def model_class(model_type: str, task: str = "ForCausalLM") -> type[PreTrainedModel]:
-    """The generated class for `model_type` whose name ends in `task` (`Model`, `ForCausalLM`, ...)."""
+def _package(model_type: str) -> ModuleType:
     packages = generated_packages()
     if model_type not in packages:
         raise ValueError(f"unknown model_type `{model_type}`; known: {', '.join(sorted(packages))}")
-    package = packages[model_type]
+    return packages[model_type]
+
+
+def model_class(model_type: str, task: str = "ForCausalLM") -> type[PreTrainedModel]:
+    """The generated class for `model_type` whose name ends in `task` (`Model`, `ForCausalLM`, ...)."""
+    package = _package(model_type)
     prefix = next(n[: -len("Config")] for n in package.__all__ if n.endswith("Config"))
     name = f"{prefix}{task}"
     if name not in package.__all__:
@@ -75,10 +79,7 @@ class AutoConfig:
 
 
 def config_class(model_type: str) -> type[PretrainedConfig]:
-    packages = generated_packages()
-    if model_type not in packages:
-        raise ValueError(f"unknown model_type `{model_type}`; known: {', '.join(sorted(packages))}")
-    package = packages[model_type]
+    package = _package(model_type)
     return getattr(package, next(n for n in package.__all__ if n.endswith("Config")))
 
 
