@@ -183,16 +183,16 @@ def _reply(model, tokenizer, ids: list[int], args: argparse.Namespace) -> list[i
             print(text[len(shown) :], end="", flush=True)
             shown = text
 
+    sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": None}
     start = time.perf_counter()
     generate(
         model,
         torch.tensor([ids]),
         max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
         eos_token_id=tokenizer.eos_token_id,
         on_token=show,
         generator=torch.Generator().manual_seed(args.seed),
+        **(sampling if args.temperature > 0 else {}),
     )
     elapsed = time.perf_counter() - start
     print(

@@ -14,6 +14,9 @@ class Cache:
     def get_seq_length(self) -> int:
         raise NotImplementedError
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        raise NotImplementedError
+
 
 class DynamicCache(Cache):
     """Grows by concatenation: simple and exact, at the cost of a copy per step."""
@@ -33,6 +36,11 @@ class DynamicCache(Cache):
 
     def get_seq_length(self) -> int:
         return self.keys[0].shape[-2] if self.keys else 0
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep row `rows[i]` as row i (beam search follows its surviving beams)."""
+        self.keys = [k.index_select(0, rows.to(k.device)) for k in self.keys]
+        self.values = [v.index_select(0, rows.to(v.device)) for v in self.values]
 
     def __len__(self) -> int:
         return len(self.keys)

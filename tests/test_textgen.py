@@ -116,7 +116,13 @@ def test_sampling_is_reproducible_and_stops_at_eos(checkpoint: Path) -> None:
     assert stopped.shape[1] == prompt.shape[1] + 1
 
 
-def test_generate_rejects_batched_prompts(checkpoint: Path) -> None:
+def test_generate_checks_its_arguments(checkpoint: Path) -> None:
     model, _ = load_causal_lm(checkpoint)
-    with pytest.raises(ValueError, match=r"input_ids has shape \(2, 3\); expected \(1, prompt_length\)"):
-        generate(model, torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"input_ids has shape \(3,\); expected \(batch, prompt_length\)"):
+        generate(model, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"num_return_sequences \(3\) has to be smaller or equal to num_beams"):
+        generate(model, torch.zeros(1, 3, dtype=torch.long), num_return_sequences=3)
+    with pytest.raises(TypeError, match="unknown generation argument"):
+        generate(model, torch.zeros(1, 3, dtype=torch.long), max_new_tokenz=3)
+    with pytest.warns(UserWarning, match="`do_sample` is False, so top_p will be ignored"):
+        generate(model, torch.zeros(1, 3, dtype=torch.long), max_new_tokens=1, top_p=0.5)

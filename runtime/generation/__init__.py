@@ -1,0 +1,82 @@
+"""`generate()`: greedy, sampling, beam search and beam sampling for every generated causal LM."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..cache import Cache
+from .config import GENERATION_CONFIG_NAME, GenerationConfig
+from .processors import build_processors
+from .search import GenerateOutput, Stop, beam_search, positions_from_mask, sample_or_greedy
+from .streamers import TextIteratorStreamer, TextStreamer
+
+__all__ = [
+    "GENERATION_CONFIG_NAME",
+    "GenerateOutput",
+    "GenerationConfig",
+    "TextIteratorStreamer",
+    "TextStreamer",
+    "generate",
+    "positions_from_mask",
+]
+
+
+@torch.inference_mode()
+def generate(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    generation_config: GenerationConfig | None = None,
+    streamer: TextStreamer | None = None,
+    tokenizer: Any = None,
+    generator: torch.Generator | None = None,
+    past_key_values: Cache | None = None,
+    on_token: Any = None,
+    **settings: Any,
+) -> torch.Tensor | GenerateOutput:
+    """Continue each (left-padded) prompt; returns the sequences, or a GenerateOutput when
+    `return_dict_in_generate=True`. Settings are GenerationConfig fields (`max_new_tokens=32`, ...);
+    `generation_config` defaults to the model's special tokens; `tokenizer` is needed for stop_strings."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}; expected (batch, prompt_length)")
+    base = generation_config or GenerationConfig.from_model_config(getattr(model, "config", None))
+    config = base.update(**settings)
+    config.validate()
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
+    prompt_len = input_ids.shape[1]
+    max_length = (
+        prompt_len + config.max_new_tokens if config.max_new_tokens is not None else config.max_length
+    )
+    if max_length <= prompt_len:
+        raise ValueError(
+            f"the prompt has {prompt_len} tokens and max_length is {max_length}: nothing to generate; "
+            "set max_new_tokens"
+        )
+    prompt_start = (mask != 0).int().argmax(dim=1) if bool((mask == 0).any()) else None
+    processors = build_processors(config, prompt_len, prompt_start)
+    if config.num_beams > 1:
+        if streamer is not None:
+            raise ValueError("streaming shows one sequence as it grows; beam search has several")
+        rows_ids = input_ids.repeat_interleave(config.num_beams, dim=0)
+        rows_mask = mask.repeat_interleave(config.num_beams, dim=0)
+        if prompt_start is not None:
+            processors = build_processors(
+                config, prompt_len, prompt_start.repeat_interleave(config.num_beams)
+            )
+        output = beam_search(model, rows_ids, rows_mask, config, processors, max_length, generator)
+    else:
+        n = config.num_return_sequences
+        if n > 1:
+            input_ids, mask = input_ids.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0)
+            if prompt_start is not None:
+                processors = build_processors(config, prompt_len, prompt_start.repeat_interleave(n))
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        stop = Stop(config, max_length, tokenizer)
+        output = sample_or_greedy(
+            model, input_ids, mask, config, processors, stop, past_key_values, streamer, generator, on_token
+        )
+    return output if config.return_dict_in_generate else output.sequences
