@@ -120,7 +120,9 @@ def test_generate_checks_its_arguments(checkpoint: Path) -> None:
     model, _ = load_causal_lm(checkpoint)
     with pytest.raises(ValueError, match=r"input_ids has shape \(3,\); expected \(batch, prompt_length\)"):
         generate(model, torch.zeros(3, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"num_return_sequences \(3\) has to be smaller or equal to num_beams"):
+    with pytest.raises(
+        ValueError, match=r"num_return_sequences \(3\) has to be smaller or equal to num_beams"
+    ):
         generate(model, torch.zeros(1, 3, dtype=torch.long), num_return_sequences=3)
     with pytest.raises(TypeError, match="unknown generation argument"):
         generate(model, torch.zeros(1, 3, dtype=torch.long), max_new_tokenz=3)
