@@ -176,3 +176,18 @@ def test_chat_command_keeps_the_conversation(smollm2) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("tokens in") == 2
     assert "Paris" in result.stdout
+
+
+@pytest.mark.slow
+def test_smollm2_batched_greedy_and_beams_match(smollm2, reference) -> None:
+    from specformer.runtime.generation import generate
+
+    _, model, tokenizer = smollm2
+    hf_model, _ = reference
+    texts = ["The capital of France is", "Water boils at", "Once upon a time, in a small village,"]
+    batch = tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")
+    for settings in ({"max_new_tokens": 16}, {"max_new_tokens": 12, "num_beams": 4, "length_penalty": 1.2}):
+        ours = generate(model, batch["input_ids"], batch["attention_mask"], **settings)
+        with torch.no_grad():
+            theirs = hf_model.generate(**batch, do_sample=False, pad_token_id=tokenizer.pad_token_id, **settings)
+        assert ours.tolist() == theirs.tolist(), settings
