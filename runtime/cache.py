@@ -37,6 +37,11 @@ class DynamicCache(Cache):
     def get_seq_length(self) -> int:
         return self.keys[0].shape[-2] if self.keys else 0
 
+    def crop(self, length: int) -> None:
+        """Forget everything after the first `length` positions (rejected speculative tokens)."""
+        self.keys = [k[..., :length, :] for k in self.keys]
+        self.values = [v[..., :length, :] for v in self.values]
+
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep row `rows[i]` as row i (beam search follows its surviving beams)."""
         self.keys = [k.index_select(0, rows.to(k.device)) for k in self.keys]

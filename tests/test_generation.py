@@ -130,3 +130,49 @@ def test_iterator_streamer_yields_the_generated_text(tmp_path: Path) -> None:
     thread.join()
     full = generate(model, prompt, max_new_tokens=12)
     assert "".join(pieces) == tokenizer.decode(full[0, prompt.shape[1] :], skip_special_tokens=True)
+
+
+def test_assisted_and_prompt_lookup_decoding_equal_greedy(tmp_path: Path) -> None:
+    ours, _ = pair("llama", tmp_path / "main")
+    draft_reference = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            **(SMALL | {"num_hidden_layers": 1, "hidden_size": 16, "num_attention_heads": 2})
+        )
+    )
+    draft_reference.save_pretrained(tmp_path / "draft")
+    draft = ARCHS["llama"].ours_class("ForCausalLM").from_pretrained(tmp_path / "draft")
+    prompt = torch.tensor([[9, 10, 11, 12, 9, 10, 11]])
+    greedy = generate(ours, prompt, max_new_tokens=20, eos_token_id=None)
+    assisted = generate(ours, prompt, max_new_tokens=20, eos_token_id=None, assistant_model=draft)
+    lookup = generate(ours, prompt, max_new_tokens=20, eos_token_id=None, prompt_lookup_num_tokens=4)
+    assert assisted.tolist() == greedy.tolist()
+    assert lookup.tolist() == greedy.tolist()
+    self_draft = generate(ours, prompt, max_new_tokens=20, eos_token_id=None, assistant_model=ours)
+    assert self_draft.tolist() == greedy.tolist()
+
+
+def test_speculative_sampling_keeps_the_model_distribution(tmp_path: Path) -> None:
+    """The rejection rule makes the first token follow the main model's distribution even though a
+    different, smaller draft proposes it (checked on frequencies over many draws)."""
+    ours, _ = pair("llama", tmp_path / "main")
+    small = SMALL | {"num_hidden_layers": 1, "hidden_size": 16, "num_attention_heads": 2}
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**small)).save_pretrained(tmp_path / "draft")
+    draft = ARCHS["llama"].ours_class("ForCausalLM").from_pretrained(tmp_path / "draft")
+    with torch.no_grad():  # sharpen both, differently, so that a wrong acceptance rule would show
+        ours.lm_head.weight.mul_(30)
+        draft.lm_head.weight.mul_(80)
+    prompt = torch.tensor([[9, 10, 11]])
+    with torch.no_grad():
+        expected = (ours(prompt).logits[0, -1] / 0.3).softmax(-1)
+        proposed = (draft(prompt).logits[0, -1] / 0.3).softmax(-1)
+    assert (expected - proposed).abs().max() > 0.2
+    counts = torch.zeros(67)
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    draws = 600
+    for _ in range(draws):
+        # two new tokens: the first is a draft proposal that the rule keeps or replaces
+        out = generate(ours, prompt, max_new_tokens=2, do_sample=True, top_k=None, temperature=0.3,
+                       eos_token_id=None, assistant_model=draft, generator=generator)  # fmt: skip
+        counts[out[0, prompt.shape[1]]] += 1
+    assert (counts / draws - expected).abs().max() < 0.06

@@ -189,5 +189,7 @@ def test_smollm2_batched_greedy_and_beams_match(smollm2, reference) -> None:
     for settings in ({"max_new_tokens": 16}, {"max_new_tokens": 12, "num_beams": 4, "length_penalty": 1.2}):
         ours = generate(model, batch["input_ids"], batch["attention_mask"], **settings)
         with torch.no_grad():
-            theirs = hf_model.generate(**batch, do_sample=False, pad_token_id=tokenizer.pad_token_id, **settings)
+            theirs = hf_model.generate(
+                **batch, do_sample=False, pad_token_id=tokenizer.pad_token_id, **settings
+            )
         assert ours.tolist() == theirs.tolist(), settings

@@ -10,6 +10,7 @@ from ..cache import Cache
 from .config import GENERATION_CONFIG_NAME, GenerationConfig
 from .processors import build_processors
 from .search import GenerateOutput, Stop, beam_search, positions_from_mask, sample_or_greedy
+from .speculative import draft_model_proposer, prompt_lookup_proposer, speculative_decode
 from .streamers import TextIteratorStreamer, TextStreamer
 
 __all__ = [
@@ -35,11 +36,16 @@ def generate(
     generator: torch.Generator | None = None,
     past_key_values: Cache | None = None,
     on_token: Any = None,
+    assistant_model: torch.nn.Module | None = None,
+    prompt_lookup_num_tokens: int | None = None,
+    num_assistant_tokens: int = 5,
     **settings: Any,
 ) -> torch.Tensor | GenerateOutput:
     """Continue each (left-padded) prompt; returns the sequences, or a GenerateOutput when
     `return_dict_in_generate=True`. Settings are GenerationConfig fields (`max_new_tokens=32`, ...);
-    `generation_config` defaults to the model's special tokens; `tokenizer` is needed for stop_strings."""
+    `generation_config` defaults to the model's special tokens; `tokenizer` is needed for stop_strings.
+    `assistant_model` (a small draft model) or `prompt_lookup_num_tokens` decode speculatively: the same
+    tokens as plain greedy decoding (or the same distribution when sampling), in fewer forward passes."""
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}; expected (batch, prompt_length)")
     base = generation_config or GenerationConfig.from_model_config(getattr(model, "config", None))
@@ -57,7 +63,17 @@ def generate(
         )
     prompt_start = (mask != 0).int().argmax(dim=1) if bool((mask == 0).any()) else None
     processors = build_processors(config, prompt_len, prompt_start)
-    if config.num_beams > 1:
+    if assistant_model is not None or prompt_lookup_num_tokens:
+        if config.num_beams > 1 or streamer is not None:
+            raise ValueError("speculative decoding supports greedy and sampling, without streaming")
+        propose = (
+            draft_model_proposer(assistant_model, num_assistant_tokens, config)
+            if assistant_model is not None
+            else prompt_lookup_proposer(lookahead=prompt_lookup_num_tokens or 10)
+        )
+        stop = Stop(config, max_length, tokenizer)
+        output = speculative_decode(model, input_ids, config, processors, stop, propose, generator)
+    elif config.num_beams > 1:
         if streamer is not None:
             raise ValueError("streaming shows one sequence as it grows; beam search has several")
         rows_ids = input_ids.repeat_interleave(config.num_beams, dim=0)
