@@ -533,7 +533,7 @@ class Planner:
             ]
         if needs & {"mask", "rope"} or "position_ids" in names:
             self.use("attention", "AttentionMask")
-            past = ", past" if "cache" in needs else ""
+            past = ", past, past_key_values" if "cache" in needs else ""
             body.append(f"mask = AttentionMask(attention_mask, input_ids.shape[1]{past})")
         if "position_ids" in names:
             body += [

@@ -12,6 +12,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .cache import Cache
+
 
 class AttentionMask:
     """Which keys each query may see: padding, plus causality and an optional sliding window.
@@ -20,10 +22,15 @@ class AttentionMask:
     last `q_len` positions, so a query shorter than the keys (decoding with a cache) is lower-right aligned.
     """
 
-    def __init__(self, padding: torch.Tensor | None, q_len: int, past: int = 0) -> None:
+    def __init__(
+        self, padding: torch.Tensor | None, q_len: int, past: int = 0, cache: Cache | None = None
+    ) -> None:
         self.q_len = q_len
         self.past = past
         self.kv_len = past + q_len
+        # Caches that drop or preallocate keys say which positions their keys hold (asked now, before
+        # the layers add this step's tokens).
+        self.key_positions = cache.key_positions(q_len, torch.device("cpu")) if cache is not None else None
         if padding is not None:
             if padding.dim() != 2 or padding.shape[-1] != self.kv_len:
                 raise ValueError(
@@ -38,6 +45,8 @@ class AttentionMask:
 
     def needs_mask(self, causal: bool, window: int | None) -> bool:
         """False when a backend's own causal flag (or nothing at all) expresses the masking exactly."""
+        if self.key_positions is not None:
+            return True
         if self.padding is not None or (window is not None and window < self.kv_len):
             return True
         # Backends' `is_causal` aligns the triangle top-left; after cached positions it must be lower-right.
@@ -52,15 +61,17 @@ class AttentionMask:
 
     def _build(self, causal: bool, window: int | None, device: torch.device) -> torch.Tensor | None:
         q_pos = torch.arange(self.past, self.kv_len, device=device)[:, None]  # (T, 1)
-        k_pos = torch.arange(self.kv_len, device=device)[None, :]  # (1, S)
-        allowed = torch.ones(self.q_len, self.kv_len, dtype=torch.bool, device=device)
+        positions = torch.arange(self.kv_len) if self.key_positions is None else self.key_positions
+        k_pos = positions.to(device)[None, :]  # (1, S)
+        allowed = k_pos < self.kv_len  # slots a static cache has not written yet hold nothing
         if causal:
             allowed = allowed & (k_pos <= q_pos)
         if window is not None:
             allowed = allowed & (q_pos - k_pos < window)
         mask = allowed[None, None]  # (1, 1, T, S)
         if self.padding is not None:
-            mask = mask & self.padding.to(device)[:, None, None, :]  # (B, 1, T, S)
+            columns = self.padding.to(device)[:, positions.clamp(max=self.kv_len - 1).to(device)]
+            mask = mask & columns[:, None, None, :]  # (B, 1, T, S)
             # A query with nothing to attend to (a left-padding position) would softmax to NaN and poison
             # the next layer through 0 * NaN; let it see every key instead. Its output is never used.
             mask = mask | ~mask.any(dim=-1, keepdim=True)

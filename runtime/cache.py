@@ -1,4 +1,15 @@
-"""KV caches. The attention code sees one interface: `update(layer_idx, k, v) -> (all_k, all_v)`."""
+"""KV caches behind one interface: `update(layer_idx, k, v) -> (keys, values)` for attention to use.
+
+- DynamicCache grows by concatenation: exact, memory grows with the sequence.
+- StaticCache preallocates `max_length` slots: fixed shapes, the form compiled decoding wants.
+- SlidingWindowCache keeps the last `window - 1` tokens: bounded memory for sliding-window models.
+- SinkCache keeps the first `sink` tokens and a recent window (StreamingLLM): bounded memory for any model.
+- QuantizedCache stores older keys/values as int8 or int4 per channel, the recent `residual` in full.
+- OffloadedCache keeps every layer on the CPU and brings one layer at a time to the compute device.
+
+A cache also says which absolute positions its keys hold after an update (`key_positions`), so the mask
+can line queries up with keys however the cache arranges them.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +17,43 @@ import torch
 
 
 class Cache:
-    """Base interface for key/value caches (dynamic today; static, sliding and quantized build on it)."""
+    """Base interface. `get_seq_length()` counts every token seen, kept or not."""
+
+    def __init__(self) -> None:
+        self.seen = 0
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def get_seq_length(self) -> int:
-        raise NotImplementedError
+        return self.seen
+
+    def _advance(self, layer_idx: int, q_len: int) -> None:
+        if layer_idx == 0:
+            self.seen += q_len
+
+    def key_positions(self, q_len: int, device: torch.device) -> torch.Tensor | None:
+        """Absolute positions of the keys attention sees once this step's `q_len` tokens are added;
+        None means all positions 0 .. seen + q_len - 1, in order."""
+        return None
+
+    def crop(self, length: int) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot drop tokens")
 
     def reorder(self, rows: torch.Tensor) -> None:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} cannot reorder rows (beam search)")
 
 
 class DynamicCache(Cache):
     """Grows by concatenation: simple and exact, at the cost of a copy per step."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._advance(layer_idx, k.shape[-2])
         if layer_idx == len(self.keys):
             self.keys.append(k)
             self.values.append(v)
@@ -34,13 +62,11 @@ class DynamicCache(Cache):
             self.values[layer_idx] = torch.cat((self.values[layer_idx], v), dim=-2)
         return self.keys[layer_idx], self.values[layer_idx]
 
-    def get_seq_length(self) -> int:
-        return self.keys[0].shape[-2] if self.keys else 0
-
     def crop(self, length: int) -> None:
         """Forget everything after the first `length` positions (rejected speculative tokens)."""
         self.keys = [k[..., :length, :] for k in self.keys]
         self.values = [v[..., :length, :] for v in self.values]
+        self.seen = min(self.seen, length)
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep row `rows[i]` as row i (beam search follows its surviving beams)."""
@@ -49,3 +75,158 @@ class DynamicCache(Cache):
 
     def __len__(self) -> int:
         return len(self.keys)
+
+
+class StaticCache(Cache):
+    """`max_length` preallocated slots per layer; slot i holds position i. Unwritten slots are masked."""
+
+    def __init__(self, max_length: int) -> None:
+        super().__init__()
+        self.max_length = max_length
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer_idx == len(self.keys):
+            shape = (*k.shape[:-2], self.max_length, k.shape[-1])
+            self.keys.append(k.new_zeros(shape))
+            self.values.append(v.new_zeros(shape))
+        q_len = k.shape[-2]
+        # layer 0 counts this step's tokens first, so later layers see `seen` already advanced
+        position = self.seen if layer_idx == 0 else self.seen - q_len
+        if position + q_len > self.max_length:
+            raise ValueError(
+                f"StaticCache holds {self.max_length} positions; position {position + q_len} is past it"
+            )
+        self.keys[layer_idx][..., position : position + q_len, :] = k
+        self.values[layer_idx][..., position : position + q_len, :] = v
+        self._advance(layer_idx, q_len)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def key_positions(self, q_len: int, device: torch.device) -> torch.Tensor:
+        return torch.arange(self.max_length, device=device)
+
+
+class SlidingWindowCache(Cache):
+    """Keeps the last `window - 1` tokens, all a sliding-window attention can still see next step."""
+
+    def __init__(self, window: int) -> None:
+        super().__init__()
+        self.window = window
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._advance(layer_idx, k.shape[-2])
+        if layer_idx == len(self.keys):
+            keys, values = k, v
+            self.keys.append(k)
+            self.values.append(v)
+        else:
+            keys = torch.cat((self.keys[layer_idx], k), dim=-2)
+            values = torch.cat((self.values[layer_idx], v), dim=-2)
+        keep = self.window - 1
+        self.keys[layer_idx], self.values[layer_idx] = keys[..., -keep:, :], values[..., -keep:, :]
+        return keys, values
+
+    def key_positions(self, q_len: int, device: torch.device) -> torch.Tensor:
+        start = max(0, self.seen - (self.window - 1))
+        return torch.arange(start, self.seen + q_len, device=device)
+
+
+class SinkCache(Cache):
+    """The first `sink` tokens (attention sinks) and the most recent `window - sink`; memory stays
+    bounded for any model. Kept keys keep their original positions."""
+
+    def __init__(self, window: int, sink: int = 4) -> None:
+        super().__init__()
+        if not 0 < sink < window:
+            raise ValueError(f"SinkCache needs 0 < sink < window, got sink={sink}, window={window}")
+        self.window, self.sink = window, sink
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._advance(layer_idx, k.shape[-2])
+        if layer_idx == len(self.keys):
+            keys, values = k, v
+            self.keys.append(k)
+            self.values.append(v)
+        else:
+            keys = torch.cat((self.keys[layer_idx], k), dim=-2)
+            values = torch.cat((self.values[layer_idx], v), dim=-2)
+        if keys.shape[-2] > self.window:
+            recent = self.window - self.sink
+            keys = torch.cat((keys[..., : self.sink, :], keys[..., -recent:, :]), dim=-2)
+            values = torch.cat((values[..., : self.sink, :], values[..., -recent:, :]), dim=-2)
+        self.keys[layer_idx], self.values[layer_idx] = keys, values
+        return keys, values
+
+    def key_positions(self, q_len: int, device: torch.device) -> torch.Tensor:
+        total = self.seen + q_len
+        if total <= self.window:
+            return torch.arange(total, device=device)
+        recent = self.window - self.sink
+        return torch.cat(
+            (torch.arange(self.sink, device=device), torch.arange(total - recent, total, device=device))
+        )
+
+
+class QuantizedCache(Cache):
+    """Older keys and values as int8 or int4 (per channel, over `group` tokens), the most recent
+    `residual` tokens in full precision; attention sees them dequantised."""
+
+    def __init__(self, bits: int = 8, residual: int = 64) -> None:
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"QuantizedCache supports 4 or 8 bits, not {bits}")
+        self.bits, self.residual = bits, residual
+        self.quantized: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]] = []
+        self.recent: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def _quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        levels = 2 ** (self.bits - 1) - 1
+        scale = x.abs().amax(dim=-2, keepdim=True).clamp(min=1e-8) / levels  # per channel over the tokens
+        return torch.round(x / scale).clamp(-levels, levels).to(torch.int8), scale
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._advance(layer_idx, k.shape[-2])
+        if layer_idx == len(self.recent):
+            self.quantized.append([])
+            self.recent.append((k, v))
+        else:
+            rk, rv = self.recent[layer_idx]
+            self.recent[layer_idx] = (torch.cat((rk, k), dim=-2), torch.cat((rv, v), dim=-2))
+        rk, rv = self.recent[layer_idx]
+        if rk.shape[-2] > 2 * self.residual:  # move the older part into a quantised chunk
+            cut = rk.shape[-2] - self.residual
+            qk, sk = self._quantize(rk[..., :cut, :])
+            qv, sv = self._quantize(rv[..., :cut, :])
+            self.quantized[layer_idx].append((qk, sk, qv, sv))
+            self.recent[layer_idx] = (rk[..., cut:, :], rv[..., cut:, :])
+        rk, rv = self.recent[layer_idx]
+        chunks = self.quantized[layer_idx]
+        keys = torch.cat([qk.to(rk.dtype) * sk for qk, sk, _, _ in chunks] + [rk], dim=-2)
+        values = torch.cat([qv.to(rv.dtype) * sv for _, _, qv, sv in chunks] + [rv], dim=-2)
+        return keys, values
+
+
+class OffloadedCache(DynamicCache):
+    """Every layer's keys and values live on the CPU between uses; a layer comes to the compute device
+    for its attention and goes back, so device memory holds one layer's cache at a time."""
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        device = k.device
+        cpu = torch.device("cpu")
+        keys, values = super().update(layer_idx, k.to(cpu, non_blocking=True), v.to(cpu, non_blocking=True))
+        return keys.to(device, non_blocking=True), values.to(device, non_blocking=True)
+
+
+CACHES = {
+    "dynamic": DynamicCache,
+    "static": StaticCache,
+    "sliding_window": SlidingWindowCache,
+    "sink": SinkCache,
+    "quantized": QuantizedCache,
+    "offloaded": OffloadedCache,
+}

@@ -127,7 +127,7 @@ class LlamaModel(LlamaPreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        mask = AttentionMask(attention_mask, input_ids.shape[1], past)
+        mask = AttentionMask(attention_mask, input_ids.shape[1], past, past_key_values)
         if position_ids is None:
             position_ids = mask.position_ids(input_ids.device)
         rope = self.rotary_emb(position_ids)

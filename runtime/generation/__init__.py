@@ -6,7 +6,15 @@ from typing import Any
 
 import torch
 
-from ..cache import Cache
+from ..cache import (
+    CACHES,
+    Cache,
+    OffloadedCache,
+    QuantizedCache,
+    SinkCache,
+    SlidingWindowCache,
+    StaticCache,
+)
 from .config import GENERATION_CONFIG_NAME, GenerationConfig
 from .processors import build_processors
 from .search import GenerateOutput, Stop, beam_search, positions_from_mask, sample_or_greedy
@@ -22,6 +30,30 @@ __all__ = [
     "generate",
     "positions_from_mask",
 ]
+
+
+def make_cache(model: torch.nn.Module, config: GenerationConfig, max_length: int) -> Cache:
+    """The cache `config.cache_implementation` names, sized from the model and `config.cache_config`."""
+    name = config.cache_implementation
+    options = config.cache_config or {}
+    if name == "static":
+        return StaticCache(options.get("max_length", max_length))
+    if name == "sliding_window":
+        window = options.get("window", getattr(model.config, "sliding_window", None))
+        layer_types = getattr(model.config, "layer_types", None)
+        if window is None or (layer_types and set(layer_types) != {"sliding_attention"}):
+            raise ValueError(
+                "the sliding-window cache drops what every layer's window has passed; this model has no "
+                "window on every layer (use cache_implementation='sink' to bound memory anyway)"
+            )
+        return SlidingWindowCache(window)
+    if name == "sink":
+        return SinkCache(options.get("window", 256), options.get("sink", 4))
+    if name == "quantized":
+        return QuantizedCache(options.get("nbits", 8), options.get("residual_length", 64))
+    if name == "offloaded":
+        return OffloadedCache()
+    raise ValueError(f"cache_implementation `{name}`: expected one of {', '.join(sorted(CACHES))}")
 
 
 @torch.inference_mode()
@@ -62,6 +94,8 @@ def generate(
             "set max_new_tokens"
         )
     prompt_start = (mask != 0).int().argmax(dim=1) if bool((mask == 0).any()) else None
+    if past_key_values is None and config.cache_implementation not in (None, "dynamic"):
+        past_key_values = make_cache(model, config, max_length)
     processors = build_processors(config, prompt_len, prompt_start)
     if assistant_model is not None or prompt_lookup_num_tokens:
         if config.num_beams > 1 or streamer is not None:
@@ -74,6 +108,8 @@ def generate(
         stop = Stop(config, max_length, tokenizer)
         output = speculative_decode(model, input_ids, config, processors, stop, propose, generator)
     elif config.num_beams > 1:
+        if config.cache_implementation not in (None, "dynamic"):
+            raise ValueError("beam search reorders its cache every step; use the dynamic cache")
         if streamer is not None:
             raise ValueError("streaming shows one sequence as it grows; beam search has several")
         rows_ids = input_ids.repeat_interleave(config.num_beams, dim=0)

@@ -29,7 +29,8 @@ class GenerationConfig:
     do_sample: bool = False
     num_beams: int = 1
     use_cache: bool = True
-    cache_implementation: str | None = None
+    cache_implementation: str | None = None  # dynamic, static, sliding_window, sink, quantized, offloaded
+    cache_config: dict[str, Any] | None = None  # window, sink, nbits, residual_length
     # logits processing
     temperature: float = 1.0
     top_k: int | None = 50
