@@ -23,22 +23,28 @@ class AttentionMask:
     """
 
     def __init__(
-        self, padding: torch.Tensor | None, q_len: int, past: int = 0, cache: Cache | None = None
+        self,
+        padding: torch.Tensor | None,
+        q_len: int,
+        past: int | torch.Tensor = 0,
+        cache: Cache | None = None,
     ) -> None:
         self.q_len = q_len
-        self.past = past
+        self.past = past  # a tensor under a static cache, so compiled steps do not specialise on it
         self.kv_len = past + q_len
         # Caches that drop or preallocate keys say which positions their keys hold (asked now, before
         # the layers add this step's tokens).
         self.key_positions = cache.key_positions(q_len, torch.device("cpu")) if cache is not None else None
+        static = isinstance(past, torch.Tensor)
         if padding is not None:
-            if padding.dim() != 2 or padding.shape[-1] != self.kv_len:
+            expected = len(self.key_positions) if static else self.kv_len  # type: ignore[arg-type]
+            if padding.dim() != 2 or padding.shape[-1] != expected:
+                where = "the static cache's slots" if static else f"{past} cached and {q_len} new positions"
                 raise ValueError(
-                    f"attention_mask has shape {tuple(padding.shape)}; expected (batch, {self.kv_len}) "
-                    f"for {past} cached and {q_len} new positions"
+                    f"attention_mask has shape {tuple(padding.shape)}; expected (batch, {expected}) for {where}"
                 )
             padding = padding.bool()
-            if bool(padding.all()):
+            if not static and bool(padding.all()):
                 padding = None
         self.padding = padding
         self._cache: dict[tuple[bool, int | None, str], torch.Tensor | None] = {}
@@ -60,17 +66,21 @@ class AttentionMask:
         return self._cache[key]
 
     def _build(self, causal: bool, window: int | None, device: torch.device) -> torch.Tensor | None:
-        q_pos = torch.arange(self.past, self.kv_len, device=device)[:, None]  # (T, 1)
+        past = self.past.to(device) if isinstance(self.past, torch.Tensor) else self.past
+        q_pos = (past + torch.arange(self.q_len, device=device))[:, None]  # (T, 1)
         positions = torch.arange(self.kv_len) if self.key_positions is None else self.key_positions
         k_pos = positions.to(device)[None, :]  # (1, S)
-        allowed = k_pos < self.kv_len  # slots a static cache has not written yet hold nothing
+        allowed = k_pos < past + self.q_len  # slots a static cache has not written yet hold nothing
         if causal:
             allowed = allowed & (k_pos <= q_pos)
         if window is not None:
             allowed = allowed & (q_pos - k_pos < window)
         mask = allowed[None, None]  # (1, 1, T, S)
         if self.padding is not None:
-            columns = self.padding.to(device)[:, positions.clamp(max=self.kv_len - 1).to(device)]
+            if isinstance(self.past, torch.Tensor):  # a static cache's mask covers its slots one to one
+                columns = self.padding.to(device)
+            else:
+                columns = self.padding.to(device)[:, positions.clamp(max=self.kv_len - 1).to(device)]
             mask = mask & columns[:, None, None, :]  # (B, 1, T, S)
             # A query with nothing to attend to (a left-padding position) would softmax to NaN and poison
             # the next layer through 0 * NaN; let it see every key instead. Its output is never used.
@@ -79,7 +89,8 @@ class AttentionMask:
 
     def position_ids(self, device: torch.device) -> torch.Tensor:
         """Default positions past..past+T-1, shape (1, T), as Hugging Face uses when none are given."""
-        return torch.arange(self.past, self.kv_len, device=device)[None, :]
+        past = self.past.to(device) if isinstance(self.past, torch.Tensor) else self.past
+        return (past + torch.arange(self.q_len, device=device))[None, :]
 
 
 AttentionFn = Callable[..., torch.Tensor]

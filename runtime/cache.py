@@ -78,13 +78,21 @@ class DynamicCache(Cache):
 
 
 class StaticCache(Cache):
-    """`max_length` preallocated slots per layer; slot i holds position i. Unwritten slots are masked."""
+    """`max_length` preallocated slots per layer; slot i holds position i, unwritten slots are masked.
+
+    Shapes never change and the write position is a tensor, so a compiled decode step is traced once
+    and replayed for every token. The mask it gets must cover all `max_length` slots.
+    """
 
     def __init__(self, max_length: int) -> None:
         super().__init__()
         self.max_length = max_length
+        self.position = torch.zeros((), dtype=torch.long)  # tokens written so far, as a tensor
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
+
+    def get_seq_length(self) -> torch.Tensor:  # type: ignore[override]
+        return self.position.clone()  # a snapshot: the counter itself moves during the forward
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if layer_idx == len(self.keys):
@@ -92,15 +100,13 @@ class StaticCache(Cache):
             self.keys.append(k.new_zeros(shape))
             self.values.append(v.new_zeros(shape))
         q_len = k.shape[-2]
-        # layer 0 counts this step's tokens first, so later layers see `seen` already advanced
-        position = self.seen if layer_idx == 0 else self.seen - q_len
-        if position + q_len > self.max_length:
-            raise ValueError(
-                f"StaticCache holds {self.max_length} positions; position {position + q_len} is past it"
-            )
-        self.keys[layer_idx][..., position : position + q_len, :] = k
-        self.values[layer_idx][..., position : position + q_len, :] = v
-        self._advance(layer_idx, q_len)
+        # layer 0 counts this step's tokens first, so later layers see the position already advanced
+        start = self.position if layer_idx == 0 else self.position - q_len
+        slots = start.to(k.device) + torch.arange(q_len, device=k.device)
+        self.keys[layer_idx].index_copy_(-2, slots, k)
+        self.values[layer_idx].index_copy_(-2, slots, v)
+        if layer_idx == 0:
+            self.position.add_(q_len)
         return self.keys[layer_idx], self.values[layer_idx]
 
     def key_positions(self, q_len: int, device: torch.device) -> torch.Tensor:

@@ -98,3 +98,22 @@ def test_unsuitable_cache_requests_are_explained(llama: LlamaForCausalLM) -> Non
         greedy(llama, cache_implementation="static", num_beams=2)
     with pytest.raises(ValueError, match="cache_implementation `paged`: expected one of"):
         greedy(llama, cache_implementation="paged")
+
+
+def test_compiled_static_decoding_is_traced_once(llama: LlamaForCausalLM) -> None:
+    """A compiled decode step with a static cache compiles for the first token and is then replayed:
+    no recompilation per token, and the tokens are the eager ones."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    expected = generate(llama, torch.tensor([[5, 17, 42]]), max_new_tokens=16, eos_token_id=None)
+    actual = generate(
+        llama, torch.tensor([[5, 17, 42]]), max_new_tokens=16, eos_token_id=None, cache_implementation="static",
+        compile=True,
+    )  # fmt: skip
+    assert actual.tolist() == expected.tolist()
+    assert counters["stats"]["unique_graphs"] == 1
+    assert sum(counters["recompiles"].values()) == 0
+    with pytest.raises(ValueError, match="compile=True needs fixed shapes"):
+        generate(llama, torch.tensor([[5]]), max_new_tokens=2, compile=True)

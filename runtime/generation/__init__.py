@@ -32,6 +32,15 @@ __all__ = [
 ]
 
 
+def compiled_decoder(model: torch.nn.Module) -> torch.nn.Module:
+    """The model's forward compiled for one-token steps, built once per model and reused."""
+    compiled = model.__dict__.get("_specformer_compiled")
+    if compiled is None:
+        compiled = torch.compile(model, fullgraph=True, dynamic=False)
+        model.__dict__["_specformer_compiled"] = compiled
+    return compiled
+
+
 def make_cache(model: torch.nn.Module, config: GenerationConfig, max_length: int) -> Cache:
     """The cache `config.cache_implementation` names, sized from the model and `config.cache_config`."""
     name = config.cache_implementation
@@ -71,13 +80,16 @@ def generate(
     assistant_model: torch.nn.Module | None = None,
     prompt_lookup_num_tokens: int | None = None,
     num_assistant_tokens: int = 5,
+    compile: bool = False,
     **settings: Any,
 ) -> torch.Tensor | GenerateOutput:
     """Continue each (left-padded) prompt; returns the sequences, or a GenerateOutput when
     `return_dict_in_generate=True`. Settings are GenerationConfig fields (`max_new_tokens=32`, ...);
     `generation_config` defaults to the model's special tokens; `tokenizer` is needed for stop_strings.
     `assistant_model` (a small draft model) or `prompt_lookup_num_tokens` decode speculatively: the same
-    tokens as plain greedy decoding (or the same distribution when sampling), in fewer forward passes."""
+    tokens as plain greedy decoding (or the same distribution when sampling), in fewer forward passes.
+    `compile=True` (with `cache_implementation="static"`) runs the one-token steps through
+    `torch.compile`: fixed shapes, traced once, replayed for every token."""
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}; expected (batch, prompt_length)")
     base = generation_config or GenerationConfig.from_model_config(getattr(model, "config", None))
@@ -128,7 +140,20 @@ def generate(
         if streamer is not None:
             streamer.put(input_ids.cpu())
         stop = Stop(config, max_length, tokenizer)
+        decode = compiled_decoder(model) if compile else None
+        if compile and not isinstance(past_key_values, StaticCache):
+            raise ValueError("compile=True needs fixed shapes: use cache_implementation='static'")
         output = sample_or_greedy(
-            model, input_ids, mask, config, processors, stop, past_key_values, streamer, generator, on_token
+            model,
+            input_ids,
+            mask,
+            config,
+            processors,
+            stop,
+            past_key_values,
+            streamer,
+            generator,
+            on_token,
+            decode,
         )
     return output if config.return_dict_in_generate else output.sequences

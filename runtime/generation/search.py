@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..cache import Cache, DynamicCache
+from ..cache import Cache, DynamicCache, StaticCache
 from .config import GenerationConfig
 from .processors import Processor, apply_all
 
@@ -67,14 +67,29 @@ class Stop:
 
 
 def _step(
-    model: torch.nn.Module, tokens: torch.Tensor, mask: torch.Tensor, cache: Cache, first: bool
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    cache: Cache,
+    first: bool,
+    decode: torch.nn.Module | None = None,
 ) -> torch.Tensor:
-    """Logits (rows, vocab) for the next token, feeding the whole prompt first and then one token."""
+    """Logits (rows, vocab) for the next token, feeding the whole prompt first and then one token.
+    A static cache gets a mask over all its slots (fixed shape); `decode` runs the one-token steps."""
     positions = positions_from_mask(mask)
-    if not first:
-        tokens, positions = tokens[:, -1:], positions[:, -1:]
-    out = model(tokens, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
-                logits_to_keep=1)  # fmt: skip
+    if not first:  # fresh tensors, so a compiled step sees the same strides every time
+        fresh = torch.contiguous_format
+        tokens, positions = (
+            tokens[:, -1:].clone(memory_format=fresh),
+            positions[:, -1:].clone(memory_format=fresh),
+        )
+    if isinstance(cache, StaticCache):
+        slots = mask.new_ones(mask.shape[0], cache.max_length)
+        slots[:, : mask.shape[1]] = mask
+        mask = slots
+    step = decode if decode is not None and not first else model
+    out = step(tokens, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+               logits_to_keep=1)  # fmt: skip
     return out.logits[:, -1].float()
 
 
@@ -89,6 +104,7 @@ def sample_or_greedy(
     streamer: object | None,
     generator: torch.Generator | None,
     on_token: Callable[[int], None] | None = None,
+    decode: torch.nn.Module | None = None,
 ) -> GenerateOutput:
     cache = cache if cache is not None else DynamicCache()
     pad = config.pad_token_id if config.pad_token_id is not None else (config.eos_ids() or [0])[0]
@@ -96,9 +112,9 @@ def sample_or_greedy(
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     scores: list[torch.Tensor] = []
     raw: list[torch.Tensor] = []
-    first = cache.get_seq_length() == 0
+    first = bool(cache.get_seq_length() == 0)
     while True:
-        logits = _step(model, sequences, mask, cache, first)
+        logits = _step(model, sequences, mask, cache, first, decode)
         first = False
         next_scores = apply_all(processors, sequences, logits)
         if config.output_scores:
