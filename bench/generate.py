@@ -36,10 +36,14 @@ def measure(name: str, ours: torch.nn.Module, theirs: torch.nn.Module, args: arg
 
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
     modes: dict[str, tuple[dict, dict]] = {"eager": ({}, {})}
-    if args.compiled:  # static caches; transformers compiles its decode step for them by itself
+    if args.compiled:  # static caches, the decode step compiled on both sides
+        import transformers
+
+        compile_config = transformers.CompileConfig(fullgraph=True, dynamic=False, mode="default")
+        compile_config._compile_all_devices = True  # transformers compiles on GPUs only unless asked
         modes["static+compile"] = (
             {"cache_implementation": "static", "compile": True},
-            {"cache_implementation": "static"},
+            {"cache_implementation": "static", "compile_config": compile_config},
         )
     for batch in args.batches:
         ids = torch.randint(
