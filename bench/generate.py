@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--big", action="store_true", help="also a random 1B-class Llama")
     parser.add_argument("--compiled", action="store_true", help="also static cache + torch.compile")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -90,15 +91,14 @@ def main() -> None:
 
     import transformers
 
-    from specformer.runtime.auto import default_model_path
-    from specformer.runtime.generation import generate  # noqa: F401 - imported once, outside the timings
+    from specformer.runtime.auto import default_model_path, load_causal_lm
 
+    dtype = getattr(torch, args.dtype)
+    label = "fp32" if dtype == torch.float32 else "bf16"
     path = default_model_path()
-    ours = transformers_free_load(path)
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32
-    )
-    measure("SmolLM2-135M fp32", ours, theirs.eval(), args)
+    ours = load_causal_lm(path, dtype=dtype)[0]
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    measure(f"SmolLM2-135M {label}", ours, theirs.eval(), args)
     if args.big:
         from specformer.generated.llama import LlamaForCausalLM
 
@@ -108,15 +108,9 @@ def main() -> None:
         )  # fmt: skip
         with tempfile.TemporaryDirectory() as folder:
             transformers.LlamaForCausalLM(config).save_pretrained(folder)
-            big_ours = LlamaForCausalLM.from_pretrained(folder)
-            big_theirs = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
-            measure("Llama 1.1B (random) fp32", big_ours, big_theirs, args)
-
-
-def transformers_free_load(path):
-    from specformer.runtime.auto import load_causal_lm
-
-    return load_causal_lm(path)[0]
+            big_ours = LlamaForCausalLM.from_pretrained(folder, dtype=dtype)
+            big_theirs = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+            measure(f"Llama 1.1B (random) {label}", big_ours, big_theirs, args)
 
 
 if __name__ == "__main__":
