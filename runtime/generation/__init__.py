@@ -110,8 +110,11 @@ def generate(
         past_key_values = make_cache(model, config, max_length)
     processors = build_processors(config, prompt_len, prompt_start)
     if assistant_model is not None or prompt_lookup_num_tokens:
-        if config.num_beams > 1 or streamer is not None:
-            raise ValueError("speculative decoding supports greedy and sampling, without streaming")
+        if config.num_beams > 1 or streamer is not None or past_key_values is not None or compile:
+            raise ValueError(
+                "speculative decoding supports greedy and sampling with its own dynamic caches, "
+                "without streaming or compile"
+            )
         propose = (
             draft_model_proposer(assistant_model, num_assistant_tokens, config)
             if assistant_model is not None
@@ -139,10 +142,10 @@ def generate(
                 processors = build_processors(config, prompt_len, prompt_start.repeat_interleave(n))
         if streamer is not None:
             streamer.put(input_ids.cpu())
-        stop = Stop(config, max_length, tokenizer)
-        decode = compiled_decoder(model) if compile else None
         if compile and not isinstance(past_key_values, StaticCache):
             raise ValueError("compile=True needs fixed shapes: use cache_implementation='static'")
+        stop = Stop(config, max_length, tokenizer)
+        decode = compiled_decoder(model) if compile else None
         output = sample_or_greedy(
             model,
             input_ids,
