@@ -176,3 +176,24 @@ def test_speculative_sampling_keeps_the_model_distribution(tmp_path: Path) -> No
                        eos_token_id=None, assistant_model=draft, generator=generator)  # fmt: skip
         counts[out[0, prompt.shape[1]]] += 1
     assert (counts / draws - expected).abs().max() < 0.06
+
+
+def test_stop_strings_and_max_time(tmp_path: Path) -> None:
+    from test_textgen import make_checkpoint
+
+    from specformer.runtime.auto import load_causal_lm
+
+    make_checkpoint(tmp_path)
+    model, tokenizer = load_causal_lm(tmp_path)
+    prompt = torch.tensor([tokenizer.encode("the quick")])
+    full = generate(model, prompt, max_new_tokens=12, eos_token_id=None)
+    target = tokenizer.decode(full[0, prompt.shape[1] + 3 : prompt.shape[1] + 4])
+    stopped = generate(
+        model, prompt, max_new_tokens=12, eos_token_id=None, stop_strings=[target], tokenizer=tokenizer
+    )
+    assert stopped.shape[1] <= prompt.shape[1] + 4
+    assert target in tokenizer.decode(stopped[0, prompt.shape[1] :])
+    with pytest.raises(ValueError, match="stop_strings need the tokenizer"):
+        generate(model, prompt, max_new_tokens=3, stop_strings=["x"])
+    quick = generate(model, prompt, max_new_tokens=500, eos_token_id=None, max_time=0.0)
+    assert quick.shape[1] == prompt.shape[1] + 1  # the time is up after the first token
