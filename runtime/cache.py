@@ -44,23 +44,31 @@ class Cache:
         raise NotImplementedError(f"{type(self).__name__} cannot reorder rows (beam search)")
 
 
-class DynamicCache(Cache):
-    """Grows by concatenation: simple and exact, at the cost of a copy per step."""
+class _ListCache(Cache):
+    """Per-layer key and value tensors that grow by concatenation; subclasses decide what to keep."""
 
     def __init__(self) -> None:
         super().__init__()
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
 
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _grow(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's stored keys and values with this step's appended (stored as given for a new layer)."""
         self._advance(layer_idx, k.shape[-2])
         if layer_idx == len(self.keys):
             self.keys.append(k)
             self.values.append(v)
-        else:
-            self.keys[layer_idx] = torch.cat((self.keys[layer_idx], k), dim=-2)
-            self.values[layer_idx] = torch.cat((self.values[layer_idx], v), dim=-2)
-        return self.keys[layer_idx], self.values[layer_idx]
+            return k, v
+        return torch.cat((self.keys[layer_idx], k), dim=-2), torch.cat((self.values[layer_idx], v), dim=-2)
+
+
+class DynamicCache(_ListCache):
+    """Grows by concatenation: simple and exact, at the cost of a copy per step."""
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self._grow(layer_idx, k, v)
+        self.keys[layer_idx], self.values[layer_idx] = keys, values
+        return keys, values
 
     def crop(self, length: int) -> None:
         """Forget everything after the first `length` positions (rejected speculative tokens)."""
@@ -113,24 +121,15 @@ class StaticCache(Cache):
         return torch.arange(self.max_length, device=device)
 
 
-class SlidingWindowCache(Cache):
+class SlidingWindowCache(_ListCache):
     """Keeps the last `window - 1` tokens, all a sliding-window attention can still see next step."""
 
     def __init__(self, window: int) -> None:
         super().__init__()
         self.window = window
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self._advance(layer_idx, k.shape[-2])
-        if layer_idx == len(self.keys):
-            keys, values = k, v
-            self.keys.append(k)
-            self.values.append(v)
-        else:
-            keys = torch.cat((self.keys[layer_idx], k), dim=-2)
-            values = torch.cat((self.values[layer_idx], v), dim=-2)
+        keys, values = self._grow(layer_idx, k, v)
         keep = self.window - 1
         self.keys[layer_idx], self.values[layer_idx] = keys[..., -keep:, :], values[..., -keep:, :]
         return keys, values
@@ -140,7 +139,7 @@ class SlidingWindowCache(Cache):
         return torch.arange(start, self.seen + q_len, device=device)
 
 
-class SinkCache(Cache):
+class SinkCache(_ListCache):
     """The first `sink` tokens (attention sinks) and the most recent `window - sink`; memory stays
     bounded for any model. Kept keys keep their original positions."""
 
@@ -149,18 +148,9 @@ class SinkCache(Cache):
         if not 0 < sink < window:
             raise ValueError(f"SinkCache needs 0 < sink < window, got sink={sink}, window={window}")
         self.window, self.sink = window, sink
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self._advance(layer_idx, k.shape[-2])
-        if layer_idx == len(self.keys):
-            keys, values = k, v
-            self.keys.append(k)
-            self.values.append(v)
-        else:
-            keys = torch.cat((self.keys[layer_idx], k), dim=-2)
-            values = torch.cat((self.values[layer_idx], v), dim=-2)
+        keys, values = self._grow(layer_idx, k, v)
         if keys.shape[-2] > self.window:
             recent = self.window - self.sink
             keys = torch.cat((keys[..., : self.sink, :], keys[..., -recent:, :]), dim=-2)

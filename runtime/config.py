@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .files import atomic_write_text
+from .files import atomic_write_text, read_json_object
 
 CONFIG_NAME = "config.json"
 
@@ -128,16 +128,7 @@ class PretrainedConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> PretrainedConfig:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ConfigError(
-                f"{path}: not valid JSON at line {err.lineno} column {err.colno}: {err.msg}"
-            ) from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_object(Path(path), ConfigError))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> PretrainedConfig:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -35,3 +36,14 @@ def atomic_write_with(target: str | os.PathLike, writer: Callable[[Path], None])
     """Run `writer(tmp_path)` and move the result into place."""
     with atomic_path(target) as tmp:
         writer(tmp)
+
+
+def read_json_object(path: Path, error: type[Exception] = ValueError) -> dict:
+    """A JSON object from `path`; malformed text raises `error` naming the file, line and column."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise error(f"{path}: not valid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object")
+    return data

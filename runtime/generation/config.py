@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..files import atomic_write_text
+from ..files import atomic_write_text, read_json_object
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 
@@ -137,10 +137,4 @@ class GenerationConfig:
     def from_pretrained(cls, directory: str | os.PathLike) -> GenerationConfig:
         path = Path(directory)
         file = path / GENERATION_CONFIG_NAME if path.is_dir() else path
-        try:
-            data = json.loads(file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(
-                f"{file}: not valid JSON at line {err.lineno} column {err.colno}: {err.msg}"
-            ) from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_object(file))
