@@ -1,6 +1,6 @@
 """KV caches behind one interface: `update(layer_idx, k, v) -> (keys, values)` for attention to use.
 
-- DynamicCache grows by concatenation: exact, memory grows with the sequence.
+- DynamicCache grows with the sequence (geometric storage growth, one token written per step): exact.
 - StaticCache preallocates `max_length` slots: fixed shapes, the form compiled decoding wants.
 - SlidingWindowCache keeps the last `window - 1` tokens: bounded memory for sliding-window models.
 - SinkCache keeps the first `sink` tokens and a recent window (StreamingLLM): bounded memory for any model.
@@ -62,27 +62,65 @@ class _ListCache(Cache):
         return torch.cat((self.keys[layer_idx], k), dim=-2), torch.cat((self.values[layer_idx], v), dim=-2)
 
 
-class DynamicCache(_ListCache):
-    """Grows by concatenation: simple and exact, at the cost of a copy per step."""
+class DynamicCache(Cache):
+    """Grows with the sequence, exactly. Storage grows geometrically (like a vector), so appending a
+    token writes only that token instead of copying the whole history each step as concatenation would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._keys: list[torch.Tensor] = []  # (B, H, capacity, D); the first `length` slots are filled
+        self._values: list[torch.Tensor] = []
+        self.length = 0
+
+    @property
+    def keys(self) -> list[torch.Tensor]:
+        return [k[..., : self.length, :] for k in self._keys]
+
+    @property
+    def values(self) -> list[torch.Tensor]:
+        return [v[..., : self.length, :] for v in self._values]
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = self._grow(layer_idx, k, v)
-        self.keys[layer_idx], self.values[layer_idx] = keys, values
-        return keys, values
+        self._advance(layer_idx, k.shape[-2])
+        if layer_idx == len(self._keys):  # a new layer: store as given, no copy
+            self._keys.append(k)
+            self._values.append(v)
+            if layer_idx == 0:
+                self.length = k.shape[-2]
+            return k, v
+        # layer 0 moves the length first; the other layers write into the same slots
+        start = self.length if layer_idx == 0 else self.length - k.shape[-2]
+        end = start + k.shape[-2]
+        if layer_idx == 0:
+            self.length = end
+        keys, values = self._keys[layer_idx], self._values[layer_idx]
+        if end > keys.shape[-2]:
+            capacity = max(end, 2 * keys.shape[-2], 64)
+            keys, values = _regrow(keys, start, capacity), _regrow(values, start, capacity)
+            self._keys[layer_idx], self._values[layer_idx] = keys, values
+        keys[..., start:end, :].copy_(k)
+        values[..., start:end, :].copy_(v)
+        return keys[..., :end, :], values[..., :end, :]
 
     def crop(self, length: int) -> None:
         """Forget everything after the first `length` positions (rejected speculative tokens)."""
-        self.keys = [k[..., :length, :] for k in self.keys]
-        self.values = [v[..., :length, :] for v in self.values]
+        self.length = min(self.length, length)
         self.seen = min(self.seen, length)
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep row `rows[i]` as row i (beam search follows its surviving beams)."""
-        self.keys = [k.index_select(0, rows.to(k.device)) for k in self.keys]
-        self.values = [v.index_select(0, rows.to(v.device)) for v in self.values]
+        self._keys = [k.index_select(0, rows.to(k.device)) for k in self._keys]
+        self._values = [v.index_select(0, rows.to(v.device)) for v in self._values]
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self._keys)
+
+
+def _regrow(buffer: torch.Tensor, filled: int, capacity: int) -> torch.Tensor:
+    """A buffer with room for `capacity` positions holding the first `filled` of `buffer`."""
+    grown = buffer.new_empty((*buffer.shape[:-2], capacity, buffer.shape[-1]))
+    grown[..., :filled, :].copy_(buffer[..., :filled, :])
+    return grown
 
 
 class StaticCache(Cache):
