@@ -7,7 +7,9 @@ geometry, once per distinct (causal, window) pair in a forward, and shared by ev
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +49,7 @@ class AttentionMask:
             if not static and bool(padding.all()):
                 padding = None
         self.padding = padding
-        self._cache: dict[tuple[bool, int | None, str], torch.Tensor | None] = {}
+        self._cache: dict[tuple[bool, int | None, str], Any] = {}
 
     def needs_mask(self, causal: bool, window: int | None) -> bool:
         """False when a backend's own causal flag (or nothing at all) expresses the masking exactly."""
@@ -63,6 +65,25 @@ class AttentionMask:
         key = (causal, window, str(device))
         if key not in self._cache:
             self._cache[key] = self._build(causal, window, device)
+        return self._cache[key]
+
+    def block_mask(self, causal: bool, window: int | None, device: torch.device) -> Any:
+        """The same geometry as `allowed`, as a FlexAttention BlockMask (built once per forward)."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        key = (causal, window, f"flex:{device}")
+        if key not in self._cache:
+            allowed = self.allowed(causal, window, device)
+            if allowed is None:
+                allowed = torch.ones((1, 1, self.q_len, self.kv_len), dtype=torch.bool, device=device)
+            batch = allowed.shape[0]
+            allowed = allowed.expand(batch, 1, self.q_len, allowed.shape[-1])  # rows may be broadcast
+
+            def mask_mod(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+                return allowed[b if batch > 1 else 0, 0, q, k]
+
+            q_len, kv_len = allowed.shape[-2:]
+            self._cache[key] = create_block_mask(mask_mod, batch, None, q_len, kv_len, device=device)
         return self._cache[key]
 
     def _build(self, causal: bool, window: int | None, device: torch.device) -> torch.Tensor | None:
@@ -147,12 +168,132 @@ def eager_attention(
     return weights @ v
 
 
-ATTENTION_BACKENDS: dict[str, AttentionFn] = {"sdpa": sdpa_attention, "eager": eager_attention}
+def flex_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: AttentionMask,
+    *,
+    causal: bool,
+    window: int | None,
+    dropout: float,
+    scale: float | None,
+) -> torch.Tensor:
+    """torch's FlexAttention with a block mask, so fully masked blocks (above the causal diagonal, outside
+    the window, all padding) are skipped. Compiled on accelerators; on the CPU it runs unfused (tests)."""
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    if dropout > 0:
+        raise ValueError("flex_attention has no attention dropout; train with attn_implementation='sdpa'")
+    block_mask = mask.block_mask(causal, window, q.device)
+    run = _compiled_flex() if q.device.type != "cpu" else flex
+    return run(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+@functools.cache
+def _compiled_flex() -> Callable[..., torch.Tensor]:
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    return torch.compile(flex, dynamic=False)
+
+
+# ---- FlashAttention-2 -------------------------------------------------------------------------------
+class Unpadded(NamedTuple):
+    """A padded (B, T, ...) batch packed to (total, ...) rows, as flash-attn's varlen kernels take it."""
+
+    rows: torch.Tensor  # (total, ...) the kept positions, batch after batch
+    indices: torch.Tensor  # (total,) flat index of each kept position in the (B * T) layout
+    cu_seqlens: torch.Tensor  # (B + 1,) int32 offsets of each sequence in `rows`
+    max_seqlen: int
+
+
+def unpad(x: torch.Tensor, keep: torch.Tensor) -> Unpadded:
+    """Pack `x` (B, T, ...) to the positions where `keep` (B, T) is True."""
+    lengths = keep.sum(dim=-1, dtype=torch.int32)
+    indices = torch.nonzero(keep.flatten(), as_tuple=False).flatten()
+    cu_seqlens = F.pad(torch.cumsum(lengths, dim=0, dtype=torch.int32), (1, 0))
+    rows = x.flatten(0, 1).index_select(0, indices)
+    return Unpadded(rows, indices, cu_seqlens, int(lengths.max()) if len(lengths) else 0)
+
+
+def repad(rows: torch.Tensor, indices: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
+    """Inverse of `unpad`: scatter packed rows back to (B, T, ...), zeros where nothing was kept."""
+    out = rows.new_zeros((batch * seq_len, *rows.shape[1:]))
+    out.index_copy_(0, indices, rows)
+    return out.unflatten(0, (batch, seq_len))
+
+
+def flash_attention_2(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: AttentionMask,
+    *,
+    causal: bool,
+    window: int | None,
+    dropout: float,
+    scale: float | None,
+) -> torch.Tensor:
+    """FlashAttention-2: the varlen kernel for padded batches, the dense one otherwise. flash-attn aligns
+    a causal mask lower-right when queries are fewer than keys, as decoding with a cache needs; GQA and
+    sliding windows are native."""
+    from .hardware import flash_attn_2_unusable_reason, require
+
+    reason = flash_attn_2_unusable_reason(q.dtype, q.device)
+    if reason is not None:
+        raise RuntimeError(
+            f"attn_implementation='flash_attention_2' cannot run: {reason}. Use 'sdpa' instead."
+        )
+    if mask.key_positions is not None:
+        raise ValueError(
+            "flash_attention_2 needs keys in position order; use the dynamic cache (the default) or 'sdpa'"
+        )
+    flash_attn = require("flash_attn", "attn_implementation='flash_attention_2'")
+    options = {"dropout_p": dropout, "softmax_scale": scale, "causal": causal}
+    if window is not None:
+        options["window_size"] = (window - 1, 0)  # flash counts the keys left of the query, itself excluded
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # flash wants (B, T, H, D)
+    if mask.padding is None:
+        return flash_attn.flash_attn_func(q, k, v, **options).transpose(1, 2)
+    batch, q_len = q.shape[:2]
+    queries = unpad(q, mask.padding[:, -q_len:].to(q.device))
+    keys = unpad(k, mask.padding.to(k.device))
+    values = v.flatten(0, 1).index_select(0, keys.indices)
+    out = flash_attn.flash_attn_varlen_func(
+        queries.rows, keys.rows, values,
+        cu_seqlens_q=queries.cu_seqlens, cu_seqlens_k=keys.cu_seqlens,
+        max_seqlen_q=queries.max_seqlen, max_seqlen_k=keys.max_seqlen, **options,
+    )  # fmt: skip
+    return repad(out, queries.indices, batch, q_len).transpose(1, 2)
+
+
+ATTENTION_BACKENDS: dict[str, AttentionFn] = {
+    "sdpa": sdpa_attention,
+    "eager": eager_attention,
+    "flex_attention": flex_attention,
+    "flash_attention_2": flash_attention_2,
+}
 
 
 def register_attention(name: str, fn: AttentionFn) -> None:
     """Make `fn` selectable as `attn_implementation=name`; it receives the same arguments as `sdpa`."""
     ATTENTION_BACKENDS[name] = fn
+
+
+def check_attention(name: str, dtype: torch.dtype, device: torch.device | str) -> None:
+    """Fail at load time, not at the first forward, when backend `name` cannot run here; say why."""
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(
+            f"attn_implementation `{name}` is not available; choose one of {sorted(ATTENTION_BACKENDS)}"
+        )
+    if name == "flash_attention_2":
+        from .hardware import flash_attn_2_unusable_reason
+
+        reason = flash_attn_2_unusable_reason(dtype, device)
+        if reason is not None:
+            raise ValueError(
+                f"attn_implementation='flash_attention_2' cannot run: {reason}. Use 'sdpa' instead."
+            )
 
 
 def attend(

@@ -140,8 +140,6 @@ class PreTrainedModel(nn.Module):
             path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
         )
         config = cls.config_class.from_pretrained(directory, **config_overrides)
-        if attn_implementation is not None:
-            config.attn_implementation = attn_implementation
         target_dtype = _dtype(config.dtype) if dtype == "auto" and config.dtype else None
         if dtype not in (None, "auto"):
             target_dtype = _dtype(dtype)  # type: ignore[arg-type]
@@ -151,7 +149,7 @@ class PreTrainedModel(nn.Module):
         tensors = _with_progress(iter_tensors(files), files, progress)
         plan = resolve_device_map(model, device_map, max_memory)
         model.load_tensors(tensors, str(directory), dtype=target_dtype, placement=plan, strict=strict)
-        return model.eval()
+        return model._choose_attention(attn_implementation).eval()
 
     @classmethod
     def from_gguf(
@@ -167,14 +165,27 @@ class PreTrainedModel(nn.Module):
 
         checkpoint = source if isinstance(source, GGUFFile) else read_gguf(source)
         config = cls.config_class.from_dict(checkpoint.config)
-        if attn_implementation is not None:
-            config.attn_implementation = attn_implementation
         with meta_init():
             model = cls(config)
         target = _dtype(dtype) if dtype is not None else None
         plan = resolve_device_map(model, device_map)
         model.load_tensors(checkpoint.tensors.items(), checkpoint.source, dtype=target, placement=plan)
-        return model.eval()
+        return model._choose_attention(attn_implementation).eval()
+
+    def _choose_attention(self: M, name: str | None) -> M:
+        """Use backend `name`, or the best one for the loaded dtype and device when None; checked now so an
+        unusable choice fails at load time with the reason."""
+        from .attention import check_attention
+        from .hardware import best_attention
+
+        weight = next((p for p in self.parameters() if p.device.type != "meta"), None)
+        dtype, device = (
+            (weight.dtype, weight.device) if weight is not None else (torch.float32, torch.device("cpu"))
+        )
+        name = best_attention(dtype, device) if name is None else name
+        check_attention(name, dtype, device)
+        self.config.attn_implementation = name
+        return self
 
     def load_tensors(
         self,

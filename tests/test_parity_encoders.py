@@ -54,7 +54,7 @@ def test_hf_checkpoint_loads_and_matches(arch: EncoderArch, data: st.DataObject,
     assert set(ours.state_dict()) == set(reference.state_dict())
     batch = inputs(arch, head, config, seed=len(config), length=data.draw(st.sampled_from([7, 16])))
     expected = run(reference, head, batch)
-    for impl in ("sdpa", "eager"):
+    for impl in ("sdpa", "eager", "flex_attention"):
         ours.config.attn_implementation = impl
         compare(expected, run(ours, head, batch), batch)
 
