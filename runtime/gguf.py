@@ -108,8 +108,12 @@ def _tokenizer_metadata(reader: Any) -> dict[str, Any]:
     }
 
 
-def read_gguf(path: str | os.PathLike) -> GGUFFile:
-    """Read a llama-family GGUF into a Hugging Face style config dict and state dict (float32)."""
+def read_gguf(path: str | os.PathLike, keep_quantized: bool = False) -> GGUFFile:
+    """Read a llama-family GGUF into a Hugging Face style config dict and state dict (float32).
+
+    With `keep_quantized`, linear weights stored as Q8_0, Q4_0 or Q4_1 stay integer, in the layout of
+    `quantization.Int8Linear` / `Int4Linear` (`weight`, `scales`, and for int4 `offsets`): no float copy.
+    """
     gguf = _gguf()
     reader, arch = _open(path)
     path = Path(path)
@@ -153,6 +157,13 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
         name = _hf_name(tensor.name)
         if name is None:
             raise CheckpointError(f"{path}: tensor `{tensor.name}` has no Hugging Face counterpart")
+        if keep_quantized and name.endswith("_proj.weight") and tensor.tensor_type.name in _BLOCK_LAYOUTS:
+            parts = _quantized_parts(tensor.data, tensor.tensor_type.name)
+            for suffix, part in parts.items():
+                if permuted and name.endswith(("q_proj.weight", "k_proj.weight")):
+                    part = unpermute_rotary_rows(part, heads if "q_proj" in name else kv_heads)
+                tensors[name.removesuffix("weight") + suffix] = part
+            continue
         try:
             array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         except NotImplementedError:
@@ -169,6 +180,23 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
 
     tokenizer = _tokenizer_metadata(reader)
     return GGUFFile(arch, config, tensors, tokenizer, str(path))
+
+
+# llama.cpp block layouts we keep as integers: bytes per block of 32 values.
+_BLOCK_LAYOUTS = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
+
+
+def _quantized_parts(raw: Any, kind: str) -> dict[str, torch.Tensor]:
+    """Split a Q8_0/Q4_0/Q4_1 tensor's raw (rows, blocks * bytes) data into weight, scales and offsets."""
+    data = torch.from_numpy(raw.copy())
+    blocks = data.reshape(data.shape[0], -1, _BLOCK_LAYOUTS[kind])  # (rows, blocks, bytes)
+    scales = blocks[..., :2].contiguous().view(torch.float16).squeeze(-1).float()
+    if kind == "Q8_0":
+        return {"weight": blocks[..., 2:].contiguous().view(torch.int8).flatten(1), "scales": scales}
+    if kind == "Q4_0":  # w = d * (q - 8)
+        return {"weight": blocks[..., 2:].contiguous(), "scales": scales, "offsets": -8 * scales}
+    offsets = blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1).float()  # Q4_1: w = d * q + m
+    return {"weight": blocks[..., 4:].contiguous(), "scales": scales, "offsets": offsets}
 
 
 def _hf_name(name: str) -> str | None:

@@ -19,6 +19,7 @@ from .hub import resolve
 from .layers import Embedding, RMSNorm
 from .meta import meta_init
 from .placement import DeviceMap, attach_device_hooks, device_for, resolve_device_map
+from .quantization import prepare_quantized, quantize
 
 if TYPE_CHECKING:
     from .gguf import GGUFFile
@@ -70,8 +71,18 @@ class PreTrainedModel(nn.Module):
             module._sf_initialized = True
         self.tie_weights()
 
+    def active_ties(self) -> dict[str, str]:
+        """`tied_weights()` minus ties into quantized layers: a quantized head keeps its own weight."""
+        from .quantization import QUANTIZED_LINEARS
+
+        return {
+            tied: source
+            for tied, source in self.tied_weights().items()
+            if not isinstance(self.get_submodule(tied.rpartition(".")[0]), QUANTIZED_LINEARS)
+        }
+
     def tie_weights(self) -> None:
-        for tied, source in self.tied_weights().items():
+        for tied, source in self.active_ties().items():
             owner, _, name = tied.rpartition(".")
             setattr(self.get_submodule(owner), name, self.get_parameter(source))
 
@@ -98,6 +109,12 @@ class PreTrainedModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(p.dtype for p in self.parameters() if p.is_floating_point())
+
+    def get_memory_footprint(self, return_buffers: bool = True) -> int:
+        """Bytes of parameters (and buffers): what the model holds, quantized layers at their packed size."""
+        from .quantization import memory_footprint
+
+        return memory_footprint(self, return_buffers)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         seen: set[int] = set()
@@ -127,6 +144,7 @@ class PreTrainedModel(nn.Module):
         max_memory: dict[str | int, int | str] | None = None,
         strict: bool = True,
         progress: bool | None = None,
+        quantization_config: Any = None,
         **config_overrides: Any,
     ) -> M:
         """Load a checkpoint folder or hub id (config.json + single or sharded safetensors, or legacy .bin).
@@ -135,6 +153,8 @@ class PreTrainedModel(nn.Module):
         place: no random initialisation is computed and thrown away, and no second copy is made.
         `dtype="auto"` keeps the dtype the config names; `device_map` places modules ("cpu", "cuda",
         "auto", or {module prefix: device}; "meta" leaves a module unloaded).
+        `quantization_config` (`WeightOnlyConfig` or `BitsAndBytesConfig`) quantizes the backbone's linear
+        layers as they load; a checkpoint saved quantized (its config.json says how) reloads as it was.
         """
         directory = resolve(
             path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
@@ -147,8 +167,15 @@ class PreTrainedModel(nn.Module):
             model = cls(config)
         files = checkpoint_files(directory)
         tensors = _with_progress(iter_tensors(files), files, progress)
+        saved = getattr(config, "quantization_config", None)
+        if saved is not None:  # stored quantized: give the model matching layers before assigning
+            by_name = dict(tensors)  # memory-mapped, so this holds no copies
+            prepare_quantized(model, saved, by_name)
+            tensors = iter(by_name.items())
         plan = resolve_device_map(model, device_map, max_memory)
         model.load_tensors(tensors, str(directory), dtype=target_dtype, placement=plan, strict=strict)
+        if quantization_config is not None and saved is None:
+            quantize(model, quantization_config)
         return model._choose_attention(attn_implementation).eval()
 
     @classmethod
@@ -159,15 +186,27 @@ class PreTrainedModel(nn.Module):
         dtype: str | torch.dtype | None = None,
         attn_implementation: str | None = None,
         device_map: DeviceMap | None = None,
+        dequantize: bool = True,
     ) -> M:
-        """Load a llama.cpp GGUF file, or one already read, dequantised to `dtype` (float32 by default)."""
-        from .gguf import GGUFFile, read_gguf
+        """Load a llama.cpp GGUF file, or one already read, dequantised to `dtype` (float32 by default).
 
-        checkpoint = source if isinstance(source, GGUFFile) else read_gguf(source)
+        `dequantize=False` keeps Q8_0/Q4_0/Q4_1 linear weights as int8/int4 layers (weight-only
+        quantization, see `quantization.py`) with no float round trip; other tensors are dequantised.
+        """
+        from .gguf import GGUFFile, read_gguf
+        from .quantization import WeightOnlyConfig, prepare_weight_only, quantized_layers
+
+        checkpoint = (
+            source if isinstance(source, GGUFFile) else read_gguf(source, keep_quantized=not dequantize)
+        )
         config = cls.config_class.from_dict(checkpoint.config)
         with meta_init():
             model = cls(config)
         target = _dtype(dtype) if dtype is not None else None
+        layers = quantized_layers(checkpoint.tensors)
+        if layers:
+            bits = {b for b, _ in layers.values()}
+            prepare_weight_only(model, WeightOnlyConfig(bits=min(bits)), layers)
         plan = resolve_device_map(model, device_map)
         model.load_tensors(checkpoint.tensors.items(), checkpoint.source, dtype=target, placement=plan)
         return model._choose_attention(attn_implementation).eval()
@@ -199,7 +238,7 @@ class PreTrainedModel(nn.Module):
         """Assign checkpoint tensors to this (meta-built) model, checking every key and shape."""
         plan = placement or {"": torch.device("cpu")}
         expected = self.state_dict()
-        tied = set(self.tied_weights())
+        tied = set(self.active_ties())
         prefix = self.base_model_prefix + "."
         has_backbone = hasattr(self, self.base_model_prefix) and isinstance(
             getattr(self, self.base_model_prefix), nn.Module
@@ -292,7 +331,7 @@ class PreTrainedModel(nn.Module):
         """Write config.json, safetensors weights (sharded past `max_shard_size`) and generation_config.json."""
         directory = Path(path)
         directory.mkdir(parents=True, exist_ok=True)
-        tied = set(self.tied_weights())
+        tied = set(self.active_ties())
         state = {k: v for k, v in self.state_dict().items() if k not in tied}
         save_state_dict(state, directory, max_shard_size)
         self.config.architectures = [type(self).__name__]

@@ -1,0 +1,341 @@
+"""Weight-only quantization in plain torch: int8 and int4 linear layers, group-wise scales.
+
+A quantized layer stores integer weights and per-group scales (int4 also per-group offsets, so
+w = q * scale + offset covers both symmetric and min/max schemes); activations stay in float. For one or
+a few rows (decoding) under `torch.compile` the product is written as multiply-and-sum over the
+integer weights, which inductor fuses into one pass reading the small weights: that is where the speed
+is (`bench/quant.py`: int8 1.6x, int4 1.8-2x fp32 decode on a 2-core CPU). Otherwise (a prompt, or
+eager mode) the weight is dequantised and a dense matmul runs, so eager quantized decoding saves memory,
+not time: decode with `generate(..., cache_implementation="static", compile=True)`. PyTorch's packed kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) measured 4-11x
+slower than fp32 on this kind of machine, so they are not used.
+
+The layouts match llama.cpp's blocks so GGUF Q8_0, Q4_0 and Q4_1 weights load without a float round trip:
+int4 packs each group of `group_size` values as `group_size / 2` bytes, the first half of the group in
+the low nibbles and the second half in the high nibbles.
+
+Which layers are quantized: every `nn.Linear` of the backbone (the spec's blocks); heads such as
+`lm_head` keep full precision unless listed, as quantizing the output projection costs the most quality.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Under torch.compile, rows at or below this use the multiply-and-sum form (decoding), which inductor
+# fuses; more rows, or eager mode (where that form would materialise a float product), dequantise.
+_MATVEC_ROWS = 4
+
+
+@dataclass
+class WeightOnlyConfig:
+    """`quantization_config` for torch-native weight-only quantization (serialised into config.json)."""
+
+    bits: int = 8
+    group_size: int | None = None  # None: per output channel for int8, 32 for int4
+    modules_to_not_convert: list[str] = field(default_factory=list)
+    modules_to_convert: list[str] = field(default_factory=list)  # heads to quantize too, e.g. lm_head
+    quant_method: str = "weight_only"
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise ValueError(f"WeightOnlyConfig: bits={self.bits}; expected 8 or 4")
+        if self.group_size is None and self.bits == 4:
+            self.group_size = 32
+        if self.group_size is not None and (self.group_size < 2 or self.group_size % 2):
+            raise ValueError(f"WeightOnlyConfig: group_size={self.group_size}; expected an even number >= 2")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> WeightOnlyConfig:
+        known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T + b with W = weight (int8) * scales, one scale per `group_size` inputs of each row."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        group_size: int | None = None,
+        bias: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        group_size = group_size or in_features
+        _check_groups(in_features, group_size, "int8")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = in_features // group_size
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=torch.int8, device=device), requires_grad=False
+        )
+        self.scales = nn.Parameter(
+            torch.empty(out_features, groups, dtype=dtype, device=device), requires_grad=False
+        )
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int | None = None) -> Int8Linear:
+        weight = linear.weight.detach()
+        group_size = group_size or weight.shape[1]
+        module = cls(
+            weight.shape[1], weight.shape[0], group_size, linear.bias is not None, weight.dtype, weight.device
+        )
+        grouped = weight.float().unflatten(1, (-1, group_size))
+        scales = grouped.abs().amax(-1).clamp(min=1e-12) / 127
+        module.weight.data = (grouped / scales[..., None]).round().clamp(-127, 127).to(torch.int8).flatten(1)
+        module.scales.data = scales.to(weight.dtype)
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return module
+
+    def dequantize(self) -> torch.Tensor:
+        grouped = self.weight.unflatten(1, (-1, self.group_size)).to(self.scales.dtype)
+        return (grouped * self.scales[..., None]).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() // self.in_features > _MATVEC_ROWS or not torch.compiler.is_compiling():
+            return F.linear(x, self.dequantize().to(x.dtype), self.bias)
+        # Widening through int32 lets inductor vectorise the conversion; one reduction over the whole row.
+        xg = x.unflatten(-1, (-1, self.group_size)).unsqueeze(-3)  # (..., 1, groups, group)
+        w = (
+            self.weight.unflatten(1, (-1, self.group_size)).to(torch.int32).to(x.dtype)
+        )  # (out, groups, group)
+        y = (xg * (w * self.scales.to(x.dtype)[..., None])).sum((-1, -2))
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, group_size={self.group_size}, bias={self.bias is not None}"
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T + b with W = q * scales + offsets, q in 0..15 packed two per byte (llama.cpp's Q4 layout)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        group_size: int = 32,
+        bias: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        _check_groups(in_features, group_size, "int4")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = in_features // group_size
+        self.weight = nn.Parameter(
+            torch.empty(out_features, groups, group_size // 2, dtype=torch.uint8, device=device),
+            requires_grad=False,
+        )
+        self.scales = nn.Parameter(
+            torch.empty(out_features, groups, dtype=dtype, device=device), requires_grad=False
+        )
+        self.offsets = nn.Parameter(
+            torch.empty(out_features, groups, dtype=dtype, device=device), requires_grad=False
+        )
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 32) -> Int4Linear:
+        weight = linear.weight.detach()
+        module = cls(
+            weight.shape[1], weight.shape[0], group_size, linear.bias is not None, weight.dtype, weight.device
+        )
+        grouped = weight.float().unflatten(1, (-1, group_size))
+        low, high = grouped.amin(-1), grouped.amax(-1)
+        scales = ((high - low) / 15).clamp(min=1e-12)
+        q = ((grouped - low[..., None]) / scales[..., None]).round().clamp(0, 15).to(torch.uint8)
+        half = group_size // 2
+        module.weight.data = q[..., :half] | (q[..., half:] << 4)
+        module.scales.data, module.offsets.data = scales.to(weight.dtype), low.to(weight.dtype)
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return module
+
+    def _nibbles(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first and second half of each group; bit operations in int32, which inductor vectorises."""
+        packed = self.weight.to(torch.int32)
+        return (packed & 15).to(dtype), (packed >> 4).to(dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        q = torch.cat(self._nibbles(self.scales.dtype), dim=-1)  # (out, groups, group)
+        return (q * self.scales[..., None] + self.offsets[..., None]).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() // self.in_features > _MATVEC_ROWS or not torch.compiler.is_compiling():
+            return F.linear(x, self.dequantize().to(x.dtype), self.bias)
+        xg = x.unflatten(-1, (-1, 2, self.group_size // 2)).unsqueeze(-4)  # (..., 1, groups, 2, half)
+        scales, offsets = self.scales.to(x.dtype)[..., None], self.offsets.to(x.dtype)[..., None]
+        low, high = (q * scales + offsets for q in self._nibbles(x.dtype))  # dequantised in registers
+        y = (xg[..., 0, :] * low + xg[..., 1, :] * high).sum((-1, -2))  # one reduction over the row
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, group_size={self.group_size}, bias={self.bias is not None}"
+
+
+def _check_groups(in_features: int, group_size: int, kind: str) -> None:
+    if in_features % group_size:
+        raise ValueError(
+            f"{kind} quantization: group_size={group_size} does not divide in_features={in_features}; "
+            f"pick a divisor of {in_features}"
+        )
+
+
+QUANTIZED_LINEARS = (Int8Linear, Int4Linear)
+
+
+def quantizable_linears(model: nn.Module, skip: Iterable[str] = (), include: Iterable[str] = ()) -> list[str]:
+    """Names of the `nn.Linear` modules quantization replaces: those of the backbone, minus `skip`
+    (a name or a dotted suffix such as `o_proj`). Heads stay in full precision unless in `include`; a
+    head tied to the embeddings is then untied (the embedding lookup keeps its float table)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    has_backbone = bool(prefix) and isinstance(getattr(model, prefix, None), nn.Module)
+    skip = tuple(skip)
+    names = []
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear:
+            continue
+        if has_backbone and not name.startswith(prefix + ".") and name not in include:
+            continue  # a head of this model
+        if any(name == s or name.endswith("." + s) for s in skip):
+            continue
+        names.append(name)
+    return names
+
+
+def replace_modules(
+    model: nn.Module, names: Iterable[str], make: Callable[[str, nn.Module], nn.Module]
+) -> None:
+    """Swap each named submodule for `make(name, old)`."""
+    for name in names:
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        setattr(owner, attr, make(name, getattr(owner, attr)))
+
+
+def quantize_weight_only(model: nn.Module, config: WeightOnlyConfig) -> nn.Module:
+    """Replace the backbone's linear layers by int8/int4 ones, in place, one layer at a time (the float
+    weight of a layer is freed as soon as its quantized copy exists). Returns `model`."""
+    names = quantizable_linears(model, config.modules_to_not_convert, config.modules_to_convert)
+    if config.bits == 8:
+        replace_modules(model, names, lambda _, old: Int8Linear.from_linear(old, config.group_size))
+    else:
+        replace_modules(model, names, lambda _, old: Int4Linear.from_linear(old, config.group_size or 32))
+    _remember(model, config.to_dict())
+    return model
+
+
+def prepare_weight_only(
+    model: nn.Module, config: WeightOnlyConfig, layers: dict[str, tuple[int, int]] | None = None
+) -> None:
+    """Give a (meta-built) model empty quantized layers so a quantized checkpoint can be assigned to it.
+
+    `layers` maps module names to (bits, group size) when they differ per layer (a GGUF file's mix);
+    otherwise every quantizable linear gets `config`'s format.
+    """
+    if layers is None:
+        group = config.group_size or (32 if config.bits == 4 else None)
+        names = quantizable_linears(model, config.modules_to_not_convert, config.modules_to_convert)
+        layers = dict.fromkeys(names, (config.bits, group))
+
+    def make(name: str, old: nn.Module) -> nn.Module:
+        bits, group = layers[name]
+        kind = Int8Linear if bits == 8 else Int4Linear
+        device, dtype = old.weight.device, old.weight.dtype
+        args = (
+            old.in_features,
+            old.out_features,
+            group or old.in_features,
+            old.bias is not None,
+            dtype,
+            device,
+        )
+        return kind(*args)
+
+    replace_modules(model, layers, make)
+    _remember(model, config.to_dict())
+
+
+def _remember(model: nn.Module, values: dict[str, Any]) -> None:
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.extra["quantization_config"] = values
+
+
+def memory_footprint(model: nn.Module, buffers: bool = True) -> int:
+    """Bytes held by the model's parameters (and buffers), each shared tensor counted once."""
+    seen: set[int] = set()
+    total = 0
+    tensors = list(model.parameters()) + (list(model.buffers()) if buffers else [])
+    for tensor in tensors:
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def quantized_layers(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """(bits, group size) of each quantized linear in a checkpoint, read off its tensors' dtypes and shapes."""
+    layers = {}
+    for key, scales in tensors.items():
+        if not key.endswith(".scales"):
+            continue
+        module = key.removesuffix(".scales")
+        weight = tensors[module + ".weight"]
+        if weight.dtype == torch.int8:
+            layers[module] = (8, weight.shape[1] // scales.shape[1])
+        elif weight.dtype == torch.uint8 and weight.dim() == 3:
+            layers[module] = (4, 2 * weight.shape[2])
+    return layers
+
+
+def quantization_config_from_dict(values: dict[str, Any]) -> Any:
+    """The config object a config.json's `quantization_config` describes."""
+    method = values.get("quant_method")
+    if method == "weight_only":
+        return WeightOnlyConfig.from_dict(values)
+    if method == "bitsandbytes":
+        from .bnb import BitsAndBytesConfig
+
+        return BitsAndBytesConfig.from_dict(values)
+    raise ValueError(
+        f"quantization_config: quant_method `{method}` is unknown; expected weight_only or bitsandbytes"
+    )
+
+
+def quantize(model: nn.Module, config: Any) -> nn.Module:
+    """Quantize a loaded full-precision model in place with `config` (an object or its dict)."""
+    config = quantization_config_from_dict(config) if isinstance(config, dict) else config
+    if isinstance(config, WeightOnlyConfig):
+        return quantize_weight_only(model, config)
+    from .bnb import BitsAndBytesConfig, quantize_bnb
+
+    if isinstance(config, BitsAndBytesConfig):
+        return quantize_bnb(model, config)
+    raise TypeError(
+        f"quantization_config: expected WeightOnlyConfig or BitsAndBytesConfig, got {type(config).__name__}"
+    )
+
+
+def prepare_quantized(model: nn.Module, saved: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Give a meta-built model the quantized layers a checkpoint saved with `saved` holds."""
+    config = quantization_config_from_dict(saved)
+    if isinstance(config, WeightOnlyConfig):
+        prepare_weight_only(model, config, quantized_layers(tensors))
+        return
+    from .bnb import prepare_bnb
+
+    prepare_bnb(model, config, tensors)
