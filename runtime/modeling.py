@@ -73,12 +73,12 @@ class PreTrainedModel(nn.Module):
 
     def active_ties(self) -> dict[str, str]:
         """`tied_weights()` minus ties into quantized layers: a quantized head keeps its own weight."""
-        from .quantization import QUANTIZED_LINEARS
+        from .quantization import is_quantized_layer
 
         return {
             tied: source
             for tied, source in self.tied_weights().items()
-            if not isinstance(self.get_submodule(tied.rpartition(".")[0]), QUANTIZED_LINEARS)
+            if not is_quantized_layer(self.get_submodule(tied.rpartition(".")[0]))
         }
 
     def tie_weights(self) -> None:
@@ -167,12 +167,12 @@ class PreTrainedModel(nn.Module):
             model = cls(config)
         files = checkpoint_files(directory)
         tensors = _with_progress(iter_tensors(files), files, progress)
+        plan = resolve_device_map(model, device_map, max_memory)
         saved = getattr(config, "quantization_config", None)
         if saved is not None:  # stored quantized: give the model matching layers before assigning
             by_name = dict(tensors)  # memory-mapped, so this holds no copies
             prepare_quantized(model, saved, by_name)
             tensors = iter(by_name.items())
-        plan = resolve_device_map(model, device_map, max_memory)
         model.load_tensors(tensors, str(directory), dtype=target_dtype, placement=plan, strict=strict)
         if quantization_config is not None and saved is None:
             quantize(model, quantization_config)
@@ -235,9 +235,10 @@ class PreTrainedModel(nn.Module):
         placement: dict[str, torch.device] | None = None,
         strict: bool = True,
     ) -> None:
-        """Assign checkpoint tensors to this (meta-built) model, checking every key and shape."""
+        """Assign checkpoint tensors to this (meta-built) model, checking every key and shape. Tensors
+        already materialised (layers a quantizer built from the checkpoint) are not expected again."""
         plan = placement or {"": torch.device("cpu")}
-        expected = self.state_dict()
+        expected = {k: v for k, v in self.state_dict().items() if v.device.type == "meta"}
         tied = set(self.active_ties())
         prefix = self.base_model_prefix + "."
         has_backbone = hasattr(self, self.base_model_prefix) and isinstance(

@@ -196,6 +196,11 @@ def _check_groups(in_features: int, group_size: int, kind: str) -> None:
 QUANTIZED_LINEARS = (Int8Linear, Int4Linear)
 
 
+def is_quantized_layer(module: nn.Module) -> bool:
+    """An int8/int4 layer of ours or a bitsandbytes one (checked without importing bitsandbytes)."""
+    return isinstance(module, QUANTIZED_LINEARS) or type(module).__module__.startswith("bitsandbytes")
+
+
 def quantizable_linears(model: nn.Module, skip: Iterable[str] = (), include: Iterable[str] = ()) -> list[str]:
     """Names of the `nn.Linear` modules quantization replaces: those of the backbone, minus `skip`
     (a name or a dotted suffix such as `o_proj`). Heads stay in full precision unless in `include`; a
@@ -233,7 +238,7 @@ def quantize_weight_only(model: nn.Module, config: WeightOnlyConfig) -> nn.Modul
         replace_modules(model, names, lambda _, old: Int8Linear.from_linear(old, config.group_size))
     else:
         replace_modules(model, names, lambda _, old: Int4Linear.from_linear(old, config.group_size or 32))
-    _remember(model, config.to_dict())
+    remember_quantization(model, config.to_dict())
     return model
 
 
@@ -265,10 +270,10 @@ def prepare_weight_only(
         return kind(*args)
 
     replace_modules(model, layers, make)
-    _remember(model, config.to_dict())
+    remember_quantization(model, config.to_dict())
 
 
-def _remember(model: nn.Module, values: dict[str, Any]) -> None:
+def remember_quantization(model: nn.Module, values: dict[str, Any]) -> None:
     config = getattr(model, "config", None)
     if config is not None:
         config.extra["quantization_config"] = values
