@@ -57,6 +57,8 @@ class ExprEmitter:
     def __init__(self, name: NameFn, call: CallFn) -> None:
         self.name = name
         self.call = call
+        # A hook that may emit a binary operation specially (e.g. act(gate) * up as one fused call).
+        self.binop: Callable[[ir.BinOp], str | None] = lambda _: None
 
     def __call__(self, expr: ir.Expr) -> str:
         return self.emit(expr)
@@ -92,6 +94,9 @@ class ExprEmitter:
             test = self._wrap(expr.test, 1, right=False)
             return f"{body} if {test} else {self._wrap(expr.orelse, 0, right=True)}"
         if isinstance(expr, ir.BinOp):
+            special = self.binop(expr)
+            if special is not None:
+                return special
             prec = _PRECEDENCE[expr.op]
             right_assoc = expr.op == "**"
             left = self._wrap(expr.left, prec + (1 if right_assoc else 0), right=False)

@@ -351,7 +351,20 @@ class Planner:
                 return f'ACTIVATIONS["{node.func}"]({args[0]})'
             raise SpecError(f"cannot emit a call to `{node.func}`", node.pos)  # pragma: no cover
 
+        def binop(node: ir.BinOp) -> str | None:
+            # act(gate) * up, the GLU product: one call, so a fused kernel can take it (set_kernels)
+            gate = node.left
+            if (
+                node.op == "*"
+                and isinstance(gate, ir.Call)
+                and gate.func in self.fields
+                and len(gate.args) == 1
+            ):
+                return f"self.{gate.func}_fn.gated({emitter(gate.args[0])}, {emitter(node.right)})"
+            return None
+
         emitter.call = call
+        emitter.binop = binop
         return emitter
 
     def _attend(self, node: ir.Call, emit: ExprEmitter, context_names: dict[str, str]) -> str:

@@ -18,8 +18,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.unit_offset = unit_offset
         self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
+        self.kernel = "torch"  # or "triton", set by PreTrainedModel.set_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "triton":
+            from .triton_kernels import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, self.unit_offset)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.unit_offset:
@@ -104,9 +109,33 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+class Activation(nn.Module):
+    """The activation a config names (`hidden_act`), callable like the function; `gated(gate, up)` is
+    act(gate) * up, the GLU product, which a fused kernel can compute in one pass."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        if name not in ACTIVATIONS:
+            raise ValueError(f"unknown activation `{name}`; expected one of {sorted(ACTIVATIONS)}")
+        self.name = name
+        self.fn = ACTIVATIONS[name]
+        self.kernel = "torch"  # or "triton", set by PreTrainedModel.set_kernels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+    def gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "triton":
+            from . import triton_kernels
+
+            if self.name in triton_kernels.GATED_ACTIVATIONS:
+                return triton_kernels.gated(self.name, gate, up)
+        return self.fn(gate) * up
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
+def activation(name: str) -> Activation:
     """The activation called `name` in a config, with a clear error for an unknown one."""
-    try:
-        return ACTIVATIONS[name]
-    except KeyError:
-        raise ValueError(f"unknown activation `{name}`; expected one of {sorted(ACTIVATIONS)}") from None
+    return Activation(name)

@@ -71,6 +71,25 @@ class PreTrainedModel(nn.Module):
             module._sf_initialized = True
         self.tie_weights()
 
+    def set_kernels(self: M, kernels: str) -> M:
+        """Compute RMSNorm, rotary embeddings and gated activations with `kernels`: "torch" (default) or
+        "triton" (fused kernels with their own backward; CUDA/XPU, or any device under TRITON_INTERPRET=1)."""
+        if kernels not in ("torch", "triton"):
+            raise ValueError(f"kernels={kernels!r}; expected 'torch' or 'triton'")
+        if kernels == "triton":
+            from .hardware import is_triton_available, require
+
+            require("triton", "kernels='triton'")
+            if not is_triton_available(self.device):
+                raise ValueError(
+                    f"kernels='triton' needs a CUDA or XPU device (the model is on {self.device.type}); "
+                    "set TRITON_INTERPRET=1 to run them, slowly, on the CPU"
+                )
+        for module in self.modules():
+            if hasattr(module, "kernel"):
+                module.kernel = kernels
+        return self
+
     def active_ties(self) -> dict[str, str]:
         """`tied_weights()` minus ties into quantized layers: a quantized head keeps its own weight."""
         from .quantization import is_quantized_layer
@@ -145,6 +164,7 @@ class PreTrainedModel(nn.Module):
         strict: bool = True,
         progress: bool | None = None,
         quantization_config: Any = None,
+        kernels: str = "torch",
         **config_overrides: Any,
     ) -> M:
         """Load a checkpoint folder or hub id (config.json + single or sharded safetensors, or legacy .bin).
@@ -155,6 +175,7 @@ class PreTrainedModel(nn.Module):
         "auto", or {module prefix: device}; "meta" leaves a module unloaded).
         `quantization_config` (`WeightOnlyConfig` or `BitsAndBytesConfig`) quantizes the backbone's linear
         layers as they load; a checkpoint saved quantized (its config.json says how) reloads as it was.
+        `kernels="triton"` selects fused Triton kernels for the elementwise hot spots (`set_kernels`).
         """
         directory = resolve(
             path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
@@ -176,7 +197,7 @@ class PreTrainedModel(nn.Module):
         model.load_tensors(tensors, str(directory), dtype=target_dtype, placement=plan, strict=strict)
         if quantization_config is not None and saved is None:
             quantize(model, quantization_config)
-        return model._choose_attention(attn_implementation).eval()
+        return model._choose_attention(attn_implementation).set_kernels(kernels).eval()
 
     @classmethod
     def from_gguf(

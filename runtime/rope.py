@@ -7,13 +7,21 @@ same numbers: default, linear, dynamic (NTK), yarn, longrope and llama3.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 CPU = torch.device("cpu")  # tables are always computed here, whatever device the model is built on
-Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (B, T, rotary_dim), float32
+
+
+class Rope(NamedTuple):
+    """cos/sin tables for this forward's positions, each (B, T, rotary_dim) float32, and the kernel that
+    applies them ("torch", or "triton" once `set_kernels` chose it)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    kernel: str = "torch"
 
 
 def _base_inv_freq(base: float, dim: int) -> torch.Tensor:
@@ -118,6 +126,7 @@ class RotaryEmbedding(nn.Module):
         inv_freq, self.attention_scaling = inverse_frequencies(self.params, self.dim, max_position_embeddings)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.cached_len = max_position_embeddings
+        self.kernel = "torch"  # set by PreTrainedModel.set_kernels
 
     def _refresh(self, seq_len: int) -> None:
         if self.rope_type == "dynamic":
@@ -138,7 +147,7 @@ class RotaryEmbedding(nn.Module):
             self._refresh(int(position_ids.max()) + 1)
         freqs = position_ids[..., None].float() * self.inv_freq.float()  # (B, T, dim/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, dim)
-        return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+        return Rope(emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling, self.kernel)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -148,8 +157,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q and k, each (B, H, T, D); with a partial rotary factor only the first dims rotate."""
-    cos, sin = (t.to(q.dtype).unsqueeze(1) for t in rope)  # (B, 1, T, rotary_dim)
-    rotary_dim = cos.shape[-1]
+    rotary_dim = rope.cos.shape[-1]
+    if rope.kernel == "triton":
+        from . import triton_kernels
+
+        if triton_kernels.rotary_supported(q.shape[-1], rotary_dim):
+            return triton_kernels.rotary(q, rope.cos, rope.sin), triton_kernels.rotary(k, rope.cos, rope.sin)
+    cos, sin = (t.to(q.dtype).unsqueeze(1) for t in rope[:2])  # (B, 1, T, rotary_dim)
     if rotary_dim == q.shape[-1]:
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
     q_rot, q_pass = q[..., :rotary_dim], q[..., rotary_dim:]

@@ -80,7 +80,7 @@ class LlamaMLP(nn.Module):
         self.hidden_act_fn = activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.hidden_act_fn(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.hidden_act_fn.gated(self.gate_proj(x), self.up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
