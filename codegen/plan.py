@@ -651,6 +651,7 @@ class Planner:
                     "generation_defaults", [], "dict[str, Any]", ["return generation_defaults(self.config)"]
                 )
             )
+        attributes += _dict_attribute("tp_plan", self.tp_plan(head))
         return ClassView(
             name=self.class_name(head.name),
             base=self.pretrained_base,
@@ -661,6 +662,16 @@ class Planner:
             methods=methods,
             attributes=attributes,
         )
+
+    def tp_plan(self, block: ir.Block, prefix: str = "") -> dict[str, str]:
+        """Module path patterns (`layers.*.self_attn.q_proj`) -> parallel style, from `parallel` lines."""
+        plan = {f"{prefix}{name}": entry.style for entry in block.parallel for name in entry.names}
+        for sub in block.submodules:
+            if sub.kind == "block":
+                plan |= self.tp_plan(self.blocks[sub.target], f"{prefix}{sub.name}.")
+            elif sub.kind == "repeat":
+                plan |= self.tp_plan(self.blocks[sub.target], f"{prefix}{sub.name}.*.")
+        return plan
 
     def _tied_weights(self, head: ir.Block) -> list[str]:
         emit = self.config_expr("self.config")
@@ -697,7 +708,11 @@ class Planner:
             init_signature="",
             init_lines=[],
             forward_lines=[],
-            attributes=[f"config_class = {self.config_class}", f'base_model_prefix = "{self.backbone.attr}"'],
+            attributes=[
+                f"config_class = {self.config_class}",
+                f'base_model_prefix = "{self.backbone.attr}"',
+                *_dict_attribute("base_model_tp_plan", self.tp_plan(self.backbone)),
+            ],
         )
         self.use("modeling", "PreTrainedModel")
         plain = [self.plan_block(self.blocks[n]) for n in self._block_order() if not self._is_input(n)]
@@ -851,3 +866,11 @@ def _shape_comment(expr: ir.Expr) -> str:
 
 def plan(model: ir.ResolvedModel) -> ModelView:
     return Planner(model).plan()
+
+
+def _dict_attribute(name: str, values: dict[str, str]) -> list[str]:
+    """`name = {...}` as one class attribute, an entry per line (the trailing comma keeps ruff's layout)."""
+    if not values:
+        return []
+    entries = "".join(f'\n{INDENT * 2}"{k}": "{v}",' for k, v in values.items())
+    return [f"{name}: ClassVar[dict[str, str]] = {{{entries}\n{INDENT}}}"]

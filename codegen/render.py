@@ -42,7 +42,7 @@ def render_model(model: ir.ResolvedModel) -> dict[str, str]:
         "classes": view.classes,
         "imports": view.imports,
         "exports": view.exports,
-        "uses_any": any("Any" in line for c in view.classes for m in c.methods for line in m),
+        "typing_names": _typing_names(view.classes),
         "model_doc": view.doc,
     }
     files = {
@@ -53,3 +53,13 @@ def render_model(model: ir.ResolvedModel) -> dict[str, str]:
         f"{view.package}/modeling_{view.package}.py": env.get_template("modeling.py.jinja").render(context),
     }
     return {path: text.rstrip("\n") + "\n" for path, text in files.items()}
+
+
+def _typing_names(classes: list) -> list[str]:
+    """The `typing` names the generated module needs: `Any` in method signatures, `ClassVar` for tables."""
+    names = []
+    if any("ClassVar[" in a for c in classes for a in c.attributes):
+        names.append("ClassVar")
+    if any("Any" in line for c in classes for m in c.methods for line in m):
+        names.insert(0, "Any")
+    return names

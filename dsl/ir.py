@@ -171,6 +171,14 @@ class Submodule(Node):
     pos: Pos
 
 
+class Parallel(Node):
+    """`parallel gate_proj, up_proj: colwise`: how tensor parallelism splits these Linear submodules."""
+
+    names: tuple[str, ...]
+    style: str  # colwise, rowwise, gather (colwise with the output gathered), replicate
+    pos: Pos
+
+
 class Tie(Node):
     """`tie lm_head = model.embed_tokens if tie_word_embeddings`: share the weight of two modules."""
 
@@ -208,6 +216,7 @@ class Block(Node):
     submodules: tuple[Submodule, ...] = ()
     forward: Forward | None = None
     ties: tuple[Tie, ...] = ()
+    parallel: tuple[Parallel, ...] = ()
     attr: str | None = None  # backbone: its attribute in heads (`model`, `bert`); head: an override of it
     options: tuple[ConfigField, ...] = ()  # backbone: constructor options such as `add_pooling_layer`
     backbone_args: tuple[tuple[str, Expr], ...] = ()  # head: the options it builds its backbone with

@@ -293,6 +293,12 @@ class _ToIR(Transformer):
     def dotted(self, meta, children):
         return tuple(self._attribute(c) for c in children)
 
+    def parallel(self, meta, children):
+        *names, style = children
+        return ir.Parallel(
+            names=tuple(self._attribute(n) for n in names), style=self._name(style), pos=self._pos(style)
+        )
+
     def tie(self, meta, children):
         name, target, condition = children
         return ir.Tie(name=self._attribute(name), target=target, condition=condition, pos=self._pos(name))
@@ -311,7 +317,7 @@ class _ToIR(Transformer):
         return ir.Forward(params=tuple(self._name(p) for p in params), body=tuple(body), pos=self._pos(meta))
 
     def _block(self, meta, role: str, name: Token, items: list, **extra) -> ir.Block:
-        submodules, ties, forwards = [], [], []
+        submodules, ties, forwards, parallel = [], [], [], []
         for item in items:
             if isinstance(item, ir.Submodule):
                 if any(s.name == item.name for s in submodules):
@@ -319,6 +325,8 @@ class _ToIR(Transformer):
                 submodules.append(item)
             elif isinstance(item, ir.Tie):
                 ties.append(item)
+            elif isinstance(item, ir.Parallel):
+                parallel.append(item)
             else:
                 if forwards:
                     raise SpecError(f"`{name}` has two forwards", item.pos)
@@ -328,6 +336,7 @@ class _ToIR(Transformer):
             role=role,
             submodules=tuple(submodules),
             ties=tuple(ties),
+            parallel=tuple(parallel),
             forward=forwards[0] if forwards else None,
             pos=self._pos(name),
             **extra,

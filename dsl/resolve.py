@@ -111,8 +111,15 @@ def _apply(base: ir.Model, delta: ir.Model) -> ir.Model:
         if not any(s.name == sub_name for s in subs):
             hint = did_you_mean(sub_name, [s.name for s in subs])
             raise SpecError(f"`{block_name}` has no submodule `{sub_name}`{hint}", pos)
+        parallel = tuple(
+            p.model_copy(update={"names": tuple(n for n in p.names if n != sub_name)})
+            for p in blocks[index].parallel
+        )
         blocks[index] = blocks[index].model_copy(
-            update={"submodules": tuple(s for s in subs if s.name != sub_name)}
+            update={
+                "submodules": tuple(s for s in subs if s.name != sub_name),
+                "parallel": tuple(p for p in parallel if p.names),
+            }
         )
     for head_name, pos in delta.head_removals:
         index = find(head_name, pos)

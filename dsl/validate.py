@@ -156,6 +156,11 @@ def _type_ok(value: object, type_: ir.FieldType) -> bool:
     return checks[type_.name](value)
 
 
+# How `parallel` may split a Linear: by output rows, by input columns, by rows with the output gathered
+# on every rank (an lm_head), or not at all.
+TP_STYLES = ("colwise", "rowwise", "gather", "replicate")
+
+
 class Validator:
     def __init__(self, model: ir.Model) -> None:
         self.model = model
@@ -311,6 +316,7 @@ class Validator:
                 self._check_submodule(block, sub, block.name in layer_scoped)
             for tie in block.ties:
                 self._check_tie(block, tie)
+            self._check_parallel(block)
             if block.role == "head" and block.task not in TASKS:
                 hint = did_you_mean(block.task or "", TASKS)
                 raise self.error(f"unknown task `{block.task}` for head `{block.name}`{hint}", block.pos)
@@ -434,6 +440,31 @@ class Validator:
                     raise self.error(f"`{signature.name}` is missing its `{param.name}` argument", pos)
                 bound[param.name] = param.default
         return bound
+
+    def _check_parallel(self, block: ir.Block) -> None:
+        seen: set[str] = set()
+        for entry in block.parallel:
+            if entry.style not in TP_STYLES:
+                hint = did_you_mean(entry.style, TP_STYLES)
+                raise self.error(
+                    f"unknown parallel style `{entry.style}`{hint}; expected one of {', '.join(TP_STYLES)}",
+                    entry.pos,
+                )
+            for name in entry.names:
+                sub = block.submodule(name)
+                if sub is None:
+                    hint = did_you_mean(name, [s.name for s in block.submodules])
+                    raise self.error(
+                        f"`parallel` names `{name}`, which is not a submodule of `{block.name}`{hint}",
+                        entry.pos,
+                    )
+                if sub.kind != "primitive" or sub.target != "Linear":
+                    raise self.error(
+                        f"`parallel` splits Linear submodules; `{name}` is a {sub.target}", entry.pos
+                    )
+                if name in seen:
+                    raise self.error(f"`{name}` is given two parallel styles in `{block.name}`", entry.pos)
+                seen.add(name)
 
     def _check_tie(self, block: ir.Block, tie: ir.Tie) -> None:
         own = block.submodule(tie.name)

@@ -165,6 +165,8 @@ class PreTrainedModel(nn.Module):
         progress: bool | None = None,
         quantization_config: Any = None,
         kernels: str = "torch",
+        tp_plan: str | None = None,
+        device_mesh: Any = None,
         **config_overrides: Any,
     ) -> M:
         """Load a checkpoint folder or hub id (config.json + single or sharded safetensors, or legacy .bin).
@@ -176,6 +178,8 @@ class PreTrainedModel(nn.Module):
         `quantization_config` (`WeightOnlyConfig` or `BitsAndBytesConfig`) quantizes the backbone's linear
         layers as they load; a checkpoint saved quantized (its config.json says how) reloads as it was.
         `kernels="triton"` selects fused Triton kernels for the elementwise hot spots (`set_kernels`).
+        `tp_plan="auto"` (under torchrun) splits the layers the spec marks `parallel` over `device_mesh`
+        (default: every rank), each rank reading only its slice of those weights.
         """
         directory = resolve(
             path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
@@ -188,6 +192,17 @@ class PreTrainedModel(nn.Module):
             model = cls(config)
         files = checkpoint_files(directory)
         tensors = _with_progress(iter_tensors(files), files, progress)
+        if tp_plan is not None:
+            if tp_plan != "auto" or device_map is not None or quantization_config is not None:
+                raise ValueError('tp_plan: expected "auto", without device_map or quantization_config')
+            from .tensor_parallel import default_mesh, parallelize, shard_tensors
+
+            mesh = device_mesh if device_mesh is not None else default_mesh()
+            parallelize(model, mesh)
+            tensors = list(shard_tensors(model, tensors, target_dtype))  # split weights assigned now
+            device_map = (
+                "cpu" if mesh.device_type == "cpu" else f"{mesh.device_type}:{torch.cuda.current_device()}"
+            )
         plan = resolve_device_map(model, device_map, max_memory)
         saved = getattr(config, "quantization_config", None)
         if saved is not None:  # stored quantized: give the model matching layers before assigning

@@ -144,3 +144,55 @@ def test_alias_to_unknown_field() -> None:
         SpecError, match="alias `hidden_size` points to unknown field `dims`; did you mean `dim`"
     ):
         specs.resolved("Encoder")
+
+
+def _llama_with(line: str) -> SpecSet:
+    specs = SpecSet()
+    for path in sorted(SPECS.glob("*.sf")):
+        specs.add_file(path, f"specs/{path.name}")
+    text = (SPECS / "llama.sf").read_text().replace("model Llama {", "model Split {", 1)
+    text = text.replace("parallel gate_proj, up_proj: colwise", line, 1).replace('"llama"', '"split"', 1)
+    specs.add_text(text, "split.sf")
+    return specs
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (
+            "parallel gate_proj, up_proj: columnwise",
+            "unknown parallel style `columnwise`; did you mean `colwise`",
+        ),
+        (
+            "parallel gate_proj, upp_proj: colwise",
+            "`upp_proj`, which is not a submodule of `MLP`; did you mean `up_proj`",
+        ),
+        ("parallel gate_proj, down_proj: colwise", "`down_proj` is given two parallel styles"),
+    ],
+)
+def test_parallel_lines_are_checked(line: str, message: str) -> None:
+    with pytest.raises(SpecError, match=message):
+        _llama_with(line).resolved("Split")
+
+
+def test_parallel_only_splits_linear_layers() -> None:
+    text = """
+model Odd {
+  model_type = "odd"
+  config { hidden_size: int = 8  vocab_size: int = 10 }
+  block Layer {
+    norm = RMSNorm(hidden_size)
+    parallel norm: colwise
+    forward(x) { return norm(x) }
+  }
+  backbone Model as model {
+    embed = Embedding(vocab_size, hidden_size)
+    layer = Layer
+    forward(input_ids) { return layer(embed(input_ids)) }
+  }
+}
+"""
+    specs = SpecSet()
+    specs.add_text(text, "odd.sf")
+    with pytest.raises(SpecError, match="`parallel` splits Linear submodules; `norm` is a RMSNorm"):
+        specs.resolved("Odd")
