@@ -48,11 +48,9 @@ class GGUFFile:
 
 
 def _gguf():
-    try:
-        import gguf
-    except ImportError:
-        raise ImportError("reading .gguf files needs the `gguf` package: pip install gguf") from None
-    return gguf
+    from .hardware import require
+
+    return require("gguf", "reading .gguf files")
 
 
 def _field(reader: Any, key: str, default: Any = None) -> Any:

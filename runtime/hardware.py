@@ -23,6 +23,7 @@ OPTIONAL_PACKAGES: dict[str, tuple[str, str]] = {
     "flash_attn": ("flash_attn", "gpu"),
     "bitsandbytes": ("bitsandbytes", "quant"),
     "triton": ("triton", "gpu"),
+    "gguf": ("gguf", "demo"),
 }
 
 
@@ -31,7 +32,11 @@ class MissingDependencyError(ImportError):
 
 
 def is_installed(package: str) -> bool:
-    return importlib.util.find_spec(package) is not None
+    """Whether `package` can be found, without importing it; a broken install counts as absent."""
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def require(package: str, feature: str) -> ModuleType:
