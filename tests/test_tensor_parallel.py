@@ -28,6 +28,11 @@ def _rank(rank: int, world: int, folder: str, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
+        from specformer.generated.bert import BertForSequenceClassification
+
+        encoder = BertForSequenceClassification.from_pretrained(Path(folder) / "bert", tp_plan="auto")
+        with torch.no_grad():
+            encoder_logits = encoder(IDS, attention_mask=(IDS > 4).long()).logits
         model = LlamaForCausalLM.from_pretrained(folder, tp_plan="auto")
         shapes = {
             name: tuple(p.to_local().shape) for name, p in model.named_parameters() if hasattr(p, "to_local")
@@ -35,7 +40,8 @@ def _rank(rank: int, world: int, folder: str, port: int) -> None:
         with torch.no_grad():
             logits = model(IDS).logits
         tokens = generate(model, IDS, max_new_tokens=5, eos_token_id=None)
-        torch.save({"shapes": shapes, "logits": logits, "tokens": tokens}, Path(folder) / f"rank{rank}.pt")
+        result = {"shapes": shapes, "logits": logits, "tokens": tokens, "encoder": encoder_logits}
+        torch.save(result, Path(folder) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -51,11 +57,22 @@ def test_two_ranks_match_one_process(tmp_path: Path) -> None:
     with torch.no_grad():
         expected = reference(IDS).logits
     expected_tokens = generate(reference, IDS, max_new_tokens=5, eos_token_id=None)
+    from specformer.generated.bert import BertConfig, BertForSequenceClassification
+
+    bert = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
+        )
+    ).eval()
+    bert.save_pretrained(tmp_path / "bert")
+    with torch.no_grad():
+        expected_encoder = bert(IDS, attention_mask=(IDS > 4).long()).logits
     mp.spawn(_rank, args=(2, str(tmp_path), _free_port()), nprocs=2)
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         torch.testing.assert_close(result["logits"], expected, atol=1e-5, rtol=0)
         assert result["tokens"].tolist() == expected_tokens.tolist()
+        torch.testing.assert_close(result["encoder"], expected_encoder, atol=1e-5, rtol=0)
         shapes = result["shapes"]
         assert shapes["model.layers.0.self_attn.q_proj.weight"] == (16, 32)  # half the output rows
         assert shapes["model.layers.0.self_attn.q_proj.bias"] == (16,)
