@@ -100,3 +100,23 @@ def test_unsupported_architecture_names_the_file(tokenizer, tmp_path: Path) -> N
     (tmp_path / "junk.gguf").write_bytes(b"GGUF\x00\x01broken")
     with pytest.raises(CheckpointError, match=r"junk\.gguf: not a readable GGUF file"):
         load_causal_lm(tmp_path / "junk.gguf")
+
+
+@pytest.mark.parametrize(("arch", "qtype"), [("llama", "Q8_0"), ("llama", "Q4_0"), ("qwen2", "Q4_1")])
+def test_quantized_blocks_load_without_dequantising(arch: str, qtype: str, tokenizer, tmp_path: Path) -> None:
+    """Q8_0/Q4_0/Q4_1 linears become int8/int4 layers holding the file's blocks (q/k rows un-permuted)."""
+    from specformer.runtime.quantization import Int4Linear, Int8Linear
+
+    config = CONFIG | {"vocab_size": tokenizer.get_vocab_size()}
+    hf_config_class = transformers.LlamaConfig if arch == "llama" else transformers.Qwen2Config
+    source = transformers.AutoModelForCausalLM.from_config(hf_config_class(**config))
+    path = tmp_path / f"{arch}.gguf"
+    write_gguf(path, arch, config, source.state_dict(), qtype, tokenizer)
+    dense = load_causal_lm(path)[0]
+    packed = type(dense).from_gguf(path, dequantize=False)
+    kind = Int8Linear if qtype == "Q8_0" else Int4Linear
+    assert isinstance(packed.model.layers[0].self_attn.q_proj, kind)
+    assert packed.get_memory_footprint() < dense.get_memory_footprint()
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(packed(ids).logits, dense(ids).logits, atol=1e-5, rtol=0)
