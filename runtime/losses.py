@@ -8,10 +8,19 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross entropy: position t predicts labels[t + 1]; -100 labels are ignored."""
+def causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
+) -> torch.Tensor:
+    """Next-token cross entropy: position t predicts labels[t + 1]; -100 labels are ignored. With
+    `num_items_in_batch` the summed loss is divided by it (the label tokens of a whole accumulation window)."""
     shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].to(logits.device)
-    return F.cross_entropy(logits.float().flatten(0, -2), shifted.flatten(), ignore_index=IGNORE_INDEX)
+    flat_logits, flat_labels = logits.float().flatten(0, -2), shifted.flatten()
+    if num_items_in_batch is None:
+        return F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX)
+    return (
+        F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        / num_items_in_batch
+    )
 
 
 def keep_last(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:

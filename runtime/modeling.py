@@ -71,6 +71,21 @@ class PreTrainedModel(nn.Module):
             module._sf_initialized = True
         self.tie_weights()
 
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each repeated block (the spec's `repeat(...)`) in the backward pass instead of keeping
+        its activations: memory for one block's activations at the cost of a second forward."""
+        from functools import partial
+
+        from torch.utils.checkpoint import checkpoint
+
+        for block in (b for m in self.modules() if isinstance(m, nn.ModuleList) for b in m):
+            if "forward" not in block.__dict__:  # not wrapped yet
+                block.forward = partial(checkpoint, type(block).forward.__get__(block), use_reentrant=False)
+
+    def gradient_checkpointing_disable(self) -> None:
+        for block in (b for m in self.modules() if isinstance(m, nn.ModuleList) for b in m):
+            block.__dict__.pop("forward", None)
+
     def set_kernels(self: M, kernels: str) -> M:
         """Compute RMSNorm, rotary embeddings and gated activations with `kernels`: "torch" (default) or
         "triton" (fused kernels with their own backward; CUDA/XPU, or any device under TRITON_INTERPRET=1)."""

@@ -1,0 +1,39 @@
+"""Training: arguments, data collators, the Trainer and its callbacks, LoRA adapters."""
+
+from .args import TrainingArguments
+from .callbacks import (
+    DefaultFlowCallback,
+    EarlyStoppingCallback,
+    PrinterCallback,
+    ProgressCallback,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+)
+from .data import (
+    DataCollatorForLanguageModeling,
+    DataCollatorForTokenClassification,
+    DataCollatorWithPadding,
+    DefaultDataCollator,
+)
+from .trainer import EvalPrediction, PredictionOutput, Trainer, TrainOutput, set_seed
+
+__all__ = [
+    "DataCollatorForLanguageModeling",
+    "DataCollatorForTokenClassification",
+    "DataCollatorWithPadding",
+    "DefaultDataCollator",
+    "DefaultFlowCallback",
+    "EarlyStoppingCallback",
+    "EvalPrediction",
+    "PredictionOutput",
+    "PrinterCallback",
+    "ProgressCallback",
+    "TrainOutput",
+    "Trainer",
+    "TrainerCallback",
+    "TrainerControl",
+    "TrainerState",
+    "TrainingArguments",
+    "set_seed",
+]
