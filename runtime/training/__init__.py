@@ -16,6 +16,7 @@ from .data import (
     DataCollatorWithPadding,
     DefaultDataCollator,
 )
+from .lora import LoraConfig, get_peft_model, load_adapter, merge_and_unload, save_adapter
 from .trainer import EvalPrediction, PredictionOutput, Trainer, TrainOutput, set_seed
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "DefaultFlowCallback",
     "EarlyStoppingCallback",
     "EvalPrediction",
+    "LoraConfig",
     "PredictionOutput",
     "PrinterCallback",
     "ProgressCallback",
@@ -35,5 +37,9 @@ __all__ = [
     "TrainerControl",
     "TrainerState",
     "TrainingArguments",
+    "get_peft_model",
+    "load_adapter",
+    "merge_and_unload",
+    "save_adapter",
     "set_seed",
 ]

@@ -26,7 +26,6 @@ class TrainerState:
     best_model_checkpoint: str | None = None
     is_world_process_zero: bool = True
     total_flos: float = 0.0
-    steps_in_epoch: int = 0  # batches consumed in the current epoch (for resuming mid-epoch)
 
     def save_to_json(self, path: str | os.PathLike) -> None:
         atomic_write_text(path, json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")

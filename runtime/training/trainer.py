@@ -285,8 +285,10 @@ class Trainer:
             self._load_checkpoint(Path(resume))
         self._fire("on_train_begin")
         total_loss, logged_loss, logged_step = 0.0, 0.0, self.state.global_step
-        start_epoch = int(self.state.epoch) if steps_per_epoch else 0
-        skip = self.state.steps_in_epoch * args.gradient_accumulation_steps
+        # where a resumed run picks up: the epoch, and the batches of it already trained on
+        done = self.state.global_step
+        start_epoch, in_epoch = divmod(done, steps_per_epoch) if steps_per_epoch else (0, done)
+        skip = in_epoch * args.gradient_accumulation_steps
         grad_norm: float | None = None
         for epoch in range(start_epoch, max(self.state.num_train_epochs, start_epoch + 1)):
             self._fire("on_epoch_begin")
@@ -326,9 +328,8 @@ class Trainer:
                 model.zero_grad(set_to_none=True)
                 total_loss += step_loss
                 self.state.global_step += 1
-                self.state.steps_in_epoch += 1
-                self.state.epoch = epoch + (
-                    self.state.steps_in_epoch / steps_per_epoch if steps_per_epoch else 0
+                self.state.epoch = (
+                    self.state.global_step / steps_per_epoch if steps_per_epoch else float(epoch)
                 )
                 self._fire("on_step_end")
                 if self.control.should_log:
@@ -343,8 +344,6 @@ class Trainer:
                     logged_loss, logged_step = total_loss, self.state.global_step
                 self._maybe_evaluate_and_save(model)
             if not self.control.should_training_stop:
-                self.state.steps_in_epoch = 0
-                self.state.epoch = float(epoch + 1)
                 self._fire("on_epoch_end")
                 self._maybe_evaluate_and_save(model)
             self.control.should_epoch_stop = False
@@ -441,13 +440,17 @@ class Trainer:
 
     # ---- saving -----------------------------------------------------------------------------------
     def save_model(self, output_dir: str | None = None) -> None:
-        """The model alone (rank 0): `save_pretrained` for generated models, a LoRA model's adapters."""
+        """The model alone (rank 0): a LoRA model's adapters, else `save_pretrained`."""
         directory = Path(output_dir or self.args.output_dir)
         state = _full_state_dict(self.model)  # every rank takes part (FSDP gathers)
         if not self.state.is_world_process_zero:
             return
         model = _unwrap(self.model)
-        if hasattr(model, "save_pretrained"):
+        if hasattr(model, "lora_config"):
+            from .lora import save_adapter
+
+            save_adapter(model, directory)
+        elif hasattr(model, "save_pretrained"):
             model.save_pretrained(directory)
         else:
             save_state_dict(_dedupe(state), directory)
