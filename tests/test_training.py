@@ -291,3 +291,45 @@ def test_collators_and_arguments(tmp_path: Path) -> None:
         TrainingArguments(load_best_model_at_end=True)
     stopper = EarlyStoppingCallback(early_stopping_patience=2)
     assert stopper.patience == 2
+
+
+def _distributed_rank(rank: int, world: int, folder: str, port: int, fsdp: bool) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        args = TrainingArguments(output_dir=folder, max_steps=6, per_device_train_batch_size=4, logging_steps=1,
+                                 gradient_accumulation_steps=2, learning_rate=3e-3, train_sampling_strategy="sequential",
+                                 disable_tqdm=True, save_strategy="no", plot=False, fsdp=fsdp)  # fmt: skip
+        trainer = Trainer(
+            small_llama(), args, DataCollatorForLanguageModeling(mlm=False), train_dataset=_ragged_data()
+        )
+        trainer.train()
+        if rank == 0:
+            Path(folder, "losses.json").write_text(json.dumps(losses(trainer)))
+    finally:
+        dist.destroy_process_group()
+
+
+def _ragged_data() -> list[dict[str, list[int]]]:
+    """Examples of different lengths, so ranks see different token counts."""
+    return [{"input_ids": ex["input_ids"][: 6 + i % 5]} for i, ex in enumerate(counting_data(48))]
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_processes_reproduce_one(fsdp: bool, tmp_path: Path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    single = Trainer(small_llama(), quiet_args(tmp_path / "one", max_steps=6, per_device_train_batch_size=8,
+                                               gradient_accumulation_steps=2, learning_rate=3e-3,
+                                               train_sampling_strategy="sequential", plot=False),
+                     DataCollatorForLanguageModeling(mlm=False), train_dataset=_ragged_data())  # fmt: skip
+    single.train()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_distributed_rank, args=(2, str(tmp_path), port, fsdp), nprocs=2)
+    assert json.loads((tmp_path / "losses.json").read_text()) == pytest.approx(losses(single), abs=1e-5)

@@ -335,7 +335,7 @@ class Trainer:
                 if self.control.should_log:
                     steps = self.state.global_step - logged_step
                     logs = {
-                        "loss": (total_loss - logged_loss) / steps,
+                        "loss": self._mean_over_ranks(total_loss - logged_loss) / steps,
                         "learning_rate": self._learning_rate(),
                     }
                     if grad_norm is not None:
@@ -359,6 +359,13 @@ class Trainer:
 
     _resumed_at = 0
     _accumulating = 1
+
+    def _mean_over_ranks(self, value: float) -> float:
+        if self.world_size == 1:
+            return value
+        total = torch.tensor(value, dtype=torch.float64)
+        dist.all_reduce(total)
+        return float(total) / self.world_size
 
     def _learning_rate(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
