@@ -333,3 +333,24 @@ def test_two_processes_reproduce_one(fsdp: bool, tmp_path: Path) -> None:
         port = s.getsockname()[1]
     mp.spawn(_distributed_rank, args=(2, str(tmp_path), port, fsdp), nprocs=2)
     assert json.loads((tmp_path / "losses.json").read_text()) == pytest.approx(losses(single), abs=1e-5)
+
+
+def test_qlora_on_a_4bit_base(tmp_path: Path) -> None:
+    """LoRA adapters over bitsandbytes 4-bit layers: only the adapters train, and the loss falls."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from specformer.runtime.bnb import BitsAndBytesConfig
+
+    small_llama().save_pretrained(tmp_path / "base")
+    base = LlamaForCausalLM.from_pretrained(
+        tmp_path / "base",
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+    )
+    model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])
+    )
+    assert isinstance(model.model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
+    args = quiet_args(tmp_path / "run", max_steps=12, per_device_train_batch_size=8, learning_rate=1e-2)
+    trainer = Trainer(model, args, DataCollatorForLanguageModeling(mlm=False), train_dataset=counting_data())
+    trainer.train()
+    assert losses(trainer)[-1] < losses(trainer)[0]
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
