@@ -13,6 +13,10 @@ from .resolve import resolve
 from .validate import validate
 
 
+# Specs are small; a bound keeps a hostile file from costing parser time and memory.
+MAX_SPEC_CHARS = 256_000
+
+
 class SpecSet:
     """All models declared by a set of spec files; `extends` may cross files."""
 
@@ -22,11 +26,15 @@ class SpecSet:
         self.comments: dict[str, tuple[ir.Comment, ...]] = {}
 
     def add_text(self, text: str, file: str) -> tuple[str, ...]:
+        if len(text) > MAX_SPEC_CHARS:
+            raise SpecError(f"{file}: spec is {len(text)} characters; the limit is {MAX_SPEC_CHARS}")
         self.sources[file] = text
         try:
             models = parse(text, file)
         except SpecError as err:
             raise err.with_source(self.sources) from None
+        except RecursionError:
+            raise SpecError(f"{file}: an expression is nested too deeply to parse") from None
         self.comments[file] = scan_comments(text, file)
         for model in models:
             if model.name in self.models:
@@ -51,6 +59,8 @@ class SpecSet:
             validate(flat)
         except SpecError as err:
             raise err.with_source(self.sources) from None
+        except RecursionError:
+            raise SpecError(f"model `{name}`: an expression is nested too deeply to check") from None
         files = tuple(dict.fromkeys(m.source_file for m in lineage))
         digest = hashlib.sha256()
         for file in sorted(files):

@@ -66,12 +66,28 @@ def _model_type(path: str | os.PathLike) -> str:
     return model_type
 
 
+def _spec_package(directory: Path, model_type: str) -> ModuleType | None:
+    """The package a checkpoint's own spec describes, when its model_type is not installed."""
+    if model_type in generated_packages():
+        return None
+    from .spec_models import build_package, spec_sources_in
+
+    sources = spec_sources_in(directory)
+    return build_package(sources, model_type=model_type) if sources is not None else None
+
+
 class AutoConfig:
     """The config class a `config.json` names through its `model_type`."""
 
     @staticmethod
     def from_pretrained(path: str | os.PathLike, **overrides: Any) -> PretrainedConfig:
-        return config_class(_model_type(path)).from_pretrained(path, **overrides)
+        directory = Path(resolve(path))
+        model_type = _model_type(directory)
+        package = _spec_package(directory, model_type)
+        if package is not None:
+            cls = getattr(package, next(n for n in package.__all__ if n.endswith("Config")))
+            return cls.from_pretrained(directory, **overrides)
+        return config_class(model_type).from_pretrained(directory, **overrides)
 
     @staticmethod
     def for_model(model_type: str, **values: Any) -> PretrainedConfig:
@@ -91,11 +107,43 @@ class _AutoModel:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> PreTrainedModel:
-        return model_class(_model_type(path), cls.task).from_pretrained(path, **kwargs)
+        """A checkpoint of an installed architecture, or of one its folder carries as a spec (`model.sf`):
+        the spec is validated and generated here, no code from the checkpoint runs."""
+        hub = {
+            k: kwargs.pop(k) for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs
+        }
+        directory = Path(resolve(path, **hub))
+        model_type = _model_type(directory)
+        package = _spec_package(directory, model_type)
+        if package is not None:
+            from .spec_models import model_class_from
+
+            return model_class_from(package, cls.task).from_pretrained(directory, **kwargs)
+        return model_class(model_type, cls.task).from_pretrained(directory, **kwargs)
 
     @classmethod
     def from_config(cls, config: PretrainedConfig) -> PreTrainedModel:
         return model_class(config.model_type, cls.task)(config)
+
+    @classmethod
+    def from_spec(
+        cls,
+        spec: str | os.PathLike,
+        config: PretrainedConfig | dict[str, Any] | None = None,
+        name: str | None = None,
+    ) -> PreTrainedModel:
+        """A freshly initialised model of the architecture in spec file `spec` (it may `extend` installed
+        specs), for experiments without a checkpoint. `config`: a config, a dict of field values, or None
+        for the spec's defaults. The parameter count is checked on the meta device first."""
+        from .spec_models import build_package, check_size, model_class_from
+
+        path = Path(spec)
+        package = build_package({path.name: path.read_text(encoding="utf-8")}, name=name)
+        model_cls = model_class_from(package, cls.task)
+        if not isinstance(config, PretrainedConfig):
+            config = model_cls.config_class(**(config or {}))
+        check_size(model_cls, config)
+        return model_cls(config)
 
 
 class AutoModel(_AutoModel):

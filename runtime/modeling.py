@@ -205,6 +205,10 @@ class PreTrainedModel(nn.Module):
             target_dtype = _dtype(dtype)  # type: ignore[arg-type]
         with meta_init():
             model = cls(config)
+        if getattr(cls, "spec_sources", None):  # built from a spec: bound its size before loading
+            from .spec_models import check_size
+
+            check_size(cls, config)
         files = checkpoint_files(directory)
         tensors = _with_progress(iter_tensors(files), files, progress)
         if tp_plan is not None:
@@ -389,6 +393,10 @@ class PreTrainedModel(nn.Module):
         self.config.architectures = [type(self).__name__]
         self.config.dtype = str(self.dtype).removeprefix("torch.")
         self.config.save_pretrained(directory)
+        if getattr(type(self), "spec_sources", None):  # built from a spec: the checkpoint carries it
+            from .spec_models import write_specs
+
+            write_specs(type(self), directory)
         generation = self.generation_defaults()
         if generation:
             atomic_write_text(directory / GENERATION_CONFIG_NAME, json.dumps(generation, indent=2) + "\n")

@@ -1,0 +1,257 @@
+"""Architectures that travel as specs: build a model package from spec text at run time, safely.
+
+Hugging Face needs `trust_remote_code=True` — running a stranger's Python — to load an architecture it
+does not ship. A spec is data: it is parsed and validated (no loops beyond `repeat`, no imports, no
+attribute access beyond declared primitives, names checked, repeat counts and file size bounded), the
+module source is generated from it by our own templates, and that source is checked again, node by node,
+against the small subset of Python the generator emits before it is executed. Nothing from the spec's
+author runs. The model's size is computed on the meta device before anything is allocated.
+
+A model built this way keeps its spec texts; `save_pretrained` writes them beside config.json
+(`model.sf`, plus the specs it extends), so `from_pretrained` of that folder, or of a hub repo made from
+it, rebuilds the same architecture.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import importlib.resources
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from .meta import meta_init
+
+SPEC_FILE = "model.sf"
+MAX_PARAMETERS = int(os.environ.get("SPECFORMER_MAX_PARAMETERS", str(200 * 10**9)))
+
+# The Python the generator emits, and nothing else.
+_NODES = frozenset(
+    [
+        "Module",
+        "ClassDef",
+        "FunctionDef",
+        "arguments",
+        "arg",
+        "Return",
+        "Assign",
+        "AnnAssign",
+        "If",
+        "For",
+        "Expr",
+        "Call",
+        "Attribute",
+        "Name",
+        "Constant",
+        "BinOp",
+        "UnaryOp",
+        "BoolOp",
+        "Compare",
+        "IfExp",
+        "Subscript",
+        "Slice",
+        "Tuple",
+        "List",
+        "Dict",
+        "ListComp",
+        "GeneratorExp",
+        "comprehension",
+        "keyword",
+        "Import",
+        "ImportFrom",
+        "alias",
+        "Load",
+        "Store",
+        "Add",
+        "Sub",
+        "Mult",
+        "Div",
+        "FloorDiv",
+        "Mod",
+        "Pow",
+        "BitOr",
+        "And",
+        "Or",
+        "Not",
+        "USub",
+        "UAdd",
+        "Eq",
+        "NotEq",
+        "Lt",
+        "LtE",
+        "Gt",
+        "GtE",
+        "Is",
+        "IsNot",
+        "In",
+        "NotIn",
+        "Pass",
+    ]
+)
+_BUILTINS = frozenset(
+    [
+        "range",
+        "tuple",
+        "str",
+        "list",
+        "super",
+        "int",
+        "float",
+        "bool",
+        "dict",
+        "property",
+        "isinstance",
+        "len",
+        "min",
+        "max",
+    ]
+)
+_IMPORTS = ("__future__", "typing", "torch", "torch.nn", "torch.nn.functional", "specformer.runtime.")
+
+
+class UnsafeSourceError(RuntimeError):
+    """Generated source contained something the generator never emits: refused before execution."""
+
+
+def check_generated_source(source: str, filename: str) -> ast.Module:
+    """Parse `source` and refuse any construct, name or import outside what the generator emits."""
+    tree = ast.parse(source, filename)
+    banned_builtins = set(dir(builtins)) - _BUILTINS - {"None", "True", "False"}
+
+    def refuse(node: ast.AST, what: str) -> UnsafeSourceError:
+        return UnsafeSourceError(f"{filename}:{getattr(node, 'lineno', 0)}: {what}; refusing to execute it")
+
+    for node in ast.walk(tree):
+        kind = type(node).__name__
+        if kind not in _NODES:
+            raise refuse(node, f"`{kind}` is not something generated code contains")
+        if isinstance(node, ast.Name):
+            if node.id in banned_builtins or (node.id.startswith("__") and node.id != "__all__"):
+                raise refuse(node, f"name `{node.id}`")
+        elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and node.attr != "__init__":
+            raise refuse(node, f"attribute `{node.attr}`")
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name not in _IMPORTS:
+                    raise refuse(node, f"import of `{alias.name}`")
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            relative_ok = node.level == 1 and module.replace("_", "").isalnum()
+            absolute_ok = node.level == 0 and (module in _IMPORTS or module.startswith(_IMPORTS[-1]))
+            if not (relative_ok or absolute_ok):
+                raise refuse(node, f"import from `{'.' * node.level}{module}`")
+    return tree
+
+
+def installed_specs() -> dict[str, str]:
+    """The spec files shipped with specformer: {file name: text}."""
+    root = importlib.resources.files("specformer.specs")
+    return {p.name: p.read_text(encoding="utf-8") for p in root.iterdir() if p.name.endswith(".sf")}
+
+
+_PACKAGES: dict[str, ModuleType] = {}  # spec hash -> package built from it (each spec is built once)
+
+
+def build_package(
+    sources: dict[str, str], model_type: str | None = None, name: str | None = None
+) -> ModuleType:
+    """Validate the specs, generate the package in memory, check it and import it.
+
+    `sources` maps file names to texts; installed specs fill in whatever they `extend` and the sources
+    lack. The model is the one named `name`, else the one whose `model_type` is `model_type`, else the
+    only model declared in `sources`.
+    """
+    from specformer.codegen import render_model
+    from specformer.dsl import SpecError, SpecSet
+
+    specs = SpecSet()
+    declared: list[str] = []
+    for file, text in sorted(sources.items()):
+        declared += specs.add_text(text, file)
+    for file, text in sorted(installed_specs().items()):
+        if file not in sources:
+            probe = SpecSet()
+            names = probe.add_text(text, file)
+            if not set(names) & set(specs.models):
+                specs.add_text(text, file)
+    if name is None:
+        if model_type is not None:
+            matches = [n for n in declared if specs.models[n].model_type == model_type]
+        else:
+            matches = declared
+        if len(matches) != 1:
+            wanted = f"model_type `{model_type}`" if model_type else "one model"
+            raise SpecError(
+                f"{', '.join(sorted(sources))}: expected {wanted} among {declared}, found {len(matches)}"
+            )
+        name = matches[0]
+    resolved = specs.resolved(name)
+    if resolved.spec_hash in _PACKAGES:
+        return _PACKAGES[resolved.spec_hash]
+    files = render_model(resolved)
+    package_dir = next(iter(files)).split("/")[0]
+    package_name = f"specformer_spec_{package_dir}_{resolved.spec_hash[:12]}"
+    trees = {rel: check_generated_source(text, f"<{name} from spec>/{rel}") for rel, text in files.items()}
+    package = ModuleType(package_name)
+    package.__path__ = []  # a package, so the generated relative imports resolve
+    package.__package__ = package_name
+    sys.modules[package_name] = package
+    order = sorted(files, key=lambda rel: (rel.endswith("__init__.py"), "modeling_" in rel))
+    for rel in order:
+        stem = Path(rel).stem
+        full = package_name if stem == "__init__" else f"{package_name}.{stem}"
+        module = package if stem == "__init__" else ModuleType(full)
+        module.__package__ = package_name
+        sys.modules[full] = module
+        exec(compile(trees[rel], f"<{name} from spec>/{rel}", "exec"), module.__dict__)  # checked above
+    used = {f: specs.sources[f] for f in resolved.source_files}
+    base = getattr(package, next(n for n in package.__all__ if n.endswith("PreTrainedModel")))
+    base.spec_sources = used  # written next to config.json by save_pretrained
+    base.spec_main_file = resolved.pos.file  # the file declaring the model itself
+    _PACKAGES[resolved.spec_hash] = package
+    return package
+
+
+def spec_sources_in(directory: Path) -> dict[str, str] | None:
+    """The specs a checkpoint folder carries, or None when it carries none."""
+    if not (directory / SPEC_FILE).is_file():
+        return None
+    return {p.name: p.read_text(encoding="utf-8") for p in sorted(directory.glob("*.sf"))}
+
+
+def write_specs(model_class: type, directory: Path) -> None:
+    """Write a spec-built model's specs beside its config: the main one as model.sf."""
+    from .files import atomic_write_text
+
+    sources: dict[str, str] = getattr(model_class, "spec_sources", {})
+    main = getattr(model_class, "spec_main_file", None)
+    for file, text in sources.items():
+        target = SPEC_FILE if file == main else Path(file).name
+        atomic_write_text(directory / target, text)
+
+
+def check_size(model_class: type, config: Any) -> int:
+    """Count the parameters `model_class(config)` would have, on the meta device; refuse a model over
+    MAX_PARAMETERS (set SPECFORMER_MAX_PARAMETERS to change it) before anything is allocated."""
+    with meta_init():
+        model = model_class(config)
+    count = model.num_parameters()
+    if count > MAX_PARAMETERS:
+        raise ValueError(
+            f"{model_class.__name__} with this config has {count:,} parameters, over the limit of "
+            f"{MAX_PARAMETERS:,}; check the config (or raise SPECFORMER_MAX_PARAMETERS)"
+        )
+    return count
+
+
+def model_class_from(package: ModuleType, task: str) -> type:
+    prefix = next(n[: -len("Config")] for n in package.__all__ if n.endswith("Config"))
+    if f"{prefix}{task}" not in package.__all__:
+        heads = sorted(
+            n[len(prefix) :] for n in package.__all__ if n.startswith(prefix) and "Config" not in n
+        )
+        raise ValueError(f"the spec's model has no {task} class; it has: {', '.join(heads)}")
+    return getattr(package, f"{prefix}{task}")
