@@ -12,7 +12,6 @@ from .parser import parse
 from .resolve import resolve
 from .validate import validate
 
-
 # Specs are small; a bound keeps a hostile file from costing parser time and memory.
 MAX_SPEC_CHARS = 256_000
 

@@ -234,13 +234,15 @@ def write_specs(model_class: type, directory: Path) -> None:
 
 
 def check_size(model_class: type, config: Any) -> int:
-    """Count the parameters `model_class(config)` would have, on the meta device; refuse a model over
-    MAX_PARAMETERS (set SPECFORMER_MAX_PARAMETERS to change it) before anything is allocated."""
+    """Count the parameters `model_class(config)` would have, on the meta device; refuse (SpecError) a
+    model over MAX_PARAMETERS (set SPECFORMER_MAX_PARAMETERS to change it) before anything is allocated."""
     with meta_init():
         model = model_class(config)
     count = model.num_parameters()
     if count > MAX_PARAMETERS:
-        raise ValueError(
+        from specformer.dsl import SpecError
+
+        raise SpecError(
             f"{model_class.__name__} with this config has {count:,} parameters, over the limit of "
             f"{MAX_PARAMETERS:,}; check the config (or raise SPECFORMER_MAX_PARAMETERS)"
         )
