@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
+import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -150,6 +153,122 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+# Small values for a scaffolded test, for whichever of these fields the new model has.
+_SMALL = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "dim": 32, "hidden_dim": 64,
+          "n_layers": 2, "n_heads": 4, "max_position_embeddings": 64}  # fmt: skip
+
+
+def _camel(name: str) -> str:
+    return "".join(part[:1].upper() + part[1:] for part in name.replace("-", "_").split("_"))
+
+
+def cmd_new(args: argparse.Namespace) -> int:
+    """Scaffold `<name>.sf` extending an installed spec, and a test that builds and runs it."""
+    specs = load_dir(args.specs, display_root=args.specs.parent)
+    wanted = args.parent.lower()
+    parents = [
+        n for n, m in specs.models.items() if n.lower() == wanted or (m.model_type or "").lower() == wanted
+    ]
+    if not parents:
+        raise SpecError(
+            f"no spec to extend named `{args.parent}` (models: {', '.join(sorted(specs.models))})"
+        )
+    parent, model_type = parents[0], args.name.lower().replace("-", "_")
+    if not model_type.isidentifier():
+        raise ValueError(f"`{args.name}` is not usable as a model name; use letters, digits and underscores")
+    name = _camel(model_type)
+    if name in specs.models:
+        raise ValueError(f"a model named {name} already exists")
+    spec_dir = args.dir or args.specs
+    spec_path = spec_dir / f"{model_type}.sf"
+    tests_dir = args.tests or spec_dir.parent / "tests"
+    test_path = tests_dir / f"test_{model_type}.py"
+    for path in (spec_path, test_path):
+        if path.exists():
+            raise FileExistsError(f"{path} exists; not overwriting it")
+    spec_path.parent.mkdir(parents=True, exist_ok=True)
+    spec_path.write_text(
+        f"# {name}: a variant of {parent}. Change defaults in `config`, replace a submodule\n"
+        f"# (`Block.sub = ...`) or a forward (`Block.forward(x) {{ ... }}`); see docs/language.md.\n"
+        f"model {name} extends {parent} {{\n"
+        f'  model_type = "{model_type}"\n'
+        f"  config {{\n"
+        f"  }}\n"
+        f"}}\n"
+    )
+    resolved = SpecSet()
+    for path in sorted(args.specs.glob("*.sf")):
+        resolved.add_file(path)
+    if spec_path.parent.resolve() != args.specs.resolve():
+        resolved.add_file(spec_path)
+    fields = {f.name for f in resolved.resolved(name).config.fields}
+    small = {k: v for k, v in _SMALL.items() if k in fields}
+    tests_dir.mkdir(parents=True, exist_ok=True)
+    test_path.write_text(
+        f'"""{name}, built from {spec_path.name} (scaffolded by `specformer new`): extend this test."""\n\n'
+        f"from pathlib import Path\n\n"
+        f"import torch\n\n"
+        f"from specformer.runtime import AutoModel\n\n"
+        f"SPEC = Path(__file__).resolve().parent / {json.dumps(Path(os.path.relpath(spec_path, tests_dir)).as_posix())}\n"
+        f"SMALL = {json.dumps(small)}\n\n\n"
+        f"def test_{model_type}_builds_and_runs() -> None:\n"
+        f"    model = AutoModel.from_spec(SPEC, SMALL).eval()\n"
+        f"    with torch.no_grad():\n"
+        f"        hidden = model(torch.tensor([[1, 2, 3]])).last_hidden_state\n"
+        f"    assert hidden.shape[:2] == (1, 3) and torch.isfinite(hidden).all()\n"
+    )
+    print(f"wrote {spec_path} (model {name} extends {parent}) and {test_path}")
+    print(f"next: specformer --specs {spec_dir} generate {name}   and   pytest {test_path}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """The resolved config schema, the module tree with parameter counts, and the checkpoint keys."""
+    from specformer.runtime.meta import meta_init
+    from specformer.runtime.spec_models import build_package, model_class_from
+
+    path = Path(args.spec)
+    package = build_package({path.name: path.read_text(encoding="utf-8")}, name=args.model)
+    heads = [n for n in package.__all__ if not n.endswith(("Config", "PreTrainedModel"))]
+    prefix = next(n[: -len("Config")] for n in package.__all__ if n.endswith("Config"))
+    head = args.head or next(
+        (h[len(prefix) :] for h in heads if h.endswith("ForCausalLM")), heads[0][len(prefix) :]
+    )
+    model_cls = model_class_from(package, head)
+    config = model_cls.config_class()
+    print(f"{model_cls.config_class.__name__} (model_type {config.model_type!r}):")
+    for field, type_name in model_cls.config_class.field_types.items():
+        print(f"  {field}: {type_name} = {getattr(config, field)!r}")
+    with meta_init():
+        model = model_cls(config)
+    print(f"\n{model_cls.__name__}: {model.num_parameters():,} parameters with the default config")
+    _print_tree(model, "", 1)
+    print("\ncheckpoint keys (the first repeated block stands for all):")
+    seen: set[str] = set()
+    for key, tensor in model.state_dict().items():
+        pattern = re.sub(r"\.(\d+)\.", lambda m: ".0." if m.group(1) == "0" else ".*.", key)
+        if ".*." in pattern or pattern in seen:
+            continue
+        seen.add(pattern)
+        print(f"  {key}  {tuple(tensor.shape)}")
+    return 0
+
+
+def _print_tree(module, name: str, depth: int) -> None:
+    import torch
+
+    count = sum(p.numel() for p in module.parameters())
+    label = f"{name}: " if name else ""
+    print(f"{'  ' * depth}{label}{type(module).__name__}  {count:,}")
+    children = list(module.named_children())
+    if isinstance(module, torch.nn.ModuleList) and children:
+        print(f"{'  ' * (depth + 1)}{len(children)} x {type(children[0][1]).__name__}, each:")
+        children = children[:1]
+    for child_name, child in children:
+        _print_tree(child, child_name, depth + 1)
+
+
 def _load_for_text(args: argparse.Namespace):
     import time
 
@@ -253,6 +372,19 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="parse and check one spec file")
     validate.add_argument("file", type=Path)
     validate.set_defaults(func=cmd_validate)
+    new = sub.add_parser("new", help="scaffold a spec that extends an existing one, with a test")
+    new.add_argument("name", help="the new model_type, e.g. my_llama")
+    new.add_argument(
+        "--from", dest="parent", required=True, help="the spec to extend (model name or model_type)"
+    )
+    new.add_argument("--dir", type=Path, default=None, help="where to write the spec (default: --specs)")
+    new.add_argument("--tests", type=Path, default=None, help="where to write the test (default: ../tests)")
+    new.set_defaults(func=cmd_new)
+    show = sub.add_parser("show", help="print a spec's config schema, module tree and checkpoint keys")
+    show.add_argument("spec", type=Path)
+    show.add_argument("--model", default=None, help="which model of the file (default: the only one)")
+    show.add_argument("--head", default=None, help="which class, e.g. ForCausalLM or Model")
+    show.set_defaults(func=cmd_show)
     text_commands = {}
     for name, func, text in (
         ("run", cmd_run, "generate text with a real model (default: SmolLM2-135M-Instruct)"),
@@ -284,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SpecError as err:
         print(err, file=sys.stderr)
         return 1
-    except (FileNotFoundError, ValueError, ImportError) as err:
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as err:
         print(f"specformer {args.command}: {err}", file=sys.stderr)
         return 1
     except Exception as err:  # a crash is a failure, never a pass

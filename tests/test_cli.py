@@ -94,3 +94,36 @@ def test_validate_accepts_a_delta_of_an_installed_spec(tmp_path: Path) -> None:
     result = run("validate", str(spec))
     assert result.returncode == 0, result.stderr
     assert "model Mine is valid" in result.stdout
+
+
+def test_new_show_generate_import_instantiate(workspace: tuple[Path, Path], tmp_path: Path) -> None:
+    """`specformer new` scaffolds a spec and a test; the spec shows, generates, imports and runs."""
+    specs, out = workspace
+    created = run(
+        "--specs", str(specs), "new", "tiny_llama", "--from", "llama", "--tests", str(tmp_path / "t")
+    )
+    assert created.returncode == 0, created.stderr
+    spec = specs / "tiny_llama.sf"
+    assert "model TinyLlama extends Llama" in spec.read_text()
+    shown = run("show", str(spec))
+    assert shown.returncode == 0, shown.stderr
+    assert "TinyLlamaConfig (model_type 'tiny_llama')" in shown.stdout
+    assert "32 x TinyLlamaDecoderLayer" in shown.stdout and "6,738,415,616 parameters" in shown.stdout
+    assert "model.layers.0.self_attn.q_proj.weight  (4096, 4096)" in shown.stdout
+    generated = run("--specs", str(specs), "--out", str(out), "generate", "TinyLlama")
+    assert generated.returncode == 0, generated.stderr
+    script = (
+        f"import sys; sys.path.insert(0, {str(out)!r})\n"
+        "import torch, tinyllama\n"
+        "config = tinyllama.TinyLlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,\n"
+        "                                    num_hidden_layers=1, num_attention_heads=2)\n"
+        "print(tinyllama.TinyLlamaForCausalLM(config)(torch.tensor([[1, 2]])).logits.shape)\n"
+    )
+    ran = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert ran.returncode == 0 and "torch.Size([1, 2, 32])" in ran.stdout, ran.stderr
+    scaffolded_test = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", str(tmp_path / "t")], capture_output=True, text=True
+    )
+    assert scaffolded_test.returncode == 0, scaffolded_test.stdout
+    again = run("--specs", str(specs), "new", "tiny_llama", "--from", "llama", "--tests", str(tmp_path / "t"))
+    assert again.returncode == 1 and "already exists" in again.stderr
