@@ -289,8 +289,6 @@ def test_collators_and_arguments(tmp_path: Path) -> None:
         TrainingArguments(optim="adam")
     with pytest.raises(ValueError, match="load_best_model_at_end needs an eval_strategy"):
         TrainingArguments(load_best_model_at_end=True)
-    stopper = EarlyStoppingCallback(early_stopping_patience=2)
-    assert stopper.patience == 2
 
 
 def _distributed_rank(rank: int, world: int, folder: str, port: int, fsdp: bool) -> None:
@@ -354,3 +352,42 @@ def test_qlora_on_a_4bit_base(tmp_path: Path) -> None:
     trainer.train()
     assert losses(trainer)[-1] < losses(trainer)[0]
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_early_stopping_stops_when_the_metric_stops_improving(tmp_path: Path) -> None:
+    class Plateau(TrainerCallback):  # evaluation loss improves twice, then never again
+        def on_evaluate(self, args, state, control, **kwargs) -> None:
+            kwargs["metrics"]["eval_loss"] = max(3.0 - state.global_step, 1.0)
+
+    args = quiet_args(tmp_path, max_steps=50, per_device_train_batch_size=8, eval_strategy="steps", eval_steps=1,
+                      metric_for_best_model="loss", plot=False)  # fmt: skip
+    trainer = Trainer(small_llama(), args, DataCollatorForLanguageModeling(mlm=False), train_dataset=counting_data(),
+                      eval_dataset=counting_data(8), callbacks=[EarlyStoppingCallback(early_stopping_patience=3)])  # fmt: skip
+    trainer.callback_handler.callbacks.insert(0, Plateau())
+    assert trainer.train().global_step == 5  # best at step 2; steps 3, 4 and 5 do not improve
+
+
+@pytest.mark.parametrize(
+    "kind", ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
+)
+def test_schedules_match_transformers(kind: str, tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    from specformer.runtime.training.optim import create_scheduler
+
+    def rates(scheduler, optimizer) -> list[float]:
+        out = []
+        for _ in range(30):
+            out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return out
+
+    ours_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), learning_rate=0.1, lr_scheduler_type=kind, warmup_steps=5
+    )
+    theirs_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    theirs = transformers.get_scheduler(kind, theirs_opt, num_warmup_steps=5, num_training_steps=25)
+    assert rates(create_scheduler(ours_opt, args, 25), ours_opt) == pytest.approx(
+        rates(theirs, theirs_opt), abs=1e-12
+    )
