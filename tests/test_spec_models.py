@@ -171,3 +171,20 @@ def test_any_spec_that_validates_generates_source_the_check_accepts(data: st.Dat
         return
     for rel, source in render_model(resolved).items():
         check_generated_source(source, rel)
+
+
+def test_a_hub_repo_carrying_its_spec_loads_offline(tmp_path: Path, monkeypatch) -> None:
+    from test_loading import hub_cache
+
+    spec = tmp_path / "hubformer.sf"
+    spec.write_text(GEMMA.replace("model Gemma", "model Hubformer").replace('"gemma"', '"hubformer"'))
+    small = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,
+             "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}  # fmt: skip
+    model = AutoModelForCausalLM.from_spec(spec, small).eval()
+    model.save_pretrained(tmp_path / "saved")
+    hub_cache(tmp_path / "cache", "acme/hubformer", tmp_path / "saved")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = AutoModelForCausalLM.from_pretrained("acme/hubformer", cache_dir=tmp_path / "cache")
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)
