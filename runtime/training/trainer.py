@@ -119,6 +119,8 @@ class Trainer:
         forward = inspect.signature(_unwrap(model).forward).parameters
         self._shifts_labels = "logits_to_keep" in forward  # causal LM heads: position t predicts t + 1
         self._reporter = None
+        self._resumed_at = 0  # the step a resumed run started from
+        self._accumulating = 1  # batches in the current accumulation window
         self._fire("on_init_end")
 
     def add_callback(self, callback: TrainerCallback) -> None:
@@ -356,9 +358,6 @@ class Trainer:
         if args.plot and self.state.is_world_process_zero and self.state.log_history:
             write_loss_plot(Path(args.output_dir) / "loss_lr.png", self.state.log_history)
         return TrainOutput(self.state.global_step, metrics["train_loss"], metrics)
-
-    _resumed_at = 0
-    _accumulating = 1
 
     def _mean_over_ranks(self, value: float) -> float:
         if self.world_size == 1:
