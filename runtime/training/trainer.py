@@ -410,19 +410,23 @@ class Trainer:
     def _predict_loop(self, dataset: Iterable[Any], prefix: str) -> PredictionOutput:
         model = self.model
         model.eval()
-        losses, predictions, labels = [], [], []
+        loss_sum, counted, predictions, labels = 0.0, 0, [], []
         for batch in self._batches(dataset, self.args.per_device_eval_batch_size, None):
             loss, prediction, label = self.prediction_step(model, batch)
             self._fire("on_prediction_step")
-            if loss is not None:
-                losses.append(float(loss) * len(next(iter(batch.values()))))
+            if loss is not None:  # a batch's mean loss, weighted by its examples
+                rows = len(next(iter(batch.values())))
+                loss_sum, counted = loss_sum + float(loss) * rows, counted + rows
             predictions.append(prediction)
             if label is not None:
                 labels.append(label)
-        size = len(dataset) if hasattr(dataset, "__len__") else None  # type: ignore[arg-type]
+        if self.world_size > 1:  # every rank evaluated its share
+            totals = torch.tensor([loss_sum, counted], dtype=torch.float64)
+            dist.all_reduce(totals)
+            loss_sum, counted = float(totals[0]), int(totals[1])
         metrics: dict[str, float] = {}
-        if losses:
-            metrics[f"{prefix}_loss"] = sum(losses) / (size or len(losses))
+        if counted:
+            metrics[f"{prefix}_loss"] = loss_sum / counted
         merged = _concat(predictions)
         label_ids = torch.cat([t.cpu() for t in labels]) if labels and _same_tail(labels) else None
         if self.compute_metrics is not None and merged is not None:
