@@ -308,6 +308,10 @@ def _distributed_rank(rank: int, world: int, folder: str, port: int, fsdp: bool)
             Path(folder, "losses.json").write_text(json.dumps(losses(trainer)))
     finally:
         dist.destroy_process_group()
+    # Leave without interpreter teardown: gloo's threads at exit sometimes abort the process
+    # ("terminate called without an active exception") after all the work is done.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def _ragged_data() -> list[dict[str, list[int]]]:
