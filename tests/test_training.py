@@ -395,3 +395,20 @@ def test_schedules_match_transformers(kind: str, tmp_path: Path) -> None:
     assert rates(create_scheduler(ours_opt, args, 25), ours_opt) == pytest.approx(
         rates(theirs, theirs_opt), abs=1e-12
     )
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused", "sgd", "adafactor", "adamw_bnb_8bit"])
+def test_every_optimizer_trains(optim: str, tmp_path: Path) -> None:
+    if optim == "adamw_bnb_8bit":
+        pytest.importorskip("bitsandbytes")
+    rate = {"sgd": 0.5, "adafactor": 1e-2}.get(optim, 3e-3)
+    args = quiet_args(tmp_path, max_steps=12, per_device_train_batch_size=8, learning_rate=rate, optim=optim,
+                      weight_decay=0.01, plot=False)  # fmt: skip
+    trainer = Trainer(
+        small_llama(), args, DataCollatorForLanguageModeling(mlm=False), train_dataset=counting_data()
+    )
+    trainer.train()
+    curve = losses(trainer)
+    assert curve[-1] < curve[0], (optim, curve)
+    groups = trainer.optimizer.param_groups
+    assert {g["weight_decay"] for g in groups} == {0.01, 0.0}  # no decay on norms and biases
