@@ -3,7 +3,7 @@
 A random Llama (`--hidden`, `--layers`), AdamW, batches of `--batch` x `--length` tokens, fp32 on the CPU.
 Each side trains `--steps` optimizer steps after one warm-up run of two steps.
 
-    python bench/train.py [--hidden 512 --layers 4 --batch 8 --length 256 --steps 10 --threads 2]
+    python bench/train.py [--hidden 512 --layers 4 --batch 8 --length 256 --steps 10 --threads 2 --compile]
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="torch_compile=True on both sides")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -47,7 +48,8 @@ def main() -> None:
     ]
     settings = {"per_device_train_batch_size": args.batch, "learning_rate": 1e-4, "logging_steps": 1000,
                 "save_strategy": "no", "report_to": "none", "disable_tqdm": True, "optim": "adamw_torch",
-                "train_sampling_strategy": "sequential", "dataloader_pin_memory": False}  # fmt: skip
+                "train_sampling_strategy": "sequential", "dataloader_pin_memory": False,
+                "torch_compile": args.compile}  # fmt: skip
     with tempfile.TemporaryDirectory() as folder:
         torch.manual_seed(0)
         transformers.LlamaForCausalLM(config).save_pretrained(Path(folder) / "init")
@@ -75,7 +77,8 @@ def main() -> None:
             elapsed -= time.perf_counter() - start  # fixed costs (loading, set-up) cancel out
             rates[name] = args.steps * args.batch * args.length / elapsed
         print(
-            f"Llama {args.layers}x{args.hidden}, batch {args.batch} x {args.length}, fp32: specformer "
+            f"Llama {args.layers}x{args.hidden}, batch {args.batch} x {args.length}, fp32"
+            f"{', compiled' if args.compile else ''}: specformer "
             f"{rates['specformer']:.0f} tok/s, transformers {rates['transformers']:.0f} tok/s, "
             f"ratio {rates['specformer'] / rates['transformers']:.2f}"
         )
