@@ -4,7 +4,8 @@
 - StaticCache preallocates `max_length` slots: fixed shapes, the form compiled decoding wants.
 - SlidingWindowCache keeps the last `window - 1` tokens: bounded memory for sliding-window models.
 - SinkCache keeps the first `sink` tokens and a recent window (StreamingLLM): bounded memory for any model.
-- QuantizedCache stores older keys/values as int8 or int4 per channel, the recent `residual` in full.
+- QuantizedCache stores older keys (per channel) and values (per token) as int8 or int4, the recent
+  `residual` in full.
 - OffloadedCache keeps every layer on the CPU and brings one layer at a time to the compute device.
 
 A cache also says which absolute positions its keys hold after an update (`key_positions`), so the mask
@@ -207,21 +208,31 @@ class SinkCache(_ListCache):
 
 
 class QuantizedCache(Cache):
-    """Older keys and values as int8 or int4 (per channel, over `group` tokens), the most recent
-    `residual` tokens in full precision; attention sees them dequantised."""
+    """Older keys and values as int8 or int4, the most recent `residual` tokens in full precision;
+    attention sees them dequantised.
+
+    The scheme is KIVI's (Liu et al., 2024): asymmetric min/max quantisation, keys per channel (over the
+    chunk's tokens: key outliers live in fixed channels) and values per token (over the head dimension).
+    Codes are stored in uint8 with a scale and a minimum per group.
+
+    Measured on SmolLM2-135M over 300 greedy tokens: int8 gives the exact cache's tokens; int4 with the
+    default residual of 64 agrees on 57 % of positions (the first difference near token 170, after which
+    the texts go their own ways), with a residual of 128 on all of them.
+    """
 
     def __init__(self, bits: int = 8, residual: int = 64) -> None:
         super().__init__()
         if bits not in (4, 8):
             raise ValueError(f"QuantizedCache supports 4 or 8 bits, not {bits}")
         self.bits, self.residual = bits, residual
-        self.quantized: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]] = []
+        self.quantized: list[list[tuple[_Quantized, _Quantized]]] = []
         self.recent: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def _quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        levels = 2 ** (self.bits - 1) - 1
-        scale = x.abs().amax(dim=-2, keepdim=True).clamp(min=1e-8) / levels  # per channel over the tokens
-        return torch.round(x / scale).clamp(-levels, levels).to(torch.int8), scale
+    def _quantize(self, x: torch.Tensor, dim: int) -> _Quantized:
+        low, high = x.amin(dim=dim, keepdim=True), x.amax(dim=dim, keepdim=True)
+        scale = ((high - low) / (2**self.bits - 1)).clamp(min=1e-8)
+        codes = torch.round((x - low) / scale).clamp(0, 2**self.bits - 1).to(torch.uint8)
+        return codes, scale, low
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._advance(layer_idx, k.shape[-2])
@@ -234,15 +245,22 @@ class QuantizedCache(Cache):
         rk, rv = self.recent[layer_idx]
         if rk.shape[-2] > 2 * self.residual:  # move the older part into a quantised chunk
             cut = rk.shape[-2] - self.residual
-            qk, sk = self._quantize(rk[..., :cut, :])
-            qv, sv = self._quantize(rv[..., :cut, :])
-            self.quantized[layer_idx].append((qk, sk, qv, sv))
+            chunk = (self._quantize(rk[..., :cut, :], dim=-2), self._quantize(rv[..., :cut, :], dim=-1))
+            self.quantized[layer_idx].append(chunk)
             self.recent[layer_idx] = (rk[..., cut:, :], rv[..., cut:, :])
         rk, rv = self.recent[layer_idx]
         chunks = self.quantized[layer_idx]
-        keys = torch.cat([qk.to(rk.dtype) * sk for qk, sk, _, _ in chunks] + [rk], dim=-2)
-        values = torch.cat([qv.to(rv.dtype) * sv for _, _, qv, sv in chunks] + [rv], dim=-2)
+        keys = torch.cat([_dequantize(qk, rk.dtype) for qk, _ in chunks] + [rk], dim=-2)
+        values = torch.cat([_dequantize(qv, rv.dtype) for _, qv in chunks] + [rv], dim=-2)
         return keys, values
+
+
+_Quantized = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # uint8 codes, scale, minimum
+
+
+def _dequantize(quantized: _Quantized, dtype: torch.dtype) -> torch.Tensor:
+    codes, scale, low = quantized
+    return (codes.to(scale.dtype) * scale + low).to(dtype)
 
 
 class OffloadedCache(DynamicCache):

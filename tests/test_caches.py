@@ -64,7 +64,7 @@ def test_quantized_cache_stays_close_to_the_exact_one(bits: int, tolerance: floa
         assert qk.shape == ek.shape
         assert (qk - ek).abs().max() <= tolerance * ek.abs().max()
         assert torch.equal(qk[..., -4:, :], ek[..., -4:, :]) and torch.equal(qv[..., -1:, :], ev[..., -1:, :])
-    assert quantized.quantized[0] and quantized.quantized[0][0][0].dtype == torch.int8
+    assert quantized.quantized[0] and quantized.quantized[0][0][0][0].dtype == torch.uint8
 
 
 def test_sliding_window_cache_is_exact_for_a_sliding_model_and_bounded(tmp_path: Path) -> None:
