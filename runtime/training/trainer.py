@@ -139,6 +139,8 @@ class Trainer:
             if shuffle_epoch is not None and self.args.train_sampling_strategy == "random":
                 generator = torch.Generator().manual_seed(self.args.seed + shuffle_epoch)
                 order = torch.randperm(len(order), generator=generator).tolist()
+            if self.world_size > 1 and shuffle_epoch is not None:  # every rank gets as many batches
+                order += order[: -len(order) % self.world_size]
             order = order[self.rank :: self.world_size]
             loader = torch.utils.data.DataLoader(
                 dataset, batch_size=batch_size, sampler=order, collate_fn=self.data_collator,  # type: ignore[arg-type]
