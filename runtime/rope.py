@@ -7,7 +7,7 @@ same numbers: default, linear, dynamic (NTK), yarn, longrope and llama3.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,13 +15,25 @@ from torch import nn
 CPU = torch.device("cpu")  # tables are always computed here, whatever device the model is built on
 
 
-class Rope(NamedTuple):
+class Rope:
     """cos/sin tables for this forward's positions, each (B, T, rotary_dim) float32, and the kernel that
-    applies them ("torch", or "triton" once `set_kernels` chose it)."""
+    applies them ("torch", or "triton" once `set_kernels` chose it). Made once per forward and shared by
+    every layer, so per-dtype views are prepared once too."""
 
-    cos: torch.Tensor
-    sin: torch.Tensor
-    kernel: str = "torch"
+    __slots__ = ("_prepared", "cos", "kernel", "sin")
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, kernel: str = "torch") -> None:
+        self.cos, self.sin, self.kernel = cos, sin, kernel
+        self._prepared: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def prepared(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, signed sin), each (B, 1, T, rotary_dim) in `dtype`. The signed sin is (-sin1, sin2), so
+        rotate_half(x) * sin == x.roll(half) * signed sin, one op instead of three."""
+        if dtype not in self._prepared:
+            half = self.sin.shape[-1] // 2
+            signed = torch.cat((-self.sin[..., :half], self.sin[..., half:]), dim=-1)
+            self._prepared[dtype] = (self.cos.to(dtype).unsqueeze(1), signed.to(dtype).unsqueeze(1))
+        return self._prepared[dtype]
 
 
 def _base_inv_freq(base: float, dim: int) -> torch.Tensor:
@@ -163,9 +175,11 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, rope: Rope) -> tuple[torch.Te
 
         if triton_kernels.rotary_supported(q.shape[-1], rotary_dim):
             return triton_kernels.rotary(q, rope.cos, rope.sin), triton_kernels.rotary(k, rope.cos, rope.sin)
-    cos, sin = (t.to(q.dtype).unsqueeze(1) for t in rope[:2])  # (B, 1, T, rotary_dim)
     if rotary_dim == q.shape[-1]:
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        cos, signed_sin = rope.prepared(q.dtype)
+        half = rotary_dim // 2
+        return q * cos + q.roll(half, -1) * signed_sin, k * cos + k.roll(half, -1) * signed_sin
+    cos, sin = rope.cos.to(q.dtype).unsqueeze(1), rope.sin.to(q.dtype).unsqueeze(1)  # (B, 1, T, rotary_dim)
     q_rot, q_pass = q[..., :rotary_dim], q[..., rotary_dim:]
     k_rot, k_pass = k[..., :rotary_dim], k[..., rotary_dim:]
     q_rot = q_rot * cos + _rotate_half(q_rot) * sin
