@@ -11,6 +11,7 @@ temporary directory that is renamed into place, so a crash mid-save leaves the p
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import json
 import logging
@@ -357,6 +358,9 @@ class Trainer:
             self._load_weights(Path(self.state.best_model_checkpoint))
         metrics = {"train_loss": total_loss / max(self.state.global_step - self._resumed_at, 1)}
         self._fire("on_train_end")
+        if model is not self.model:  # a DDP/compile wrapper: let go of it (and the process group it holds)
+            del model
+            gc.collect()
         if args.plot and self.state.is_world_process_zero and self.state.log_history:
             write_loss_plot(Path(args.output_dir) / "loss_lr.png", self.state.log_history)
         return TrainOutput(self.state.global_step, metrics["train_loss"], metrics)
