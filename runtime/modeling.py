@@ -78,12 +78,12 @@ class PreTrainedModel(nn.Module):
 
         from torch.utils.checkpoint import checkpoint
 
-        for block in (b for m in self.modules() if isinstance(m, nn.ModuleList) for b in m):
+        for block in repeated_blocks(self):
             if "forward" not in block.__dict__:  # not wrapped yet
                 block.forward = partial(checkpoint, type(block).forward.__get__(block), use_reentrant=False)
 
     def gradient_checkpointing_disable(self) -> None:
-        for block in (b for m in self.modules() if isinstance(m, nn.ModuleList) for b in m):
+        for block in repeated_blocks(self):
             block.__dict__.pop("forward", None)
 
     def set_kernels(self: M, kernels: str) -> M:
@@ -405,6 +405,12 @@ class PreTrainedModel(nn.Module):
     def generation_defaults(self) -> dict[str, Any]:
         """Defaults for `generation_config.json`; only causal LMs have any."""
         return {}
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The modules of every `repeat(...)` in the spec (the children of the model's ModuleLists): the units
+    gradient checkpointing recomputes and FSDP shards."""
+    return [block for module in model.modules() if isinstance(module, nn.ModuleList) for block in module]
 
 
 def _with_progress(

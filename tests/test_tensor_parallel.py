@@ -19,7 +19,7 @@ from specformer.runtime.tensor_parallel import check_divisible, full_tp_plan, pl
 IDS = torch.tensor([[3, 14, 15, 9, 26, 5], [35, 8, 9, 7, 9, 3]])
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -72,7 +72,7 @@ def test_two_ranks_match_one_process(tmp_path: Path) -> None:
     bert.save_pretrained(tmp_path / "bert")
     with torch.no_grad():
         expected_encoder = bert(IDS, attention_mask=(IDS > 4).long()).logits
-    mp.spawn(_rank, args=(2, str(tmp_path), _free_port()), nprocs=2)
+    mp.spawn(_rank, args=(2, str(tmp_path), free_port()), nprocs=2)
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         torch.testing.assert_close(result["logits"], expected, atol=1e-5, rtol=0)

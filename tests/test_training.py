@@ -321,19 +321,15 @@ def _ragged_data() -> list[dict[str, list[int]]]:
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
 def test_two_processes_reproduce_one(fsdp: bool, tmp_path: Path) -> None:
-    import socket
-
     import torch.multiprocessing as mp
+    from test_tensor_parallel import free_port
 
     single = Trainer(small_llama(), quiet_args(tmp_path / "one", max_steps=6, per_device_train_batch_size=8,
                                                gradient_accumulation_steps=2, learning_rate=3e-3,
                                                train_sampling_strategy="sequential", plot=False),
                      DataCollatorForLanguageModeling(mlm=False), train_dataset=_ragged_data())  # fmt: skip
     single.train()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_distributed_rank, args=(2, str(tmp_path), port, fsdp), nprocs=2)
+    mp.spawn(_distributed_rank, args=(2, str(tmp_path), free_port(), fsdp), nprocs=2)
     assert json.loads((tmp_path / "losses.json").read_text()) == pytest.approx(losses(single), abs=1e-5)
 
 

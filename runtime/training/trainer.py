@@ -31,6 +31,7 @@ from torch import nn
 
 from ..checkpoint import checkpoint_files, iter_tensors, save_state_dict
 from ..losses import causal_lm_loss
+from ..modeling import repeated_blocks
 from .args import TrainingArguments
 from .callbacks import (
     CallbackHandler,
@@ -244,7 +245,7 @@ class Trainer:
             if self.args.fsdp:
                 from torch.distributed.fsdp import fully_shard
 
-                for block in _repeated_blocks(model):  # the spec's repeated blocks are the wrap points
+                for block in repeated_blocks(model):  # the spec's repeated blocks are the wrap points
                     fully_shard(block)
                 fully_shard(model)
             else:
@@ -543,11 +544,6 @@ class Trainer:
         self.state = saved
         self._resumed_at = saved.global_step
         _set_rng_state(torch.load(directory / "rng_state.pt", weights_only=True))
-
-
-def _repeated_blocks(model: nn.Module) -> list[nn.Module]:
-    """The modules of every `repeat(...)` in the spec: the children of the model's ModuleLists."""
-    return [block for module in model.modules() if isinstance(module, nn.ModuleList) for block in module]
 
 
 def _full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
