@@ -40,13 +40,19 @@ def tokenizer():
     return bpe_tokenizer(300)
 
 
-@pytest.mark.parametrize(("arch", "qtype"), CASES, ids=[f"{a}-{q}" for a, q in CASES])
-def test_gguf_matches_transformers(arch: str, qtype: str, tokenizer, tmp_path: Path) -> None:
+def random_gguf(arch: str, qtype: str, tokenizer, folder: Path) -> Path:
+    """A random small `arch` model from transformers, written as a GGUF file of weight type `qtype`."""
     config = CONFIG | {"vocab_size": tokenizer.get_vocab_size()}
     hf_config_class = transformers.LlamaConfig if arch == "llama" else transformers.Qwen2Config
     source = transformers.AutoModelForCausalLM.from_config(hf_config_class(**config))
-    path = tmp_path / f"{arch}.gguf"
+    path = folder / f"{arch}.gguf"
     write_gguf(path, arch, config, source.state_dict(), qtype, tokenizer)
+    return path
+
+
+@pytest.mark.parametrize(("arch", "qtype"), CASES, ids=[f"{a}-{q}" for a, q in CASES])
+def test_gguf_matches_transformers(arch: str, qtype: str, tokenizer, tmp_path: Path) -> None:
+    path = random_gguf(arch, qtype, tokenizer, tmp_path)
 
     model, ours_tokenizer = load_causal_lm(path)
     reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name).eval()
@@ -107,11 +113,7 @@ def test_quantized_blocks_load_without_dequantising(arch: str, qtype: str, token
     """Q8_0/Q4_0/Q4_1 linears become int8/int4 layers holding the file's blocks (q/k rows un-permuted)."""
     from specformer.runtime.quantization import Int4Linear, Int8Linear
 
-    config = CONFIG | {"vocab_size": tokenizer.get_vocab_size()}
-    hf_config_class = transformers.LlamaConfig if arch == "llama" else transformers.Qwen2Config
-    source = transformers.AutoModelForCausalLM.from_config(hf_config_class(**config))
-    path = tmp_path / f"{arch}.gguf"
-    write_gguf(path, arch, config, source.state_dict(), qtype, tokenizer)
+    path = random_gguf(arch, qtype, tokenizer, tmp_path)
     dense = load_causal_lm(path)[0]
     packed = type(dense).from_gguf(path, dequantize=False)
     kind = Int8Linear if qtype == "Q8_0" else Int4Linear
