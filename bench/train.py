@@ -1,7 +1,7 @@
 """Training speed: tokens/s of specformer's Trainer vs transformers.Trainer, same model and batches, one run.
 
-A random Llama (`--hidden`, `--layers`), AdamW, batches of `--batch` x `--length` tokens, fp32 on the CPU.
-Each side trains `--steps` optimizer steps after one warm-up run of two steps.
+A random Llama (`--hidden`, `--layers`), each side's default optimizer (fused AdamW), batches of
+`--batch` x `--length` tokens, fp32 on the CPU. Each side trains `--steps` optimizer steps after one warm-up run of two steps.
 
     python bench/train.py [--hidden 512 --layers 4 --batch 8 --length 256 --steps 10 --threads 2 --compile]
 """
@@ -47,7 +47,7 @@ def main() -> None:
         ).tolist()
     ]
     settings = {"per_device_train_batch_size": args.batch, "learning_rate": 1e-4, "logging_steps": 1000,
-                "save_strategy": "no", "report_to": "none", "disable_tqdm": True, "optim": "adamw_torch",
+                "save_strategy": "no", "report_to": "none", "disable_tqdm": True,
                 "train_sampling_strategy": "sequential", "dataloader_pin_memory": False,
                 "torch_compile": args.compile}  # fmt: skip
     with tempfile.TemporaryDirectory() as folder:

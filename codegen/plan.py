@@ -613,6 +613,8 @@ class Planner:
             if head.task == "causal_lm":
                 self.use("losses", "keep_last")
                 params.append("logits_to_keep: int | torch.Tensor = 0")
+                # the label tokens of a whole gradient-accumulation window, which the summed loss is divided by
+                params.append("num_items_in_batch: int | torch.Tensor | None = None")
                 sources[0] = "keep_last(out.last_hidden_state, logits_to_keep)"
             read = {n.id for e in _forward_exprs(head) for n in names_in(e)}
             bound = [(p, s) for p, s in zip(head.forward.params, sources, strict=False) if p in read]
@@ -624,6 +626,18 @@ class Planner:
         statements = self.statements(head, emit, {})
         result = statements.pop()
         body += statements
+        projection = self._plain_projection(head) if head.task == "causal_lm" else None
+        if projection is not None:
+            self.use("losses", "linear_cross_entropy")
+            past = ", past_key_values=out.past_key_values" if "past_key_values" in names else ""
+            body += [
+                "if labels is not None and self.training:",
+                f"{INDENT}# Training needs only the loss: fused with the head's matmul, chunk by chunk, the",
+                f"{INDENT}# (tokens x vocab) logits are never built whole (outputs carry no logits here).",
+                f"{INDENT}loss = linear_cross_entropy({projection[1]}, self.{projection[0]}, labels, "
+                "num_items_in_batch)",
+                f"{INDENT}return {task.output}(loss=loss{past})",
+            ]
         if task.loss is None and len(outputs) == 1 and result.isidentifier():
             outputs = (f"{outputs[0]}={result}",)  # hand the named value straight to the output
         else:
@@ -662,6 +676,23 @@ class Planner:
             methods=methods,
             attributes=attributes,
         )
+
+    def _plain_projection(self, head: ir.Block) -> tuple[str, str] | None:
+        """(Linear submodule, its input) when the head's forward is just `return proj(h)`: the logits are
+        one matmul of the hidden states, which the fused training loss can take over."""
+        assert head.forward is not None
+        if len(head.forward.body) != 1 or not isinstance(head.forward.body[0], ir.Return):
+            return None
+        (value,) = head.forward.body[0].values if len(head.forward.body[0].values) == 1 else (None,)
+        if not (isinstance(value, ir.Call) and len(value.args) == 1 and not value.kwargs):
+            return None
+        (arg,) = value.args
+        sub = next((s for s in head.submodules if s.name == value.func), None)
+        if sub is None or sub.kind != "primitive" or sub.target != "Linear" or sub.condition is not None:
+            return None
+        if not (isinstance(arg, ir.Name) and arg.id in head.forward.params):
+            return None
+        return sub.name, arg.id
 
     def tp_plan(self, block: ir.Block, prefix: str = "") -> dict[str, str]:
         """Module path patterns (`layers.*.self_attn.q_proj`) -> parallel style, from `parallel` lines."""

@@ -18,7 +18,9 @@ class Task:
 
 
 TASK_EMISSION: dict[str, Task] = {
-    "causal_lm": Task("CausalLMOutput", ("labels",), "causal_lm_loss(logits, labels)", "causal_lm_loss"),
+    "causal_lm": Task(
+        "CausalLMOutput", ("labels",), "causal_lm_loss(logits, labels, num_items_in_batch)", "causal_lm_loss"
+    ),
     "sequence_classification": Task(
         "SequenceClassifierOutput",
         ("labels",),

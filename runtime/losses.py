@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 IGNORE_INDEX = -100
+CHUNK_ELEMENTS = 2**25  # logits per chunk of the fused loss: 128 MB in float32, whatever the vocabulary
 
 
 def causal_lm_loss(
@@ -21,6 +25,117 @@ def causal_lm_loss(
         F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")
         / num_items_in_batch
     )
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    head: nn.Module,
+    labels: torch.Tensor,
+    num_items_in_batch: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`causal_lm_loss(head(hidden), labels, num_items_in_batch)` for training, without the logits.
+
+    The (tokens x vocab) logits, their log-softmax and their gradient are the biggest tensors of a
+    language model's training step and cost more in memory traffic than in arithmetic. Here the head's
+    matmul and the cross entropy run chunk by chunk, and each chunk's logits are turned into their
+    gradient in place, so no full-size tensor is ever built. Heads that are not a plain `nn.Linear`
+    (LoRA, quantized or tensor-parallel layers) and autocast steps take the unfused path.
+    """
+    weight = head.weight if type(head) is nn.Linear else None
+    fusable = (
+        weight is not None
+        and torch.is_grad_enabled()
+        and not torch.is_autocast_enabled(hidden.device.type)
+        and type(weight.data) is torch.Tensor  # not a DTensor shard
+    )
+    if not fusable:
+        return causal_lm_loss(head(hidden), labels, num_items_in_batch)
+    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].to(hidden.device).flatten()
+    total = _LinearCrossEntropy.apply(hidden.flatten(0, -2), weight, head.bias, shifted)
+    if num_items_in_batch is None:  # a mean over the kept labels; with none, F.cross_entropy's NaN
+        count = (shifted != IGNORE_INDEX).sum()
+        return torch.where(count > 0, total / count.clamp(min=1), torch.nan)
+    return total / num_items_in_batch
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross entropy of `hidden @ weight.T + bias` against `labels`; the gradients are computed in
+    the forward pass (each chunk's softmax minus one-hot is its logits' gradient) and scaled in backward."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        labels: torch.Tensor,
+    ) -> torch.Tensor:
+        rows, vocab = hidden.shape[0], weight.shape[0]
+        chunk = max(1, min(rows, CHUNK_ELEMENTS // vocab))
+        # only the gradients autograd will ask for (a frozen head, e.g. under LoRA, needs none of its own)
+        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if needs_hidden else None
+        grad_weight = torch.empty_like(weight) if needs_weight else None
+        grad_bias = torch.zeros_like(bias) if bias is not None and needs_bias else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        buffer = _workspace(chunk * vocab, hidden.device).view(chunk, vocab)
+        for start in range(0, rows, chunk):
+            h, target = hidden[start : start + chunk], labels[start : start + chunk]
+            logits = buffer[: len(h)]
+            if hidden.dtype == torch.float32:
+                torch.mm(h, weight.t(), out=logits)
+            else:
+                logits.copy_(h @ weight.t())
+            if bias is not None:
+                logits += bias.float()
+            kept = (target != IGNORE_INDEX).to(torch.float32)[:, None]
+            index = target.clamp(min=0)[:, None]
+            # log-sum-exp with the row maximum taken out; the logits become exp(logit - max) in place
+            peak = logits.amax(dim=-1, keepdim=True)
+            picked = logits.gather(1, index)
+            probs = logits.sub_(peak).exp_()
+            norm = probs.sum(dim=-1, keepdim=True)
+            total += ((norm.log() + peak - picked) * kept).sum()
+            # d(loss)/d(logits) = softmax - one_hot, zero for ignored positions
+            grad = probs.mul_(kept / norm).scatter_add_(1, index, -kept).to(hidden.dtype)
+            if grad_hidden is not None:
+                torch.mm(grad, weight, out=grad_hidden[start : start + chunk])
+            if grad_weight is not None:
+                if start == 0:
+                    torch.mm(grad.t(), h, out=grad_weight)
+                else:
+                    grad_weight.addmm_(grad.t(), h)
+            if grad_bias is not None:
+                grad_bias += grad.sum(dim=0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.used = False
+        return total
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        if ctx.used:
+            raise RuntimeError("the fused causal-LM loss can be differentiated once (no retain_graph)")
+        ctx.used = True
+        # scaled in place: these gradients are this function's own, and a head's weight gradient is big
+        scale = grad_output.to(torch.float32)
+        return (*(g.mul_(scale.to(g.dtype)) if g is not None else None for g in ctx.saved_tensors), None)
+
+
+_workspaces = threading.local()
+
+
+def _workspace(numel: int, device: torch.device) -> torch.Tensor:
+    """A float32 scratch buffer of at least `numel` elements, kept between training steps: a fresh buffer
+    this size would be page-faulted in again every step, which costs as much as a third of its matmul."""
+    if device.type != "cpu":  # accelerator allocators already reuse freed blocks
+        return torch.empty(numel, dtype=torch.float32, device=device)
+    kept: dict[torch.device, torch.Tensor] = _workspaces.__dict__.setdefault("buffers", {})
+    buffer = kept.get(device)
+    if buffer is None or buffer.numel() < numel:
+        buffer = kept[device] = torch.empty(numel, dtype=torch.float32, device=device)
+    return buffer[:numel]
 
 
 def keep_last(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ class BaseModelOutput:
 
 @dataclass
 class CausalLMOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None = None  # None from a training step with labels: only the loss is computed
     loss: torch.Tensor | None = None
     past_key_values: Cache | None = None
 

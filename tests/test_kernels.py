@@ -57,7 +57,7 @@ def test_gated_activation(name: str, fn) -> None:
 
 @pytest.mark.parametrize("package", ["llama", "gemma"])
 def test_models_with_triton_kernels_match_torch(package: str) -> None:
-    """Whole models (SwiGLU Llama, GeGLU + unit-offset RMSNorm Gemma): logits and every gradient."""
+    """Whole models (SwiGLU Llama, GeGLU + unit-offset RMSNorm Gemma): the loss and every gradient."""
     import importlib
 
     module = importlib.import_module(f"specformer.generated.{package}")
@@ -73,13 +73,13 @@ def test_models_with_triton_kernels_match_torch(package: str) -> None:
         model.zero_grad()
         out = model(ids, labels=ids)
         out.loss.backward()
-        return out.logits.detach(), [p.grad.clone() for p in model.parameters()]
+        return out.loss.detach(), [p.grad.clone() for p in model.parameters()]
 
-    logits, gradients = run()
+    loss, gradients = run()
     model.set_kernels("triton")
     assert model.model.norm.kernel == "triton"
-    triton_logits, triton_gradients = run()
-    torch.testing.assert_close(triton_logits, logits, atol=1e-5, rtol=1e-5)
+    triton_loss, triton_gradients = run()
+    torch.testing.assert_close(triton_loss, loss, atol=1e-5, rtol=1e-5)
     for got, want in zip(triton_gradients, gradients, strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="kernels='cuda'; expected 'torch' or 'triton'"):

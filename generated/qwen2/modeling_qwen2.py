@@ -19,6 +19,7 @@ from specformer.runtime.losses import (
     causal_lm_loss,
     keep_last,
     last_token,
+    linear_cross_entropy,
     question_answering_loss,
     sequence_classification_loss,
     token_classification_loss,
@@ -166,6 +167,7 @@ class Qwen2ForCausalLM(Qwen2PreTrainedModel):
         use_cache: bool = False,
         labels: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        num_items_in_batch: int | torch.Tensor | None = None,
     ) -> CausalLMOutput:
         out = self.model(
             input_ids,
@@ -175,10 +177,15 @@ class Qwen2ForCausalLM(Qwen2PreTrainedModel):
             use_cache=use_cache,
         )
         h = keep_last(out.last_hidden_state, logits_to_keep)
+        if labels is not None and self.training:
+            # Training needs only the loss: fused with the head's matmul, chunk by chunk, the
+            # (tokens x vocab) logits are never built whole (outputs carry no logits here).
+            loss = linear_cross_entropy(h, self.lm_head, labels, num_items_in_batch)
+            return CausalLMOutput(loss=loss, past_key_values=out.past_key_values)
         logits = self.lm_head(h)
         loss = None
         if labels is not None:
-            loss = causal_lm_loss(logits, labels)
+            loss = causal_lm_loss(logits, labels, num_items_in_batch)
         return CausalLMOutput(logits=logits, loss=loss, past_key_values=out.past_key_values)
 
     def tied_weights(self) -> dict[str, str]:

@@ -42,7 +42,7 @@ class TrainingArguments:
     lr_scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
-    optim: str = "adamw_torch"
+    optim: str = "adamw_torch_fused"  # transformers' default too: one kernel per tensor for the whole update
     bf16: bool = False
     fp16: bool = False
     tf32: bool | None = None

@@ -120,6 +120,8 @@ class Trainer:
             _unwrap(model).gradient_checkpointing_enable()
         forward = inspect.signature(_unwrap(model).forward).parameters
         self._shifts_labels = "logits_to_keep" in forward  # causal LM heads: position t predicts t + 1
+        # generated causal LMs divide their summed loss by it themselves, with the head's matmul fused in
+        self._counts_items = "num_items_in_batch" in forward
         self._reporter = None
         self._resumed_at = 0  # the step a resumed run started from
         self._accumulating = 1  # batches in the current accumulation window
@@ -195,8 +197,12 @@ class Trainer:
         tokens of the whole accumulation window (all ranks), as Hugging Face's Trainer does."""
         labels = inputs.get("labels")
         if self._shifts_labels and labels is not None and num_items_in_batch is not None:
-            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
-            loss = causal_lm_loss(outputs.logits, labels, num_items_in_batch=num_items_in_batch)
+            if self._counts_items:
+                outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
+                loss = outputs.loss
+            else:
+                outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+                loss = causal_lm_loss(outputs.logits, labels, num_items_in_batch=num_items_in_batch)
             loss = loss * self.world_size  # DDP and FSDP average gradients over ranks
         else:
             outputs = model(**inputs)
