@@ -102,7 +102,7 @@ def test_unsuitable_cache_requests_are_explained(llama: LlamaForCausalLM) -> Non
 
 def test_compiled_static_decoding_is_traced_once(llama: LlamaForCausalLM) -> None:
     """A compiled decode step with a static cache compiles for the first token and is then replayed:
-    no recompilation per token, and the tokens are the eager ones."""
+    no recompilation per token or per request of a similar length, and the tokens are the eager ones."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -113,6 +113,13 @@ def test_compiled_static_decoding_is_traced_once(llama: LlamaForCausalLM) -> Non
         compile=True,
     )  # fmt: skip
     assert actual.tolist() == expected.tolist()
+    assert counters["stats"]["unique_graphs"] == 1
+    assert sum(counters["recompiles"].values()) == 0
+    # another request of a nearby length (same cache bucket) replays the same compiled step
+    generate(
+        llama, torch.tensor([[7, 3]]), max_new_tokens=40, eos_token_id=None, cache_implementation="static",
+        compile=True,
+    )  # fmt: skip
     assert counters["stats"]["unique_graphs"] == 1
     assert sum(counters["recompiles"].values()) == 0
     with pytest.raises(ValueError, match="compile=True needs fixed shapes"):

@@ -41,12 +41,18 @@ def compiled_decoder(model: torch.nn.Module) -> torch.nn.Module:
     return compiled
 
 
+STATIC_CACHE_BUCKET = 128
+
+
 def make_cache(model: torch.nn.Module, config: GenerationConfig, max_length: int) -> Cache:
     """The cache `config.cache_implementation` names, sized from the model and `config.cache_config`."""
     name = config.cache_implementation
     options = config.cache_config or {}
     if name == "static":
-        return StaticCache(options.get("max_length", max_length))
+        # Slots rounded up to a multiple of STATIC_CACHE_BUCKET: the compiled step specialises on the
+        # cache's size, so requests of nearby lengths share one compilation instead of paying one each.
+        slots = -(-max_length // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET
+        return StaticCache(options.get("max_length", slots))
     if name == "sliding_window":
         window = options.get("window", getattr(model.config, "sliding_window", None))
         layer_types = getattr(model.config, "layer_types", None)
