@@ -196,16 +196,16 @@ def test_smollm2_batched_greedy_and_beams_match(smollm2, reference) -> None:
 
 
 @pytest.mark.slow
-def test_smollm2_quantized_cache_keeps_the_greedy_tokens(smollm2) -> None:
-    """300 greedy tokens with an int8 KV cache agree with the exact cache on at least 95 % of positions."""
+@pytest.mark.parametrize("options", [{}, {"nbits": 8, "residual_length": 32}], ids=["int4", "int8-r32"])
+def test_smollm2_quantized_cache_keeps_the_greedy_tokens(smollm2, options: dict) -> None:
+    """300 greedy tokens with a quantised KV cache agree with the exact cache on at least 95 % of positions:
+    the default (int4, residual 128) and int8 with most of the context quantised (residual 32)."""
     from specformer.runtime.generation import generate
 
     _, model, tokenizer = smollm2
     prompt = torch.tensor([tokenizer.encode("Write a long story about a lighthouse keeper and the sea.")])
     settings = {"max_new_tokens": 300, "min_new_tokens": 300}
     exact = generate(model, prompt, **settings)[0, prompt.shape[1] :]
-    quantized = generate(
-        model, prompt, cache_implementation="quantized", cache_config={"nbits": 8}, **settings
-    )
+    quantized = generate(model, prompt, cache_implementation="quantized", cache_config=options, **settings)
     agreement = (quantized[0, prompt.shape[1] :] == exact).float().mean().item()
     assert agreement >= 0.95, agreement

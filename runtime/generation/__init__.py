@@ -65,7 +65,7 @@ def make_cache(model: torch.nn.Module, config: GenerationConfig, max_length: int
     if name == "sink":
         return SinkCache(options.get("window", 256), options.get("sink", 4))
     if name == "quantized":
-        return QuantizedCache(options.get("nbits", 8), options.get("residual_length", 64))
+        return QuantizedCache(options.get("nbits", 4), options.get("residual_length", 128))
     if name == "offloaded":
         return OffloadedCache()
     raise ValueError(f"cache_implementation `{name}`: expected one of {', '.join(sorted(CACHES))}")
