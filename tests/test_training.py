@@ -268,6 +268,20 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
+def test_a_compiled_step_gives_the_eager_losses(tmp_path: Path) -> None:
+    """torch_compile=True: the blocks compiled, the fused loss left as it is (a graph break), same curve."""
+    curves = []
+    for compiled in (False, True):
+        args = quiet_args(tmp_path / str(compiled), max_steps=3, per_device_train_batch_size=8,
+                          learning_rate=3e-3, torch_compile=compiled, plot=False)  # fmt: skip
+        trainer = Trainer(small_llama(), args, DataCollatorForLanguageModeling(mlm=False),
+                          train_dataset=counting_data(24))  # fmt: skip
+        trainer.train()
+        curves.append(losses(trainer))
+    assert curves[1] == pytest.approx(curves[0], abs=1e-5)
+
+
 def test_collators_and_arguments(tmp_path: Path) -> None:
     generator = torch.Generator().manual_seed(0)
     mlm = DataCollatorForLanguageModeling(
