@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import threading
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -51,18 +53,18 @@ def linear_cross_entropy(
     if not fusable:
         return causal_lm_loss(head(hidden), labels, num_items_in_batch)
     shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].to(hidden.device).flatten()
-    total = _fused_sum(hidden.flatten(0, -2), weight, head.bias, shifted)
+    total = _eager_fused_sum()(hidden.flatten(0, -2), weight, head.bias, shifted)
     if num_items_in_batch is None:  # a mean over the kept labels; with none, F.cross_entropy's NaN
         count = (shifted != IGNORE_INDEX).sum()
         return torch.where(count > 0, total / count.clamp(min=1), torch.nan)
     return total / num_items_in_batch
 
 
-@torch.compiler.disable  # already one pass per chunk: a compiled step calls it as it is
-def _fused_sum(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor
-) -> torch.Tensor:
-    return _LinearCrossEntropy.apply(hidden, weight, bias, labels)
+@functools.cache
+def _eager_fused_sum() -> Callable[..., torch.Tensor]:
+    """The fused loss, kept out of compiled graphs: traced, its chunk loop ran slower than eager. Made on
+    first use because `torch.compiler.disable` imports torch._dynamo, too heavy for `import specformer`."""
+    return torch.compiler.disable(_LinearCrossEntropy.apply)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
