@@ -303,6 +303,8 @@ def test_collators_and_arguments(tmp_path: Path) -> None:
         TrainingArguments(optim="adam")
     with pytest.raises(ValueError, match="load_best_model_at_end needs an eval_strategy"):
         TrainingArguments(load_best_model_at_end=True)
+    with pytest.raises(ValueError, match="no DeepSpeed integration; under torchrun, fsdp=True shards"):
+        TrainingArguments(deepspeed="ds_config.json")
 
 
 def _distributed_rank(rank: int, world: int, folder: str, port: int, fsdp: bool) -> None:

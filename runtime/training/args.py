@@ -67,6 +67,7 @@ class TrainingArguments:
     disable_tqdm: bool = False
     plot: bool = True  # write loss_lr.png to output_dir at the end
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block) instead of DDP
+    deepspeed: str | dict[str, Any] | None = None  # not supported: refused with what to use instead
 
     def __post_init__(self) -> None:
         def bad(name: str, expected: str) -> ValueError:
@@ -93,6 +94,15 @@ class TrainingArguments:
             raise bad("num_train_epochs", "> 0 (or max_steps > 0)")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise bad("warmup_ratio", "a fraction in [0, 1)")
+        if self.deepspeed is not None:
+            from importlib.util import find_spec
+
+            missing = "DeepSpeed is not installed, and " if find_spec("deepspeed") is None else ""
+            raise ValueError(
+                f"TrainingArguments: `deepspeed` is set, but {missing}specformer's Trainer has no DeepSpeed "
+                "integration; under torchrun, fsdp=True shards parameters, gradients and optimizer state "
+                "(as ZeRO-3 does) with torch alone"
+            )
         if self.bf16 and self.fp16:
             raise ValueError("TrainingArguments: choose one of bf16 and fp16")
         if self.eval_strategy == "steps" and self.eval_steps is None:
