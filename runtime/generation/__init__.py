@@ -150,6 +150,13 @@ def generate(
             streamer.put(input_ids.cpu())
         if compile and not isinstance(past_key_values, StaticCache):
             raise ValueError("compile=True needs fixed shapes: use cache_implementation='static'")
+        if compile and input_ids.device.type == "cpu" and model.config.attn_implementation == "flex_attention":
+            # measured with torch 2.13: inductor fails with "NoValidChoicesError" while compiling it
+            raise ValueError(
+                "compile=True with attn_implementation='flex_attention' does not compile on the CPU (torch's "
+                "inductor has no CPU kernel for it); load the model with attn_implementation='sdpa' to decode "
+                "compiled: the same attention"
+            )
         stop = Stop(config, max_length, tokenizer)
         decode = compiled_decoder(model) if compile else None
         output = sample_or_greedy(
