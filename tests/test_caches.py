@@ -126,7 +126,9 @@ def test_compiled_static_decoding_is_traced_once(llama: LlamaForCausalLM) -> Non
         generate(llama, torch.tensor([[5]]), max_new_tokens=2, compile=True)
     chosen, llama.config.attn_implementation = llama.config.attn_implementation, "flex_attention"
     try:
-        with pytest.raises(ValueError, match="does not compile on the CPU.*attn_implementation='sdpa'"):
-            generate(llama, torch.tensor([[5]]), max_new_tokens=2, cache_implementation="static", compile=True)
+        with pytest.raises(ValueError, match=r"does not compile on the CPU.*attn_implementation='sdpa'"):
+            generate(
+                llama, torch.tensor([[5]]), max_new_tokens=2, cache_implementation="static", compile=True
+            )
     finally:
         llama.config.attn_implementation = chosen

@@ -150,7 +150,8 @@ def generate(
             streamer.put(input_ids.cpu())
         if compile and not isinstance(past_key_values, StaticCache):
             raise ValueError("compile=True needs fixed shapes: use cache_implementation='static'")
-        if compile and input_ids.device.type == "cpu" and model.config.attn_implementation == "flex_attention":
+        flex = model.config.attn_implementation == "flex_attention"
+        if compile and flex and input_ids.device.type == "cpu":
             # measured with torch 2.13: inductor fails with "NoValidChoicesError" while compiling it
             raise ValueError(
                 "compile=True with attn_implementation='flex_attention' does not compile on the CPU (torch's "
