@@ -132,3 +132,16 @@ def test_a_training_step_gives_the_eval_loss_and_gradients_without_logits() -> N
     torch.testing.assert_close(out.loss, reference.loss)
     for got, (name, p) in zip(fused, model.named_parameters(), strict=True):
         torch.testing.assert_close(got, p.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_bfloat16_weights_give_the_unfused_loss_within_bfloat16_precision() -> None:
+    """A bf16 model (no autocast): logits are made in bf16 and the loss in float32, as the unfused path."""
+    torch.manual_seed(0)
+    head = nn.Linear(16, 50, bias=False).to(torch.bfloat16)
+    hidden = torch.randn(2, 6, 16, dtype=torch.bfloat16)
+    labels = torch.randint(0, 50, (2, 6))
+    (fused, fused_grads), (plain, plain_grads) = _both(head, hidden, labels, None)
+    assert fused_grads[0].dtype == torch.bfloat16
+    torch.testing.assert_close(fused, plain, atol=1e-3, rtol=1e-3)
+    for got, want in zip(fused_grads, plain_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-2)
