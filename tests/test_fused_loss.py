@@ -145,3 +145,27 @@ def test_bfloat16_weights_give_the_unfused_loss_within_bfloat16_precision() -> N
     torch.testing.assert_close(fused, plain, atol=1e-3, rtol=1e-3)
     for got, want in zip(fused_grads, plain_grads, strict=True):
         torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-2)
+
+
+def test_a_head_that_does_more_than_project_keeps_the_plain_loss(tmp_path) -> None:
+    """Only a head whose forward is exactly `return proj(h)` gets the fused branch: a scaled head is
+    generated with the plain loss, and in training it still returns logits and the same loss."""
+    from specformer.runtime.auto import AutoModelForCausalLM
+
+    spec = tmp_path / "scaled.sf"
+    spec.write_text(
+        'model Scaled extends Llama {\n  model_type = "scaled"\n'
+        "  ForCausalLM.forward(h) { return lm_head(h) * 0.5 }\n}\n"
+    )
+    config = {"vocab_size": 40, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "num_key_value_heads": 1}  # fmt: skip
+    model = AutoModelForCausalLM.from_spec(spec, config)
+    from specformer.generated.llama import LlamaForCausalLM
+
+    assert "linear_cross_entropy" in LlamaForCausalLM.forward.__code__.co_names
+    source = type(model).forward.__code__.co_names
+    assert "linear_cross_entropy" not in source and "causal_lm_loss" in source
+    ids = torch.randint(0, 40, (2, 5))
+    out = model.train()(ids, labels=ids)
+    assert out.logits is not None
+    torch.testing.assert_close(out.loss, causal_lm_loss(out.logits, ids))
