@@ -681,9 +681,10 @@ class Planner:
         """(Linear submodule, its input) when the head's forward is just `return proj(h)`: the logits are
         one matmul of the hidden states, which the fused training loss can take over."""
         assert head.forward is not None
-        if len(head.forward.body) != 1 or not isinstance(head.forward.body[0], ir.Return):
+        body = head.forward.body
+        if len(body) != 1 or not isinstance(body[0], ir.Return) or len(body[0].values) != 1:
             return None
-        (value,) = head.forward.body[0].values if len(head.forward.body[0].values) == 1 else (None,)
+        value = body[0].values[0]
         if not (isinstance(value, ir.Call) and len(value.args) == 1 and not value.kwargs):
             return None
         (arg,) = value.args
