@@ -1,7 +1,9 @@
 """Training speed: tokens/s of specformer's Trainer vs transformers.Trainer, same model and batches, one run.
 
 A random Llama (`--hidden`, `--layers`), each side's default optimizer (fused AdamW), batches of
-`--batch` x `--length` tokens, fp32 on the CPU. Each side trains `--steps` optimizer steps after one warm-up run of two steps.
+`--batch` x `--length` tokens, fp32 on the CPU. Each side trains `--steps` optimizer steps after one warm-up
+run of two steps. transformers' rate moves the most between runs: its full-size logits (tokens x vocab) are
+fresh memory every step, page-faulted in by glibc's default allocator, which our fused loss never builds.
 
     python bench/train.py [--hidden 512 --layers 4 --batch 8 --length 256 --steps 10 --threads 2 --compile]
 """
