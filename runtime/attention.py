@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from . import cpu_kernels
 from .cache import Cache
 
 
@@ -129,8 +130,13 @@ def sdpa_attention(
     scale: float | None,
 ) -> torch.Tensor:
     """torch's fused scaled_dot_product_attention; q (B, H, T, D), k/v (B, Hkv, S, D) -> (B, H, T, D)."""
+    needs_mask = mask.needs_mask(causal, window)
+    if mask.q_len == 1 and dropout == 0 and cpu_kernels.applies(q, k, v):  # decoding on the CPU
+        allowed = mask.allowed(causal, window, q.device) if needs_mask else None
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        return cpu_kernels.decode_attention(q, k, v, None if allowed is None else allowed.flatten(1), scale)
     gqa = q.shape[1] != k.shape[1]
-    if not mask.needs_mask(causal, window):
+    if not needs_mask:
         is_causal = causal and mask.q_len > 1  # a single new query may see every cached key
         return F.scaled_dot_product_attention(
             q, k, v, dropout_p=dropout, is_causal=is_causal, scale=scale, enable_gqa=gqa

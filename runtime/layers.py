@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernels
+
 
 class RMSNorm(nn.Module):
     """x / rms(x) * w, computed in float32. `unit_offset` scales by (1 + w) with w starting at zero (Gemma)."""
@@ -25,6 +27,8 @@ class RMSNorm(nn.Module):
             from .triton_kernels import rms_norm
 
             return rms_norm(x, self.weight, self.eps, self.unit_offset)
+        if not self.unit_offset and cpu_kernels.applies(x, self.weight) and x.dtype == self.weight.dtype:
+            return cpu_kernels.rms_norm(x, self.weight, self.eps)
         # torch's fused rms_norm computes mean(x^2) + eps, rsqrt and the product in float32, bit for bit
         # the reference formula, in one call instead of five small ops (six with the weight, in float32).
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and not self.unit_offset:
@@ -133,6 +137,8 @@ class Activation(nn.Module):
 
             if self.name in triton_kernels.GATED_ACTIVATIONS:
                 return triton_kernels.gated(self.name, gate, up)
+        if self.fn is F.silu and cpu_kernels.applies(gate, up) and gate.dtype == up.dtype:
+            return cpu_kernels.silu_mul(gate, up)
         return self.fn(gate) * up
 
     def extra_repr(self) -> str:

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import cpu_kernels
+
 CPU = torch.device("cpu")  # tables are always computed here, whatever device the model is built on
 
 
@@ -177,6 +179,8 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, rope: Rope) -> tuple[torch.Te
             return triton_kernels.rotary(q, rope.cos, rope.sin), triton_kernels.rotary(k, rope.cos, rope.sin)
     if rotary_dim == q.shape[-1]:
         cos, signed_sin = rope.prepared(q.dtype)
+        if cpu_kernels.applies(q, k, cos) and k.dtype == q.dtype:
+            return cpu_kernels.rotary(q, k, cos, signed_sin)
         half = rotary_dim // 2
         return q * cos + q.roll(half, -1) * signed_sin, k * cos + k.roll(half, -1) * signed_sin
     cos, sin = rope.cos.to(q.dtype).unsqueeze(1), rope.sin.to(q.dtype).unsqueeze(1)  # (B, 1, T, rotary_dim)

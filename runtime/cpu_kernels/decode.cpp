@@ -1,0 +1,376 @@
+// Fused CPU kernels for inference (see __init__.py for when they run and how they are built).
+//
+// Each replaces a handful of small aten ops whose dispatch and cache misses, not arithmetic, dominate
+// eager decoding on the CPU. RMSNorm, SwiGLU and rotary give torch's results bit for bit: every product
+// and sum a torch op rounds to the tensor's dtype is rounded here too, sums run in torch's order, the
+// exp is torch's, and the file is built with -ffp-contract=off so no multiply-add is fused behind our
+// back. Decode attention is a different algorithm from torch's SDPA (split over keys, then merged), so
+// it agrees to float rounding.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+
+// Round to the storage type, as each separate torch op would.
+template <typename T> inline T round_to(float x) { return static_cast<T>(x); }
+
+inline float hsum(Vec v) {
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
+}
+
+template <typename T> void require(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+  TORCH_CHECK(t.scalar_type() == c10::CppTypeToScalarType<T>::value, name, " has dtype ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 0 || t.stride(-1) == 1, name, " must be contiguous in its last dimension");
+}
+
+template <typename T> inline const float* as_float(const T* src, float* buffer, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    for (int64_t i = 0; i < n; ++i) buffer[i] = float(src[i]);
+    return buffer;
+  }
+}
+
+// ---- RMSNorm: x * rsqrt(mean(x^2) + eps) * w --------------------------------------------------------
+// sum(x^2) in the order torch's sum kernel uses for a contiguous row (SumKernel.cpp: vectors summed as
+// four interleaved rows through a four-level cascade, then the scalar tail, then the vector's lanes), so
+// the norm is bit for bit F.rms_norm's: a 30-layer model would otherwise drift by 1e-5 in its logits.
+inline float torch_sum_of_squares(const float* x, int64_t n) {
+  constexpr int64_t ilp = 4, levels = 4;
+  const int64_t vectors = n / Vec::size(), rows = vectors / ilp;
+  auto square = [&](int64_t v) {
+    const Vec x_v = Vec::loadu(x + v * Vec::size());
+    return x_v * x_v;
+  };
+  int64_t log2_rows = 0;
+  while ((int64_t(1) << log2_rows) < rows) ++log2_rows;
+  const int64_t power = std::max<int64_t>(4, log2_rows / levels), step = int64_t(1) << power, mask = step - 1;
+  Vec acc[levels][ilp];
+  for (auto& level : acc)
+    for (auto& a : level) a = Vec(0.f);
+  int64_t i = 0;
+  while (i + step <= rows) {
+    for (int64_t j = 0; j < step; ++j, ++i)
+      for (int64_t k = 0; k < ilp; ++k) acc[0][k] = acc[0][k] + square(i * ilp + k);
+    for (int64_t j = 1; j < levels; ++j) {
+      for (int64_t k = 0; k < ilp; ++k) {
+        acc[j][k] = acc[j][k] + acc[j - 1][k];
+        acc[j - 1][k] = Vec(0.f);
+      }
+      if ((i & (mask << (j * power))) != 0) break;
+    }
+  }
+  for (; i < rows; ++i)
+    for (int64_t k = 0; k < ilp; ++k) acc[0][k] = acc[0][k] + square(i * ilp + k);
+  for (int64_t j = 1; j < levels; ++j)
+    for (int64_t k = 0; k < ilp; ++k) acc[0][k] = acc[0][k] + acc[j][k];
+  Vec total = acc[0][0];
+  for (int64_t v = rows * ilp; v < vectors; ++v) total = total + square(v);
+  for (int64_t k = 1; k < ilp; ++k) total = total + acc[0][k];
+  float sum = 0.f;
+  for (int64_t t = vectors * Vec::size(); t < n; ++t) sum += x[t] * x[t];
+  float lanes[Vec::size()];
+  total.store(lanes);
+  for (float lane : lanes) sum += lane;
+  return sum;
+}
+
+template <typename T> at::Tensor rms_norm_impl(const at::Tensor& input, const at::Tensor& weight, double eps) {
+  const at::Tensor x = input.contiguous();
+  require<T>(x, "x");
+  require<T>(weight, "weight");
+  const int64_t dim = x.size(-1);
+  TORCH_CHECK(weight.numel() == dim, "weight has ", weight.numel(), " elements; expected ", dim);
+  at::Tensor out = at::empty_like(x);
+  const T* xp = x.const_data_ptr<T>();
+  const T* w = weight.const_data_ptr<T>();
+  T* yp = out.data_ptr<T>();
+  const int64_t rows = dim == 0 ? 0 : x.numel() / dim;
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(dim, 1)), [&](int64_t begin, int64_t end) {
+    std::vector<float> upcast(std::is_same_v<T, float> ? 0 : dim);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = xp + r * dim;
+      T* yr = yp + r * dim;
+      const float* xf = as_float(xr, upcast.data(), dim);
+      const float inv = 1.f / std::sqrt(torch_sum_of_squares(xf, dim) / float(dim) + float(eps));
+      for (int64_t i = 0; i < dim; ++i) {
+        if constexpr (std::is_same_v<T, float>) {
+          yr[i] = (xr[i] * inv) * w[i];
+        } else {  // Llama's order in half precision: normalise in float32, round, then scale
+          yr[i] = round_to<T>(float(w[i]) * float(round_to<T>(xf[i] * inv)));
+        }
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  if (x.scalar_type() == at::kBFloat16) return rms_norm_impl<c10::BFloat16>(x, weight, eps);
+  return rms_norm_impl<float>(x, weight, eps);
+}
+
+// ---- gated activation: silu(gate) * up (SwiGLU) --------------------------------------------------------
+// x / (1 + exp(-x)) with torch's vectorised exp, as torch's silu computes it.
+template <typename T> at::Tensor silu_mul_impl(const at::Tensor& gate_in, const at::Tensor& up_in) {
+  const at::Tensor gate = gate_in.contiguous(), up = up_in.contiguous();
+  require<T>(gate, "gate");
+  require<T>(up, "up");
+  TORCH_CHECK(gate.sizes() == up.sizes(), "gate ", gate.sizes(), " and up ", up.sizes(), " differ");
+  at::Tensor out = at::empty_like(gate);
+  const T* gp = gate.const_data_ptr<T>();
+  const T* up_ = up.const_data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const Vec one(1.f);
+  at::parallel_for(0, gate.numel(), 32768, [&](int64_t begin, int64_t end) {
+    // torch's silu loop takes 32 elements a step and leaves the rest of its range to scalar std::exp.
+    const int64_t vectorised = begin + (end - begin) / 32 * 32;
+    float g[Vec::size()], u[Vec::size()], y[Vec::size()];
+    for (int64_t i = begin; i < end; i += Vec::size()) {
+      const int64_t n = std::min<int64_t>(Vec::size(), end - i);
+      for (int64_t j = 0; j < n; ++j) g[j] = float(gp[i + j]), u[j] = float(up_[i + j]);
+      if (i < vectorised) {
+        const Vec x = Vec::loadu(g);
+        (x / (one + x.neg().exp())).store(y);
+      } else {
+        for (int64_t j = 0; j < n; ++j) y[j] = g[j] / (1.f + std::exp(-g[j]));
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        if constexpr (std::is_same_v<T, float>) {
+          op[i + j] = y[j] * u[j];
+        } else {  // silu rounds to T, then the product does
+          op[i + j] = round_to<T>(float(round_to<T>(y[j])) * u[j]);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
+  if (gate.scalar_type() == at::kBFloat16) return silu_mul_impl<c10::BFloat16>(gate, up);
+  return silu_mul_impl<float>(gate, up);
+}
+
+// ---- rotary embedding: x * cos + rotate_half(x) * sin, for q and k in one call ------------------------
+// x (B, H, T, D) in any layout with a unit last stride; cos and signed_sin (B or 1, 1, T, D), where
+// signed_sin = (-sin1, sin2) so that rotate_half(x) * sin == roll(x, D/2) * signed_sin. Output contiguous.
+template <typename T>
+at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& ssin) {
+  require<T>(x, "q/k");
+  const int64_t B = x.size(0), H = x.size(1), L = x.size(2), D = x.size(3), half = D / 2;
+  TORCH_CHECK(D % 2 == 0 && cos.size(-1) == D && cos.size(-2) == L, "cos has shape ", cos.sizes());
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  const T* xp = x.const_data_ptr<T>();
+  const T* cp = cos.const_data_ptr<T>();
+  const T* sp = ssin.const_data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const int64_t cb = cos.size(0) == 1 ? 0 : cos.stride(0), ct = cos.stride(2);
+  at::parallel_for(0, B * H * L, std::max<int64_t>(1, 16384 / D), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / (H * L), h = row / L % H, t = row % L;
+      const T* xr = xp + b * x.stride(0) + h * x.stride(1) + t * x.stride(2);
+      const T* c = cp + b * cb + t * ct;
+      const T* s = sp + b * cb + t * ct;
+      T* o = op + row * D;
+      for (int64_t i = 0; i < D; ++i) {
+        const T rolled = xr[i < half ? i + half : i - half];
+        o[i] = round_to<T>(float(round_to<T>(float(xr[i]) * float(c[i]))) +
+                           float(round_to<T>(float(rolled) * float(s[i]))));
+      }
+    }
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                          const at::Tensor& signed_sin) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && cos.dim() == 4 && signed_sin.sizes() == cos.sizes());
+  TORCH_CHECK(cos.strides() == signed_sin.strides(), "cos and signed_sin must share a layout");
+  if (q.scalar_type() == at::kBFloat16) {
+    require<c10::BFloat16>(cos, "cos");
+    return {rotate<c10::BFloat16>(q, cos, signed_sin), rotate<c10::BFloat16>(k, cos, signed_sin)};
+  }
+  require<float>(cos, "cos");
+  return {rotate<float>(q, cos, signed_sin), rotate<float>(k, cos, signed_sin)};
+}
+
+// ---- attention for one new query per sequence (decoding) -------------------------------------------
+// Keys are split into chunks so that every thread has work even with a few kv heads and batch 1
+// (flash-decoding): each chunk yields a running max, a softmax denominator and an unnormalised output
+// per query head, and the chunks are merged at the end. Each kv head's keys are read once for all the
+// query heads that share it (grouped-query attention).
+struct Partial {
+  std::vector<float> max, sum, acc;  // (units, G), (units, G), (units, G, D)
+};
+
+template <typename T>
+void attend_chunk(const float* qf, int64_t G, int64_t D, const T* keys, const T* values, int64_t key_stride,
+                  int64_t value_stride, const bool* allowed, int64_t s0, int64_t s1, float* scores, float* row,
+                  float* max, float* sum, float* acc) {
+  const int64_t n = s1 - s0;
+  for (int64_t s = 0; s < n; ++s) {
+    const float* kr = as_float(keys + (s0 + s) * key_stride, row, D);
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qg = qf + g * D;
+      Vec dot(0.f);
+      int64_t i = 0;
+      for (; i + Vec::size() <= D; i += Vec::size()) dot = dot + Vec::loadu(qg + i) * Vec::loadu(kr + i);
+      float d = hsum(dot);
+      for (; i < D; ++i) d += qg[i] * kr[i];
+      scores[g * n + s] = (allowed && !allowed[s0 + s]) ? -INFINITY : d;
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float* sc = scores + g * n;
+    const float hi = *std::max_element(sc, sc + n);
+    float total = 0.f;
+    if (hi == -INFINITY) {  // the whole chunk is masked
+      std::fill_n(sc, n, 0.f);
+    } else {
+      const Vec vhi(hi);
+      Vec vtotal(0.f);
+      int64_t s = 0;
+      for (; s + Vec::size() <= n; s += Vec::size()) {
+        const Vec p = (Vec::loadu(sc + s) - vhi).exp_u20();
+        p.store(sc + s);
+        vtotal = vtotal + p;
+      }
+      total = hsum(vtotal);
+      for (; s < n; ++s) {
+        sc[s] = std::exp(sc[s] - hi);
+        total += sc[s];
+      }
+    }
+    max[g] = hi;
+    sum[g] = total;
+    std::fill_n(acc + g * D, D, 0.f);
+  }
+  for (int64_t s = 0; s < n; ++s) {
+    const float* vr = as_float(values + (s0 + s) * value_stride, row, D);
+    for (int64_t g = 0; g < G; ++g) {
+      const float p = scores[g * n + s];
+      if (p == 0.f) continue;
+      float* a = acc + g * D;
+      const Vec vp(p);
+      int64_t i = 0;
+      for (; i + Vec::size() <= D; i += Vec::size()) (Vec::loadu(a + i) + vp * Vec::loadu(vr + i)).store(a + i);
+      for (; i < D; ++i) a[i] += p * vr[i];
+    }
+  }
+}
+
+template <typename T>
+at::Tensor decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const std::optional<at::Tensor>& allowed, double scale) {
+  require<T>(q, "q");
+  require<T>(k, "k");
+  require<T>(v, "v");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k.size(1), S = k.size(2);
+  TORCH_CHECK(q.size(2) == 1, "decode_attention takes one query per sequence, got ", q.size(2));
+  TORCH_CHECK(k.size(0) == B && v.sizes() == k.sizes() && k.size(3) == D && H % Hkv == 0,
+              "q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes(), " do not fit together");
+  const bool* mask = nullptr;
+  int64_t mask_batch_stride = 0;
+  if (allowed.has_value()) {
+    TORCH_CHECK(allowed->scalar_type() == at::kBool && allowed->dim() == 2 && allowed->size(1) == S &&
+                    allowed->stride(1) == 1 && (allowed->size(0) == 1 || allowed->size(0) == B),
+                "allowed must be a (batch or 1, ", S, ") bool mask, got ", allowed->sizes());
+    mask = allowed->const_data_ptr<bool>();
+    mask_batch_stride = allowed->size(0) == 1 ? 0 : allowed->stride(0);
+  }
+  const int64_t G = H / Hkv;
+  const int64_t heads = B * Hkv;
+  const int64_t want = 8 * at::get_num_threads();
+  const int64_t splits = std::clamp<int64_t>((want + heads - 1) / heads, 1, std::max<int64_t>(1, (S + 31) / 32));
+  const int64_t chunk = (S + splits - 1) / splits;
+  const int64_t units = heads * splits;
+  Partial part{std::vector<float>(units * G), std::vector<float>(units * G), std::vector<float>(units * G * D)};
+  const T* qp = q.const_data_ptr<T>();
+  const T* kp = k.const_data_ptr<T>();
+  const T* vp = v.const_data_ptr<T>();
+  const float fscale = float(scale);
+  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(G * D), scores(G * chunk), row(D);
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t split = u % splits, b = u / splits / Hkv, g = u / splits % Hkv;
+      const int64_t s0 = std::min(S, split * chunk), s1 = std::min(S, s0 + chunk);
+      for (int64_t j = 0; j < G; ++j) {
+        const T* qr = qp + b * q.stride(0) + (g * G + j) * q.stride(1);
+        for (int64_t i = 0; i < D; ++i) qf[j * D + i] = float(qr[i]) * fscale;
+      }
+      if (s0 == s1) {
+        std::fill_n(&part.max[u * G], G, -INFINITY);
+        std::fill_n(&part.sum[u * G], G, 0.f);
+        std::fill_n(&part.acc[u * G * D], G * D, 0.f);
+        continue;
+      }
+      attend_chunk<T>(qf.data(), G, D, kp + b * k.stride(0) + g * k.stride(1), vp + b * v.stride(0) + g * v.stride(1),
+                      k.stride(2), v.stride(2), mask ? mask + b * mask_batch_stride : nullptr, s0, s1, scores.data(),
+                      row.data(), &part.max[u * G], &part.sum[u * G], &part.acc[u * G * D]);
+    }
+  });
+  at::Tensor out = at::empty({B, H, 1, D}, q.options());
+  T* op = out.data_ptr<T>();
+  std::vector<float> merged(D);
+  for (int64_t bg = 0; bg < heads; ++bg) {
+    for (int64_t j = 0; j < G; ++j) {
+      float hi = -INFINITY;
+      for (int64_t sp = 0; sp < splits; ++sp) hi = std::max(hi, part.max[(bg * splits + sp) * G + j]);
+      float total = 0.f;
+      std::fill(merged.begin(), merged.end(), 0.f);
+      for (int64_t sp = 0; sp < splits; ++sp) {
+        const int64_t at = (bg * splits + sp) * G + j;
+        if (part.max[at] == -INFINITY) continue;
+        const float w = std::exp(part.max[at] - hi);
+        total += w * part.sum[at];
+        for (int64_t i = 0; i < D; ++i) merged[i] += w * part.acc[at * D + i];
+      }
+      // A query that may see no key at all gets zeros, not 0/0.
+      const float inv = total > 0.f ? 1.f / total : 0.f;
+      T* o = op + (bg * G + j) * D;  // (b, g * G + j) in (B, H) order
+      for (int64_t i = 0; i < D; ++i) o[i] = round_to<T>(merged[i] * inv);
+    }
+  }
+  return out;
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& allowed, double scale) {
+  if (q.scalar_type() == at::kBFloat16) return decode_impl<c10::BFloat16>(q, k, v, allowed, scale);
+  return decode_impl<float>(q, k, v, allowed, scale);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(specformer_cpu, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
+  m.def("rotary(Tensor q, Tensor k, Tensor cos, Tensor signed_sin) -> (Tensor, Tensor)");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? allowed, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(specformer_cpu, CPU, m) {
+  m.impl("rms_norm", rms_norm);
+  m.impl("silu_mul", silu_mul);
+  m.impl("rotary", rotary);
+  m.impl("decode_attention", decode_attention);
+}

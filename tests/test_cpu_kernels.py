@@ -1,0 +1,217 @@
+"""The fused CPU inference kernels (runtime/cpu_kernels) against the torch ops they stand in for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from specformer.runtime import cpu_kernels
+from specformer.runtime.attention import AttentionMask, attend, eager_attention
+from specformer.runtime.layers import RMSNorm, activation
+from specformer.runtime.rope import Rope, apply_rotary
+
+pytestmark = pytest.mark.skipif(cpu_kernels.ops() is None, reason="no C++ compiler to build the kernels")
+DTYPES = st.sampled_from([torch.float32, torch.bfloat16])
+
+
+def tolerance(dtype: torch.dtype) -> dict[str, float]:
+    return {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
+
+
+@given(
+    rows=st.integers(1, 9),
+    dim=st.sampled_from([8, 40, 64, 576, 1000, 4096]),
+    dtype=DTYPES,
+    seed=st.integers(0, 99),
+)
+def test_rms_norm_is_bit_exact(rows: int, dim: int, dtype: torch.dtype, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    norm = RMSNorm(dim, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(dim, generator=generator))
+    x = (torch.randn(rows, 3, dim, generator=generator) * 4).to(dtype)
+    with torch.enable_grad():  # gradients on: the torch path
+        reference = norm(x)
+    with torch.inference_mode():
+        assert cpu_kernels.applies(x, norm.weight)
+        assert torch.equal(norm(x), reference)
+
+
+@given(
+    shape=st.sampled_from([(1, 1, 1536), (2, 3, 40), (7,), (3, 1000), (40, 1536)]),
+    dtype=DTYPES,
+    seed=st.integers(0, 99),
+)
+def test_swiglu_is_bit_exact(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    gate, up = ((torch.randn(shape, generator=generator) * 5).to(dtype) for _ in range(2))
+    act = activation("silu")
+    reference = act.gated(gate, up)  # gradients on: the torch path
+    with torch.inference_mode():
+        assert torch.equal(act.gated(gate, up), reference)
+
+
+@given(
+    batch=st.integers(1, 3), rope_batch=st.booleans(), length=st.integers(1, 5), dtype=DTYPES,
+    head_dim=st.sampled_from([8, 64, 80]), seed=st.integers(0, 99),
+)  # fmt: skip
+def test_rotary_is_bit_exact(
+    batch: int, rope_batch: bool, length: int, dtype: torch.dtype, head_dim: int, seed: int
+) -> None:
+    """q and k as the projections leave them: (B, T, H*D) viewed as (B, H, T, D), so strided."""
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, length, 4 * head_dim, generator=generator).to(dtype)
+    k = torch.randn(batch, length, 2 * head_dim, generator=generator).to(dtype)
+    q, k = (t.unflatten(-1, (-1, head_dim)).transpose(1, 2) for t in (q, k))
+    angles = torch.randn(batch if rope_batch else 1, length, head_dim // 2, generator=generator) * 10
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    reference = apply_rotary(q, k, Rope(cos, sin))  # gradients are on here: the torch path
+    with torch.inference_mode():
+        ours = apply_rotary(q, k, Rope(cos, sin))
+    for got, want in zip(ours, reference, strict=True):
+        assert got.is_contiguous() and torch.equal(got, want)
+
+
+@given(
+    batch=st.integers(1, 3), kv_heads=st.integers(1, 3), groups=st.sampled_from([1, 3]),
+    keys=st.integers(1, 300), head_dim=st.sampled_from([16, 24, 64]), masked=st.sampled_from(["none", "row", "batch"]),
+    dtype=DTYPES, seed=st.integers(0, 99),
+)  # fmt: skip
+def test_decode_attention_matches_eager(
+    batch: int,
+    kv_heads: int,
+    groups: int,
+    keys: int,
+    head_dim: int,
+    masked: str,
+    dtype: torch.dtype,
+    seed: int,
+) -> None:
+    """One query against a cache's keys, read through views of a larger buffer as the caches hand them out."""
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, kv_heads * groups, 1, head_dim, generator=generator).to(dtype)
+    k, v = (
+        torch.randn(batch, kv_heads, keys + 7, head_dim, generator=generator).to(dtype)[:, :, :keys]
+        for _ in range(2)
+    )
+    allowed = None
+    if masked != "none":
+        allowed = torch.rand(batch if masked == "batch" else 1, keys, generator=generator) > 0.4
+        allowed[:, -1] = True  # the query itself
+    scale = head_dim**-0.5
+    with torch.inference_mode():
+        ours = cpu_kernels.decode_attention(q, k, v, allowed, scale)
+    keys_, values = (t.float().repeat_interleave(groups, dim=1) for t in (k, v))
+    scores = (q.float() @ keys_.transpose(-2, -1)) * scale  # (B, H, 1, S)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
+    reference = scores.softmax(-1) @ values
+    torch.testing.assert_close(ours.float(), reference, **tolerance(dtype))
+
+
+def test_decode_attention_with_no_visible_key_gives_zeros() -> None:
+    q, k, v = torch.randn(1, 2, 1, 16), torch.randn(1, 1, 40, 16), torch.randn(1, 1, 40, 16)
+    with torch.inference_mode():
+        out = cpu_kernels.decode_attention(q, k, v, torch.zeros(1, 40, dtype=torch.bool), 0.25)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_kernels_reject_what_they_cannot_read() -> None:
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="one query per sequence"):
+        cpu_kernels.decode_attention(
+            torch.randn(1, 2, 3, 16), torch.randn(1, 1, 5, 16), torch.randn(1, 1, 5, 16), None, 1.0
+        )
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="bool mask"):
+        cpu_kernels.decode_attention(
+            torch.randn(1, 2, 1, 16),
+            torch.randn(1, 1, 5, 16),
+            torch.randn(1, 1, 5, 16),
+            torch.ones(1, 4, dtype=torch.bool),
+            1.0,
+        )
+
+
+def test_only_inference_on_plain_cpu_tensors_uses_them() -> None:
+    x = torch.randn(2, 8)
+    assert not cpu_kernels.applies(x)  # gradients on: autograd needs torch's ops
+    with torch.no_grad():
+        assert cpu_kernels.applies(x)
+        assert not cpu_kernels.applies(x.half())
+        assert not cpu_kernels.applies(x.to("meta"))
+
+
+def test_decoding_uses_them_and_matches_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A generated Llama decoding with a cache and left padding: same logits with and without the kernels."""
+    from specformer.generated.llama import LlamaConfig, LlamaForCausalLM
+    from specformer.runtime.cache import DynamicCache
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(1, 64, (2, 9), generator=torch.Generator().manual_seed(3))
+    padding = torch.ones(2, 10, dtype=torch.long)
+    padding[1, :3] = 0
+
+    def decode() -> torch.Tensor:
+        cache = DynamicCache()
+        model(ids, attention_mask=padding[:, :9], past_key_values=cache, use_cache=True)
+        step = model(ids[:, -1:], attention_mask=padding, past_key_values=cache, use_cache=True)
+        return step.logits
+
+    calls: list[str] = []
+    for name in ("rms_norm", "rotary", "decode_attention", "silu_mul"):
+        original = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    with torch.inference_mode():
+        fused = decode()
+    assert {"rms_norm", "rotary", "decode_attention", "silu_mul"} <= set(calls)
+    monkeypatch.setattr(cpu_kernels, "applies", lambda *tensors: False)
+    with torch.inference_mode():
+        reference = decode()
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_without_a_compiler_torch_ops_run_after_one_warning(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(FileNotFoundError, match="no-such-compiler"):
+        cpu_kernels.build(tmp_path)
+    assert not list(tmp_path.glob("kernels/*"))  # no half-written library left behind
+
+    def unavailable() -> None:
+        raise RuntimeError("`c++` failed to build decode.cpp")
+
+    monkeypatch.setattr(cpu_kernels, "load", unavailable)
+    cpu_kernels.ops.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"fused CPU kernels are unavailable \(`c\+\+` failed"):
+            assert cpu_kernels.ops() is None
+        with torch.no_grad():
+            assert not cpu_kernels.applies(torch.randn(3))
+            x = torch.randn(2, 16)
+            norm = RMSNorm(16)
+            torch.testing.assert_close(norm(x), x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps))
+        monkeypatch.setenv("SPECFORMER_CPU_KERNELS", "0")
+        cpu_kernels.ops.cache_clear()
+        assert cpu_kernels.ops() is None  # switched off: nothing is built, nothing is said
+    finally:
+        monkeypatch.undo()
+        cpu_kernels.ops.cache_clear()
+    assert cpu_kernels.ops() is not None
+
+
+def test_attend_dispatches_only_single_queries() -> None:
+    """A prompt (several queries) still goes through torch's SDPA; the result matches either way."""
+    q, k, v = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16)
+    mask = AttentionMask(None, 3)
+    with torch.inference_mode():
+        out = attend(q, k, v, mask, causal=True)
+    reference = eager_attention(q, k, v, mask, causal=True, window=None, dropout=0.0, scale=None)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
