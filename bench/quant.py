@@ -6,7 +6,7 @@ also eagerly. int4 is the GGUF file's own Q4_1 weights, loaded without a float r
 fp32 model quantized per output channel on load. The tied embedding / lm_head stays fp32 except in
 the last variant, which also quantizes the output projection to int8 (groups of 32), as llama.cpp does.
 
-    python bench/quant.py [--prefill 128 --decode 128 --repeats 2 --threads 2 --no-eager]
+    python bench/quant.py [--prefill 128 --decode 128 --repeats 3 --threads 2 --no-eager]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from generate import decode_rate
+from generate import decode_rates
 
 
 def main() -> None:
@@ -27,7 +27,7 @@ def main() -> None:
     )
     parser.add_argument("--prefill", type=int, default=128)
     parser.add_argument("--decode", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-eager", action="store_true", help="only the compiled static-cache decode")
     args = parser.parse_args()
@@ -54,13 +54,15 @@ def main() -> None:
     if not args.no_eager:
         modes["eager"] = {}
     for mode, extra in modes.items():
-        rates = {}
+        runs = {}
         for name, model in models.items():
 
             def run(n: int, model: torch.nn.Module = model, extra: dict = extra) -> object:
                 return generate(model, ids, eos_token_id=None, max_new_tokens=n, **extra)
 
-            rates[name] = decode_rate(run, 1, args.decode, args.repeats)
+            runs[name] = run
+        rates = decode_rates(runs, 1, args.decode, args.repeats)  # rounds alternate between the variants
+        for name, model in models.items():
             megabytes = model.get_memory_footprint() / 1e6
             print(
                 f"{mode:<15} {name:<12} {rates[name]:7.1f} tok/s   {rates[name] / rates['fp32']:.2f}x fp32   "

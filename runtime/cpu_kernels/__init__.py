@@ -49,8 +49,8 @@ def applies(*tensors: torch.Tensor) -> bool:
     """True when the kernels can stand in for torch's ops on `tensors` (building them on first use)."""
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return False
-    for t in tensors:
-        if type(t) not in _PLAIN or t.device.type != "cpu" or t.dtype not in _DTYPES:
+    for t in tensors:  # called several times per layer and token: the cheapest checks
+        if not t.is_cpu or t.dtype not in _DTYPES or type(t) not in _PLAIN:
             return False
     return ops() is not None
 
