@@ -25,12 +25,13 @@ def _seconds(run: Callable[[], object]) -> float:
 
 def decode_rates(
     runs: dict[str, Callable[[int], object]], batch: int, new_tokens: int, repeats: int
-) -> dict[str, float]:
-    """Decode tokens/s per side: a full run minus a prefill-only run, so prompt processing is not counted.
+) -> dict[str, list[float]]:
+    """Decode tokens/s per side and round: a full run minus a prefill-only run, so prompt processing is
+    not counted.
 
-    Rounds alternate between the sides and each side keeps its median round: this machine's memory
-    bandwidth is shared and comes and goes for seconds at a time, and a slow spell then hits both
-    sides alike instead of whichever happened to be running."""
+    Rounds alternate between the sides: this machine's memory bandwidth is shared and comes and goes
+    for seconds at a time, so sides are compared within a round (`median_ratio`), where a slow spell
+    hits both alike, rather than whichever happened to be running during it."""
     for run in runs.values():
         run(new_tokens)  # warm up
     samples: dict[str, list[float]] = {name: [] for name in runs}
@@ -39,7 +40,11 @@ def decode_rates(
             prefill = _seconds(lambda run=run: run(1))
             total = _seconds(lambda run=run: run(new_tokens))
             samples[name].append(batch * (new_tokens - 1) / max(total - prefill, 1e-9))
-    return {name: statistics.median(rates) for name, rates in samples.items()}
+    return samples
+
+
+def median_ratio(ours: list[float], theirs: list[float]) -> float:
+    return statistics.median(a / b for a, b in zip(ours, theirs, strict=True))
 
 
 def measure(name: str, ours: torch.nn.Module, theirs: torch.nn.Module, args: argparse.Namespace) -> None:
@@ -71,12 +76,13 @@ def measure(name: str, ours: torch.nn.Module, theirs: torch.nn.Module, args: arg
                 )
 
             runs = {"specformer": run_ours, "transformers": run_theirs}
-            rates = decode_rates(runs, batch, args.decode, args.repeats)
-            ratio = rates["specformer"] / rates["transformers"]
+            samples = decode_rates(runs, batch, args.decode, args.repeats)
+            rates = {name: statistics.median(values) for name, values in samples.items()}
+            ratio = median_ratio(samples["specformer"], samples["transformers"])
             gbps = weight_bytes * rates["specformer"] / batch / 1e9
             print(
                 f"{name:<24} {mode:<15} batch {batch}: specformer {rates['specformer']:7.1f} tok/s   "
-                f"transformers {rates['transformers']:7.1f} tok/s   ratio {ratio:.2f}   "
+                f"transformers {rates['transformers']:7.1f} tok/s   ratio {ratio:.2f} (median of rounds)   "
                 f"(weights read at {gbps:.1f} GB/s)"
             )
 

@@ -12,13 +12,14 @@ the last variant, which also quantizes the output projection to int8 (groups of 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from generate import decode_rates
+from generate import decode_rates, median_ratio
 
 
 def main() -> None:
@@ -61,12 +62,12 @@ def main() -> None:
                 return generate(model, ids, eos_token_id=None, max_new_tokens=n, **extra)
 
             runs[name] = run
-        rates = decode_rates(runs, 1, args.decode, args.repeats)  # rounds alternate between the variants
+        samples = decode_rates(runs, 1, args.decode, args.repeats)  # rounds alternate between variants
         for name, model in models.items():
             megabytes = model.get_memory_footprint() / 1e6
+            rate, ratio = statistics.median(samples[name]), median_ratio(samples[name], samples["fp32"])
             print(
-                f"{mode:<15} {name:<12} {rates[name]:7.1f} tok/s   {rates[name] / rates['fp32']:.2f}x fp32   "
-                f"({megabytes:.0f} MB)",
+                f"{mode:<15} {name:<12} {rate:7.1f} tok/s   {ratio:.2f}x fp32   ({megabytes:.0f} MB)",
                 flush=True,
             )
 
