@@ -38,7 +38,7 @@ _CONTEXT_TYPES = {
 # Primitive -> (constructor, how many leading arguments are passed positionally, runtime module to import
 # it from, or None for torch.nn). Optional arguments the spec does not give are left to their defaults.
 _PRIMITIVE_EMISSION: dict[str, tuple[str, int, str | None]] = {
-    "Linear": ("nn.Linear", 2, None),
+    "Linear": ("Linear", 2, "layers"),
     "Embedding": ("nn.Embedding", 2, None),
     "LayerNorm": ("nn.LayerNorm", 1, None),
     "Dropout": ("nn.Dropout", 1, None),

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import is_plain_linear
+
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 2**25  # logits per chunk of the fused loss: 128 MB in float32, whatever the vocabulary
 
@@ -43,7 +45,7 @@ def linear_cross_entropy(
     gradient in place, so no full-size tensor is ever built. Heads that are not a plain `nn.Linear`
     (LoRA, quantized or tensor-parallel layers) and autocast steps take the unfused path.
     """
-    weight = head.weight if type(head) is nn.Linear else None
+    weight = head.weight if is_plain_linear(head) else None
     fusable = (
         weight is not None
         and torch.is_grad_enabled()

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import is_plain_linear
+
 # Under torch.compile, rows at or below this use the multiply-and-sum form (decoding), which inductor
 # fuses; more rows, or eager mode (where that form would materialise a float product), dequantise.
 _MATVEC_ROWS = 4
@@ -210,7 +212,7 @@ def quantizable_linears(model: nn.Module, skip: Iterable[str] = (), include: Ite
     skip = tuple(skip)
     names = []
     for name, module in model.named_modules():
-        if type(module) is not nn.Linear:
+        if not is_plain_linear(module):
             continue
         if has_backbone and not name.startswith(prefix + ".") and name not in include:
             continue  # a head of this model

@@ -17,6 +17,7 @@ from specformer.generated.llama import LlamaForCausalLM
 
 bnb = pytest.importorskip("bitsandbytes")
 from specformer.runtime.bnb import BitsAndBytesConfig  # noqa: E402
+from specformer.runtime.layers import Linear  # noqa: E402
 
 CONFIGS = {
     "int8": BitsAndBytesConfig(load_in_8bit=True),
@@ -44,7 +45,7 @@ def test_load_run_save_reload(name: str, tmp_path: Path) -> None:
     quantized = LlamaForCausalLM.from_pretrained(tmp_path / "fp32", quantization_config=config)
     layer = quantized.model.layers[0].mlp.up_proj
     assert isinstance(layer, bnb.nn.Linear8bitLt if config.load_in_8bit else bnb.nn.Linear4bit)
-    assert type(quantized.lm_head) is torch.nn.Linear
+    assert type(quantized.lm_head) is Linear
     assert (logits(quantized) - expected).abs().max() / expected.abs().max() < 0.3
     assert quantized.get_memory_footprint() < 0.6 * model.get_memory_footprint()
 
@@ -69,8 +70,8 @@ def test_skip_modules_and_bad_settings(tmp_path: Path) -> None:
     small_llama().save_pretrained(tmp_path)
     config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["o_proj", "down_proj"])
     model = LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=config)
-    assert type(model.model.layers[1].self_attn.o_proj) is torch.nn.Linear
-    assert type(model.model.layers[1].mlp.down_proj) is torch.nn.Linear
+    assert type(model.model.layers[1].self_attn.o_proj) is Linear
+    assert type(model.model.layers[1].mlp.down_proj) is Linear
     assert isinstance(model.model.layers[1].mlp.up_proj, bnb.nn.Linear8bitLt)
     with pytest.raises(ValueError, match="exactly one of load_in_8bit and load_in_4bit"):
         BitsAndBytesConfig()

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from specformer.runtime import cpu_kernels
 from specformer.runtime.attention import AttentionMask, attend, eager_attention
-from specformer.runtime.layers import RMSNorm, activation
+from specformer.runtime.layers import Linear, RMSNorm, activation
 from specformer.runtime.rope import Rope, apply_rotary
 
 pytestmark = pytest.mark.skipif(cpu_kernels.ops() is None, reason="no C++ compiler to build the kernels")
@@ -111,6 +111,43 @@ def test_decode_attention_matches_eager(
         scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
     reference = scores.softmax(-1) @ values
     torch.testing.assert_close(ours.float(), reference, **tolerance(dtype))
+
+
+@given(
+    rows=st.integers(1, 16), out_features=st.integers(1, 70), in_features=st.sampled_from([5, 16, 40, 576]),
+    bias=st.booleans(), dtype=DTYPES, seed=st.integers(0, 99),
+)  # fmt: skip
+def test_linear_matches_torch(
+    rows: int, out_features: int, in_features: int, bias: bool, dtype: torch.dtype, seed: int
+) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 1, in_features, generator=generator).to(dtype)
+    weight = torch.randn(out_features, in_features, generator=generator).to(dtype)
+    b = torch.randn(out_features, generator=generator).to(dtype) if bias else None
+    with torch.inference_mode():
+        ours = cpu_kernels.linear(x, weight, b)
+    reference = torch.nn.functional.linear(x.float(), weight.float(), None if b is None else b.float())
+    assert ours.shape == (rows, 1, out_features) and ours.dtype == dtype
+    torch.testing.assert_close(ours.float(), reference, **tolerance(dtype))
+
+
+def test_linear_layers_use_the_gemv_only_to_decode_in_bfloat16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """float32 keeps torch's GEMV (as fast, and transformers' numbers exactly); many rows keep the GEMM."""
+    calls: list[tuple[int, ...]] = []
+    original = cpu_kernels.linear
+    monkeypatch.setattr(
+        cpu_kernels, "linear", lambda x, w, b: calls.append(tuple(x.shape)) or original(x, w, b)
+    )
+    layer = Linear(64, 32)
+    x = torch.randn(3, 1, 64)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+        layer.to(torch.bfloat16)
+        decoded = layer(x.bfloat16())
+        layer(torch.randn(40, 64).bfloat16())
+    assert calls == [(3, 1, 64)]
+    reference = torch.nn.functional.linear(x, layer.weight.float(), layer.bias.float())
+    torch.testing.assert_close(decoded.float(), reference, atol=1e-2, rtol=1e-2)
 
 
 def test_decode_attention_with_no_visible_key_gives_zeros() -> None:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from specformer.generated.llama import LlamaConfig, LlamaForCausalLM
+from specformer.runtime.layers import Linear
 from specformer.runtime.quantization import Int4Linear, Int8Linear, WeightOnlyConfig, quantize
 
 TOLERANCE = {8: 0.02, 4: 0.15}
@@ -69,7 +70,7 @@ def test_quantized_on_load_saves_and_reloads_exactly(bits: int, tmp_path: Path) 
     )
     kind = Int8Linear if bits == 8 else Int4Linear
     assert isinstance(quantized.model.layers[0].self_attn.q_proj, kind)
-    assert type(quantized.lm_head) is torch.nn.Linear  # heads stay full precision by default
+    assert type(quantized.lm_head) is Linear  # heads stay full precision by default
     got = logits(quantized)
     assert (got - expected).abs().max() / expected.abs().max() < TOLERANCE[bits]
     assert quantized.get_memory_footprint() < model.get_memory_footprint()

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specformer.runtime.attention import AttentionMask, attend
-from specformer.runtime.layers import Embedding, activation
+from specformer.runtime.layers import Embedding, Linear, activation
 from specformer.runtime.losses import (
     masked_lm_loss,
     multiple_choice_loss,
@@ -55,10 +55,10 @@ class DistilBertMultiHeadSelfAttention(nn.Module):
     def __init__(self, config: DistilBertConfig) -> None:
         super().__init__()
         self.config = config
-        self.q_lin = nn.Linear(config.dim, config.dim)
-        self.k_lin = nn.Linear(config.dim, config.dim)
-        self.v_lin = nn.Linear(config.dim, config.dim)
-        self.out_lin = nn.Linear(config.dim, config.dim)
+        self.q_lin = Linear(config.dim, config.dim)
+        self.k_lin = Linear(config.dim, config.dim)
+        self.v_lin = Linear(config.dim, config.dim)
+        self.out_lin = Linear(config.dim, config.dim)
 
     def forward(self, x: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
         q = self.q_lin(x).unflatten(-1, (-1, self.config.head_dim)).transpose(1, 2)  # (B, H, T, D)
@@ -79,8 +79,8 @@ class DistilBertMultiHeadSelfAttention(nn.Module):
 class DistilBertFFN(nn.Module):
     def __init__(self, config: DistilBertConfig) -> None:
         super().__init__()
-        self.lin1 = nn.Linear(config.dim, config.hidden_dim)
-        self.lin2 = nn.Linear(config.hidden_dim, config.dim)
+        self.lin1 = Linear(config.dim, config.hidden_dim)
+        self.lin2 = Linear(config.hidden_dim, config.dim)
         self.dropout = nn.Dropout(config.dropout)
         self.activation_fn = activation(config.activation)
 
@@ -150,9 +150,9 @@ class DistilBertForMaskedLM(DistilBertPreTrainedModel):
     def __init__(self, config: DistilBertConfig) -> None:
         super().__init__(config)
         self.distilbert = DistilBertModel(config)
-        self.vocab_transform = nn.Linear(config.dim, config.dim)
+        self.vocab_transform = Linear(config.dim, config.dim)
         self.vocab_layer_norm = nn.LayerNorm(config.dim, eps=1e-12)
-        self.vocab_projector = nn.Linear(config.dim, config.vocab_size)
+        self.vocab_projector = Linear(config.dim, config.vocab_size)
         self.activation_fn = activation(config.activation)
         self.post_init()
 
@@ -181,8 +181,8 @@ class DistilBertForSequenceClassification(DistilBertPreTrainedModel):
     def __init__(self, config: DistilBertConfig) -> None:
         super().__init__(config)
         self.distilbert = DistilBertModel(config)
-        self.pre_classifier = nn.Linear(config.dim, config.dim)
-        self.classifier = nn.Linear(config.dim, config.num_labels)
+        self.pre_classifier = Linear(config.dim, config.dim)
+        self.classifier = Linear(config.dim, config.num_labels)
         self.dropout = nn.Dropout(config.seq_classif_dropout)
         self.post_init()
 
@@ -208,7 +208,7 @@ class DistilBertForQuestionAnswering(DistilBertPreTrainedModel):
     def __init__(self, config: DistilBertConfig) -> None:
         super().__init__(config)
         self.distilbert = DistilBertModel(config)
-        self.qa_outputs = nn.Linear(config.dim, config.num_labels)
+        self.qa_outputs = Linear(config.dim, config.num_labels)
         self.dropout = nn.Dropout(config.qa_dropout)
         self.post_init()
 
@@ -234,7 +234,7 @@ class DistilBertForTokenClassification(DistilBertPreTrainedModel):
         super().__init__(config)
         self.distilbert = DistilBertModel(config)
         self.dropout = nn.Dropout(config.dropout)
-        self.classifier = nn.Linear(config.dim, config.num_labels)
+        self.classifier = Linear(config.dim, config.num_labels)
         self.post_init()
 
     def forward(
@@ -257,8 +257,8 @@ class DistilBertForMultipleChoice(DistilBertPreTrainedModel):
     def __init__(self, config: DistilBertConfig) -> None:
         super().__init__(config)
         self.distilbert = DistilBertModel(config)
-        self.pre_classifier = nn.Linear(config.dim, config.dim)
-        self.classifier = nn.Linear(config.dim, 1)
+        self.pre_classifier = Linear(config.dim, config.dim)
+        self.classifier = Linear(config.dim, 1)
         self.dropout = nn.Dropout(config.seq_classif_dropout)
         self.post_init()
 

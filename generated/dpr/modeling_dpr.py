@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from specformer.runtime.attention import AttentionMask, attend
-from specformer.runtime.layers import activation
+from specformer.runtime.layers import Linear, activation
 from specformer.runtime.modeling import PreTrainedModel
 from specformer.runtime.outputs import BaseModelOutput, DenseEmbeddingOutput, SpanReaderOutput
 
@@ -50,9 +50,9 @@ class DPRSelfAttention(nn.Module):
     def __init__(self, config: DPRConfig) -> None:
         super().__init__()
         self.config = config
-        self.query = nn.Linear(config.hidden_size, config.hidden_size)
-        self.key = nn.Linear(config.hidden_size, config.hidden_size)
-        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.query = Linear(config.hidden_size, config.hidden_size)
+        self.key = Linear(config.hidden_size, config.hidden_size)
+        self.value = Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
         q = self.query(x).unflatten(-1, (-1, self.config.head_dim)).transpose(1, 2)  # (B, H, T, D)
@@ -75,7 +75,7 @@ class DPRSelfOutput(nn.Module):
 
     def __init__(self, config: DPRConfig) -> None:
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = Linear(config.hidden_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -96,7 +96,7 @@ class DPRAttention(nn.Module):
 class DPRIntermediate(nn.Module):
     def __init__(self, config: DPRConfig) -> None:
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.dense = Linear(config.hidden_size, config.intermediate_size)
         self.hidden_act_fn = activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,7 +106,7 @@ class DPRIntermediate(nn.Module):
 class DPROutput(nn.Module):
     def __init__(self, config: DPRConfig) -> None:
         super().__init__()
-        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dense = Linear(config.intermediate_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -140,7 +140,7 @@ class DPREncoder(nn.Module):
 class DPRPooler(nn.Module):
     def __init__(self, config: DPRConfig) -> None:
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.dense(h[:, 0]))
@@ -193,7 +193,7 @@ class DPRDenseEncoder(DPRPreTrainedModel):
         super().__init__(config)
         self.bert_model = DPRModel(config, add_pooling_layer=False)
         self.encode_proj = (
-            nn.Linear(config.hidden_size, config.projection_dim) if config.projection_dim > 0 else None
+            Linear(config.hidden_size, config.projection_dim) if config.projection_dim > 0 else None
         )
         self.post_init()
 
@@ -217,10 +217,10 @@ class DPRSpanPredictor(DPRPreTrainedModel):
         super().__init__(config)
         self.encoder = DPRDenseEncoder(config)
         # sized like HF's `embeddings_size`, which is the projection's when there is one
-        self.qa_outputs = nn.Linear(
+        self.qa_outputs = Linear(
             config.projection_dim if config.projection_dim > 0 else config.hidden_size, 2
         )
-        self.qa_classifier = nn.Linear(
+        self.qa_classifier = Linear(
             config.projection_dim if config.projection_dim > 0 else config.hidden_size, 1
         )
         self.post_init()

@@ -15,7 +15,7 @@ from torch import nn
 
 from specformer.runtime.attention import AttentionMask, attend
 from specformer.runtime.cache import Cache, DynamicCache
-from specformer.runtime.layers import RMSNorm, activation
+from specformer.runtime.layers import Linear, RMSNorm, activation
 from specformer.runtime.losses import (
     causal_lm_loss,
     keep_last,
@@ -41,16 +41,16 @@ class GemmaAttention(nn.Module):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
-        self.q_proj = nn.Linear(
+        self.q_proj = Linear(
             config.hidden_size, config.num_attention_heads * config.head_dim, bias=config.attention_bias
         )
-        self.k_proj = nn.Linear(
+        self.k_proj = Linear(
             config.hidden_size, config.num_key_value_heads * config.head_dim, bias=config.attention_bias
         )
-        self.v_proj = nn.Linear(
+        self.v_proj = Linear(
             config.hidden_size, config.num_key_value_heads * config.head_dim, bias=config.attention_bias
         )
-        self.o_proj = nn.Linear(
+        self.o_proj = Linear(
             config.num_attention_heads * config.head_dim, config.hidden_size, bias=config.attention_bias
         )
 
@@ -78,9 +78,9 @@ class GemmaMLP(nn.Module):
     def __init__(self, config: GemmaConfig) -> None:
         super().__init__()
         # Gemma's MLP has no bias flag: its projections never have biases.
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.hidden_act_fn = activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -160,7 +160,7 @@ class GemmaForCausalLM(GemmaPreTrainedModel):
     def __init__(self, config: GemmaConfig) -> None:
         super().__init__(config)
         self.model = GemmaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
     def forward(
@@ -206,7 +206,7 @@ class GemmaForSequenceClassification(GemmaPreTrainedModel):
     def __init__(self, config: GemmaConfig) -> None:
         super().__init__(config)
         self.model = GemmaModel(config)
-        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.score = Linear(config.hidden_size, config.num_labels, bias=False)
         self.post_init()
 
     def forward(
@@ -240,7 +240,7 @@ class GemmaForTokenClassification(GemmaPreTrainedModel):
         super().__init__(config)
         self.model = GemmaModel(config)
         self.dropout = nn.Dropout(0.1)
-        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.score = Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
     def forward(

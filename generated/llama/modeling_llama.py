@@ -12,7 +12,7 @@ from torch import nn
 
 from specformer.runtime.attention import AttentionMask, attend
 from specformer.runtime.cache import Cache, DynamicCache
-from specformer.runtime.layers import RMSNorm, activation
+from specformer.runtime.layers import Linear, RMSNorm, activation
 from specformer.runtime.losses import (
     causal_lm_loss,
     keep_last,
@@ -40,16 +40,16 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
-        self.q_proj = nn.Linear(
+        self.q_proj = Linear(
             config.hidden_size, config.num_attention_heads * config.head_dim, bias=config.attention_bias
         )
-        self.k_proj = nn.Linear(
+        self.k_proj = Linear(
             config.hidden_size, config.num_key_value_heads * config.head_dim, bias=config.attention_bias
         )
-        self.v_proj = nn.Linear(
+        self.v_proj = Linear(
             config.hidden_size, config.num_key_value_heads * config.head_dim, bias=config.attention_bias
         )
-        self.o_proj = nn.Linear(
+        self.o_proj = Linear(
             config.num_attention_heads * config.head_dim, config.hidden_size, bias=config.attention_bias
         )
 
@@ -75,9 +75,9 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.hidden_act_fn = activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -155,7 +155,7 @@ class LlamaForCausalLM(LlamaPreTrainedModel):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__(config)
         self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
     def forward(
@@ -201,7 +201,7 @@ class LlamaForSequenceClassification(LlamaPreTrainedModel):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__(config)
         self.model = LlamaModel(config)
-        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.score = Linear(config.hidden_size, config.num_labels, bias=False)
         self.post_init()
 
     def forward(
@@ -235,7 +235,7 @@ class LlamaForTokenClassification(LlamaPreTrainedModel):
         super().__init__(config)
         self.model = LlamaModel(config)
         self.dropout = nn.Dropout(0.1)
-        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.score = Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
     def forward(
@@ -268,7 +268,7 @@ class LlamaForQuestionAnswering(LlamaPreTrainedModel):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__(config)
         self.transformer = LlamaModel(config)
-        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.qa_outputs = Linear(config.hidden_size, 2)
         self.post_init()
 
     def forward(

@@ -14,7 +14,7 @@ from torch import nn
 
 from specformer.runtime.attention import AttentionMask, attend
 from specformer.runtime.cache import Cache, DynamicCache
-from specformer.runtime.layers import RMSNorm, activation
+from specformer.runtime.layers import Linear, RMSNorm, activation
 from specformer.runtime.losses import (
     causal_lm_loss,
     keep_last,
@@ -42,10 +42,10 @@ class MistralAttention(nn.Module):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
-        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * config.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * config.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * config.head_dim, bias=False)
-        self.o_proj = nn.Linear(config.num_attention_heads * config.head_dim, config.hidden_size, bias=False)
+        self.q_proj = Linear(config.hidden_size, config.num_attention_heads * config.head_dim, bias=False)
+        self.k_proj = Linear(config.hidden_size, config.num_key_value_heads * config.head_dim, bias=False)
+        self.v_proj = Linear(config.hidden_size, config.num_key_value_heads * config.head_dim, bias=False)
+        self.o_proj = Linear(config.num_attention_heads * config.head_dim, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, rope: Rope, mask: AttentionMask, cache: Cache | None) -> torch.Tensor:
         q = self.q_proj(x).unflatten(-1, (-1, self.config.head_dim)).transpose(1, 2)  # (B, H, T, D)
@@ -70,9 +70,9 @@ class MistralAttention(nn.Module):
 class MistralMLP(nn.Module):
     def __init__(self, config: MistralConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.hidden_act_fn = activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,7 +150,7 @@ class MistralForCausalLM(MistralPreTrainedModel):
     def __init__(self, config: MistralConfig) -> None:
         super().__init__(config)
         self.model = MistralModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
     def forward(
@@ -196,7 +196,7 @@ class MistralForSequenceClassification(MistralPreTrainedModel):
     def __init__(self, config: MistralConfig) -> None:
         super().__init__(config)
         self.model = MistralModel(config)
-        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.score = Linear(config.hidden_size, config.num_labels, bias=False)
         self.post_init()
 
     def forward(
@@ -230,7 +230,7 @@ class MistralForTokenClassification(MistralPreTrainedModel):
         super().__init__(config)
         self.model = MistralModel(config)
         self.dropout = nn.Dropout(0.1)
-        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.score = Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
     def forward(
@@ -261,7 +261,7 @@ class MistralForQuestionAnswering(MistralPreTrainedModel):
     def __init__(self, config: MistralConfig) -> None:
         super().__init__(config)
         self.model = MistralModel(config)
-        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.qa_outputs = Linear(config.hidden_size, 2)
         self.post_init()
 
     def forward(

@@ -1,13 +1,15 @@
-"""Fused CPU kernels for inference: RMSNorm, SwiGLU, rotary embeddings, attention for one new query.
+"""Fused CPU kernels for inference: RMSNorm, SwiGLU, rotary, one-query attention, bf16 GEMV.
 
 Eager decoding on the CPU spends close to a third of each token outside the weight GEMVs, in ops that
 each touch a few kilobytes: a norm is six aten ops, rotary five per tensor, SwiGLU two, and every one
 of them pays the dispatcher and the cache misses the GEMVs leave behind. `decode.cpp` does each in one
 call, and splits a decode step's attention over the keys so both cores work even with three kv heads.
+In bfloat16 the weight GEMVs themselves are the problem: oneDNN streams bf16 weights at about half the
+memory bandwidth on the CPU, and `linear` widens them in registers at full speed.
 
 They run where they can stand in for the torch ops: plain CPU tensors in float32 or bfloat16,
 gradients off (inference), outside `torch.compile` (inductor fuses these ops itself). RMSNorm, SwiGLU
-and rotary match torch bit for bit; attention, a different algorithm, to float rounding. The library is
+and rotary match torch bit for bit; attention and the GEMV, different algorithms, to float rounding. The library is
 built with the system C++ compiler against the installed torch the first time it is needed (about 10 s),
 then cached per torch version and instruction set under `$SPECFORMER_CACHE` (default
 `~/.cache/specformer`). Without a compiler the torch ops run, after one warning;
@@ -39,7 +41,7 @@ SOURCE = Path(__file__).with_name("decode.cpp")
 # (sum, silu, ...) for AVX2 only, also on AVX512 machines; built for AVX2 too, our reductions add in
 # the same order and our exp is the same function, so results match torch's bit for bit.
 _AVX2 = ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"]
-_ISA_FLAGS = {"AVX512": _AVX2, "AVX2": _AVX2}
+_ISA_FLAGS = {"AVX512": [*_AVX2, "-DSPECFORMER_AVX512"], "AVX2": _AVX2}  # AVX-512: the GEMV's loop only
 _DTYPES = (torch.float32, torch.bfloat16)
 _PLAIN = (torch.Tensor, nn.Parameter)  # not DTensor or other subclasses: they need their own dispatch
 _lock = threading.Lock()
@@ -55,28 +57,44 @@ def applies(*tensors: torch.Tensor) -> bool:
     return ops() is not None
 
 
+def attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """`applies` for decode attention, which compiled graphs use too: inductor fuses the small ops
+    around it, but its own SDPA over a static cache's masked slots is several times slower. A graph
+    can only call the kernels once they are loaded, which the eager prefill before it has done."""
+    if not torch.compiler.is_compiling():
+        return applies(q, k, v)
+    if torch.is_grad_enabled() or not _loaded:
+        return False
+    return all(t.is_cpu and t.dtype in _DTYPES for t in (q, k, v))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias for a few rows of x, streaming weight once (float32 accumulation)."""
+    return torch.ops.specformer_cpu.linear(x, weight, bias)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x * rsqrt(mean(x^2) + eps) * weight over the last dim; bfloat16 rounds where Llama's norm does."""
-    return ops().rms_norm(x, weight, eps)
+    return torch.ops.specformer_cpu.rms_norm(x, weight, eps)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, the SwiGLU product, in one pass."""
-    return ops().silu_mul(gate, up)
+    return torch.ops.specformer_cpu.silu_mul(gate, up)
 
 
 def rotary(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q and k (B, H, T, D) rotated by cos and signed sin (B|1, 1, T, D), as `apply_rotary` does."""
-    return ops().rotary(q, k, cos, signed_sin)
+    return torch.ops.specformer_cpu.rotary(q, k, cos, signed_sin)
 
 
 def decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
     """softmax(q k^T * scale) v for q (B, H, 1, D) over k, v (B, Hkv, S, D); `allowed` (B|1, S) masks keys."""
-    return ops().decode_attention(q, k, v, allowed, scale)
+    return torch.ops.specformer_cpu.decode_attention(q, k, v, allowed, scale)
 
 
 @functools.cache
@@ -107,7 +125,14 @@ def load() -> None:
         if not _loaded:
             path = build()
             torch.ops.load_library(str(path))
+            torch.library.register_fake("specformer_cpu::decode_attention")(_decode_attention_shape)
             _loaded.append(path)
+
+
+def _decode_attention_shape(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    return q.new_empty(q.shape)  # what tracing needs to know: the output is q's shape, contiguous
 
 
 def build(cache: Path | None = None) -> Path:

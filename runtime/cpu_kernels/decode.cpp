@@ -49,6 +49,109 @@ template <typename T> inline const float* as_float(const T* src, float* buffer, 
   }
 }
 
+// ---- linear for a few rows (decoding): y = x W^T + b ------------------------------------------------
+// Decoding multiplies one row per sequence by every weight matrix: a matrix-vector product bound by
+// reading W once. Each thread streams a contiguous band of W's rows, four at a time, and applies them
+// to every input row while they are in L1. bfloat16 weights widen to float32 in registers (a 16-bit
+// shift) and accumulate in float32, rounding once at the end, as oneDNN's bf16 GEMM does. Streaming
+// runs measurably faster with 512-bit loads where the CPU has them, so that one loop is built for
+// AVX-512 (the rest of the file stays at torch's AVX2 so its results match torch's bit for bit).
+constexpr int64_t kRows = 4;
+
+// acc[r * M + m] = dot(W[n0 + r, :K], x[m, :K]) for full blocks of kRows rows; returns how many columns
+// (a multiple of the vector width) it covered, the caller adding the rest.
+#if defined(SPECFORMER_AVX512)
+#include <immintrin.h>
+#define SPECFORMER_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+SPECFORMER_TARGET inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+SPECFORMER_TARGET inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+template <typename T>
+SPECFORMER_TARGET int64_t dot_rows(const T* w, int64_t K, const float* xf, int64_t M, float* acc) {
+  const int64_t covered = K / 16 * 16;
+  for (int64_t m = 0; m < M; ++m) {
+    __m512 sums[kRows] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t k = 0; k < covered; k += 16) {
+      const __m512 xv = _mm512_loadu_ps(xf + m * K + k);
+      for (int64_t r = 0; r < kRows; ++r) {
+        if (m == 0) _mm_prefetch(reinterpret_cast<const char*>(w + (kRows + r) * K + k), _MM_HINT_T1);
+        sums[r] = _mm512_fmadd_ps(load16(w + r * K + k), xv, sums[r]);
+      }
+    }
+    for (int64_t r = 0; r < kRows; ++r) acc[r * M + m] = _mm512_reduce_add_ps(sums[r]);
+  }
+  return covered;
+}
+#else
+template <typename T> int64_t dot_rows(const T* w, int64_t K, const float* xf, int64_t M, float* acc) {
+  const int64_t covered = K / Vec::size() * Vec::size();
+  float widened[Vec::size()];
+  for (int64_t m = 0; m < M; ++m) {
+    Vec sums[kRows] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
+    for (int64_t k = 0; k < covered; k += Vec::size()) {
+      const Vec xv = Vec::loadu(xf + m * K + k);
+      for (int64_t r = 0; r < kRows; ++r) {
+        const float* row = as_float(w + r * K + k, widened, Vec::size());
+        sums[r] = at::vec::fmadd(Vec::loadu(row), xv, sums[r]);
+      }
+    }
+    for (int64_t r = 0; r < kRows; ++r) acc[r * M + m] = hsum(sums[r]);
+  }
+  return covered;
+}
+#endif
+
+template <typename T>
+at::Tensor linear_impl(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  const at::Tensor x = input.contiguous();
+  require<T>(x, "x");
+  require<T>(weight, "weight");
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && x.size(-1) == weight.size(1),
+              "weight ", weight.sizes(), " does not fit x ", x.sizes());
+  const int64_t K = weight.size(1), N = weight.size(0), M = K == 0 ? 0 : x.numel() / K;
+  const T* b = nullptr;
+  if (bias.has_value()) {
+    require<T>(*bias, "bias");
+    TORCH_CHECK(bias->numel() == N, "bias has ", bias->numel(), " elements; expected ", N);
+    b = bias->const_data_ptr<T>();
+  }
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = N;
+  at::Tensor out = at::empty(sizes, x.options());
+  std::vector<float> xf(M * K);
+  const T* xp = x.const_data_ptr<T>();
+  for (int64_t i = 0; i < M * K; ++i) xf[i] = float(xp[i]);
+  const T* wp = weight.const_data_ptr<T>();
+  T* yp = out.data_ptr<T>();
+  const int64_t blocks = (N + kRows - 1) / kRows;
+  at::parallel_for(0, blocks, std::max<int64_t>(1, 4096 / std::max<int64_t>(K, 1)), [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(kRows * M);
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t n0 = block * kRows, rows = std::min<int64_t>(kRows, N - n0);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      const int64_t covered = rows == kRows ? dot_rows(wp + n0 * K, K, xf.data(), M, acc.data()) : 0;
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* w = wp + (n0 + r) * K;
+        for (int64_t m = 0; m < M; ++m) {
+          float sum = acc[r * M + m];
+          for (int64_t k = covered; k < K; ++k) sum += float(w[k]) * xf[m * K + k];
+          if (b) sum += float(b[n0 + r]);
+          yp[m * N + n0 + r] = round_to<T>(sum);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  if (x.scalar_type() == at::kBFloat16) return linear_impl<c10::BFloat16>(x, weight, bias);
+  return linear_impl<float>(x, weight, bias);
+}
+
 // ---- RMSNorm: x * rsqrt(mean(x^2) + eps) * w --------------------------------------------------------
 // sum(x^2) in the order torch's sum kernel uses for a contiguous row (SumKernel.cpp: vectors summed as
 // four interleaved rows through a four-level cascade, then the scalar tail, then the vector's lanes), so
@@ -362,6 +465,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 }  // namespace
 
 TORCH_LIBRARY(specformer_cpu, m) {
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
   m.def("rotary(Tensor q, Tensor k, Tensor cos, Tensor signed_sin) -> (Tensor, Tensor)");
@@ -369,6 +473,7 @@ TORCH_LIBRARY(specformer_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(specformer_cpu, CPU, m) {
+  m.impl("linear", linear);
   m.impl("rms_norm", rms_norm);
   m.impl("silu_mul", silu_mul);
   m.impl("rotary", rotary);

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..files import atomic_path, atomic_write_text
+from ..layers import is_plain_linear
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -142,7 +143,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base Linear and remove the wrappers: a plain model again."""
     for name, layer in lora_layers(model).items():
         base = layer.base_layer
-        if type(base) is not nn.Linear:
+        if not is_plain_linear(base):
             raise TypeError(
                 f"{name}: merging needs a float nn.Linear base, not {type(base).__name__}; dequantise first"
             )
