@@ -131,7 +131,7 @@ def sdpa_attention(
 ) -> torch.Tensor:
     """torch's fused scaled_dot_product_attention; q (B, H, T, D), k/v (B, Hkv, S, D) -> (B, H, T, D)."""
     needs_mask = mask.needs_mask(causal, window)
-    if mask.q_len == 1 and dropout == 0 and cpu_kernels.attention_applies(q, k, v):  # CPU decoding
+    if mask.q_len == 1 and dropout == 0 and cpu_kernels.applies_compiled_too(q, k, v):  # CPU decoding
         allowed = mask.allowed(causal, window, q.device) if needs_mask else None
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         return cpu_kernels.decode_attention(q, k, v, None if allowed is None else allowed.flatten(1), scale)

@@ -17,16 +17,16 @@ DECODE_ROWS = 16
 
 class Linear(nn.Linear):
     """nn.Linear, same parameters and state_dict, whose decoding-sized products in bfloat16 on the CPU run
-    in the fused GEMV kernel: oneDNN's bfloat16 GEMV streams weights at about half the memory bandwidth
-    there (measured: `bench/generate.py --dtype bfloat16`). float32 keeps torch's (MKL's) GEMV, which is
-    as fast and gives transformers' numbers bit for bit."""
+    in the fused GEMV kernel, eager or compiled: oneDNN's bfloat16 GEMV streams weights at about half the
+    memory bandwidth there (measured: `bench/generate.py --dtype bfloat16`). float32 keeps torch's (MKL's)
+    GEMV, which is as fast and gives transformers' numbers bit for bit."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
             x.dtype == torch.bfloat16
             and x.numel() <= DECODE_ROWS * self.in_features
             and self.weight.is_contiguous()
-            and cpu_kernels.applies(x, self.weight)
+            and cpu_kernels.applies_compiled_too(x, self.weight)
         ):
             return cpu_kernels.linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)

@@ -214,6 +214,37 @@ def test_decoding_uses_them_and_matches_the_torch_path(monkeypatch: pytest.Monke
     torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
 
 
+def test_compiled_graphs_call_the_gemv_and_attention_kernels() -> None:
+    """Inductor fuses norms and rotary itself, but its bf16 GEMV and masked decode attention are slower:
+    compiled decode steps keep calling those two kernels."""
+    targets: list[str] = []
+
+    def recording_backend(graph: torch.fx.GraphModule, example_inputs: list) -> object:
+        targets.extend(str(node.target) for node in graph.graph.nodes if node.op == "call_function")
+        return graph.forward
+
+    layer = Linear(64, 32).to(torch.bfloat16)
+    mask = AttentionMask(None, 1, 7)
+
+    def step(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return layer(x), attend(q, k, v, mask, causal=True)
+
+    x, q, k, v = (
+        torch.randn(1, 1, 64),
+        torch.randn(1, 4, 1, 16),
+        torch.randn(1, 2, 8, 16),
+        torch.randn(1, 2, 8, 16),
+    )
+    compiled = torch.compile(step, backend=recording_backend, fullgraph=True)
+    with torch.inference_mode():
+        got = compiled(x.bfloat16(), q, k, v)
+        want = step(x.bfloat16(), q, k, v)
+    assert "specformer_cpu.linear" in targets
+    assert "specformer_cpu.decode_attention" in targets
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_without_a_compiler_torch_ops_run_after_one_warning(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -57,15 +57,15 @@ def applies(*tensors: torch.Tensor) -> bool:
     return ops() is not None
 
 
-def attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """`applies` for decode attention, which compiled graphs use too: inductor fuses the small ops
-    around it, but its own SDPA over a static cache's masked slots is several times slower. A graph
-    can only call the kernels once they are loaded, which the eager prefill before it has done."""
+def applies_compiled_too(*tensors: torch.Tensor) -> bool:
+    """`applies`, and inside compiled graphs too: for the kernels inductor does not beat (decode
+    attention over a static cache's masked slots, the bfloat16 GEMV), where it fuses everything around
+    them. A graph can only call kernels already loaded, which the eager prefill before it has done."""
     if not torch.compiler.is_compiling():
-        return applies(q, k, v)
+        return applies(*tensors)
     if torch.is_grad_enabled() or not _loaded:
         return False
-    return all(t.is_cpu and t.dtype in _DTYPES for t in (q, k, v))
+    return all(t.is_cpu and t.dtype in _DTYPES for t in tensors)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -125,14 +125,20 @@ def load() -> None:
         if not _loaded:
             path = build()
             torch.ops.load_library(str(path))
+            # What tracing needs to know of the kernels compiled graphs call: their outputs' shapes.
             torch.library.register_fake("specformer_cpu::decode_attention")(_decode_attention_shape)
+            torch.library.register_fake("specformer_cpu::linear")(_linear_shape)
             _loaded.append(path)
 
 
 def _decode_attention_shape(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
-    return q.new_empty(q.shape)  # what tracing needs to know: the output is q's shape, contiguous
+    return q.new_empty(q.shape)
+
+
+def _linear_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def build(cache: Path | None = None) -> Path:
