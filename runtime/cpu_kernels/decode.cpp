@@ -331,6 +331,10 @@ void attend_chunk(const float* qf, int64_t G, int64_t D, const T* keys, const T*
                   float* max, float* sum, float* acc) {
   const int64_t n = s1 - s0;
   for (int64_t s = 0; s < n; ++s) {
+    if (allowed && !allowed[s0 + s]) {  // e.g. a static cache's empty slots: not even read
+      for (int64_t g = 0; g < G; ++g) scores[g * n + s] = -INFINITY;
+      continue;
+    }
     const float* kr = as_float(keys + (s0 + s) * key_stride, row, D);
     for (int64_t g = 0; g < G; ++g) {
       const float* qg = qf + g * D;
@@ -339,7 +343,7 @@ void attend_chunk(const float* qf, int64_t G, int64_t D, const T* keys, const T*
       for (; i + Vec::size() <= D; i += Vec::size()) dot = dot + Vec::loadu(qg + i) * Vec::loadu(kr + i);
       float d = hsum(dot);
       for (; i < D; ++i) d += qg[i] * kr[i];
-      scores[g * n + s] = (allowed && !allowed[s0 + s]) ? -INFINITY : d;
+      scores[g * n + s] = d;
     }
   }
   for (int64_t g = 0; g < G; ++g) {
