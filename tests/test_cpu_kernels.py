@@ -78,7 +78,7 @@ def test_rotary_is_bit_exact(
 
 @given(
     batch=st.integers(1, 3), kv_heads=st.integers(1, 3), groups=st.sampled_from([1, 3]),
-    keys=st.integers(1, 300), head_dim=st.sampled_from([16, 24, 64]), masked=st.sampled_from(["none", "row", "batch"]),
+    keys=st.integers(1, 300), head_dim=st.sampled_from([16, 24, 64, 128]), masked=st.sampled_from(["none", "row", "batch"]),
     dtype=DTYPES, seed=st.integers(0, 99),
 )  # fmt: skip
 def test_decode_attention_matches_eager(
@@ -128,7 +128,9 @@ def test_linear_matches_torch(
         ours = cpu_kernels.linear(x, weight, b)
     reference = torch.nn.functional.linear(x.float(), weight.float(), None if b is None else b.float())
     assert ours.shape == (rows, 1, out_features) and ours.dtype == dtype
-    torch.testing.assert_close(ours.float(), reference, **tolerance(dtype))
+    # sums of up to 576 products of unit normals, added in another order than MKL's: float32 rounding
+    close = {"atol": 1e-4, "rtol": 1e-5} if dtype == torch.float32 else tolerance(dtype)
+    torch.testing.assert_close(ours.float(), reference, **close)
 
 
 def test_linear_layers_use_the_gemv_only_to_decode_in_bfloat16(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cmath>
 #include <optional>
 #include <tuple>
@@ -44,7 +45,10 @@ template <typename T> inline const float* as_float(const T* src, float* buffer, 
   if constexpr (std::is_same_v<T, float>) {
     return src;
   } else {
-    for (int64_t i = 0; i < n; ++i) buffer[i] = float(src[i]);
+    // bfloat16 is float32's upper half: widening is a 16-bit shift, written on the bits so it vectorises.
+    const auto* bits = reinterpret_cast<const uint16_t*>(src);
+    auto* widened = reinterpret_cast<uint32_t*>(buffer);
+    for (int64_t i = 0; i < n; ++i) widened[i] = uint32_t(bits[i]) << 16;
     return buffer;
   }
 }
@@ -325,13 +329,63 @@ struct Partial {
   std::vector<float> max, sum, acc;  // (units, G), (units, G), (units, G, D)
 };
 
+#if defined(SPECFORMER_AVX512)
+// The two loops over the keys with whole rows in registers, for the usual head sizes (64, 128): a kv
+// row is read once per query head from L1 and widened in registers if bfloat16.
+template <typename T, int64_t NV>
+SPECFORMER_TARGET void scores_avx512(const float* qf, int64_t G, const T* keys, int64_t key_stride,
+                                     const T* values, int64_t value_stride, const bool* allowed, int64_t s0,
+                                     int64_t n, float* scores) {
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 q[NV];
+    for (int64_t j = 0; j < NV; ++j) q[j] = _mm512_loadu_ps(qf + (g * NV + j) * 16);
+    for (int64_t s = 0; s < n; ++s) {
+      if (allowed && !allowed[s0 + s]) {
+        scores[g * n + s] = -INFINITY;
+        continue;
+      }
+      const T* kr = keys + (s0 + s) * key_stride;
+      if (g == 0) {  // the first pass reads from memory: ask for the rows ahead, and this row's values
+        for (int64_t line = 0; line < NV * 16 * int64_t(sizeof(T)); line += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(kr + 8 * key_stride) + line, _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(values + (s0 + s) * value_stride) + line, _MM_HINT_T1);
+        }
+      }
+      __m512 dot = _mm512_mul_ps(q[0], load16(kr));
+      for (int64_t j = 1; j < NV; ++j) dot = _mm512_fmadd_ps(q[j], load16(kr + j * 16), dot);
+      scores[g * n + s] = _mm512_reduce_add_ps(dot);
+    }
+  }
+}
+
+template <typename T, int64_t NV>
+SPECFORMER_TARGET void values_avx512(const float* weights, int64_t G, const T* values, int64_t value_stride,
+                                     int64_t s0, int64_t n, float* acc) {
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 out[NV];
+    for (int64_t j = 0; j < NV; ++j) out[j] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < n; ++s) {
+      const float p = weights[g * n + s];
+      if (p == 0.f) continue;
+      const __m512 pv = _mm512_set1_ps(p);
+      const T* vr = values + (s0 + s) * value_stride;
+      for (int64_t j = 0; j < NV; ++j) out[j] = _mm512_fmadd_ps(pv, load16(vr + j * 16), out[j]);
+    }
+    for (int64_t j = 0; j < NV; ++j) _mm512_storeu_ps(acc + (g * NV + j) * 16, out[j]);
+  }
+}
+#endif
+
+// scores[g * n + s] = q_g . k_(s0 + s), -inf where masked (masked rows are not read).
 template <typename T>
-void attend_chunk(const float* qf, int64_t G, int64_t D, const T* keys, const T* values, int64_t key_stride,
-                  int64_t value_stride, const bool* allowed, int64_t s0, int64_t s1, float* scores, float* row,
-                  float* max, float* sum, float* acc) {
-  const int64_t n = s1 - s0;
+void chunk_scores(const float* qf, int64_t G, int64_t D, const T* keys, int64_t key_stride, const T* values,
+                  int64_t value_stride, const bool* allowed, int64_t s0, int64_t n, float* scores, float* row) {
+#if defined(SPECFORMER_AVX512)
+  if (D == 64) return scores_avx512<T, 4>(qf, G, keys, key_stride, values, value_stride, allowed, s0, n, scores);
+  if (D == 128) return scores_avx512<T, 8>(qf, G, keys, key_stride, values, value_stride, allowed, s0, n, scores);
+#endif
   for (int64_t s = 0; s < n; ++s) {
-    if (allowed && !allowed[s0 + s]) {  // e.g. a static cache's empty slots: not even read
+    if (allowed && !allowed[s0 + s]) {  // e.g. a static cache's empty slots
       for (int64_t g = 0; g < G; ++g) scores[g * n + s] = -INFINITY;
       continue;
     }
@@ -346,7 +400,38 @@ void attend_chunk(const float* qf, int64_t G, int64_t D, const T* keys, const T*
       scores[g * n + s] = d;
     }
   }
-  for (int64_t g = 0; g < G; ++g) {
+}
+
+// acc[g, :] = sum_s weights[g * n + s] * v_(s0 + s)
+template <typename T>
+void chunk_values(const float* weights, int64_t G, int64_t D, const T* values, int64_t value_stride, int64_t s0,
+                  int64_t n, float* acc, float* row) {
+#if defined(SPECFORMER_AVX512)
+  if (D == 64) return values_avx512<T, 4>(weights, G, values, value_stride, s0, n, acc);
+  if (D == 128) return values_avx512<T, 8>(weights, G, values, value_stride, s0, n, acc);
+#endif
+  std::fill_n(acc, G * D, 0.f);
+  for (int64_t s = 0; s < n; ++s) {
+    const float* vr = as_float(values + (s0 + s) * value_stride, row, D);
+    for (int64_t g = 0; g < G; ++g) {
+      const float p = weights[g * n + s];
+      if (p == 0.f) continue;
+      float* a = acc + g * D;
+      const Vec vp(p);
+      int64_t i = 0;
+      for (; i + Vec::size() <= D; i += Vec::size()) (Vec::loadu(a + i) + vp * Vec::loadu(vr + i)).store(a + i);
+      for (; i < D; ++i) a[i] += p * vr[i];
+    }
+  }
+}
+
+template <typename T>
+void attend_chunk(const float* qf, int64_t G, int64_t D, const T* keys, const T* values, int64_t key_stride,
+                  int64_t value_stride, const bool* allowed, int64_t s0, int64_t s1, float* scores, float* row,
+                  float* max, float* sum, float* acc) {
+  const int64_t n = s1 - s0;
+  chunk_scores(qf, G, D, keys, key_stride, values, value_stride, allowed, s0, n, scores, row);
+  for (int64_t g = 0; g < G; ++g) {  // softmax numerators in place, with their max and sum
     float* sc = scores + g * n;
     const float hi = *std::max_element(sc, sc + n);
     float total = 0.f;
@@ -369,20 +454,8 @@ void attend_chunk(const float* qf, int64_t G, int64_t D, const T* keys, const T*
     }
     max[g] = hi;
     sum[g] = total;
-    std::fill_n(acc + g * D, D, 0.f);
   }
-  for (int64_t s = 0; s < n; ++s) {
-    const float* vr = as_float(values + (s0 + s) * value_stride, row, D);
-    for (int64_t g = 0; g < G; ++g) {
-      const float p = scores[g * n + s];
-      if (p == 0.f) continue;
-      float* a = acc + g * D;
-      const Vec vp(p);
-      int64_t i = 0;
-      for (; i + Vec::size() <= D; i += Vec::size()) (Vec::loadu(a + i) + vp * Vec::loadu(vr + i)).store(a + i);
-      for (; i < D; ++i) a[i] += p * vr[i];
-    }
-  }
+  chunk_values(scores, G, D, values, value_stride, s0, n, acc, row);
 }
 
 template <typename T>
