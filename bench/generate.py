@@ -47,6 +47,14 @@ def median_ratio(ours: list[float], theirs: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(ours, theirs, strict=True))
 
 
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """GB/s of the fastest of `repeats` full reads of a `gib` GiB tensor (bigger than any cache): the
+    bound a decode step that reads every weight once can approach, measured on this machine now."""
+    data = torch.ones(int(gib * 2**30) // 4)
+    best = min(_seconds(data.sum) for _ in range(repeats))
+    return data.numel() * 4 / best / 1e9
+
+
 def measure(name: str, ours: torch.nn.Module, theirs: torch.nn.Module, args: argparse.Namespace) -> None:
     from specformer.runtime.generation import generate
 
@@ -80,10 +88,11 @@ def measure(name: str, ours: torch.nn.Module, theirs: torch.nn.Module, args: arg
             rates = {name: statistics.median(values) for name, values in samples.items()}
             ratio = median_ratio(samples["specformer"], samples["transformers"])
             gbps = weight_bytes * rates["specformer"] / batch / 1e9
+            bound = read_bandwidth()
             print(
                 f"{name:<24} {mode:<15} batch {batch}: specformer {rates['specformer']:7.1f} tok/s   "
                 f"transformers {rates['transformers']:7.1f} tok/s   ratio {ratio:.2f} (median of rounds)   "
-                f"(weights read at {gbps:.1f} GB/s)"
+                f"(weights read at {gbps:.1f} GB/s, {gbps / bound:.0%} of a {bound:.1f} GB/s plain read)"
             )
 
 
