@@ -7,12 +7,13 @@ call, and splits a decode step's attention over the keys so both cores work even
 In bfloat16 the weight GEMVs themselves are the problem: oneDNN streams bf16 weights at about half the
 memory bandwidth on the CPU, and `linear` widens them in registers at full speed.
 
-They run where they can stand in for the torch ops: plain CPU tensors in float32 or bfloat16,
-gradients off (inference), outside `torch.compile` (inductor fuses these ops itself). RMSNorm, SwiGLU
-and rotary match torch bit for bit; attention and the GEMV, different algorithms, to float rounding. The library is
-built with the system C++ compiler against the installed torch the first time it is needed (about 10 s),
-then cached per torch version and instruction set under `$SPECFORMER_CACHE` (default
-`~/.cache/specformer`). Without a compiler the torch ops run, after one warning;
+They run where they can stand in for the torch ops: plain CPU tensors in float32 or bfloat16 with
+gradients off (inference). Under `torch.compile` inductor fuses the small ops itself, and graphs call
+only the two kernels it does not beat: decode attention and the bfloat16 GEMV. RMSNorm, SwiGLU and
+rotary match torch bit for bit; attention and the GEMV, different algorithms, to float rounding.
+The library is built with the system C++ compiler against the installed torch the first time it is
+needed (about 10 s), then cached per source, torch version and instruction set under `$SPECFORMER_CACHE`
+(default `~/.cache/specformer`). Without a compiler the torch ops run, after one warning;
 `SPECFORMER_CPU_KERNELS=0` turns the kernels off.
 """
 
@@ -41,7 +42,7 @@ SOURCE = Path(__file__).with_name("decode.cpp")
 # (sum, silu, ...) for AVX2 only, also on AVX512 machines; built for AVX2 too, our reductions add in
 # the same order and our exp is the same function, so results match torch's bit for bit.
 _AVX2 = ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"]
-_ISA_FLAGS = {"AVX512": [*_AVX2, "-DSPECFORMER_AVX512"], "AVX2": _AVX2}  # AVX-512: the GEMV's loop only
+_ISA_FLAGS = {"AVX512": [*_AVX2, "-DSPECFORMER_AVX512"], "AVX2": _AVX2}  # AVX-512: GEMV, attention loops
 _DTYPES = (torch.float32, torch.bfloat16)
 _PLAIN = (torch.Tensor, nn.Parameter)  # not DTensor or other subclasses: they need their own dispatch
 _lock = threading.Lock()
@@ -65,7 +66,7 @@ def applies_compiled_too(*tensors: torch.Tensor) -> bool:
         return applies(*tensors)
     if torch.is_grad_enabled() or not _loaded:
         return False
-    return all(t.is_cpu and t.dtype in _DTYPES for t in tensors)
+    return all(t.is_cpu and t.dtype in _DTYPES and type(t) in _PLAIN for t in tensors)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
