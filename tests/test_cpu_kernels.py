@@ -285,3 +285,21 @@ def test_attend_dispatches_only_single_queries() -> None:
         out = attend(q, k, v, mask, causal=True)
     reference = eager_attention(q, k, v, mask, causal=True, window=None, dropout=0.0, scale=None)
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_avx2_build_passes_these_tests_too(tmp_path: Path) -> None:
+    """CPUs without AVX-512 get the portable loops (and torch's AVX2 silu): this file again, built so."""
+    import os
+    import subprocess
+    import sys
+
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX2"):
+        pytest.skip("an x86 CPU with AVX2 is needed")
+    env = os.environ | {"ATEN_CPU_CAPABILITY": "avx2", "SPECFORMER_CACHE": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not avx2_build"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert list(tmp_path.glob("kernels/*.so"))  # built for AVX2 there, not taken from the usual cache

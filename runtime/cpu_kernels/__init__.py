@@ -42,7 +42,9 @@ SOURCE = Path(__file__).with_name("decode.cpp")
 # (sum, silu, ...) for AVX2 only, also on AVX512 machines; built for AVX2 too, our reductions add in
 # the same order and our exp is the same function, so results match torch's bit for bit.
 _AVX2 = ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"]
-_ISA_FLAGS = {"AVX512": [*_AVX2, "-DSPECFORMER_AVX512"], "AVX2": _AVX2}  # AVX-512: GEMV, attention loops
+# AVX-512 goes only to the GEMV and attention loops, and tells the SwiGLU kernel that torch's silu runs
+# its AVX-512 build (two 16-lane vectors a step).
+_ISA_FLAGS = {"AVX512": [*_AVX2, "-DSPECFORMER_AVX512", "-DSPECFORMER_SILU_STEP=32"], "AVX2": _AVX2}
 _DTYPES = (torch.float32, torch.bfloat16)
 _PLAIN = (torch.Tensor, nn.Parameter)  # not DTensor or other subclasses: they need their own dispatch
 _lock = threading.Lock()

@@ -25,6 +25,13 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(SPECFORMER_AVX512)
+#include <immintrin.h>
+#endif
+#ifndef SPECFORMER_SILU_STEP
+#define SPECFORMER_SILU_STEP 16
+#endif
+
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
@@ -65,7 +72,6 @@ constexpr int64_t kRows = 4;
 // acc[r * M + m] = dot(W[n0 + r, :K], x[m, :K]) for full blocks of kRows rows; returns how many columns
 // (a multiple of the vector width) it covered, the caller adding the rest.
 #if defined(SPECFORMER_AVX512)
-#include <immintrin.h>
 #define SPECFORMER_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 SPECFORMER_TARGET inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 SPECFORMER_TARGET inline __m512 load16(const c10::BFloat16* p) {
@@ -248,8 +254,9 @@ template <typename T> at::Tensor silu_mul_impl(const at::Tensor& gate_in, const 
   T* op = out.data_ptr<T>();
   const Vec one(1.f);
   at::parallel_for(0, gate.numel(), 32768, [&](int64_t begin, int64_t end) {
-    // torch's silu loop takes 32 elements a step and leaves the rest of its range to scalar std::exp.
-    const int64_t vectorised = begin + (end - begin) / 32 * 32;
+    // torch's silu loop takes two of its vectors a step (its AVX-512 build is used where the CPU has it)
+    // and leaves the rest of its range to scalar std::exp; so does this one.
+    const int64_t vectorised = begin + (end - begin) / SPECFORMER_SILU_STEP * SPECFORMER_SILU_STEP;
     float g[Vec::size()], u[Vec::size()], y[Vec::size()];
     for (int64_t i = begin; i < end; i += Vec::size()) {
       const int64_t n = std::min<int64_t>(Vec::size(), end - i);
