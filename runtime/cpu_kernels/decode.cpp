@@ -339,28 +339,64 @@ struct Partial {
 #if defined(SPECFORMER_AVX512)
 // The two loops over the keys with whole rows in registers, for the usual head sizes (64, 128): a kv
 // row is read once per query head from L1 and widened in registers if bfloat16.
+//
+// Sixteen per-lane dot products summed into one vector whose lane i is dots[i]'s total: a transpose
+// done as a tree of adds (15 shuffles and adds where 16 horizontal sums would take ~100 instructions).
+SPECFORMER_TARGET inline __m512 transpose_sum16(const __m512* d) {
+  __m512 pairs[8], quads[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] for a = d[2i], b = d[2i+1]
+    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(d[2 * i], d[2 * i + 1]), _mm512_unpackhi_ps(d[2 * i], d[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: the four rows 4i..4i+3, each summed over that lane
+    const __m512d x = _mm512_castps_pd(pairs[2 * i]), y = _mm512_castps_pd(pairs[2 * i + 1]);
+    quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  // sum over the four 128-bit lanes: lane j of the result holds rows 4j..4j+3
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+template <typename T, int64_t NV>
+SPECFORMER_TARGET inline __m512 row_dot(const __m512* q, const T* kr) {
+  __m512 dot = _mm512_mul_ps(q[0], load16(kr));
+  for (int64_t j = 1; j < NV; ++j) dot = _mm512_fmadd_ps(q[j], load16(kr + j * 16), dot);
+  return dot;
+}
+
 template <typename T, int64_t NV>
 SPECFORMER_TARGET void scores_avx512(const float* qf, int64_t G, const T* keys, int64_t key_stride,
                                      const T* values, int64_t value_stride, const bool* allowed, int64_t s0,
                                      int64_t n, float* scores) {
+  constexpr int64_t kBlock = 16;
   for (int64_t g = 0; g < G; ++g) {
     __m512 q[NV];
     for (int64_t j = 0; j < NV; ++j) q[j] = _mm512_loadu_ps(qf + (g * NV + j) * 16);
-    for (int64_t s = 0; s < n; ++s) {
-      if (allowed && !allowed[s0 + s]) {
-        scores[g * n + s] = -INFINITY;
-        continue;
-      }
+    int64_t s = 0;
+    while (s < n) {
+      // Sixteen keys at a time; a partial block, or one with masked keys (a static cache's empty
+      // slots: never read), goes row by row.
+      const bool block = s + kBlock <= n && (!allowed || std::all_of(allowed + s0 + s, allowed + s0 + s + kBlock,
+                                                                      [](bool a) { return a; }));
+      const int64_t rows = block ? kBlock : 1;
       const T* kr = keys + (s0 + s) * key_stride;
-      if (g == 0) {  // the first pass reads from memory: ask for the rows ahead, and this row's values
-        for (int64_t line = 0; line < NV * 16 * int64_t(sizeof(T)); line += 64) {
-          _mm_prefetch(reinterpret_cast<const char*>(kr + 8 * key_stride) + line, _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(values + (s0 + s) * value_stride) + line, _MM_HINT_T1);
-        }
+      if (g == 0) {  // the first pass reads from memory: ask for the keys a block ahead, and these values
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t line = 0; line < NV * 16 * int64_t(sizeof(T)); line += 64) {
+            _mm_prefetch(reinterpret_cast<const char*>(kr + (kBlock + r) * key_stride) + line, _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(values + (s0 + s + r) * value_stride) + line, _MM_HINT_T1);
+          }
       }
-      __m512 dot = _mm512_mul_ps(q[0], load16(kr));
-      for (int64_t j = 1; j < NV; ++j) dot = _mm512_fmadd_ps(q[j], load16(kr + j * 16), dot);
-      scores[g * n + s] = _mm512_reduce_add_ps(dot);
+      if (block) {
+        __m512 dots[kBlock];
+        for (int64_t r = 0; r < kBlock; ++r) dots[r] = row_dot<T, NV>(q, kr + r * key_stride);
+        _mm512_storeu_ps(scores + g * n + s, transpose_sum16(dots));
+      } else {
+        scores[g * n + s] = allowed && !allowed[s0 + s] ? -INFINITY : _mm512_reduce_add_ps(row_dot<T, NV>(q, kr));
+      }
+      s += rows;
     }
   }
 }
@@ -440,15 +476,21 @@ void attend_chunk(const float* qf, int64_t G, int64_t D, const T* keys, const T*
   chunk_scores(qf, G, D, keys, key_stride, values, value_stride, allowed, s0, n, scores, row);
   for (int64_t g = 0; g < G; ++g) {  // softmax numerators in place, with their max and sum
     float* sc = scores + g * n;
-    const float hi = *std::max_element(sc, sc + n);
+    float hi = -INFINITY;  // vectorised: a scalar max is a chain of dependent instructions, 4 cycles each
+    int64_t s = 0;
+    if (n >= Vec::size()) {
+      Vec vhi = Vec::loadu(sc);
+      for (s = Vec::size(); s + Vec::size() <= n; s += Vec::size()) vhi = at::vec::maximum(vhi, Vec::loadu(sc + s));
+      hi = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vhi);
+    }
+    for (; s < n; ++s) hi = std::max(hi, sc[s]);
     float total = 0.f;
     if (hi == -INFINITY) {  // the whole chunk is masked
       std::fill_n(sc, n, 0.f);
     } else {
       const Vec vhi(hi);
       Vec vtotal(0.f);
-      int64_t s = 0;
-      for (; s + Vec::size() <= n; s += Vec::size()) {
+      for (s = 0; s + Vec::size() <= n; s += Vec::size()) {
         const Vec p = (Vec::loadu(sc + s) - vhi).exp_u20();
         p.store(sc + s);
         vtotal = vtotal + p;
