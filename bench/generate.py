@@ -23,11 +23,14 @@ def _seconds(run: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+PLAIN_READ = "plain read GB/s"
+
+
 def decode_rates(
-    runs: dict[str, Callable[[int], object]], batch: int, new_tokens: int, repeats: int
+    runs: dict[str, Callable[[int], object]], batch: int, new_tokens: int, repeats: int, read: bool = False
 ) -> dict[str, list[float]]:
     """Decode tokens/s per side and round: a full run minus a prefill-only run, so prompt processing is
-    not counted.
+    not counted. With `read`, each round also measures a plain read of memory (`PLAIN_READ`).
 
     Rounds alternate between the sides: this machine's memory bandwidth is shared and comes and goes
     for seconds at a time, so sides are compared within a round (`median_ratio`), where a slow spell
@@ -40,6 +43,8 @@ def decode_rates(
             prefill = _seconds(lambda run=run: run(1))
             total = _seconds(lambda run=run: run(new_tokens))
             samples[name].append(batch * (new_tokens - 1) / max(total - prefill, 1e-9))
+        if read:
+            samples.setdefault(PLAIN_READ, []).append(read_bandwidth())
     return samples
 
 
@@ -47,7 +52,7 @@ def median_ratio(ours: list[float], theirs: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(ours, theirs, strict=True))
 
 
-def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+def read_bandwidth(gib: float = 1.0, repeats: int = 3) -> float:
     """GB/s of the fastest of `repeats` full reads of a `gib` GiB tensor (bigger than any cache): the
     bound a decode step that reads every weight once can approach, measured on this machine now."""
     data = torch.ones(int(gib * 2**30) // 4)
@@ -84,15 +89,16 @@ def measure(name: str, ours: torch.nn.Module, theirs: torch.nn.Module, args: arg
                 )
 
             runs = {"specformer": run_ours, "transformers": run_theirs}
-            samples = decode_rates(runs, batch, args.decode, args.repeats)
+            samples = decode_rates(runs, batch, args.decode, args.repeats, read=True)
             rates = {name: statistics.median(values) for name, values in samples.items()}
             ratio = median_ratio(samples["specformer"], samples["transformers"])
-            gbps = weight_bytes * rates["specformer"] / batch / 1e9
-            bound = read_bandwidth()
+            weight_rates = [weight_bytes * rate / batch / 1e9 for rate in samples["specformer"]]
+            share = median_ratio(weight_rates, samples[PLAIN_READ])  # both measured in the same round
             print(
                 f"{name:<24} {mode:<15} batch {batch}: specformer {rates['specformer']:7.1f} tok/s   "
                 f"transformers {rates['transformers']:7.1f} tok/s   ratio {ratio:.2f} (median of rounds)   "
-                f"(weights read at {gbps:.1f} GB/s, {gbps / bound:.0%} of a {bound:.1f} GB/s plain read)"
+                f"(weights read at {statistics.median(weight_rates):.1f} GB/s, {share:.0%} of a plain read "
+                f"in the same round, median {rates[PLAIN_READ]:.1f} GB/s)"
             )
 
 
