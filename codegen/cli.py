@@ -277,6 +277,10 @@ def _load_for_text(args: argparse.Namespace):
     path = args.model or default_model_path()
     start = time.perf_counter()
     model, tokenizer = load_causal_lm(path)
+    if next(model.parameters()).device.type == "cpu":
+        from specformer.runtime import cpu_kernels
+
+        cpu_kernels.ops()  # built on first use (once per torch version): loading time, not generation time
     print(
         f"loaded {path} ({model.num_parameters() / 1e6:.0f}M parameters) in {time.perf_counter() - start:.1f}s"
     )
