@@ -78,7 +78,7 @@ def test_rotary_is_bit_exact(
 
 @given(
     batch=st.integers(1, 3), kv_heads=st.integers(1, 3), groups=st.sampled_from([1, 3]),
-    keys=st.integers(1, 300), head_dim=st.sampled_from([16, 24, 64, 128]), masked=st.sampled_from(["none", "row", "batch"]),
+    keys=st.integers(1, 300), head_dim=st.sampled_from([16, 24, 64, 128]), masked=st.sampled_from(["none", "row", "batch", "slots"]),
     dtype=DTYPES, seed=st.integers(0, 99),
 )  # fmt: skip
 def test_decode_attention_matches_eager(
@@ -99,7 +99,10 @@ def test_decode_attention_matches_eager(
         for _ in range(2)
     )
     allowed = None
-    if masked != "none":
+    if masked == "slots":  # a static cache: the first slots written, the rest empty (whole blocks of each)
+        written = int(torch.randint(1, keys + 1, (), generator=generator))
+        allowed = torch.arange(keys)[None] < written
+    elif masked != "none":
         allowed = torch.rand(batch if masked == "batch" else 1, keys, generator=generator) > 0.4
         allowed[:, -1] = True  # the query itself
     scale = head_dim**-0.5
