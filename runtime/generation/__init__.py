@@ -41,7 +41,7 @@ def compiled_decoder(model: torch.nn.Module) -> torch.nn.Module:
         options = {"size_asserts": False}
         if next(model.parameters()).device.type == "cpu":
             # On the CPU a step is ~400 small kernel calls; driven from C++ rather than from inductor's
-            # Python wrapper they cost ~1 ms less per token (SmolLM2 fp32: 3.5 % more tokens/s, A/B),
+            # Python wrapper they cost 0.5-1 ms less per token (SmolLM2 fp32: 3.5 % more tokens/s, A/B),
             # for a longer first compile (cached on disk by inductor like any graph).
             options["cpp_wrapper"] = True
         compiled = torch.compile(model, fullgraph=True, dynamic=False, options=options)
