@@ -15,6 +15,7 @@ from ..cache import (
     SlidingWindowCache,
     StaticCache,
 )
+from ..fused_decode import fused_decoder
 from .config import GENERATION_CONFIG_NAME, GenerationConfig
 from .processors import build_processors
 from .search import GenerateOutput, Stop, beam_search, positions_from_mask, sample_or_greedy
@@ -167,7 +168,7 @@ def generate(
                 "compiled: the same attention"
             )
         stop = Stop(config, max_length, tokenizer)
-        decode = compiled_decoder(model) if compile else None
+        decode = (fused_decoder(model, past_key_values, input_ids.shape[0]) or compiled_decoder(model)) if compile else None
         output = sample_or_greedy(
             model,
             input_ids,

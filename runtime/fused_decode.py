@@ -1,0 +1,140 @@
+"""One-token decode steps as a single fused CPU kernel, for decoders whose spec it recognises.
+
+A compiled op-by-op step of a small model still makes ~400 kernel calls a token, and each parallel one
+ends with the threads waiting for each other while the memory bus idles: on two cores that is 10-20 % of
+a token. `specformer_cpu::decode_step` runs the whole step (every layer's norms, projections, rotary,
+cache write, attention and gated MLP, then the final norm and the head) in one parallel region that
+streams the weights back to back.
+
+It needs to know the decoder's structure for certain, so it takes it from the code generator: when a
+spec's dataflow is exactly a pre-norm rotary decoder with a gated MLP (Llama, Mistral, Qwen2 and any spec
+written the same way), its causal-LM class gets a generated `decoder_layout()` naming the modules, and
+`generate(..., compile=True)` with a static cache decodes through the kernel instead of `torch.compile`
+(nothing to compile, and faster). Anything the kernel does not cover (another activation, partial rotary,
+quantized or LoRA layers, gradients, a GPU) keeps the compiled path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import cpu_kernels
+from .attention import AttentionMask
+from .cache import StaticCache
+from .layers import DECODE_ROWS, Activation, RMSNorm, is_plain_linear
+from .outputs import CausalLMOutput
+from .rope import RotaryEmbedding
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """One decoder layer: x += o(attend(rotary(q, k), v)) of input_norm(x); x += down(act(gate) * up) of
+    post_norm(x). `window` is the layer's sliding attention window (None: none)."""
+
+    input_norm: nn.Module
+    q: nn.Module
+    k: nn.Module
+    v: nn.Module
+    o: nn.Module
+    post_norm: nn.Module
+    gate: nn.Module
+    up: nn.Module
+    down: nn.Module
+    act: nn.Module
+    window: int | None
+
+
+@dataclass(frozen=True)
+class DecoderLayout:
+    """A causal LM as the fused step reads it: embedding, layers, final norm, rotary tables, head."""
+
+    head_dim: int
+    embed: nn.Module
+    layers: list[LayerLayout]
+    norm: nn.Module
+    rotary: nn.Module
+    head: nn.Module
+
+
+class FusedDecoder:
+    """Callable like the model for one-token steps over a `StaticCache`; returns the next-token logits."""
+
+    def __init__(self, layout: DecoderLayout) -> None:
+        self.layout = layout
+        self.scale = layout.head_dim**-0.5
+        self.eps = layout.norm.eps
+        self.weights: list[torch.Tensor] = []
+        self.biases: list[torch.Tensor | None] = []
+        for layer in layout.layers:
+            linears = (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down)
+            self.weights += [layer.input_norm.weight, *(m.weight for m in linears[:4]), layer.post_norm.weight]
+            self.weights += [m.weight for m in linears[4:]]
+            self.biases += [m.bias for m in linears]
+        self.weights += [layout.norm.weight, layout.head.weight]
+        self.windows = [layer.window for layer in layout.layers]
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        past_key_values: StaticCache,
+        **_: object,
+    ) -> CausalLMOutput:
+        cache = past_key_values
+        slot = int(cache.position)
+        x = self.layout.embed(input_ids[:, 0])
+        cos, signed_sin = self.layout.rotary(position_ids).prepared(x.dtype)
+        mask = AttentionMask(attention_mask, 1, cache.get_seq_length(), cache)
+        allowed = {w: mask.allowed(True, w, x.device).flatten(1).contiguous() for w in set(self.windows)}
+        logits = torch.ops.specformer_cpu.decode_step(
+            x,
+            self.weights,
+            self.biases,
+            cache.keys,
+            cache.values,
+            [allowed[w] for w in self.windows],
+            cos.flatten(1).contiguous(),
+            signed_sin.flatten(1).contiguous(),
+            slot,
+            self.eps,
+            self.scale,
+        )
+        cache.position.add_(1)
+        return CausalLMOutput(logits=logits[:, None])
+
+
+def fused_decoder(model: nn.Module, cache: object, batch: int) -> FusedDecoder | None:
+    """The fused step for `model` decoding `batch` rows into `cache`, or None where it does not apply."""
+    layout_of = getattr(model, "decoder_layout", None)
+    if layout_of is None or not isinstance(cache, StaticCache) or model.training or batch > DECODE_ROWS:
+        return None
+    if cpu_kernels.ops() is None:
+        return None
+    layout: DecoderLayout = layout_of()
+    dtype = layout.norm.weight.dtype
+    tensors = [layout.embed.weight, layout.norm.weight, layout.head.weight]
+    norms = [layout.norm]
+    for layer in layout.layers:
+        linears = (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down)
+        if not all(is_plain_linear(m) and m.weight.is_contiguous() for m in linears):
+            return None  # quantized, LoRA, tensor-parallel...
+        if not (isinstance(layer.act, Activation) and layer.act.fn is F.silu):
+            return None
+        tensors += [m.weight for m in linears] + [m.bias for m in linears if m.bias is not None]
+        norms += [layer.input_norm, layer.post_norm]
+    if not all(type(n) is RMSNorm and not n.unit_offset and n.kernel == "torch" for n in norms):
+        return None
+    if len({n.eps for n in norms}) != 1 or type(layout.embed) is not nn.Embedding or not is_plain_linear(layout.head):
+        return None
+    rotary = layout.rotary
+    if not isinstance(rotary, RotaryEmbedding) or rotary.inv_freq.numel() * 2 != layout.head_dim:
+        return None  # partial rotary
+    if not (cpu_kernels.applies(*tensors) and all(t.dtype == dtype for t in tensors)):
+        return None
+    return FusedDecoder(layout)
