@@ -13,6 +13,7 @@ Three kinds of module come out of a spec:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from specformer.dsl import ir
@@ -22,6 +23,7 @@ from specformer.dsl.primitives import ACTIVATIONS, PRIMITIVES, TASKS
 from specformer.dsl.validate import Validator, names_in, walk
 
 from .config_plan import ConfigView, is_literal, literal_source, plan_config, python_type
+from .decoder_match import match_decoder
 from .expressions import ExprEmitter
 from .layout import INDENT, LINE_LENGTH, call_lines, statement_lines
 from .tasks import TASK_EMISSION
@@ -665,6 +667,8 @@ class Planner:
                     "generation_defaults", [], "dict[str, Any]", ["return generation_defaults(self.config)"]
                 )
             )
+            if projection is not None and not explicit:
+                methods += self._decoder_layout(head.attr or self.backbone.attr, projection[0])
         attributes += _dict_attribute("tp_plan", self.tp_plan(head))
         return ClassView(
             name=self.class_name(head.name),
@@ -676,6 +680,44 @@ class Planner:
             methods=methods,
             attributes=attributes,
         )
+
+    def _decoder_layout(self, backbone: str | None, lm_head: str) -> list[list[str]]:
+        """`decoder_layout()`, naming the modules for the fused CPU decode step, when the spec's decoder
+        is exactly its dataflow (`decoder_match`); nothing otherwise."""
+        activations = {n for n, f in self.fields.items() if f.type.name == "activation"}
+        found = match_decoder(self.model, activations)
+        if found is None or backbone is None:
+            return []
+        self.use("fused_decode", "DecoderLayout")
+        self.use("fused_decode", "LayerLayout")
+        attn, mlp = f"layer.{found.attn}", f"layer.{found.mlp}"
+        window = "None"
+        if found.window is not None:  # spelled as the attention block's forward reads it, from the layer
+            block = self.model.block(found.attention_block)
+            window = re.sub(r"\bself\.", f"{attn}.", self.forward_emitter(block, {})(found.window))
+        layer = [
+            f"input_norm=layer.{found.input_norm}",
+            *(f"{k}={attn}.{getattr(found, f'{k}_proj')}" for k in ("q", "k", "v", "o")),
+            f"post_norm=layer.{found.post_norm}",
+            *(f"{k}={mlp}.{getattr(found, f'{k}_proj')}" for k in ("gate", "up", "down")),
+            f"act={mlp}.{found.act}_fn",
+            f"window={window}",
+        ]
+        model = f"self.{backbone}"
+        fields = [
+            f"head_dim={self.config_expr('self.config')(found.head_dim)}",
+            f"embed={model}.{found.embed}",
+            f"layers=[LayerLayout({', '.join(layer)}) for layer in {model}.{found.layers}]",
+            f"norm={model}.{found.norm}",
+            f"rotary={model}.{found.rotary}",
+            f"head=self.{lm_head}",
+        ]
+        body = [f"return DecoderLayout({', '.join(fields)})"]
+        comments = [
+            "The decoder is exactly the dataflow specformer's fused CPU decode step runs (pre-norm, rotary,",
+            "gated MLP): its modules, for generate(compile=True). See specformer/runtime/fused_decode.py.",
+        ]
+        return [_method("decoder_layout", [], "DecoderLayout", body, comments)]
 
     def _plain_projection(self, head: ir.Block) -> tuple[str, str] | None:
         """(Linear submodule, its input) when the head's forward is just `return proj(h)`: the logits are

@@ -15,7 +15,7 @@ from ..cache import (
     SlidingWindowCache,
     StaticCache,
 )
-from ..fused_decode import fused_decoder
+from ..fused_decode import FusedDecoder, fused_decoder
 from .config import GENERATION_CONFIG_NAME, GenerationConfig
 from .processors import build_processors
 from .search import GenerateOutput, Stop, beam_search, positions_from_mask, sample_or_greedy
@@ -48,6 +48,28 @@ def compiled_decoder(model: torch.nn.Module) -> torch.nn.Module:
         compiled = torch.compile(model, fullgraph=True, dynamic=False, options=options)
         model.__dict__["_specformer_compiled"] = compiled
     return compiled
+
+
+def compiled_step(
+    model: torch.nn.Module, cache: Cache | None, input_ids: torch.Tensor, how: bool | str
+) -> FusedDecoder | torch.nn.Module:
+    """What runs the one-token steps for `compile=how`: True takes the fused CPU decode step where the
+    model's decoder has one and it applies, else `torch.compile`; "inductor" always `torch.compile`."""
+    if how not in (True, "inductor"):
+        raise ValueError(f"compile={how!r}: expected True, False or 'inductor'")
+    if not isinstance(cache, StaticCache):
+        raise ValueError("compile=True needs fixed shapes: use cache_implementation='static'")
+    fused = fused_decoder(model, cache, input_ids.shape[0]) if how is True else None
+    if fused is not None:
+        return fused
+    if model.config.attn_implementation == "flex_attention" and input_ids.device.type == "cpu":
+        # measured with torch 2.13: inductor fails with "NoValidChoicesError" while compiling it
+        raise ValueError(
+            "compile=True with attn_implementation='flex_attention' does not compile on the CPU (torch's "
+            "inductor has no CPU kernel for it); load the model with attn_implementation='sdpa' to decode "
+            "compiled: the same attention"
+        )
+    return compiled_decoder(model)
 
 
 STATIC_CACHE_BUCKET = 128
@@ -95,7 +117,7 @@ def generate(
     assistant_model: torch.nn.Module | None = None,
     prompt_lookup_num_tokens: int | None = None,
     num_assistant_tokens: int = 5,
-    compile: bool = False,
+    compile: bool | str = False,
     **settings: Any,
 ) -> torch.Tensor | GenerateOutput:
     """Continue each (left-padded) prompt; returns the sequences, or a GenerateOutput when
@@ -103,8 +125,10 @@ def generate(
     `generation_config` defaults to the model's special tokens; `tokenizer` is needed for stop_strings.
     `assistant_model` (a small draft model) or `prompt_lookup_num_tokens` decode speculatively: the same
     tokens as plain greedy decoding (or the same distribution when sampling), in fewer forward passes.
-    `compile=True` (with `cache_implementation="static"`) runs the one-token steps through
-    `torch.compile`: fixed shapes, traced once, replayed for every token."""
+    `compile=True` (with `cache_implementation="static"`) runs the one-token steps compiled: through
+    specformer's fused decode step on the CPU where the model's decoder has one (nothing to compile),
+    else `torch.compile` (fixed shapes, traced once, replayed for every token); `compile="inductor"`
+    always takes `torch.compile`."""
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}; expected (batch, prompt_length)")
     base = generation_config or GenerationConfig.from_model_config(getattr(model, "config", None))
@@ -157,18 +181,8 @@ def generate(
                 processors = build_processors(config, prompt_len, prompt_start.repeat_interleave(n))
         if streamer is not None:
             streamer.put(input_ids.cpu())
-        if compile and not isinstance(past_key_values, StaticCache):
-            raise ValueError("compile=True needs fixed shapes: use cache_implementation='static'")
-        flex = model.config.attn_implementation == "flex_attention"
-        if compile and flex and input_ids.device.type == "cpu":
-            # measured with torch 2.13: inductor fails with "NoValidChoicesError" while compiling it
-            raise ValueError(
-                "compile=True with attn_implementation='flex_attention' does not compile on the CPU (torch's "
-                "inductor has no CPU kernel for it); load the model with attn_implementation='sdpa' to decode "
-                "compiled: the same attention"
-            )
         stop = Stop(config, max_length, tokenizer)
-        decode = (fused_decoder(model, past_key_values, input_ids.shape[0]) or compiled_decoder(model)) if compile else None
+        decode = compiled_step(model, past_key_values, input_ids, compile) if compile else None
         output = sample_or_greedy(
             model,
             input_ids,
