@@ -101,8 +101,9 @@ def test_unsuitable_cache_requests_are_explained(llama: LlamaForCausalLM) -> Non
 
 
 def test_compiled_static_decoding_is_traced_once(llama: LlamaForCausalLM) -> None:
-    """A compiled decode step with a static cache compiles for the first token and is then replayed:
-    no recompilation per token or per request of a similar length, and the tokens are the eager ones."""
+    """A decode step compiled by torch.compile with a static cache compiles for the first token and is
+    then replayed: no recompilation per token or per request of a similar length, and the tokens are the
+    eager ones. (`compile=True` would take the fused CPU step instead: tests/test_fused_decode.py.)"""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -110,7 +111,7 @@ def test_compiled_static_decoding_is_traced_once(llama: LlamaForCausalLM) -> Non
     expected = generate(llama, torch.tensor([[5, 17, 42]]), max_new_tokens=16, eos_token_id=None)
     actual = generate(
         llama, torch.tensor([[5, 17, 42]]), max_new_tokens=16, eos_token_id=None, cache_implementation="static",
-        compile=True,
+        compile="inductor",
     )  # fmt: skip
     assert actual.tolist() == expected.tolist()
     assert counters["stats"]["unique_graphs"] == 1
@@ -118,7 +119,7 @@ def test_compiled_static_decoding_is_traced_once(llama: LlamaForCausalLM) -> Non
     # another request of a nearby length (same cache bucket) replays the same compiled step
     generate(
         llama, torch.tensor([[7, 3]]), max_new_tokens=40, eos_token_id=None, cache_implementation="static",
-        compile=True,
+        compile="inductor",
     )  # fmt: skip
     assert counters["stats"]["unique_graphs"] == 1
     assert sum(counters["recompiles"].values()) == 0
@@ -128,7 +129,7 @@ def test_compiled_static_decoding_is_traced_once(llama: LlamaForCausalLM) -> Non
     try:
         with pytest.raises(ValueError, match=r"does not compile on the CPU.*attn_implementation='sdpa'"):
             generate(
-                llama, torch.tensor([[5]]), max_new_tokens=2, cache_implementation="static", compile=True
+                llama, torch.tensor([[5]]), max_new_tokens=2, cache_implementation="static", compile="inductor"
             )
     finally:
         llama.config.attn_implementation = chosen

@@ -760,7 +760,7 @@ at::Tensor decode_step_impl(const at::Tensor& hidden, const std::vector<at::Tens
 #pragma omp parallel num_threads(threads)
   {
     const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-    std::vector<float> xf(M * std::max(H, I)), upcast(std::max(H, I)), acc(kRows * M);
+    std::vector<float> xf(M * std::max({H, I, Nq})), upcast(H), acc(kRows * M);
     std::vector<float> qf(G * D), scores(G * chunk), row(D), merged(D);
     std::vector<T> y(M * Nq), rotated(D);
     for (int64_t l = 0; l < L; ++l) {

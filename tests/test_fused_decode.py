@@ -1,0 +1,169 @@
+"""The fused CPU decode step (runtime/fused_decode.py): the model's own numbers, and only where it applies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from specformer.codegen import render_model
+from specformer.dsl import SpecSet
+from specformer.generated.gemma import GemmaForCausalLM
+from specformer.generated.llama import LlamaConfig, LlamaForCausalLM
+from specformer.generated.mistral import MistralConfig, MistralForCausalLM
+from specformer.generated.qwen2 import Qwen2Config, Qwen2ForCausalLM
+from specformer.runtime import AutoModelForCausalLM, cpu_kernels
+from specformer.runtime.cache import StaticCache
+from specformer.runtime.fused_decode import FusedDecoder, fused_decoder
+from specformer.runtime.generation import compiled_step, generate
+
+pytestmark = pytest.mark.skipif(cpu_kernels.ops() is None, reason="no C++ compiler to build the kernels")
+SPECS = Path(__file__).resolve().parents[1] / "specs"
+ARCHITECTURES = {
+    "llama": (LlamaForCausalLM, LlamaConfig, {}),
+    "mistral": (MistralForCausalLM, MistralConfig, {"sliding_window": 7}),
+    # q/k/v biases, and windows on the upper layers only
+    "qwen2": (
+        Qwen2ForCausalLM,
+        Qwen2Config,
+        {"use_sliding_window": True, "sliding_window": 7, "max_window_layers": 1},
+    ),
+}
+
+
+@torch.inference_mode()  # as generate() runs: the kernels stand in for torch's ops without gradients
+def step_for(model: torch.nn.Module, cache: object, rows: int = 1, how: bool | str = True) -> object:
+    return compiled_step(model, cache, torch.zeros(rows, 3, dtype=torch.long), how)
+
+
+def decode(model: torch.nn.Module, prompt: torch.Tensor, mask: torch.Tensor, **settings: object) -> object:
+    return generate(model, prompt, mask, max_new_tokens=12, eos_token_id=None, return_dict_in_generate=True,
+                    output_logits=True, cache_implementation="static", **settings)  # fmt: skip
+
+
+@given(
+    arch=st.sampled_from(sorted(ARCHITECTURES)),
+    head_dim=st.sampled_from([8, 64, 128]),  # 64 and 128 take the AVX-512 attention loops
+    groups=st.sampled_from([(2, 2), (4, 2), (6, 3), (3, 1)]),  # (heads, kv heads)
+    layers=st.integers(1, 3),
+    batch=st.integers(1, 3),
+    seed=st.integers(0, 99),
+)
+def test_fused_steps_give_the_models_logits(
+    arch: str, head_dim: int, groups: tuple[int, int], layers: int, batch: int, seed: int
+) -> None:
+    """Random small configs, left-padded batches, windows shorter than the generation: the fused step's
+    logits are the op-by-op static-cache step's to float rounding, and so are the tokens."""
+    cls, config_cls, extra = ARCHITECTURES[arch]
+    torch.manual_seed(seed)
+    heads, kv_heads = groups
+    config = config_cls(vocab_size=61, hidden_size=heads * head_dim // 2, intermediate_size=44, head_dim=head_dim,
+                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, **extra)  # fmt: skip
+    model = cls(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10)  # sharper logits: fewer near-ties between tokens
+    prompt = torch.randint(0, 61, (batch, 6))
+    mask = torch.ones_like(prompt)
+    mask[1:, :3] = 0
+    assert isinstance(step_for(model, StaticCache(32), batch), FusedDecoder)
+    ops = decode(model, prompt, mask)
+    fused = decode(model, prompt, mask, compile=True)
+    for a, b in zip(ops.logits, fused.logits, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    assert fused.sequences.tolist() == ops.sequences.tolist()
+
+
+def test_bfloat16_rounds_where_the_model_does() -> None:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=61, hidden_size=128, intermediate_size=200, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    model = LlamaForCausalLM(config).eval().to(torch.bfloat16)
+    prompt = torch.randint(0, 61, (2, 5))
+    mask = torch.ones_like(prompt)
+    ops = decode(model, prompt, mask)
+    fused = decode(model, prompt, mask, compile=True)
+    for a, b in zip(ops.logits, fused.logits, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-2, rtol=1e-2)
+    assert fused.sequences.tolist() == ops.sequences.tolist()
+
+
+def test_only_specs_with_the_fused_dataflow_get_a_decoder_layout() -> None:
+    assert all(hasattr(cls, "decoder_layout") for cls, _, _ in ARCHITECTURES.values())
+    assert not hasattr(GemmaForCausalLM, "decoder_layout")  # (1 + w) norms, a scaled embedding, GeGLU
+    specs = SpecSet()
+    specs.add_file(SPECS / "llama.sf", "llama.sf")
+    llama = (SPECS / "llama.sf").read_text()
+    variants = {
+        "renamed": (llama.replace("input_layernorm", "ln_1").replace("self_attn", "attn").replace("gate_proj", "w1"), True),
+        "scaled": (llama.replace("causal = true,", "causal = true, scale = 0.5,"), False),
+        "post-norm": (llama.replace("x = x + self_attn(input_layernorm(x))", "x = input_layernorm(x + self_attn(x))"), False),
+        "ungated": (llama.replace("hidden_act(gate_proj(x)) * up_proj(x)", "hidden_act(up_proj(x))"), False),
+    }  # fmt: skip
+    for name, (text, fused) in variants.items():
+        specs = SpecSet()
+        specs.add_text(
+            text.replace("model Llama", "model Variant").replace('"llama"', '"variant"'), "variant.sf"
+        )
+        modeling = render_model(specs.resolved("Variant"))["variant/modeling_variant.py"]
+        assert ("def decoder_layout" in modeling) == fused, name
+
+
+def test_a_spec_written_with_other_names_decodes_fused(tmp_path: Path) -> None:
+    """The match is on dataflow, not on Llama's names: a user's spec with its own gets the fused step."""
+    text = (SPECS / "llama.sf").read_text()
+    for old, new in [("model Llama", "model Renamed"), ('"llama"', '"renamed"'), ("input_layernorm", "ln_1"),
+                     ("post_attention_layernorm", "ln_2"), ("self_attn", "attn"), ("gate_proj", "w1")]:  # fmt: skip
+        text = text.replace(old, new)
+    (tmp_path / "renamed.sf").write_text(text)
+    config = {"vocab_size": 61, "hidden_size": 32, "intermediate_size": 40, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
+    model = AutoModelForCausalLM.from_spec(tmp_path / "renamed.sf", config).eval()
+    prompt = torch.randint(0, 61, (1, 4))
+    assert isinstance(step_for(model, StaticCache(32)), FusedDecoder)
+    mask = torch.ones_like(prompt)
+    assert (
+        decode(model, prompt, mask, compile=True).sequences.tolist()
+        == decode(model, prompt, mask).sequences.tolist()
+    )
+
+
+def test_what_the_fused_step_does_not_cover_decodes_op_by_op() -> None:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    cache = StaticCache(32)
+    assert isinstance(step_for(model, cache), FusedDecoder)
+    assert not isinstance(step_for(model, cache, rows=17), FusedDecoder)  # more rows than the GEMV takes
+    assert not isinstance(step_for(model, cache, how="inductor"), FusedDecoder)
+    with torch.inference_mode():
+        assert fused_decoder(model, None, 1) is None  # the step writes into preallocated slots
+    gelu = LlamaForCausalLM(LlamaConfig(**{**config.to_dict(), "hidden_act": "gelu"})).eval()
+    assert not isinstance(step_for(gelu, cache), FusedDecoder)
+    wrapped = LlamaForCausalLM(config).eval()
+
+    class Adapted(
+        torch.nn.Linear
+    ):  # LoRA, quantized or sharded layers: not the plain Linear the kernel reads
+        pass
+
+    wrapped.model.layers[1].mlp.up_proj = Adapted(32, 40, bias=False)
+    assert not isinstance(step_for(wrapped, cache), FusedDecoder)
+    with pytest.raises(ValueError, match="expected True, False or 'inductor'"):
+        step_for(model, cache, how="fast")
+
+
+def test_bad_input_names_what_does_not_fit() -> None:
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=40, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()  # fmt: skip
+    step = step_for(model, StaticCache(8))
+    assert isinstance(step, FusedDecoder)
+    keys = [torch.zeros(2, 2, 8, 8)]  # two rows of cache for one row of input
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="layer 0 cache has shape"):
+        torch.ops.specformer_cpu.decode_step(
+            torch.zeros(1, 32), step.weights, step.biases, keys, keys, [torch.ones(1, 8, dtype=torch.bool)],
+            torch.zeros(1, 8), torch.zeros(1, 8), 0, 1e-6, 0.35,
+        )  # fmt: skip
