@@ -71,7 +71,11 @@ class FusedDecoder:
         self.biases: list[torch.Tensor | None] = []
         for layer in layout.layers:
             linears = (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down)
-            self.weights += [layer.input_norm.weight, *(m.weight for m in linears[:4]), layer.post_norm.weight]
+            self.weights += [
+                layer.input_norm.weight,
+                *(m.weight for m in linears[:4]),
+                layer.post_norm.weight,
+            ]
             self.weights += [m.weight for m in linears[4:]]
             self.biases += [m.bias for m in linears]
         self.weights += [layout.norm.weight, layout.head.weight]
@@ -109,10 +113,11 @@ class FusedDecoder:
         return CausalLMOutput(logits=logits[:, None])
 
 
-def fused_decoder(model: nn.Module, cache: object, batch: int) -> FusedDecoder | None:
-    """The fused step for `model` decoding `batch` rows into `cache`, or None where it does not apply."""
+def fused_decoder(model: nn.Module, batch: int) -> FusedDecoder | None:
+    """The fused step for `model` decoding `batch` rows (into a `StaticCache`), or None where it does not
+    apply. Called with gradients off, as `generate` runs."""
     layout_of = getattr(model, "decoder_layout", None)
-    if layout_of is None or not isinstance(cache, StaticCache) or model.training or batch > DECODE_ROWS:
+    if layout_of is None or model.training or batch > DECODE_ROWS:
         return None
     if cpu_kernels.ops() is None:
         return None
@@ -130,7 +135,11 @@ def fused_decoder(model: nn.Module, cache: object, batch: int) -> FusedDecoder |
         norms += [layer.input_norm, layer.post_norm]
     if not all(type(n) is RMSNorm and not n.unit_offset and n.kernel == "torch" for n in norms):
         return None
-    if len({n.eps for n in norms}) != 1 or type(layout.embed) is not nn.Embedding or not is_plain_linear(layout.head):
+    if (
+        len({n.eps for n in norms}) != 1
+        or type(layout.embed) is not nn.Embedding
+        or not is_plain_linear(layout.head)
+    ):
         return None
     rotary = layout.rotary
     if not isinstance(rotary, RotaryEmbedding) or rotary.inv_freq.numel() * 2 != layout.head_dim:

@@ -129,7 +129,11 @@ def test_compiled_static_decoding_is_traced_once(llama: LlamaForCausalLM) -> Non
     try:
         with pytest.raises(ValueError, match=r"does not compile on the CPU.*attn_implementation='sdpa'"):
             generate(
-                llama, torch.tensor([[5]]), max_new_tokens=2, cache_implementation="static", compile="inductor"
+                llama,
+                torch.tensor([[5]]),
+                max_new_tokens=2,
+                cache_implementation="static",
+                compile="inductor",
             )
     finally:
         llama.config.attn_implementation = chosen

@@ -59,7 +59,7 @@ def compiled_step(
         raise ValueError(f"compile={how!r}: expected True, False or 'inductor'")
     if not isinstance(cache, StaticCache):
         raise ValueError("compile=True needs fixed shapes: use cache_implementation='static'")
-    fused = fused_decoder(model, cache, input_ids.shape[0]) if how is True else None
+    fused = fused_decoder(model, input_ids.shape[0]) if how is True else None
     if fused is not None:
         return fused
     if model.config.attn_implementation == "flex_attention" and input_ids.device.type == "cpu":
