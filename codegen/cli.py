@@ -293,7 +293,6 @@ def _reply(model, tokenizer, ids: list[int], args: argparse.Namespace) -> list[i
 
     import torch
 
-    from specformer.runtime.fused_decode import fused_decoder
     from specformer.runtime.generation import generate
 
     generated: list[int] = []
@@ -308,8 +307,6 @@ def _reply(model, tokenizer, ids: list[int], args: argparse.Namespace) -> list[i
             shown = text
 
     sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": None}
-    with torch.inference_mode():  # where the fused CPU decode step runs this model: nothing to compile
-        fused = {"cache_implementation": "static", "compile": True} if fused_decoder(model, 1) else {}
     start = time.perf_counter()
     generate(
         model,
@@ -319,7 +316,6 @@ def _reply(model, tokenizer, ids: list[int], args: argparse.Namespace) -> list[i
         on_token=show,
         generator=torch.Generator().manual_seed(args.seed),
         **(sampling if args.temperature > 0 else {}),
-        **fused,
     )
     elapsed = time.perf_counter() - start
     print(

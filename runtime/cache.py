@@ -44,6 +44,12 @@ class Cache:
     def reorder(self, rows: torch.Tensor) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot reorder rows (beam search)")
 
+    def reserve(self, n: int) -> tuple[int, list[torch.Tensor], list[torch.Tensor]]:
+        """Room for `n` more positions in every layer, counted as written, for a kernel that writes them
+        itself (the fused decode step): (first new slot, keys, values), each layer's storage a contiguous
+        (B, H, slots, D) tensor whose slots before the first new one hold the past."""
+        raise NotImplementedError(f"{type(self).__name__} keeps its keys in its own layout")
+
 
 class _ListCache(Cache):
     """Per-layer key and value tensors that grow by concatenation; subclasses decide what to keep."""
@@ -103,6 +109,20 @@ class DynamicCache(Cache):
         values[..., start:end, :].copy_(v)
         return keys[..., :end, :], values[..., :end, :]
 
+    def reserve(self, n: int) -> tuple[int, list[torch.Tensor], list[torch.Tensor]]:
+        start = self.length
+        for i, (keys, values) in enumerate(zip(self._keys, self._values, strict=True)):
+            # a layer stored as given (the prompt's keys, maybe a transposed view) moves into storage first
+            if start + n > keys.shape[-2] or not (keys.is_contiguous() and values.is_contiguous()):
+                capacity = max(start + n, 2 * keys.shape[-2], 64)
+                self._keys[i], self._values[i] = (
+                    _regrow(keys, start, capacity),
+                    _regrow(values, start, capacity),
+                )
+        self.length += n
+        self.seen += n
+        return start, self._keys, self._values
+
     def crop(self, length: int) -> None:
         """Forget everything after the first `length` positions (rejected speculative tokens)."""
         self.length = min(self.length, length)
@@ -158,6 +178,13 @@ class StaticCache(Cache):
 
     def key_positions(self, q_len: int, device: torch.device) -> torch.Tensor:
         return torch.arange(self.max_length, device=device)
+
+    def reserve(self, n: int) -> tuple[int, list[torch.Tensor], list[torch.Tensor]]:
+        start = int(self.position)
+        if start + n > self.max_length:
+            raise ValueError(f"the static cache holds {self.max_length} positions; {start + n} needed")
+        self.position.add_(n)
+        return start, self.keys, self.values
 
 
 class SlidingWindowCache(_ListCache):

@@ -24,7 +24,7 @@ from torch import nn
 
 from . import cpu_kernels
 from .attention import AttentionMask
-from .cache import StaticCache
+from .cache import DynamicCache, StaticCache
 from .layers import DECODE_ROWS, Activation, RMSNorm, is_plain_linear
 from .outputs import CausalLMOutput
 from .rope import RotaryEmbedding
@@ -61,7 +61,7 @@ class DecoderLayout:
 
 
 class FusedDecoder:
-    """Callable like the model for one-token steps over a `StaticCache`; returns the next-token logits."""
+    """Callable like the model for one-token steps over a static or dynamic cache: the next token's logits."""
 
     def __init__(self, layout: DecoderLayout) -> None:
         self.layout = layout
@@ -87,7 +87,7 @@ class FusedDecoder:
         *,
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
-        past_key_values: StaticCache,
+        past_key_values: StaticCache | DynamicCache,
         use_cache: bool = True,
         logits_to_keep: int = 1,
     ) -> CausalLMOutput:
@@ -95,17 +95,17 @@ class FusedDecoder:
         if not use_cache or logits_to_keep != 1:
             raise ValueError("the fused decode step caches its token and returns its logits only")
         cache = past_key_values
-        slot = int(cache.position)
         x = self.layout.embed(input_ids[:, 0])
         cos, signed_sin = self.layout.rotary(position_ids).prepared(x.dtype)
-        mask = AttentionMask(attention_mask, 1, cache.get_seq_length(), cache)
+        mask = AttentionMask(attention_mask, 1, cache.get_seq_length(), cache)  # before the cache moves on
         allowed = {w: mask.allowed(True, w, x.device).flatten(1).contiguous() for w in set(self.windows)}
+        slot, keys, values = cache.reserve(1)
         logits = torch.ops.specformer_cpu.decode_step(
             x,
             self.weights,
             self.biases,
-            cache.keys,
-            cache.values,
+            keys,
+            values,
             [allowed[w] for w in self.windows],
             cos.flatten(1).contiguous(),
             signed_sin.flatten(1).contiguous(),
@@ -113,7 +113,6 @@ class FusedDecoder:
             self.eps,
             self.scale,
         )
-        cache.position.add_(1)
         return CausalLMOutput(logits=logits[:, None])
 
 

@@ -724,9 +724,10 @@ at::Tensor decode_step_impl(const at::Tensor& hidden, const std::vector<at::Tens
                   ", ", D, ")");
     }
     const at::Tensor& mask = allowed[l];
-    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(1) == S && mask.stride(1) == 1 &&
-                    (mask.size(0) == 1 || mask.size(0) == M),
-                "decode_step: layer ", l, " mask must be a (batch or 1, ", S, ") bool mask, got ", mask.sizes());
+    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(1) > slot && mask.size(1) <= S &&
+                    mask.stride(1) == 1 && (mask.size(0) == 1 || mask.size(0) == M),
+                "decode_step: layer ", l, " mask must be a (batch or 1, ", slot + 1, " to ", S, ") bool mask over the ",
+                "cache's slots, got ", mask.sizes());
     layers[l] = {w[0].const_data_ptr<T>(), w[1].const_data_ptr<T>(), w[2].const_data_ptr<T>(),
                  w[3].const_data_ptr<T>(), w[4].const_data_ptr<T>(), w[5].const_data_ptr<T>(),
                  w[6].const_data_ptr<T>(), w[7].const_data_ptr<T>(), w[8].const_data_ptr<T>(),

@@ -9,6 +9,7 @@ import torch
 from ..cache import (
     CACHES,
     Cache,
+    DynamicCache,
     OffloadedCache,
     QuantizedCache,
     SinkCache,
@@ -182,7 +183,12 @@ def generate(
         if streamer is not None:
             streamer.put(input_ids.cpu())
         stop = Stop(config, max_length, tokenizer)
-        decode = compiled_step(model, past_key_values, input_ids, compile) if compile else None
+        if compile:
+            decode = compiled_step(model, past_key_values, input_ids, compile)
+        elif past_key_values is None or type(past_key_values) in (DynamicCache, StaticCache):
+            decode = fused_decoder(model, input_ids.shape[0])  # None where it does not apply
+        else:
+            decode = None
         output = sample_or_greedy(
             model,
             input_ids,

@@ -72,7 +72,7 @@ def _step(
     mask: torch.Tensor,
     cache: Cache,
     first: bool,
-    decode: torch.nn.Module | None = None,
+    decode: Callable[..., object] | None = None,
 ) -> torch.Tensor:
     """Logits (rows, vocab) for the next token, feeding the whole prompt first and then one token.
     A static cache gets a mask over all its slots (fixed shape); `decode` runs the one-token steps."""
@@ -104,7 +104,7 @@ def sample_or_greedy(
     streamer: object | None,
     generator: torch.Generator | None,
     on_token: Callable[[int], None] | None = None,
-    decode: torch.nn.Module | None = None,
+    decode: Callable[..., object] | None = None,
 ) -> GenerateOutput:
     cache = cache if cache is not None else DynamicCache()
     pad = config.pad_token_id if config.pad_token_id is not None else (config.eos_ids() or [0])[0]
