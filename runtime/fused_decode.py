@@ -1,17 +1,18 @@
 """One-token decode steps as a single fused CPU kernel, for decoders whose spec it recognises.
 
 A compiled op-by-op step of a small model still makes ~400 kernel calls a token, and each parallel one
-ends with the threads waiting for each other while the memory bus idles: on two cores that is 10-20 % of
-a token. `specformer_cpu::decode_step` runs the whole step (every layer's norms, projections, rotary,
+ends with the threads waiting for each other while the memory bus idles: SmolLM2-135M in float32 on two
+cores decodes at ~40 tok/s that way (inductor, C++ wrapper) and at ~47 tok/s fused, where a plain read of
+its weights would allow ~50. `specformer_cpu::decode_step` runs the whole step (every layer's norms, projections, rotary,
 cache write, attention and gated MLP, then the final norm and the head) in one parallel region that
 streams the weights back to back.
 
 It needs to know the decoder's structure for certain, so it takes it from the code generator: when a
 spec's dataflow is exactly a pre-norm rotary decoder with a gated MLP (Llama, Mistral, Qwen2 and any spec
 written the same way), its causal-LM class gets a generated `decoder_layout()` naming the modules, and
-`generate(..., compile=True)` with a static cache decodes through the kernel instead of `torch.compile`
-(nothing to compile, and faster). Anything the kernel does not cover (another activation, partial rotary,
-quantized or LoRA layers, gradients, a GPU) keeps the compiled path.
+`generate()` decodes through the kernel over a dynamic or static cache, eager or with `compile=True`
+(nothing to compile). Anything the kernel does not cover (another activation or norm, partial rotary,
+quantized or LoRA layers, gradients, a GPU) decodes op by op or through `torch.compile`.
 """
 
 from __future__ import annotations
