@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -40,8 +41,24 @@ def step_for(model: torch.nn.Module, cache: object, rows: int = 1, how: bool | s
 
 
 def decode(model: torch.nn.Module, prompt: torch.Tensor, mask: torch.Tensor, **settings: object) -> object:
+    settings = {"cache_implementation": "static", **settings}
     return generate(model, prompt, mask, max_new_tokens=12, eos_token_id=None, return_dict_in_generate=True,
-                    output_logits=True, cache_implementation="static", **settings)  # fmt: skip
+                    output_logits=True, **settings)  # fmt: skip
+
+
+def assert_fused_decodes_as_op_by_op(
+    model: torch.nn.Module, prompt: torch.Tensor, mask: torch.Tensor, tolerance: float, **settings: object
+) -> None:
+    """Same tokens, and logits to `tolerance`, as the model's own forward step by step."""
+    with mock.patch("specformer.runtime.generation.fused_decoder", return_value=None):  # op by op
+        expected = decode(model, prompt, mask, **settings)
+    with mock.patch("specformer.runtime.fused_decode.FusedDecoder.__call__", autospec=True,
+                    side_effect=FusedDecoder.__call__) as fused_steps:  # fmt: skip
+        actual = decode(model, prompt, mask, **settings)
+    assert fused_steps.call_count == len(actual.logits) - 1  # every step after the prompt's
+    for a, b in zip(expected.logits, actual.logits, strict=True):
+        torch.testing.assert_close(b, a, atol=tolerance, rtol=tolerance)
+    assert actual.sequences.tolist() == expected.sequences.tolist()
 
 
 @given(
@@ -50,13 +67,14 @@ def decode(model: torch.nn.Module, prompt: torch.Tensor, mask: torch.Tensor, **s
     groups=st.sampled_from([(2, 2), (4, 2), (6, 3), (3, 1)]),  # (heads, kv heads)
     layers=st.integers(1, 3),
     batch=st.integers(1, 3),
+    cache=st.sampled_from(["static", "dynamic"]),
     seed=st.integers(0, 99),
 )
 def test_fused_steps_give_the_models_logits(
-    arch: str, head_dim: int, groups: tuple[int, int], layers: int, batch: int, seed: int
+    arch: str, head_dim: int, groups: tuple[int, int], layers: int, batch: int, cache: str, seed: int
 ) -> None:
-    """Random small configs, left-padded batches, windows shorter than the generation: the fused step's
-    logits are the op-by-op static-cache step's to float rounding, and so are the tokens."""
+    """Random small configs, left-padded batches, windows shorter than the generation, static and dynamic
+    caches: the fused step's logits are the op-by-op step's to float rounding, and so are the tokens."""
     cls, config_cls, extra = ARCHITECTURES[arch]
     torch.manual_seed(seed)
     heads, kv_heads = groups
@@ -69,11 +87,7 @@ def test_fused_steps_give_the_models_logits(
     mask = torch.ones_like(prompt)
     mask[1:, :3] = 0
     assert isinstance(step_for(model, StaticCache(32), batch), FusedDecoder)
-    ops = decode(model, prompt, mask)
-    fused = decode(model, prompt, mask, compile=True)
-    for a, b in zip(ops.logits, fused.logits, strict=True):
-        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
-    assert fused.sequences.tolist() == ops.sequences.tolist()
+    assert_fused_decodes_as_op_by_op(model, prompt, mask, 1e-5, cache_implementation=cache)
 
 
 def test_bfloat16_rounds_where_the_model_does() -> None:
@@ -82,12 +96,7 @@ def test_bfloat16_rounds_where_the_model_does() -> None:
                          num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
     model = LlamaForCausalLM(config).eval().to(torch.bfloat16)
     prompt = torch.randint(0, 61, (2, 5))
-    mask = torch.ones_like(prompt)
-    ops = decode(model, prompt, mask)
-    fused = decode(model, prompt, mask, compile=True)
-    for a, b in zip(ops.logits, fused.logits, strict=True):
-        torch.testing.assert_close(b, a, atol=1e-2, rtol=1e-2)
-    assert fused.sequences.tolist() == ops.sequences.tolist()
+    assert_fused_decodes_as_op_by_op(model, prompt, torch.ones_like(prompt), 1e-2, compile=True)
 
 
 def test_only_specs_with_the_fused_dataflow_get_a_decoder_layout() -> None:
@@ -123,11 +132,7 @@ def test_a_spec_written_with_other_names_decodes_fused(tmp_path: Path) -> None:
     model = AutoModelForCausalLM.from_spec(tmp_path / "renamed.sf", config).eval()
     prompt = torch.randint(0, 61, (1, 4))
     assert isinstance(step_for(model, StaticCache(32)), FusedDecoder)
-    mask = torch.ones_like(prompt)
-    assert (
-        decode(model, prompt, mask, compile=True).sequences.tolist()
-        == decode(model, prompt, mask).sequences.tolist()
-    )
+    assert_fused_decodes_as_op_by_op(model, prompt, torch.ones_like(prompt), 1e-5)
 
 
 def test_what_the_fused_step_does_not_cover_decodes_op_by_op() -> None:

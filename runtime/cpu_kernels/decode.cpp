@@ -115,6 +115,27 @@ template <typename T> int64_t dot_rows(const T* w, int64_t K, const float* xf, i
 }
 #endif
 
+// y[m, n] = x[m, :] . W[n, :] + b[n] for rows [n0, n1) of W (n0 a multiple of kRows), rounded to T once
+// from float32. xf holds the M input rows in float32.
+template <typename T>
+void gemv_share(const T* w, const T* bias, int64_t K, const float* xf, int64_t M, T* y, int64_t y_stride, int64_t n0,
+                int64_t n1, float* acc) {
+  for (int64_t n = n0; n < n1; n += kRows) {
+    const int64_t rows = std::min<int64_t>(kRows, n1 - n);
+    std::fill_n(acc, kRows * M, 0.f);
+    const int64_t covered = rows == kRows ? dot_rows(w + n * K, K, xf, M, acc) : 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* wr = w + (n + r) * K;
+      for (int64_t m = 0; m < M; ++m) {
+        float sum = acc[r * M + m];
+        for (int64_t k = covered; k < K; ++k) sum += float(wr[k]) * xf[m * K + k];
+        if (bias) sum += float(bias[n + r]);
+        y[m * y_stride + n + r] = round_to<T>(sum);
+      }
+    }
+  }
+}
+
 template <typename T>
 at::Tensor linear_impl(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   const at::Tensor x = input.contiguous();
@@ -140,20 +161,7 @@ at::Tensor linear_impl(const at::Tensor& input, const at::Tensor& weight, const 
   const int64_t blocks = (N + kRows - 1) / kRows;
   at::parallel_for(0, blocks, std::max<int64_t>(1, 4096 / std::max<int64_t>(K, 1)), [&](int64_t begin, int64_t end) {
     std::vector<float> acc(kRows * M);
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t n0 = block * kRows, rows = std::min<int64_t>(kRows, N - n0);
-      std::fill(acc.begin(), acc.end(), 0.f);
-      const int64_t covered = rows == kRows ? dot_rows(wp + n0 * K, K, xf.data(), M, acc.data()) : 0;
-      for (int64_t r = 0; r < rows; ++r) {
-        const T* w = wp + (n0 + r) * K;
-        for (int64_t m = 0; m < M; ++m) {
-          float sum = acc[r * M + m];
-          for (int64_t k = covered; k < K; ++k) sum += float(w[k]) * xf[m * K + k];
-          if (b) sum += float(b[n0 + r]);
-          yp[m * N + n0 + r] = round_to<T>(sum);
-        }
-      }
-    }
+    gemv_share(wp, b, K, xf.data(), M, yp, N, begin * kRows, std::min(N, end * kRows), acc.data());
   });
   return out;
 }
@@ -614,27 +622,6 @@ template <typename T> struct LayerWeights {
   int64_t allowed_batch_stride;
 };
 
-// y[m, n] = x[m, :] . W[n, :] + b[n] for this thread's share [n0, n1) of W's rows (n0, n1 multiples of
-// kRows, except n1 == N), rounded to T. xf holds the M input rows in float32.
-template <typename T>
-void gemv_share(const T* w, const T* bias, int64_t N, int64_t K, const float* xf, int64_t M, T* y, int64_t y_stride,
-                int64_t n0, int64_t n1, float* acc) {
-  for (int64_t n = n0; n < n1; n += kRows) {
-    const int64_t rows = std::min<int64_t>(kRows, n1 - n);
-    std::fill_n(acc, kRows * M, 0.f);
-    const int64_t covered = rows == kRows ? dot_rows(w + n * K, K, xf, M, acc) : 0;
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* wr = w + (n + r) * K;
-      for (int64_t m = 0; m < M; ++m) {
-        float sum = acc[r * M + m];
-        for (int64_t k = covered; k < K; ++k) sum += float(wr[k]) * xf[m * K + k];
-        if (bias) sum += float(bias[n + r]);
-        y[m * y_stride + n + r] = round_to<T>(sum);
-      }
-    }
-  }
-}
-
 // This thread's rows of an N-row matrix: whole kRows blocks, split evenly.
 inline std::pair<int64_t, int64_t> share(int64_t N, int64_t thread, int64_t threads) {
   const int64_t blocks = (N + kRows - 1) / kRows;
@@ -769,10 +756,10 @@ at::Tensor decode_step_impl(const at::Tensor& hidden, const std::vector<at::Tens
       // q, k, v of the normalised residual
       norm_rows(xp, w.input_norm, M, H, eps, xf.data(), upcast.data());
       auto [q0, q1] = share(Nq, t, nt);
-      gemv_share(w.q, w.q_bias, Nq, H, xf.data(), M, qkv.data(), q_stride, q0, q1, acc.data());
+      gemv_share(w.q, w.q_bias, H, xf.data(), M, qkv.data(), q_stride, q0, q1, acc.data());
       auto [k0, k1] = share(Nkv, t, nt);
-      gemv_share(w.k, w.k_bias, Nkv, H, xf.data(), M, qkv.data() + Nq, q_stride, k0, k1, acc.data());
-      gemv_share(w.v, w.v_bias, Nkv, H, xf.data(), M, qkv.data() + Nq + Nkv, q_stride, k0, k1, acc.data());
+      gemv_share(w.k, w.k_bias, H, xf.data(), M, qkv.data() + Nq, q_stride, k0, k1, acc.data());
+      gemv_share(w.v, w.v_bias, H, xf.data(), M, qkv.data() + Nq + Nkv, q_stride, k0, k1, acc.data());
 #pragma omp barrier
       // the new position's rotated key and its value into the cache
       for (int64_t bh = t; bh < kv_heads; bh += nt) {
@@ -811,26 +798,26 @@ at::Tensor decode_step_impl(const at::Tensor& hidden, const std::vector<at::Tens
           merge_partials(part, bh, j, splits, G, D, merged.data(), y.data() + (bh / Hkv) * Nq + (bh % Hkv * G + j) * D);
       for (int64_t i = 0; i < M * Nq; ++i) xf[i] = float(y[i]);
       auto [h0, h1] = share(H, t, nt);
-      gemv_share(w.o, w.o_bias, H, Nq, xf.data(), M, projected.data(), H, h0, h1, acc.data());
+      gemv_share(w.o, w.o_bias, Nq, xf.data(), M, projected.data(), H, h0, h1, acc.data());
       for (int64_t m = 0; m < M; ++m)  // the residual, for the rows this thread owns
         for (int64_t n = h0; n < h1; ++n) xp[m * H + n] = round_to<T>(float(xp[m * H + n]) + float(projected[m * H + n]));
 #pragma omp barrier
       // the gated MLP
       norm_rows(xp, w.post_norm, M, H, eps, xf.data(), upcast.data());
       auto [i0, i1] = share(I, t, nt);
-      gemv_share(w.gate, w.gate_bias, I, H, xf.data(), M, gate.data(), I, i0, i1, acc.data());
-      gemv_share(w.up, w.up_bias, I, H, xf.data(), M, up.data(), I, i0, i1, acc.data());
+      gemv_share(w.gate, w.gate_bias, H, xf.data(), M, gate.data(), I, i0, i1, acc.data());
+      gemv_share(w.up, w.up_bias, H, xf.data(), M, up.data(), I, i0, i1, acc.data());
       for (int64_t m = 0; m < M; ++m) silu_mul_range(gate.data() + m * I, up.data() + m * I, gate.data() + m * I, i0, i1);
 #pragma omp barrier
       for (int64_t i = 0; i < M * I; ++i) xf[i] = float(gate[i]);
-      gemv_share(w.down, w.down_bias, H, I, xf.data(), M, projected.data(), H, h0, h1, acc.data());
+      gemv_share(w.down, w.down_bias, I, xf.data(), M, projected.data(), H, h0, h1, acc.data());
       for (int64_t m = 0; m < M; ++m)
         for (int64_t n = h0; n < h1; ++n) xp[m * H + n] = round_to<T>(float(xp[m * H + n]) + float(projected[m * H + n]));
 #pragma omp barrier
     }
     norm_rows(xp, final_norm.const_data_ptr<T>(), M, H, eps, xf.data(), upcast.data());
     auto [v0, v1] = share(V, t, nt);
-    gemv_share(head.const_data_ptr<T>(), static_cast<const T*>(nullptr), V, H, xf.data(), M, logits.data_ptr<T>(), V,
+    gemv_share(head.const_data_ptr<T>(), static_cast<const T*>(nullptr), H, xf.data(), M, logits.data_ptr<T>(), V,
                v0, v1, acc.data());
   }
   return logits;
