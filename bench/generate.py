@@ -62,10 +62,21 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 3) -> float:
     return data.numel() * 4 / best / 1e9
 
 
+def bytes_read_per_token(model: torch.nn.Module) -> int:
+    """Every parameter is read once a decode step, except an embedding table: one row of it is (unless the
+    output head shares it, as SmolLM2's does)."""
+    read = {id(p): p.numel() * p.element_size() for p in model.parameters()}
+    heads = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding) and id(module.weight) not in heads:
+            read[id(module.weight)] = module.weight[0].numel() * module.weight.element_size()
+    return sum(read.values())
+
+
 def measure(name: str, ours: torch.nn.Module, theirs: torch.nn.Module, args: argparse.Namespace) -> None:
     from specformer.runtime.generation import generate
 
-    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+    weight_bytes = bytes_read_per_token(ours)
     modes: dict[str, tuple[dict, dict]] = {"eager": ({}, {})}
     if args.compiled:  # static caches, the decode step compiled on both sides
         import transformers

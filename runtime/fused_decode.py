@@ -118,10 +118,10 @@ class FusedDecoder:
 
 
 def fused_decoder(model: nn.Module, batch: int) -> FusedDecoder | None:
-    """The fused step for `model` decoding `batch` rows (into a `StaticCache`), or None where it does not
-    apply. Called with gradients off, as `generate` runs."""
+    """The fused step for `model` decoding `batch` rows (into a static or dynamic cache), or None where it
+    does not apply. Called with gradients off, as `generate` runs."""
     layout_of = getattr(model, "decoder_layout", None)
-    if layout_of is None or model.training or batch > DECODE_ROWS:
+    if layout_of is None or model.training or batch > DECODE_ROWS or _hooked(model):
         return None
     if cpu_kernels.ops() is None:
         return None
@@ -142,6 +142,7 @@ def fused_decoder(model: nn.Module, batch: int) -> FusedDecoder | None:
     if (
         len({n.eps for n in norms}) != 1
         or type(layout.embed) is not nn.Embedding
+        or layout.embed.max_norm is not None
         or not is_plain_linear(layout.head)
     ):
         return None
@@ -151,3 +152,11 @@ def fused_decoder(model: nn.Module, batch: int) -> FusedDecoder | None:
     if not (cpu_kernels.applies(*tensors) and all(t.dtype == dtype for t in tensors)):
         return None
     return FusedDecoder(layout)
+
+
+def _hooked(model: nn.Module) -> bool:
+    """Forward hooks would never fire inside the kernel (it calls no module's forward): leave such models
+    to their forwards."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

@@ -157,6 +157,12 @@ def test_what_the_fused_step_does_not_cover_decodes_op_by_op() -> None:
 
     wrapped.model.layers[1].mlp.up_proj = Adapted(32, 40, bias=False)
     assert not isinstance(step_for(wrapped, cache), FusedDecoder)
+    seen: list[torch.Size] = []
+    hook = model.model.layers[0].mlp.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    assert not isinstance(step_for(model, cache), FusedDecoder)  # a hook must see every step
+    generate(model, torch.tensor([[3, 4]]), max_new_tokens=3, eos_token_id=None)
+    assert len(seen) == 3
+    hook.remove()
     with pytest.raises(ValueError, match="expected True, False or 'inductor'"):
         step_for(model, cache, how="fast")
 
