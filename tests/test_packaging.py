@@ -96,5 +96,7 @@ def test_wheel_installs_only_the_specformer_namespace(tmp_path: Path) -> None:
         "specformer/generated/llama/modeling_llama.py",
         "specformer/runtime/attention.py",
         "specformer/runtime/cpu_kernels/decode.cpp",  # built on first use
+        "specformer/runtime/cpu_kernels/kernels.h",
+        "specformer/runtime/cpu_kernels/decode_step.h",
     ):
         assert expected in names, expected

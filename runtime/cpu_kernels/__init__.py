@@ -39,6 +39,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode.cpp")
+HEADERS = ("kernels.h", "decode_step.h")  # included by SOURCE: one translation unit
 # torch's vectorised types take their width from these macros. torch registers most of its CPU kernels
 # (sum, silu, ...) for AVX2 only, also on AVX512 machines; built for AVX2 too, our reductions add in
 # the same order and our exp is the same function, so results match torch's bit for bit.
@@ -149,6 +150,8 @@ def build(cache: Path | None = None) -> Path:
     """Compile decode.cpp for this torch and CPU unless a cached build exists; return the library's path."""
     command = compile_command()
     digest = hashlib.sha256(SOURCE.read_bytes())
+    for header in HEADERS:
+        digest.update(SOURCE.with_name(header).read_bytes())
     digest.update(" ".join([torch.__version__, *command]).encode())
     cache = cache or Path(os.environ.get("SPECFORMER_CACHE", Path.home() / ".cache" / "specformer"))
     target = cache / "kernels" / f"specformer_cpu-{digest.hexdigest()[:16]}.so"

@@ -1,0 +1,235 @@
+// The fused one-token decode step (runtime/fused_decode.py drives it), made of kernels.h's blocks.
+
+#pragma once
+
+#include "kernels.h"
+
+namespace specformer {
+
+// ---- a whole decode step of a pre-norm rotary decoder, in one parallel region -----------------------
+// Op by op, a one-token step of a 30-layer model is ~400 kernel calls: each pays its launch, and each
+// parallel region ends with both threads waiting for the slower one while the memory bus idles. Here the
+// threads enter one OpenMP region per step and stream every weight matrix back to back, split by rows,
+// meeting at a barrier only where the next phase needs all of the previous one's output (six a layer).
+// The small per-token work (norms of one row, rotary of one position, the attention merge) is done by
+// every thread on its own copy rather than shared behind another barrier. Each phase rounds to the
+// model's dtype where the op-by-op model does, with the kernels above, so bfloat16 follows it closely.
+template <typename T> struct LayerWeights {
+  const T *input_norm, *q, *k, *v, *o, *post_norm, *gate, *up, *down;
+  const T *q_bias, *k_bias, *v_bias, *o_bias, *gate_bias, *up_bias, *down_bias;
+  T *keys, *values;
+  const bool* allowed;  // (B|1, S): which cache slots each row's query may see
+  int64_t allowed_batch_stride;
+};
+
+// This thread's rows of an N-row matrix: whole kRows blocks, split evenly.
+inline std::pair<int64_t, int64_t> share(int64_t N, int64_t thread, int64_t threads) {
+  const int64_t blocks = (N + kRows - 1) / kRows;
+  return {std::min(N, blocks * thread / threads * kRows), std::min(N, blocks * (thread + 1) / threads * kRows)};
+}
+
+// RMSNorm of M rows of x into float32 (rounded to T first where the model rounds), as rms_norm_impl.
+template <typename T>
+void norm_rows(const T* x, const T* weight, int64_t M, int64_t dim, float eps, float* out, float* upcast) {
+  for (int64_t m = 0; m < M; ++m) {
+    const T* xr = x + m * dim;
+    const float* xf = as_float(xr, upcast, dim);
+    const float inv = 1.f / std::sqrt(torch_sum_of_squares(xf, dim) / float(dim) + eps);
+    for (int64_t i = 0; i < dim; ++i) {
+      if constexpr (std::is_same_v<T, float>) {
+        out[m * dim + i] = (xr[i] * inv) * weight[i];
+      } else {
+        out[m * dim + i] = float(round_to<T>(float(weight[i]) * float(round_to<T>(xf[i] * inv))));
+      }
+    }
+  }
+}
+
+// One head's rotary, as `rotate` does it.
+template <typename T> inline void rotate_head(const T* x, const T* c, const T* s, int64_t D, T* out) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < D; ++i) {
+    const T rolled = x[i < half ? i + half : i - half];
+    out[i] = round_to<T>(float(round_to<T>(float(x[i]) * float(c[i]))) + float(round_to<T>(float(rolled) * float(s[i]))));
+  }
+}
+
+template <typename T>
+at::Tensor decode_step_impl(const at::Tensor& hidden, const std::vector<at::Tensor>& weights,
+                            const std::vector<std::optional<at::Tensor>>& biases, const std::vector<at::Tensor>& keys,
+                            const std::vector<at::Tensor>& values, const std::vector<at::Tensor>& allowed,
+                            const at::Tensor& cos, const at::Tensor& signed_sin, int64_t slot, double eps_,
+                            double scale_) {
+  constexpr int64_t kPerLayer = 9, kBiases = 7;
+  const int64_t L = int64_t(keys.size());
+  TORCH_CHECK(L > 0 && int64_t(weights.size()) == kPerLayer * L + 2 && int64_t(biases.size()) == kBiases * L &&
+                  int64_t(values.size()) == L && int64_t(allowed.size()) == L,
+              "decode_step: ", weights.size(), " weights, ", biases.size(), " biases, ", keys.size(), " keys, ",
+              values.size(), " values and ", allowed.size(), " masks do not describe whole layers");
+  const at::Tensor x0 = hidden.contiguous();
+  require<T>(x0, "hidden");
+  TORCH_CHECK(x0.dim() == 2, "hidden must be (batch, hidden_size), got ", x0.sizes());
+  const int64_t M = x0.size(0), H = x0.size(1);
+  const int64_t Hkv = keys[0].size(1), S = keys[0].size(2), D = keys[0].size(3);
+  const int64_t Nq = weights[1].size(0), Nkv = weights[2].size(0), I = weights[6].size(0);
+  const int64_t Hq = Nq / D, G = Hq / Hkv, V = weights[kPerLayer * L + 1].size(0);
+  TORCH_CHECK(slot >= 0 && slot < S, "decode_step: slot ", slot, " is outside the cache's ", S, " slots");
+  TORCH_CHECK(Nq % D == 0 && Hq % Hkv == 0 && Nkv == Hkv * D && D % 2 == 0,
+              "decode_step: q rows ", Nq, ", kv rows ", Nkv, " and head size ", D, " do not fit together");
+  TORCH_CHECK(cos.dim() == 2 && cos.size(1) == D && (cos.size(0) == 1 || cos.size(0) == M) && cos.is_contiguous() &&
+                  signed_sin.sizes() == cos.sizes() && signed_sin.is_contiguous(),
+              "decode_step: cos and signed_sin must be (batch or 1, ", D, "), got ", cos.sizes());
+  require<T>(cos, "cos");
+  require<T>(signed_sin, "signed_sin");
+  std::vector<LayerWeights<T>> layers(L);
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor* w = &weights[kPerLayer * l];
+    const int64_t shapes[kPerLayer][2] = {{H, 1}, {Nq, H}, {Nkv, H}, {Nkv, H}, {H, Nq}, {H, 1}, {I, H}, {I, H}, {H, I}};
+    for (int64_t i = 0; i < kPerLayer; ++i) {
+      require<T>(w[i], "weight");
+      const bool fits = shapes[i][1] == 1 ? w[i].numel() == shapes[i][0]
+                                          : w[i].dim() == 2 && w[i].size(0) == shapes[i][0] && w[i].size(1) == shapes[i][1];
+      TORCH_CHECK(fits && w[i].is_contiguous(), "decode_step: layer ", l, " weight ", i, " has shape ", w[i].sizes());
+    }
+    const T* b[kBiases];
+    const int64_t bias_rows[kBiases] = {Nq, Nkv, Nkv, H, I, I, H};
+    for (int64_t i = 0; i < kBiases; ++i) {
+      const auto& bias = biases[kBiases * l + i];
+      b[i] = nullptr;
+      if (bias.has_value()) {
+        require<T>(*bias, "bias");
+        TORCH_CHECK(bias->numel() == bias_rows[i] && bias->is_contiguous(), "decode_step: layer ", l, " bias ", i,
+                    " has shape ", bias->sizes());
+        b[i] = bias->const_data_ptr<T>();
+      }
+    }
+    for (const at::Tensor* cache : {&keys[l], &values[l]}) {
+      require<T>(*cache, "cache");
+      TORCH_CHECK(cache->dim() == 4 && cache->size(0) == M && cache->size(1) == Hkv && cache->size(2) == S &&
+                      cache->size(3) == D && cache->is_contiguous(),
+                  "decode_step: layer ", l, " cache has shape ", cache->sizes(), "; expected (", M, ", ", Hkv, ", ", S,
+                  ", ", D, ")");
+    }
+    const at::Tensor& mask = allowed[l];
+    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(1) > slot && mask.size(1) <= S &&
+                    mask.stride(1) == 1 && (mask.size(0) == 1 || mask.size(0) == M),
+                "decode_step: layer ", l, " mask must be a (batch or 1, ", slot + 1, " to ", S, ") bool mask over the ",
+                "cache's slots, got ", mask.sizes());
+    layers[l] = {w[0].const_data_ptr<T>(), w[1].const_data_ptr<T>(), w[2].const_data_ptr<T>(),
+                 w[3].const_data_ptr<T>(), w[4].const_data_ptr<T>(), w[5].const_data_ptr<T>(),
+                 w[6].const_data_ptr<T>(), w[7].const_data_ptr<T>(), w[8].const_data_ptr<T>(),
+                 b[0], b[1], b[2], b[3], b[4], b[5], b[6],
+                 keys[l].data_ptr<T>(), values[l].data_ptr<T>(), mask.const_data_ptr<bool>(),
+                 mask.size(0) == 1 ? 0 : mask.stride(0)};
+  }
+  const at::Tensor& final_norm = weights[kPerLayer * L];
+  const at::Tensor& head = weights[kPerLayer * L + 1];
+  require<T>(final_norm, "norm");
+  require<T>(head, "lm_head");
+  TORCH_CHECK(final_norm.numel() == H && head.dim() == 2 && head.size(1) == H && head.is_contiguous(),
+              "decode_step: final norm ", final_norm.sizes(), " or lm_head ", head.sizes(), " does not fit ", H);
+
+  at::Tensor x = x0.clone();  // the residual stream, updated in place layer by layer
+  at::Tensor logits = at::empty({M, V}, x0.options());
+  T* xp = x.data_ptr<T>();
+  // Shared between the threads: this step's q/k/v rows, attention partials, MLP activations.
+  std::vector<T> qkv(M * (Nq + 2 * Nkv)), gate(M * I), up(M * I), projected(M * H);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t kv_heads = M * Hkv, visible = slot + 1;  // slots past this step's hold nothing yet
+  const int64_t splits = std::clamp<int64_t>((8 * threads + kv_heads - 1) / kv_heads, 1, std::max<int64_t>(1, (visible + 31) / 32));
+  const int64_t chunk = (visible + splits - 1) / splits, units = kv_heads * splits;
+  Partial part{std::vector<float>(units * G), std::vector<float>(units * G), std::vector<float>(units * G * D)};
+  const float eps = float(eps_), scale = float(scale_);
+  const T* cp = cos.const_data_ptr<T>();
+  const T* sp = signed_sin.const_data_ptr<T>();
+  const int64_t rope_stride = cos.size(0) == 1 ? 0 : D;
+  const int64_t q_stride = Nq + 2 * Nkv;
+
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+    std::vector<float> xf(M * std::max({H, I, Nq})), upcast(H), acc(kRows * M);
+    std::vector<float> qf(G * D), scores(G * chunk), row(D), merged(D);
+    std::vector<T> y(M * Nq), rotated(D);
+    for (int64_t l = 0; l < L; ++l) {
+      const LayerWeights<T>& w = layers[l];
+      // q, k, v of the normalised residual
+      norm_rows(xp, w.input_norm, M, H, eps, xf.data(), upcast.data());
+      auto [q0, q1] = share(Nq, t, nt);
+      gemv_share(w.q, w.q_bias, H, xf.data(), M, qkv.data(), q_stride, q0, q1, acc.data());
+      auto [k0, k1] = share(Nkv, t, nt);
+      gemv_share(w.k, w.k_bias, H, xf.data(), M, qkv.data() + Nq, q_stride, k0, k1, acc.data());
+      gemv_share(w.v, w.v_bias, H, xf.data(), M, qkv.data() + Nq + Nkv, q_stride, k0, k1, acc.data());
+#pragma omp barrier
+      // the new position's rotated key and its value into the cache
+      for (int64_t bh = t; bh < kv_heads; bh += nt) {
+        const int64_t b = bh / Hkv, h = bh % Hkv;
+        const T* kr = qkv.data() + b * q_stride + Nq + h * D;
+        const T* vr = kr + Nkv;
+        T* kc = w.keys + ((b * Hkv + h) * S + slot) * D;
+        rotate_head(kr, cp + b * rope_stride, sp + b * rope_stride, D, kc);
+        std::copy_n(vr, D, w.values + ((b * Hkv + h) * S + slot) * D);
+      }
+#pragma omp barrier
+      // attention: this thread's share of (row, kv head, key chunk) units
+      for (int64_t u = units * t / nt; u < units * (t + 1) / nt; ++u) {
+        const int64_t split = u % splits, b = u / splits / Hkv, h = u / splits % Hkv;
+        const int64_t s0 = std::min(visible, split * chunk), s1 = std::min(visible, s0 + chunk);
+        if (s0 == s1) {
+          std::fill_n(&part.max[u * G], G, -INFINITY);
+          std::fill_n(&part.sum[u * G], G, 0.f);
+          std::fill_n(&part.acc[u * G * D], G * D, 0.f);
+          continue;
+        }
+        for (int64_t j = 0; j < G; ++j) {
+          rotate_head(qkv.data() + b * q_stride + (h * G + j) * D, cp + b * rope_stride, sp + b * rope_stride, D,
+                      rotated.data());
+          for (int64_t i = 0; i < D; ++i) qf[j * D + i] = float(rotated[i]) * scale;
+        }
+        const int64_t cache_offset = (b * Hkv + h) * S * D;
+        attend_chunk<T>(qf.data(), G, D, w.keys + cache_offset, w.values + cache_offset, D, D,
+                        w.allowed + b * w.allowed_batch_stride, s0, s1, scores.data(), row.data(), &part.max[u * G],
+                        &part.sum[u * G], &part.acc[u * G * D]);
+      }
+#pragma omp barrier
+      // every thread merges all heads for itself (a few kilobytes), then projects its share of rows
+      for (int64_t bh = 0; bh < kv_heads; ++bh)
+        for (int64_t j = 0; j < G; ++j)
+          merge_partials(part, bh, j, splits, G, D, merged.data(), y.data() + (bh / Hkv) * Nq + (bh % Hkv * G + j) * D);
+      for (int64_t i = 0; i < M * Nq; ++i) xf[i] = float(y[i]);
+      auto [h0, h1] = share(H, t, nt);
+      gemv_share(w.o, w.o_bias, Nq, xf.data(), M, projected.data(), H, h0, h1, acc.data());
+      for (int64_t m = 0; m < M; ++m)  // the residual, for the rows this thread owns
+        for (int64_t n = h0; n < h1; ++n) xp[m * H + n] = round_to<T>(float(xp[m * H + n]) + float(projected[m * H + n]));
+#pragma omp barrier
+      // the gated MLP
+      norm_rows(xp, w.post_norm, M, H, eps, xf.data(), upcast.data());
+      auto [i0, i1] = share(I, t, nt);
+      gemv_share(w.gate, w.gate_bias, H, xf.data(), M, gate.data(), I, i0, i1, acc.data());
+      gemv_share(w.up, w.up_bias, H, xf.data(), M, up.data(), I, i0, i1, acc.data());
+      for (int64_t m = 0; m < M; ++m) silu_mul_range(gate.data() + m * I, up.data() + m * I, gate.data() + m * I, i0, i1);
+#pragma omp barrier
+      for (int64_t i = 0; i < M * I; ++i) xf[i] = float(gate[i]);
+      gemv_share(w.down, w.down_bias, I, xf.data(), M, projected.data(), H, h0, h1, acc.data());
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = h0; n < h1; ++n) xp[m * H + n] = round_to<T>(float(xp[m * H + n]) + float(projected[m * H + n]));
+#pragma omp barrier
+    }
+    norm_rows(xp, final_norm.const_data_ptr<T>(), M, H, eps, xf.data(), upcast.data());
+    auto [v0, v1] = share(V, t, nt);
+    gemv_share(head.const_data_ptr<T>(), static_cast<const T*>(nullptr), H, xf.data(), M, logits.data_ptr<T>(), V,
+               v0, v1, acc.data());
+  }
+  return logits;
+}
+
+inline at::Tensor decode_step(const at::Tensor& hidden, const std::vector<at::Tensor>& weights,
+                       const std::vector<std::optional<at::Tensor>>& biases, const std::vector<at::Tensor>& keys,
+                       const std::vector<at::Tensor>& values, const std::vector<at::Tensor>& allowed,
+                       const at::Tensor& cos, const at::Tensor& signed_sin, int64_t slot, double eps, double scale) {
+  if (hidden.scalar_type() == at::kBFloat16)
+    return decode_step_impl<c10::BFloat16>(hidden, weights, biases, keys, values, allowed, cos, signed_sin, slot, eps, scale);
+  return decode_step_impl<float>(hidden, weights, biases, keys, values, allowed, cos, signed_sin, slot, eps, scale);
+}
+
+}  // namespace specformer
