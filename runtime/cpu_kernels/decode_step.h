@@ -4,6 +4,8 @@
 
 #include "kernels.h"
 
+#include <string>
+
 namespace specformer {
 
 // ---- a whole decode step of a pre-norm rotary decoder, in one parallel region -----------------------
@@ -54,13 +56,75 @@ template <typename T> inline void rotate_head(const T* x, const T* c, const T* s
   }
 }
 
+// Sizes of one step, read off the inputs: M rows of width H; per layer Nq query rows (Hq heads of D),
+// Nkv key and value rows (Hkv heads), I MLP rows; S cache slots; V vocabulary rows.
+struct StepShape {
+  int64_t L, M, H, Hkv, S, D, Nq, Nkv, I, Hq, G, V;
+};
+
+constexpr int64_t kPerLayer = 9, kBiases = 7;  // weights and optional biases per layer, in this order:
+constexpr const char* kWeightNames[kPerLayer] = {"input norm", "q", "k", "v", "o", "post norm", "gate", "up", "down"};
+constexpr const char* kBiasNames[kBiases] = {"q", "k", "v", "o", "gate", "up", "down"};
+
+// Every layer's pointers, after checking each tensor's dtype, shape and layout against the step's.
+template <typename T>
+std::vector<LayerWeights<T>> layer_weights(const StepShape& z, const std::vector<at::Tensor>& weights,
+                                           const std::vector<std::optional<at::Tensor>>& biases,
+                                           const std::vector<at::Tensor>& keys, const std::vector<at::Tensor>& values,
+                                           const std::vector<at::Tensor>& allowed, int64_t slot) {
+  std::vector<LayerWeights<T>> layers(z.L);
+  const int64_t shapes[kPerLayer][2] = {{z.H, 0},    {z.Nq, z.H}, {z.Nkv, z.H}, {z.Nkv, z.H}, {z.H, z.Nq},
+                                        {z.H, 0},    {z.I, z.H},  {z.I, z.H},   {z.H, z.I}};
+  const int64_t bias_rows[kBiases] = {z.Nq, z.Nkv, z.Nkv, z.H, z.I, z.I, z.H};
+  for (int64_t l = 0; l < z.L; ++l) {
+    const at::Tensor* w = &weights[kPerLayer * l];
+    for (int64_t i = 0; i < kPerLayer; ++i) {
+      require<T>(w[i], kWeightNames[i]);
+      const bool fits = shapes[i][1] == 0 ? w[i].numel() == shapes[i][0]
+                                          : w[i].dim() == 2 && w[i].size(0) == shapes[i][0] && w[i].size(1) == shapes[i][1];
+      TORCH_CHECK(fits && w[i].is_contiguous(), "decode_step: layer ", l, "'s ", kWeightNames[i], " weight has shape ",
+                  w[i].sizes(), "; expected (", shapes[i][0], shapes[i][1] ? ", " + std::to_string(shapes[i][1]) : "",
+                  "), contiguous");
+    }
+    const T* b[kBiases];
+    for (int64_t i = 0; i < kBiases; ++i) {
+      const auto& bias = biases[kBiases * l + i];
+      b[i] = nullptr;
+      if (bias.has_value()) {
+        require<T>(*bias, kBiasNames[i]);
+        TORCH_CHECK(bias->numel() == bias_rows[i] && bias->is_contiguous(), "decode_step: layer ", l, "'s ",
+                    kBiasNames[i], " bias has shape ", bias->sizes(), "; expected (", bias_rows[i], ")");
+        b[i] = bias->const_data_ptr<T>();
+      }
+    }
+    for (const at::Tensor* cache : {&keys[l], &values[l]}) {
+      require<T>(*cache, "cache");
+      TORCH_CHECK(cache->dim() == 4 && cache->size(0) == z.M && cache->size(1) == z.Hkv && cache->size(2) == z.S &&
+                      cache->size(3) == z.D && cache->is_contiguous(),
+                  "decode_step: layer ", l, " cache has shape ", cache->sizes(), "; expected (", z.M, ", ", z.Hkv, ", ",
+                  z.S, ", ", z.D, "), contiguous");
+    }
+    const at::Tensor& mask = allowed[l];
+    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(1) > slot && mask.size(1) <= z.S &&
+                    mask.stride(1) == 1 && (mask.size(0) == 1 || mask.size(0) == z.M),
+                "decode_step: layer ", l, " mask must be a (batch or 1, ", slot + 1, " to ", z.S,
+                ") bool mask over the cache's slots, got ", mask.sizes());
+    layers[l] = {w[0].const_data_ptr<T>(), w[1].const_data_ptr<T>(), w[2].const_data_ptr<T>(),
+                 w[3].const_data_ptr<T>(), w[4].const_data_ptr<T>(), w[5].const_data_ptr<T>(),
+                 w[6].const_data_ptr<T>(), w[7].const_data_ptr<T>(), w[8].const_data_ptr<T>(),
+                 b[0], b[1], b[2], b[3], b[4], b[5], b[6],
+                 keys[l].data_ptr<T>(), values[l].data_ptr<T>(), mask.const_data_ptr<bool>(),
+                 mask.size(0) == 1 ? 0 : mask.stride(0)};
+  }
+  return layers;
+}
+
 template <typename T>
 at::Tensor decode_step_impl(const at::Tensor& hidden, const std::vector<at::Tensor>& weights,
                             const std::vector<std::optional<at::Tensor>>& biases, const std::vector<at::Tensor>& keys,
                             const std::vector<at::Tensor>& values, const std::vector<at::Tensor>& allowed,
                             const at::Tensor& cos, const at::Tensor& signed_sin, int64_t slot, double eps_,
                             double scale_) {
-  constexpr int64_t kPerLayer = 9, kBiases = 7;
   const int64_t L = int64_t(keys.size());
   TORCH_CHECK(L > 0 && int64_t(weights.size()) == kPerLayer * L + 2 && int64_t(biases.size()) == kBiases * L &&
                   int64_t(values.size()) == L && int64_t(allowed.size()) == L,
@@ -68,7 +132,7 @@ at::Tensor decode_step_impl(const at::Tensor& hidden, const std::vector<at::Tens
               values.size(), " values and ", allowed.size(), " masks do not describe whole layers");
   const at::Tensor x0 = hidden.contiguous();
   require<T>(x0, "hidden");
-  TORCH_CHECK(x0.dim() == 2, "hidden must be (batch, hidden_size), got ", x0.sizes());
+  TORCH_CHECK(x0.dim() == 2, "decode_step: hidden must be (batch, hidden_size), got ", x0.sizes());
   const int64_t M = x0.size(0), H = x0.size(1);
   const int64_t Hkv = keys[0].size(1), S = keys[0].size(2), D = keys[0].size(3);
   const int64_t Nq = weights[1].size(0), Nkv = weights[2].size(0), I = weights[6].size(0);
@@ -81,47 +145,8 @@ at::Tensor decode_step_impl(const at::Tensor& hidden, const std::vector<at::Tens
               "decode_step: cos and signed_sin must be (batch or 1, ", D, "), got ", cos.sizes());
   require<T>(cos, "cos");
   require<T>(signed_sin, "signed_sin");
-  std::vector<LayerWeights<T>> layers(L);
-  for (int64_t l = 0; l < L; ++l) {
-    const at::Tensor* w = &weights[kPerLayer * l];
-    const int64_t shapes[kPerLayer][2] = {{H, 1}, {Nq, H}, {Nkv, H}, {Nkv, H}, {H, Nq}, {H, 1}, {I, H}, {I, H}, {H, I}};
-    for (int64_t i = 0; i < kPerLayer; ++i) {
-      require<T>(w[i], "weight");
-      const bool fits = shapes[i][1] == 1 ? w[i].numel() == shapes[i][0]
-                                          : w[i].dim() == 2 && w[i].size(0) == shapes[i][0] && w[i].size(1) == shapes[i][1];
-      TORCH_CHECK(fits && w[i].is_contiguous(), "decode_step: layer ", l, " weight ", i, " has shape ", w[i].sizes());
-    }
-    const T* b[kBiases];
-    const int64_t bias_rows[kBiases] = {Nq, Nkv, Nkv, H, I, I, H};
-    for (int64_t i = 0; i < kBiases; ++i) {
-      const auto& bias = biases[kBiases * l + i];
-      b[i] = nullptr;
-      if (bias.has_value()) {
-        require<T>(*bias, "bias");
-        TORCH_CHECK(bias->numel() == bias_rows[i] && bias->is_contiguous(), "decode_step: layer ", l, " bias ", i,
-                    " has shape ", bias->sizes());
-        b[i] = bias->const_data_ptr<T>();
-      }
-    }
-    for (const at::Tensor* cache : {&keys[l], &values[l]}) {
-      require<T>(*cache, "cache");
-      TORCH_CHECK(cache->dim() == 4 && cache->size(0) == M && cache->size(1) == Hkv && cache->size(2) == S &&
-                      cache->size(3) == D && cache->is_contiguous(),
-                  "decode_step: layer ", l, " cache has shape ", cache->sizes(), "; expected (", M, ", ", Hkv, ", ", S,
-                  ", ", D, ")");
-    }
-    const at::Tensor& mask = allowed[l];
-    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(1) > slot && mask.size(1) <= S &&
-                    mask.stride(1) == 1 && (mask.size(0) == 1 || mask.size(0) == M),
-                "decode_step: layer ", l, " mask must be a (batch or 1, ", slot + 1, " to ", S, ") bool mask over the ",
-                "cache's slots, got ", mask.sizes());
-    layers[l] = {w[0].const_data_ptr<T>(), w[1].const_data_ptr<T>(), w[2].const_data_ptr<T>(),
-                 w[3].const_data_ptr<T>(), w[4].const_data_ptr<T>(), w[5].const_data_ptr<T>(),
-                 w[6].const_data_ptr<T>(), w[7].const_data_ptr<T>(), w[8].const_data_ptr<T>(),
-                 b[0], b[1], b[2], b[3], b[4], b[5], b[6],
-                 keys[l].data_ptr<T>(), values[l].data_ptr<T>(), mask.const_data_ptr<bool>(),
-                 mask.size(0) == 1 ? 0 : mask.stride(0)};
-  }
+  const std::vector<LayerWeights<T>> layers =
+      layer_weights<T>({L, M, H, Hkv, S, D, Nq, Nkv, I, Hq, G, V}, weights, biases, keys, values, allowed, slot);
   const at::Tensor& final_norm = weights[kPerLayer * L];
   const at::Tensor& head = weights[kPerLayer * L + 1];
   require<T>(final_norm, "norm");
