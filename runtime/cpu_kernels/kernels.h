@@ -65,6 +65,7 @@ template <typename T> inline const float* as_float(const T* src, float* buffer, 
 // shift) and accumulate in float32, rounding once at the end, as oneDNN's bf16 GEMM does. Streaming
 // runs measurably faster with 512-bit loads and a prefetch of the next rows (AVX2: ~20 % slower).
 constexpr int64_t kRows = 4;
+static_assert(kRows * 4 == 16, "dot_rows sums kRows x 4 dot products in one 16-lane vector");
 
 // acc[r * M + m] = dot(W[n0 + r, :K], x[m, :K]) for full blocks of kRows rows; returns how many columns
 // (a multiple of the vector width) it covered, the caller adding the rest.
@@ -76,10 +77,51 @@ SPECFORMER_TARGET inline __m512 load16(const c10::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
 
+// Sixteen per-lane dot products summed into one vector whose lane i is dots[i]'s total: a transpose
+// done as a tree of shuffles and adds (45 instructions, where 16 horizontal sums take ~130).
+SPECFORMER_TARGET inline __m512 transpose_sum16(const __m512* d) {
+  __m512 pairs[8], quads[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] for a = d[2i], b = d[2i+1]
+    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(d[2 * i], d[2 * i + 1]), _mm512_unpackhi_ps(d[2 * i], d[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: the four rows 4i..4i+3, each summed over that lane
+    const __m512d x = _mm512_castps_pd(pairs[2 * i]), y = _mm512_castps_pd(pairs[2 * i + 1]);
+    quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  // sum over the four 128-bit lanes: lane j of the result holds rows 4j..4j+3
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
 template <typename T>
 SPECFORMER_TARGET int64_t dot_rows(const T* w, int64_t K, const float* xf, int64_t M, float* acc) {
   const int64_t covered = K / 16 * 16;
-  for (int64_t m = 0; m < M; ++m) {
+  int64_t m0 = 0;
+  // Four rows of x at a time (batched decoding): each weight vector is loaded, and widened, once for all
+  // four, and the sixteen dot products end in one vector. Row by row, loads bound the loop from M ~ 4.
+  for (; m0 + 4 <= M; m0 += 4) {
+    __m512 sums[kRows * 4];  // sums[r * 4 + i]: W row r with x row m0 + i
+    for (auto& sum : sums) sum = _mm512_setzero_ps();
+    for (int64_t k = 0; k < covered; k += 16) {
+      __m512 wv[kRows];
+      for (int64_t r = 0; r < kRows; ++r) {
+        if (m0 == 0) _mm_prefetch(reinterpret_cast<const char*>(w + (kRows + r) * K + k), _MM_HINT_T1);
+        wv[r] = load16(w + r * K + k);
+      }
+      for (int64_t i = 0; i < 4; ++i) {
+        const __m512 xv = _mm512_loadu_ps(xf + (m0 + i) * K + k);
+        for (int64_t r = 0; r < kRows; ++r) sums[r * 4 + i] = _mm512_fmadd_ps(wv[r], xv, sums[r * 4 + i]);
+      }
+    }
+    float totals[16];
+    _mm512_storeu_ps(totals, transpose_sum16(sums));
+    for (int64_t r = 0; r < kRows; ++r)
+      for (int64_t i = 0; i < 4; ++i) acc[r * M + m0 + i] = totals[r * 4 + i];
+  }
+  for (int64_t m = m0; m < M; ++m) {
     __m512 sums[kRows] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     for (int64_t k = 0; k < covered; k += 16) {
       const __m512 xv = _mm512_loadu_ps(xf + m * K + k);
@@ -216,26 +258,6 @@ struct Partial {
 #if defined(SPECFORMER_AVX512)
 // The two loops over the keys with whole rows in registers, for the usual head sizes (64, 128): a kv
 // row is read once per query head from L1 and widened in registers if bfloat16.
-//
-// Sixteen per-lane dot products summed into one vector whose lane i is dots[i]'s total: a transpose
-// done as a tree of shuffles and adds (45 instructions, where 16 horizontal sums take ~130).
-SPECFORMER_TARGET inline __m512 transpose_sum16(const __m512* d) {
-  __m512 pairs[8], quads[4];
-  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] for a = d[2i], b = d[2i+1]
-    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(d[2 * i], d[2 * i + 1]), _mm512_unpackhi_ps(d[2 * i], d[2 * i + 1]));
-  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: the four rows 4i..4i+3, each summed over that lane
-    const __m512d x = _mm512_castps_pd(pairs[2 * i]), y = _mm512_castps_pd(pairs[2 * i + 1]);
-    quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-  }
-  // sum over the four 128-bit lanes: lane j of the result holds rows 4j..4j+3
-  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                                  _mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(3, 1, 3, 1)));
-  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(2, 0, 2, 0)),
-                                  _mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(3, 1, 3, 1)));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(2, 0, 2, 0)),
-                       _mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(3, 1, 3, 1)));
-}
-
 template <typename T, int64_t NV>
 SPECFORMER_TARGET inline __m512 row_dot(const __m512* q, const T* kr) {
   __m512 dot = _mm512_mul_ps(q[0], load16(kr));
