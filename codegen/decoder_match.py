@@ -1,11 +1,12 @@
 """Recognise a spec whose decoder the fused CPU decode step can run (runtime/fused_decode.py).
 
 The kernel hard-codes one dataflow: a pre-norm decoder layer (`x = x + attn(norm(x))`, then
-`x + mlp(norm(x))`), attention with q/k/v/o projections, full rotary, causal `attend` (optionally windowed)
-and a gated MLP `down(act(gate(x)) * up(x))`, under a backbone `norm(layers(embed(input_ids)))` and a head
-`lm_head(h)`. A spec matches when its forwards are exactly these statements (any names), so the planner can
-hand the runtime the modules in the kernel's order; anything else (post-norm, q/k norms, scaled
-embeddings, an attention scale or soft-cap...) simply gets no layout and decodes op by op.
+`x + mlp(norm(x))`), attention with q/k/v/o projections, full rotary, `attend` (optionally windowed) and a
+gated MLP `down(act(gate(x)) * up(x))`, under a backbone `norm(layers(embed(input_ids)))` (the embeddings
+optionally scaled by a config value, as Gemma's) and a head `lm_head(h)`. A spec matches when its forwards are exactly these statements (any names), so the planner can
+hand the runtime the modules in the kernel's order; anything else (post-norm, q/k norms, an attention
+scale or soft-cap...) simply gets no layout and decodes op by op. What the IR leaves to the config (the
+activation, the norms' offset and eps) the runtime checks before it takes the kernel.
 
 Forwards are compared as text in a canonical spelling of the IR (`_spell`), against patterns whose
 `{name}` slots bind identifiers: the first use of a slot captures, later uses must repeat the same name.
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 from specformer.dsl import ir
 from specformer.dsl.primitives import PRIMITIVES, REQUIRED
+from specformer.dsl.validate import names_in
 
 _DECODER_LAYER = "{x} = ({x} + {attn}({input_norm}({x}))); return ({x} + {mlp}({post_norm}({x})))"
 _ATTENTION = (
@@ -47,6 +49,7 @@ class DecoderMatch:
     v_proj: str
     o_proj: str
     head_dim: ir.Expr  # the head size split_heads is given
+    embed_scale: ir.Expr | None  # `embed(input_ids) * scale` (Gemma), else None
     window: ir.Expr | None  # attend's window, spelled later in the attention block's own terms
     attention_block: str
     gate_proj: str
@@ -57,7 +60,7 @@ class DecoderMatch:
 
 def match_decoder(model: ir.ResolvedModel, activation_fields: set[str]) -> DecoderMatch | None:
     """The decoder's module names when the spec has exactly the fused step's dataflow, else None."""
-    backbone = model.backbone
+    backbone, embed_scale = _unscaled(model.backbone)
     found = _match(backbone, _BACKBONE)
     if found is None or not _is(backbone, found["embed"], "primitive", "Embedding", options={"padding_idx"}):
         return None
@@ -65,15 +68,15 @@ def match_decoder(model: ir.ResolvedModel, activation_fields: set[str]) -> Decod
     layers = backbone.submodule(found["layers"])
     if len(rotaries) != 1 or layers is None or layers.kind != "repeat" or layers.condition is not None:
         return None
-    if not _is(backbone, found["norm"], "primitive", "RMSNorm", options={"eps"}):
-        return None
     layer_block = model.block(layers.target)
     layer = _match(layer_block, _DECODER_LAYER)
-    if layer is None or not all(
-        _is(layer_block, layer[n], "primitive", "RMSNorm", options={"eps"})
-        for n in ("input_norm", "post_norm")
-    ):
+    if layer is None:
         return None
+    norms = [(backbone, found["norm"]), (layer_block, layer["input_norm"]), (layer_block, layer["post_norm"])]
+    if not all(
+        _is(block, name, "primitive", "RMSNorm", options={"eps", "unit_offset"}) for block, name in norms
+    ):
+        return None  # the runtime checks that the norms share their eps and offset
     if not (_is(layer_block, layer["attn"], "block") and _is(layer_block, layer["mlp"], "block")):
         return None
     attention_block = model.block(layer_block.submodule(layer["attn"]).target)  # type: ignore[union-attr]
@@ -91,10 +94,9 @@ def match_decoder(model: ir.ResolvedModel, activation_fields: set[str]) -> Decod
         for s in attention_block.forward.body
         if isinstance(s, ir.Assign) and _is_call(s.value, "attend")
     )  # type: ignore[union-attr]
-    options = dict(attend.kwargs)  # type: ignore[union-attr]
-    causal = options.get("causal")
-    if not set(options) <= _ATTEND_OPTIONS or not (isinstance(causal, ir.Const) and causal.value is True):
+    if not {k for k, _ in attend.kwargs} <= _ATTEND_OPTIONS:  # type: ignore[union-attr]
         return None
+    options = dict(attend.kwargs)  # type: ignore[union-attr]
     window = options.get("window")
     return DecoderMatch(
         embed=found["embed"],
@@ -110,6 +112,7 @@ def match_decoder(model: ir.ResolvedModel, activation_fields: set[str]) -> Decod
         v_proj=attention["v_proj"],
         o_proj=attention["o_proj"],
         head_dim=attention_block.forward.body[0].value.args[1],  # type: ignore[union-attr]
+        embed_scale=embed_scale,
         window=None if isinstance(window, ir.Const) and window.value is None else window,
         attention_block=attention_block.name,
         gate_proj=mlp["gate_proj"],
@@ -117,6 +120,29 @@ def match_decoder(model: ir.ResolvedModel, activation_fields: set[str]) -> Decod
         down_proj=mlp["down_proj"],
         act=mlp["act"],
     )
+
+
+def _unscaled(backbone: ir.Block) -> tuple[ir.Block, ir.Expr | None]:
+    """The backbone read with a first `x = embed(input_ids) * scale` as `x = embed(input_ids)`, and the
+    scale when it is one: an expression of config values only."""
+    body = backbone.forward.body if backbone.forward is not None else ()
+    first = body[0] if body else None
+    if not isinstance(first, ir.Assign) or not isinstance(first.value, ir.BinOp) or first.value.op != "*":
+        return backbone, None
+    scaled, scale = first.value.left, first.value.right
+    if not isinstance(scaled, ir.Call) or {n.id for n in names_in(scale)} & _locals(backbone):
+        return backbone, None
+    unscaled = (first.model_copy(update={"value": scaled}), *body[1:])
+    forward = backbone.forward.model_copy(update={"body": unscaled})  # type: ignore[union-attr]
+    return backbone.model_copy(update={"forward": forward}), scale
+
+
+def _locals(block: ir.Block) -> set[str]:
+    assert block.forward is not None
+    return {
+        *block.forward.params,
+        *(t for s in block.forward.body if isinstance(s, ir.Assign) for t in s.targets),
+    }
 
 
 def _match(block: ir.Block | None, pattern: str) -> dict[str, str] | None:

@@ -712,6 +712,8 @@ class Planner:
             f"rotary={model}.{found.rotary}",
             f"head=self.{lm_head}",
         ]
+        if found.embed_scale is not None:
+            fields.append(f"embed_scale={self.config_expr('self.config')(found.embed_scale)}")
         body = [f"return DecoderLayout({', '.join(fields)})"]
         comments = [
             "The decoder is exactly the dataflow specformer's fused CPU decode step runs (pre-norm, rotary,",

@@ -7,12 +7,12 @@ its weights would allow ~50. `specformer_cpu::decode_step` runs the whole step (
 cache write, attention and gated MLP, then the final norm and the head) in one parallel region that
 streams the weights back to back.
 
-It needs to know the decoder's structure for certain, so it takes it from the code generator: when a
-spec's dataflow is exactly a pre-norm rotary decoder with a gated MLP (Llama, Mistral, Qwen2 and any spec
+It needs to know the decoder's structure for certain, so it takes it from the code generator: when a spec's
+dataflow is exactly a pre-norm rotary decoder with a gated MLP (Llama, Mistral, Qwen2, Gemma and any spec
 written the same way), its causal-LM class gets a generated `decoder_layout()` naming the modules, and
 `generate()` decodes through the kernel over a dynamic or static cache, eager or with `compile=True`
-(nothing to compile). Anything the kernel does not cover (another activation or norm, partial rotary,
-quantized or LoRA layers, gradients, a GPU) decodes op by op or through `torch.compile`.
+(nothing to compile). Anything the kernel does not cover (activations other than SwiGLU and GeGLU, partial
+rotary, quantized or LoRA layers, gradients, a GPU) decodes op by op or through `torch.compile`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import cpu_kernels
@@ -29,6 +28,9 @@ from .cache import DynamicCache, StaticCache
 from .layers import DECODE_ROWS, Activation, RMSNorm, is_plain_linear
 from .outputs import CausalLMOutput
 from .rope import RotaryEmbedding
+
+# The gated activations the kernel computes, by the name a config gives them.
+_GATES = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 @dataclass(frozen=True)
@@ -59,13 +61,16 @@ class DecoderLayout:
     norm: nn.Module
     rotary: nn.Module
     head: nn.Module
+    embed_scale: float | None = None  # Gemma multiplies the embeddings by sqrt(hidden_size)
 
 
 class FusedDecoder:
     """Callable like the model for one-token steps over a static or dynamic cache: the next token's logits."""
 
-    def __init__(self, layout: DecoderLayout) -> None:
+    def __init__(self, layout: DecoderLayout, activation: str) -> None:
         self.layout = layout
+        self.activation = activation
+        self.unit_offset = layout.norm.unit_offset
         self.scale = layout.head_dim**-0.5
         self.eps = layout.norm.eps
         self.weights: list[torch.Tensor] = []
@@ -97,6 +102,8 @@ class FusedDecoder:
             raise ValueError("the fused decode step caches its token and returns its logits only")
         cache = past_key_values
         x = self.layout.embed(input_ids[:, 0])
+        if self.layout.embed_scale is not None:
+            x = x * self.layout.embed_scale
         cos, signed_sin = self.layout.rotary(position_ids).prepared(x.dtype)
         mask = AttentionMask(attention_mask, 1, cache.get_seq_length(), cache)  # before the cache moves on
         allowed = {w: mask.allowed(True, w, x.device).flatten(1).contiguous() for w in set(self.windows)}
@@ -113,6 +120,8 @@ class FusedDecoder:
             slot,
             self.eps,
             self.scale,
+            self.unit_offset,
+            self.activation,
         )
         return CausalLMOutput(logits=logits[:, None])
 
@@ -129,18 +138,22 @@ def fused_decoder(model: nn.Module, batch: int) -> FusedDecoder | None:
     dtype = layout.norm.weight.dtype
     tensors = [layout.embed.weight, layout.norm.weight, layout.head.weight]
     norms = [layout.norm]
+    activations: set[str | None] = set()
     for layer in layout.layers:
         linears = (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down)
         if not all(is_plain_linear(m) and m.weight.is_contiguous() for m in linears):
             return None  # quantized, LoRA, tensor-parallel...
-        if not (isinstance(layer.act, Activation) and layer.act.fn is F.silu):
+        if not (isinstance(layer.act, Activation) and layer.act.kernel == "torch"):
             return None
+        activations.add(_GATES.get(layer.act.name))
         tensors += [m.weight for m in linears] + [m.bias for m in linears if m.bias is not None]
         norms += [layer.input_norm, layer.post_norm]
-    if not all(type(n) is RMSNorm and not n.unit_offset and n.kernel == "torch" for n in norms):
+    if not all(type(n) is RMSNorm and n.kernel == "torch" for n in norms) or len(activations) != 1:
         return None
+    (activation,) = activations
     if (
-        len({n.eps for n in norms}) != 1
+        activation is None
+        or len({(n.eps, n.unit_offset) for n in norms}) != 1
         or type(layout.embed) is not nn.Embedding
         or layout.embed.max_norm is not None
         or not is_plain_linear(layout.head)
@@ -151,7 +164,7 @@ def fused_decoder(model: nn.Module, batch: int) -> FusedDecoder | None:
         return None  # partial rotary
     if not (cpu_kernels.applies(*tensors) and all(t.dtype == dtype for t in tensors)):
         return None
-    return FusedDecoder(layout)
+    return FusedDecoder(layout, activation)
 
 
 def _hooked(model: nn.Module) -> bool:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from specformer.codegen import render_model
 from specformer.dsl import SpecSet
-from specformer.generated.gemma import GemmaForCausalLM
+from specformer.generated.gemma import GemmaConfig, GemmaForCausalLM
 from specformer.generated.llama import LlamaConfig, LlamaForCausalLM
 from specformer.generated.mistral import MistralConfig, MistralForCausalLM
 from specformer.generated.qwen2 import Qwen2Config, Qwen2ForCausalLM
@@ -32,6 +32,7 @@ ARCHITECTURES = {
         Qwen2Config,
         {"use_sliding_window": True, "sliding_window": 7, "max_window_layers": 1},
     ),
+    "gemma": (GemmaForCausalLM, GemmaConfig, {}),  # (1 + w) norms, scaled embeddings, GeGLU
 }
 
 
@@ -83,6 +84,9 @@ def test_fused_steps_give_the_models_logits(
     model = cls(config).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(10)  # sharper logits: fewer near-ties between tokens
+        for name, parameter in model.named_parameters():
+            if "norm" in name:  # norms start as ones (or zeros, Gemma's): make each one count
+                parameter.add_(torch.randn_like(parameter) * 0.3)
     prompt = torch.randint(0, 61, (batch, 6))
     mask = torch.ones_like(prompt)
     mask[1:, :3] = 0
@@ -101,7 +105,6 @@ def test_bfloat16_rounds_where_the_model_does() -> None:
 
 def test_only_specs_with_the_fused_dataflow_get_a_decoder_layout() -> None:
     assert all(hasattr(cls, "decoder_layout") for cls, _, _ in ARCHITECTURES.values())
-    assert not hasattr(GemmaForCausalLM, "decoder_layout")  # (1 + w) norms, a scaled embedding, GeGLU
     specs = SpecSet()
     specs.add_file(SPECS / "llama.sf", "llama.sf")
     llama = (SPECS / "llama.sf").read_text()
@@ -170,11 +173,22 @@ def test_what_the_fused_step_does_not_cover_decodes_op_by_op() -> None:
 def test_bad_input_names_what_does_not_fit() -> None:
     model = LlamaForCausalLM(LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=40, num_hidden_layers=1,
                                          num_attention_heads=4, num_key_value_heads=2)).eval()  # fmt: skip
-    step = step_for(model, StaticCache(8))
-    assert isinstance(step, FusedDecoder)
-    keys = [torch.zeros(2, 2, 8, 8)]  # two rows of cache for one row of input
-    with torch.inference_mode(), pytest.raises(RuntimeError, match="layer 0 cache has shape"):
+    assert isinstance(step_for(model, StaticCache(8)), FusedDecoder)
+    good_keys, bad_keys = [torch.zeros(1, 2, 8, 8)], [torch.zeros(2, 2, 8, 8)]  # two rows of cache for one
+
+    def step(keys: list[torch.Tensor], weights: list[torch.Tensor], activation: str = "silu") -> None:
         torch.ops.specformer_cpu.decode_step(
-            torch.zeros(1, 32), step.weights, step.biases, keys, keys, [torch.ones(1, 8, dtype=torch.bool)],
-            torch.zeros(1, 8), torch.zeros(1, 8), 0, 1e-6, 0.35,
+            torch.zeros(1, 32), weights, step_.biases, keys, keys, [torch.ones(1, 8, dtype=torch.bool)],
+            torch.zeros(1, 8), torch.zeros(1, 8), 0, 1e-6, 0.35, False, activation,
         )  # fmt: skip
+
+    step_ = step_for(model, StaticCache(8))
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match="layer 0 cache has shape"):
+            step(bad_keys, step_.weights)
+        with pytest.raises(
+            RuntimeError, match=r"layer 0's v weight has shape \[16, 30\]; expected \(16, 32\)"
+        ):
+            step(good_keys, [*step_.weights[:3], torch.zeros(16, 30), *step_.weights[4:]])
+        with pytest.raises(RuntimeError, match="activation `relu`; expected silu or gelu_tanh"):
+            step(good_keys, step_.weights, "relu")

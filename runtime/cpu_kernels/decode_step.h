@@ -30,15 +30,20 @@ inline std::pair<int64_t, int64_t> share(int64_t N, int64_t thread, int64_t thre
   return {std::min(N, blocks * thread / threads * kRows), std::min(N, blocks * (thread + 1) / threads * kRows)};
 }
 
-// RMSNorm of M rows of x into float32 (rounded to T first where the model rounds), as rms_norm_impl.
+// RMSNorm of M rows of x into float32, rounded to T where the model's norm rounds: Llama's (x * w,
+// normalised in float32 and rounded before the scale) as rms_norm_impl, or Gemma's unit-offset one
+// (x * (1 + w), all in float32, rounded once).
 template <typename T>
-void norm_rows(const T* x, const T* weight, int64_t M, int64_t dim, float eps, float* out, float* upcast) {
+void norm_rows(const T* x, const T* weight, bool unit_offset, int64_t M, int64_t dim, float eps, float* out,
+               float* upcast) {
   for (int64_t m = 0; m < M; ++m) {
     const T* xr = x + m * dim;
     const float* xf = as_float(xr, upcast, dim);
     const float inv = 1.f / std::sqrt(torch_sum_of_squares(xf, dim) / float(dim) + eps);
     for (int64_t i = 0; i < dim; ++i) {
-      if constexpr (std::is_same_v<T, float>) {
+      if (unit_offset) {
+        out[m * dim + i] = float(round_to<T>((xf[i] * inv) * (1.f + float(weight[i]))));
+      } else if constexpr (std::is_same_v<T, float>) {
         out[m * dim + i] = (xr[i] * inv) * weight[i];
       } else {
         out[m * dim + i] = float(round_to<T>(float(weight[i]) * float(round_to<T>(xf[i] * inv))));
@@ -124,7 +129,7 @@ at::Tensor decode_step_impl(const at::Tensor& hidden, const std::vector<at::Tens
                             const std::vector<std::optional<at::Tensor>>& biases, const std::vector<at::Tensor>& keys,
                             const std::vector<at::Tensor>& values, const std::vector<at::Tensor>& allowed,
                             const at::Tensor& cos, const at::Tensor& signed_sin, int64_t slot, double eps_,
-                            double scale_) {
+                            double scale_, bool unit_offset, bool gelu) {
   const int64_t L = int64_t(keys.size());
   TORCH_CHECK(L > 0 && int64_t(weights.size()) == kPerLayer * L + 2 && int64_t(biases.size()) == kBiases * L &&
                   int64_t(values.size()) == L && int64_t(allowed.size()) == L,
@@ -179,7 +184,7 @@ at::Tensor decode_step_impl(const at::Tensor& hidden, const std::vector<at::Tens
     for (int64_t l = 0; l < L; ++l) {
       const LayerWeights<T>& w = layers[l];
       // q, k, v of the normalised residual
-      norm_rows(xp, w.input_norm, M, H, eps, xf.data(), upcast.data());
+      norm_rows(xp, w.input_norm, unit_offset, M, H, eps, xf.data(), upcast.data());
       auto [q0, q1] = share(Nq, t, nt);
       gemv_share(w.q, w.q_bias, H, xf.data(), M, qkv.data(), q_stride, q0, q1, acc.data());
       auto [k0, k1] = share(Nkv, t, nt);
@@ -228,11 +233,14 @@ at::Tensor decode_step_impl(const at::Tensor& hidden, const std::vector<at::Tens
         for (int64_t n = h0; n < h1; ++n) xp[m * H + n] = round_to<T>(float(xp[m * H + n]) + float(projected[m * H + n]));
 #pragma omp barrier
       // the gated MLP
-      norm_rows(xp, w.post_norm, M, H, eps, xf.data(), upcast.data());
+      norm_rows(xp, w.post_norm, unit_offset, M, H, eps, xf.data(), upcast.data());
       auto [i0, i1] = share(I, t, nt);
       gemv_share(w.gate, w.gate_bias, H, xf.data(), M, gate.data(), I, i0, i1, acc.data());
       gemv_share(w.up, w.up_bias, H, xf.data(), M, up.data(), I, i0, i1, acc.data());
-      for (int64_t m = 0; m < M; ++m) silu_mul_range(gate.data() + m * I, up.data() + m * I, gate.data() + m * I, i0, i1);
+      for (int64_t m = 0; m < M; ++m) {
+        T* g = gate.data() + m * I;
+        gelu ? gelu_tanh_mul_range(g, up.data() + m * I, g, i0, i1) : silu_mul_range(g, up.data() + m * I, g, i0, i1);
+      }
 #pragma omp barrier
       for (int64_t i = 0; i < M * I; ++i) xf[i] = float(gate[i]);
       gemv_share(w.down, w.down_bias, I, xf.data(), M, projected.data(), H, h0, h1, acc.data());
@@ -240,7 +248,7 @@ at::Tensor decode_step_impl(const at::Tensor& hidden, const std::vector<at::Tens
         for (int64_t n = h0; n < h1; ++n) xp[m * H + n] = round_to<T>(float(xp[m * H + n]) + float(projected[m * H + n]));
 #pragma omp barrier
     }
-    norm_rows(xp, final_norm.const_data_ptr<T>(), M, H, eps, xf.data(), upcast.data());
+    norm_rows(xp, final_norm.const_data_ptr<T>(), unit_offset, M, H, eps, xf.data(), upcast.data());
     auto [v0, v1] = share(V, t, nt);
     gemv_share(head.const_data_ptr<T>(), static_cast<const T*>(nullptr), H, xf.data(), M, logits.data_ptr<T>(), V,
                v0, v1, acc.data());
@@ -249,12 +257,18 @@ at::Tensor decode_step_impl(const at::Tensor& hidden, const std::vector<at::Tens
 }
 
 inline at::Tensor decode_step(const at::Tensor& hidden, const std::vector<at::Tensor>& weights,
-                       const std::vector<std::optional<at::Tensor>>& biases, const std::vector<at::Tensor>& keys,
-                       const std::vector<at::Tensor>& values, const std::vector<at::Tensor>& allowed,
-                       const at::Tensor& cos, const at::Tensor& signed_sin, int64_t slot, double eps, double scale) {
+                              const std::vector<std::optional<at::Tensor>>& biases, const std::vector<at::Tensor>& keys,
+                              const std::vector<at::Tensor>& values, const std::vector<at::Tensor>& allowed,
+                              const at::Tensor& cos, const at::Tensor& signed_sin, int64_t slot, double eps, double scale,
+                              bool unit_offset, c10::string_view activation) {
+  TORCH_CHECK(activation == "silu" || activation == "gelu_tanh", "decode_step: activation `", activation,
+              "`; expected silu or gelu_tanh");
+  const bool gelu = activation == "gelu_tanh";
   if (hidden.scalar_type() == at::kBFloat16)
-    return decode_step_impl<c10::BFloat16>(hidden, weights, biases, keys, values, allowed, cos, signed_sin, slot, eps, scale);
-  return decode_step_impl<float>(hidden, weights, biases, keys, values, allowed, cos, signed_sin, slot, eps, scale);
+    return decode_step_impl<c10::BFloat16>(hidden, weights, biases, keys, values, allowed, cos, signed_sin, slot, eps,
+                                           scale, unit_offset, gelu);
+  return decode_step_impl<float>(hidden, weights, biases, keys, values, allowed, cos, signed_sin, slot, eps, scale,
+                                 unit_offset, gelu);
 }
 
 }  // namespace specformer

@@ -246,6 +246,25 @@ template <typename T> void silu_mul_range(const T* gp, const T* up_, T* op, int6
   }
 }
 
+// out[i] = gelu_tanh(gate[i]) * up[i] (GeGLU, Gemma's), with the tanh approximation in torch's formula.
+template <typename T> void gelu_tanh_mul_range(const T* gp, const T* up_, T* op, int64_t begin, int64_t end) {
+  constexpr float kBeta = float(M_SQRT2 * M_2_SQRTPI * 0.5), kKappa = 0.044715f;
+  float g[Vec::size()], u[Vec::size()], y[Vec::size()];
+  for (int64_t i = begin; i < end; i += Vec::size()) {
+    const int64_t n = std::min<int64_t>(Vec::size(), end - i);
+    for (int64_t j = 0; j < n; ++j) g[j] = float(gp[i + j]), u[j] = float(up_[i + j]);
+    if (n == Vec::size()) {
+      const Vec x = Vec::loadu(g);
+      const Vec inner = Vec(kBeta) * (x + Vec(kKappa) * (x * x * x));
+      (Vec(0.5f) * x * (Vec(1.f) + inner.tanh())).store(y);
+    } else {
+      for (int64_t j = 0; j < n; ++j)
+        y[j] = 0.5f * g[j] * (1.f + std::tanh(kBeta * (g[j] + kKappa * (g[j] * g[j] * g[j]))));
+    }
+    for (int64_t j = 0; j < n; ++j) op[i + j] = round_to<T>(float(round_to<T>(y[j])) * u[j]);
+  }
+}
+
 // ---- attention for one new query per sequence (decoding) -------------------------------------------
 // Keys are split into chunks so that every thread has work even with a few kv heads and batch 1
 // (flash-decoding): each chunk yields a running max, a softmax denominator and an unnormalised output
