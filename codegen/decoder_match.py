@@ -3,8 +3,9 @@
 The kernel hard-codes one dataflow: a pre-norm decoder layer (`x = x + attn(norm(x))`, then
 `x + mlp(norm(x))`), attention with q/k/v/o projections, full rotary, `attend` (optionally windowed) and a
 gated MLP `down(act(gate(x)) * up(x))`, under a backbone `norm(layers(embed(input_ids)))` (the embeddings
-optionally scaled by a config value, as Gemma's) and a head `lm_head(h)`. A spec matches when its forwards are exactly these statements (any names), so the planner can
-hand the runtime the modules in the kernel's order; anything else (post-norm, q/k norms, an attention
+optionally scaled by a config value, as Gemma's) and a head `lm_head(h)`. A spec matches when its forwards
+are exactly these statements (any names), so the planner can hand the runtime the modules in the kernel's
+order; anything else (post-norm, q/k norms, an attention
 scale or soft-cap...) simply gets no layout and decodes op by op. What the IR leaves to the config (the
 activation, the norms' offset and eps) the runtime checks before it takes the kernel.
 
@@ -125,24 +126,16 @@ def match_decoder(model: ir.ResolvedModel, activation_fields: set[str]) -> Decod
 def _unscaled(backbone: ir.Block) -> tuple[ir.Block, ir.Expr | None]:
     """The backbone read with a first `x = embed(input_ids) * scale` as `x = embed(input_ids)`, and the
     scale when it is one: an expression of config values only."""
-    body = backbone.forward.body if backbone.forward is not None else ()
-    first = body[0] if body else None
+    forward = backbone.forward
+    first = forward.body[0] if forward is not None and forward.body else None
     if not isinstance(first, ir.Assign) or not isinstance(first.value, ir.BinOp) or first.value.op != "*":
         return backbone, None
     scaled, scale = first.value.left, first.value.right
-    if not isinstance(scaled, ir.Call) or {n.id for n in names_in(scale)} & _locals(backbone):
+    if not isinstance(scaled, ir.Call) or {n.id for n in names_in(scale)} & forward.local_names():  # type: ignore[union-attr]
         return backbone, None
-    unscaled = (first.model_copy(update={"value": scaled}), *body[1:])
-    forward = backbone.forward.model_copy(update={"body": unscaled})  # type: ignore[union-attr]
+    unscaled = (first.model_copy(update={"value": scaled}), *forward.body[1:])  # type: ignore[union-attr]
+    forward = forward.model_copy(update={"body": unscaled})  # type: ignore[union-attr]
     return backbone.model_copy(update={"forward": forward}), scale
-
-
-def _locals(block: ir.Block) -> set[str]:
-    assert block.forward is not None
-    return {
-        *block.forward.params,
-        *(t for s in block.forward.body if isinstance(s, ir.Assign) for t in s.targets),
-    }
 
 
 def _match(block: ir.Block | None, pattern: str) -> dict[str, str] | None:

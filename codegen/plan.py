@@ -717,7 +717,7 @@ class Planner:
         body = [f"return DecoderLayout({', '.join(fields)})"]
         comments = [
             "The decoder is exactly the dataflow specformer's fused CPU decode step runs (pre-norm, rotary,",
-            "gated MLP): its modules, for generate(compile=True). See specformer/runtime/fused_decode.py.",
+            "gated MLP): its modules, for generate() on the CPU. See specformer/runtime/fused_decode.py.",
         ]
         return [_method("decoder_layout", [], "DecoderLayout", body, comments)]
 
@@ -918,11 +918,7 @@ def _stmt_exprs(stmt: ir.Assign | ir.Return) -> tuple[ir.Expr, ...]:
 
 def _locals(block: ir.Block) -> set[str]:
     assert block.forward is not None
-    names = set(block.forward.params)
-    for stmt in block.forward.body:
-        if isinstance(stmt, ir.Assign):
-            names.update(stmt.targets)
-    return names
+    return block.forward.local_names()
 
 
 def _calls_in(expr: ir.Expr) -> list[ir.Call]:

@@ -209,6 +209,10 @@ class Forward(Node):
     body: tuple[Stmt, ...]
     pos: Pos
 
+    def local_names(self) -> set[str]:
+        """The parameters and every name a statement assigns."""
+        return {*self.params, *(t for s in self.body if isinstance(s, Assign) for t in s.targets)}
+
 
 class Block(Node):
     name: str

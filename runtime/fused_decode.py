@@ -3,9 +3,9 @@
 A compiled op-by-op step of a small model still makes ~400 kernel calls a token, and each parallel one
 ends with the threads waiting for each other while the memory bus idles: SmolLM2-135M in float32 on two
 cores decodes at ~40 tok/s that way (inductor, C++ wrapper) and at ~47 tok/s fused, where a plain read of
-its weights would allow ~50. `specformer_cpu::decode_step` runs the whole step (every layer's norms, projections, rotary,
-cache write, attention and gated MLP, then the final norm and the head) in one parallel region that
-streams the weights back to back.
+its weights would allow ~50. `specformer_cpu::decode_step` runs the whole step (every layer's norms,
+projections, rotary, cache write, attention and gated MLP, then the final norm and the head) in one
+parallel region that streams the weights back to back.
 
 It needs to know the decoder's structure for certain, so it takes it from the code generator: when a spec's
 dataflow is exactly a pre-norm rotary decoder with a gated MLP (Llama, Mistral, Qwen2, Gemma and any spec

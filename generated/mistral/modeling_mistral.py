@@ -193,7 +193,7 @@ class MistralForCausalLM(MistralPreTrainedModel):
         return generation_defaults(self.config)
 
     # The decoder is exactly the dataflow specformer's fused CPU decode step runs (pre-norm, rotary,
-    # gated MLP): its modules, for generate(compile=True). See specformer/runtime/fused_decode.py.
+    # gated MLP): its modules, for generate() on the CPU. See specformer/runtime/fused_decode.py.
     def decoder_layout(self) -> DecoderLayout:
         return DecoderLayout(
             head_dim=self.config.head_dim,

@@ -111,7 +111,7 @@ at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
 template <typename T>
 at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& ssin) {
   require<T>(x, "q/k");
-  const int64_t B = x.size(0), H = x.size(1), L = x.size(2), D = x.size(3), half = D / 2;
+  const int64_t B = x.size(0), H = x.size(1), L = x.size(2), D = x.size(3);
   TORCH_CHECK(D % 2 == 0 && cos.size(-1) == D && cos.size(-2) == L, "cos has shape ", cos.sizes());
   at::Tensor out = at::empty(x.sizes(), x.options());
   const T* xp = x.const_data_ptr<T>();
@@ -125,12 +125,7 @@ at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
       const T* xr = xp + b * x.stride(0) + h * x.stride(1) + t * x.stride(2);
       const T* c = cp + b * cb + t * ct;
       const T* s = sp + b * cb + t * ct;
-      T* o = op + row * D;
-      for (int64_t i = 0; i < D; ++i) {
-        const T rolled = xr[i < half ? i + half : i - half];
-        o[i] = round_to<T>(float(round_to<T>(float(xr[i]) * float(c[i]))) +
-                           float(round_to<T>(float(rolled) * float(s[i]))));
-      }
+      rotate_head(xr, c, s, D, op + row * D);
     }
   });
   return out;
@@ -187,12 +182,6 @@ at::Tensor decode_impl(const at::Tensor& q, const at::Tensor& k, const at::Tenso
       for (int64_t j = 0; j < G; ++j) {
         const T* qr = qp + b * q.stride(0) + (g * G + j) * q.stride(1);
         for (int64_t i = 0; i < D; ++i) qf[j * D + i] = float(qr[i]) * fscale;
-      }
-      if (s0 == s1) {
-        std::fill_n(&part.max[u * G], G, -INFINITY);
-        std::fill_n(&part.sum[u * G], G, 0.f);
-        std::fill_n(&part.acc[u * G * D], G * D, 0.f);
-        continue;
       }
       attend_chunk<T>(qf.data(), G, D, kp + b * k.stride(0) + g * k.stride(1), vp + b * v.stride(0) + g * v.stride(1),
                       k.stride(2), v.stride(2), mask ? mask + b * mask_batch_stride : nullptr, s0, s1, scores.data(),

@@ -52,15 +52,6 @@ void norm_rows(const T* x, const T* weight, bool unit_offset, int64_t M, int64_t
   }
 }
 
-// One head's rotary, as `rotate` does it.
-template <typename T> inline void rotate_head(const T* x, const T* c, const T* s, int64_t D, T* out) {
-  const int64_t half = D / 2;
-  for (int64_t i = 0; i < D; ++i) {
-    const T rolled = x[i < half ? i + half : i - half];
-    out[i] = round_to<T>(float(round_to<T>(float(x[i]) * float(c[i]))) + float(round_to<T>(float(rolled) * float(s[i]))));
-  }
-}
-
 // Sizes of one step, read off the inputs: M rows of width H; per layer Nq query rows (Hq heads of D),
 // Nkv key and value rows (Hkv heads), I MLP rows; S cache slots; V vocabulary rows.
 struct StepShape {
@@ -205,12 +196,6 @@ at::Tensor decode_step_impl(const at::Tensor& hidden, const std::vector<at::Tens
       for (int64_t u = units * t / nt; u < units * (t + 1) / nt; ++u) {
         const int64_t split = u % splits, b = u / splits / Hkv, h = u / splits % Hkv;
         const int64_t s0 = std::min(visible, split * chunk), s1 = std::min(visible, s0 + chunk);
-        if (s0 == s1) {
-          std::fill_n(&part.max[u * G], G, -INFINITY);
-          std::fill_n(&part.sum[u * G], G, 0.f);
-          std::fill_n(&part.acc[u * G * D], G * D, 0.f);
-          continue;
-        }
         for (int64_t j = 0; j < G; ++j) {
           rotate_head(qkv.data() + b * q_stride + (h * G + j) * D, cp + b * rope_stride, sp + b * rope_stride, D,
                       rotated.data());

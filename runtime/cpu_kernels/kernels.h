@@ -265,6 +265,16 @@ template <typename T> void gelu_tanh_mul_range(const T* gp, const T* up_, T* op,
   }
 }
 
+// One head's rotary: x * cos + roll(x, D/2) * signed_sin (signed_sin = (-sin1, sin2), so the roll is
+// rotate_half), each product and the sum rounded to T as torch's three ops round them.
+template <typename T> inline void rotate_head(const T* x, const T* c, const T* s, int64_t D, T* out) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < D; ++i) {
+    const T rolled = x[i < half ? i + half : i - half];
+    out[i] = round_to<T>(float(round_to<T>(float(x[i]) * float(c[i]))) + float(round_to<T>(float(rolled) * float(s[i]))));
+  }
+}
+
 // ---- attention for one new query per sequence (decoding) -------------------------------------------
 // Keys are split into chunks so that every thread has work even with a few kv heads and batch 1
 // (flash-decoding): each chunk yields a running max, a softmax denominator and an unnormalised output
@@ -392,6 +402,12 @@ void attend_chunk(const float* qf, int64_t G, int64_t D, const T* keys, const T*
                   int64_t value_stride, const bool* allowed, int64_t s0, int64_t s1, float* scores, float* row,
                   float* max, float* sum, float* acc) {
   const int64_t n = s1 - s0;
+  if (n == 0) {  // a chunk past the keys: nothing to merge
+    std::fill_n(max, G, -INFINITY);
+    std::fill_n(sum, G, 0.f);
+    std::fill_n(acc, G * D, 0.f);
+    return;
+  }
   chunk_scores(qf, G, D, keys, key_stride, values, value_stride, allowed, s0, n, scores, row);
   for (int64_t g = 0; g < G; ++g) {  // softmax numerators in place, with their max and sum
     float* sc = scores + g * n;
