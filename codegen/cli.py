@@ -167,9 +167,7 @@ def cmd_new(args: argparse.Namespace) -> int:
     """Scaffold `<name>.sf` extending an installed spec, and a test that builds and runs it."""
     specs = load_dir(args.specs, display_root=args.specs.parent)
     wanted = args.parent.lower()
-    parents = [
-        n for n, m in specs.models.items() if n.lower() == wanted or (m.model_type or "").lower() == wanted
-    ]
+    parents = [n for n, m in specs.models.items() if n.lower() == wanted or m.type_name == wanted]
     if not parents:
         raise SpecError(
             f"no spec to extend named `{args.parent}` (models: {', '.join(sorted(specs.models))})"
@@ -359,6 +357,24 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_size(args: argparse.Namespace) -> int:
+    """Declarations and statements per spec file, and any line that holds more than one."""
+    from specformer.dsl.measure import measure
+
+    files = args.files or sorted(args.specs.glob("*.sf"))
+    crowded = 0
+    for path in files:
+        size = measure(Path(path).read_text(encoding="utf-8"), str(path))
+        where = "".join(
+            f" (more than one on line {', '.join(map(str, size.crowded_lines))})"
+            for _ in [1]
+            if size.crowded_lines
+        )
+        crowded += bool(size.crowded_lines)
+        print(f"{size.declarations:5d}  {path}{where}")
+    return 1 if crowded else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specformer", description=__doc__)
     parser.add_argument(
@@ -384,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument("--dir", type=Path, default=None, help="where to write the spec (default: --specs)")
     new.add_argument("--tests", type=Path, default=None, help="where to write the test (default: ../tests)")
     new.set_defaults(func=cmd_new)
+    size = sub.add_parser("size", help="count each spec's declarations and statements (one per line)")
+    size.add_argument("files", nargs="*", type=Path, help="spec files (default: every spec)")
+    size.set_defaults(func=cmd_size)
     show = sub.add_parser("show", help="print a spec's config schema, module tree and checkpoint keys")
     show.add_argument("spec", type=Path)
     show.add_argument("--model", default=None, help="which model of the file (default: the only one)")

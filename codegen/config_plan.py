@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from specformer.dsl import ir
 from specformer.dsl.errors import SpecError
-from specformer.dsl.validate import names_in
+from specformer.dsl.ir import names_in
 
 from .expressions import ExprEmitter
 from .layout import INDENT, statement_lines
@@ -62,7 +62,7 @@ def literal_source(field: ir.ConfigField) -> str:
 
 
 def plan_config(
-    model: ir.ResolvedModel, order: list[str], layer_lets: set[str], name_of: ExprEmitter, doc: str
+    model: ir.ResolvedModel, order: list[str], layer_lets: frozenset[str], name_of: ExprEmitter, doc: str
 ) -> ConfigView:
     """`order` lists fields with every field after those its default reads; `name_of` spells config
     names inside the class (`self.x`, or a `let`'s value)."""

@@ -2,8 +2,7 @@
 
 The kernel hard-codes one dataflow: a pre-norm decoder layer (`x = x + attn(norm(x))`, then
 `x + mlp(norm(x))`), attention with q/k/v/o projections, full rotary, `attend` (optionally windowed) and a
-gated MLP `down(act(gate(x)) * up(x))`, under a backbone `norm(layers(embed(input_ids)))` (the embeddings
-optionally scaled by a config value, as Gemma's) and a head `lm_head(h)`. A spec matches when its forwards
+gated MLP `down(act(gate(x)) * up(x))`, under a backbone `norm(layers(embed(input_ids)))` and a head `lm_head(h)`. A spec matches when its forwards
 are exactly these statements (any names), so the planner can hand the runtime the modules in the kernel's
 order; anything else (post-norm, q/k norms, an attention
 scale or soft-cap...) simply gets no layout and decodes op by op. What the IR leaves to the config (the
@@ -20,7 +19,6 @@ from dataclasses import dataclass
 
 from specformer.dsl import ir
 from specformer.dsl.primitives import PRIMITIVES, REQUIRED
-from specformer.dsl.validate import names_in
 
 _DECODER_LAYER = "{x} = ({x} + {attn}({input_norm}({x}))); return ({x} + {mlp}({post_norm}({x})))"
 _ATTENTION = (
@@ -50,7 +48,6 @@ class DecoderMatch:
     v_proj: str
     o_proj: str
     head_dim: ir.Expr  # the head size split_heads is given
-    embed_scale: ir.Expr | None  # `embed(input_ids) * scale` (Gemma), else None
     window: ir.Expr | None  # attend's window, spelled later in the attention block's own terms
     attention_block: str
     gate_proj: str
@@ -61,9 +58,10 @@ class DecoderMatch:
 
 def match_decoder(model: ir.ResolvedModel, activation_fields: set[str]) -> DecoderMatch | None:
     """The decoder's module names when the spec has exactly the fused step's dataflow, else None."""
-    backbone, embed_scale = _unscaled(model.backbone)
+    backbone = model.backbone
     found = _match(backbone, _BACKBONE)
-    if found is None or not _is(backbone, found["embed"], "primitive", "Embedding", options={"padding_idx"}):
+    embed_options = {"padding_idx", "scale"}  # the embedding scales its own rows
+    if found is None or not _is(backbone, found["embed"], "primitive", "Embedding", options=embed_options):
         return None
     rotaries = [s.name for s in backbone.submodules if s.kind == "primitive" and s.target == "Rotary"]
     layers = backbone.submodule(found["layers"])
@@ -113,7 +111,6 @@ def match_decoder(model: ir.ResolvedModel, activation_fields: set[str]) -> Decod
         v_proj=attention["v_proj"],
         o_proj=attention["o_proj"],
         head_dim=attention_block.forward.body[0].value.args[1],  # type: ignore[union-attr]
-        embed_scale=embed_scale,
         window=None if isinstance(window, ir.Const) and window.value is None else window,
         attention_block=attention_block.name,
         gate_proj=mlp["gate_proj"],
@@ -121,21 +118,6 @@ def match_decoder(model: ir.ResolvedModel, activation_fields: set[str]) -> Decod
         down_proj=mlp["down_proj"],
         act=mlp["act"],
     )
-
-
-def _unscaled(backbone: ir.Block) -> tuple[ir.Block, ir.Expr | None]:
-    """The backbone read with a first `x = embed(input_ids) * scale` as `x = embed(input_ids)`, and the
-    scale when it is one: an expression of config values only."""
-    forward = backbone.forward
-    first = forward.body[0] if forward is not None and forward.body else None
-    if not isinstance(first, ir.Assign) or not isinstance(first.value, ir.BinOp) or first.value.op != "*":
-        return backbone, None
-    scaled, scale = first.value.left, first.value.right
-    if not isinstance(scaled, ir.Call) or {n.id for n in names_in(scale)} & forward.local_names():  # type: ignore[union-attr]
-        return backbone, None
-    unscaled = (first.model_copy(update={"value": scaled}), *forward.body[1:])  # type: ignore[union-attr]
-    forward = forward.model_copy(update={"body": unscaled})  # type: ignore[union-attr]
-    return backbone.model_copy(update={"forward": forward}), scale
 
 
 def _match(block: ir.Block | None, pattern: str) -> dict[str, str] | None:

@@ -76,6 +76,12 @@ def _top_level_delimiters(text: str) -> list[tuple[int, int, str]]:
     return found
 
 
+def _split_points(text: str) -> list[tuple[int, int, str]]:
+    """Top-level delimiters a line may be split at: not one that starts it (`else x`, `and y`), which
+    belongs to the piece a split has already made."""
+    return [d for d in _top_level_delimiters(text) if d[1] > 0]
+
+
 def split_args(args: str) -> list[str]:
     """Split a comma-separated argument list at top-level commas only."""
     cuts = [col for prio, col, tok in _top_level_delimiters(args) if tok == ","]
@@ -93,7 +99,7 @@ def _content_lines(indent: str, content: str) -> list[str]:
     """The inside of a bracket pair, at `indent`."""
     if len(indent) + len(content) <= LINE_LENGTH:
         return [indent + content]
-    delimiters = _top_level_delimiters(content)
+    delimiters = _split_points(content)
     if not delimiters:
         return _trailing_bracket_split(indent, content, "") or [indent + content]
     top = max(p for p, _, _ in delimiters)
@@ -110,7 +116,7 @@ def _piece(indent: str, piece: str) -> list[str]:
         return [indent + piece]
     suffix = "," if piece.endswith(",") else ""
     body = piece[: -len(suffix)] if suffix else piece
-    if _top_level_delimiters(body):
+    if _split_points(body):
         *lines, last = _content_lines(indent, body)
         return [*lines, last + suffix]
     return _trailing_bracket_split(indent, body, suffix) or [indent + piece]

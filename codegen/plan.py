@@ -17,10 +17,11 @@ import re
 from dataclasses import dataclass, field
 
 from specformer.dsl import ir
+from specformer.dsl.analysis import CONTEXT, Facts, may_be_causal
 from specformer.dsl.comments import CommentIndex
 from specformer.dsl.errors import SpecError
+from specformer.dsl.ir import calls_in, names_in, statement_exprs
 from specformer.dsl.primitives import ACTIVATIONS, PRIMITIVES, TASKS
-from specformer.dsl.validate import Validator, names_in, walk
 
 from .config_plan import ConfigView, is_literal, literal_source, plan_config, python_type
 from .decoder_match import match_decoder
@@ -28,8 +29,6 @@ from .expressions import ExprEmitter
 from .layout import INDENT, LINE_LENGTH, call_lines, statement_lines
 from .tasks import TASK_EMISSION
 
-# Implicit context a plain block can need, in the order it is passed.
-CONTEXT = ("rope", "mask", "cache")
 _CONTEXT_PARAMS = {"rope": "rope: Rope", "mask": "mask: AttentionMask", "cache": "cache: Cache | None"}
 _CONTEXT_TYPES = {
     "rope": ("rope", "Rope"),
@@ -90,8 +89,8 @@ def package_name(model: ir.ResolvedModel) -> str:
 class Planner:
     def __init__(self, model: ir.ResolvedModel) -> None:
         self.model = model
-        self.analysis = Validator(model)  # type: ignore[arg-type] - a resolved model has the same shape
-        self.analysis.run()
+        assert isinstance(model.facts, Facts), "plan a model from SpecSet.resolved(), which analyses it"
+        self.facts: Facts = model.facts
         self.fields = {f.name: f for f in model.config.fields}
         self.blocks = {b.name: b for b in model.blocks}
         self.prefix = model.name
@@ -101,8 +100,6 @@ class Planner:
         assert backbone is not None and backbone.attr is not None
         self.backbone = backbone
         self.runtime: dict[str, set[str]] = {}
-        self._needs: dict[str, frozenset[str]] = {}
-        self._layer_idx: dict[str, bool] = {}
         self.comments = CommentIndex(model.comments)
 
     # ---- bookkeeping -----------------------------------------------------------------------------
@@ -113,71 +110,29 @@ class Planner:
         return f"{self.prefix}{block_name}"
 
     def is_input_block(self, block: ir.Block) -> bool:
-        return self.analysis.takes_inputs(block)
+        return self.facts.takes_inputs(block.name)
 
-    # ---- analysis --------------------------------------------------------------------------------
     def calls(self, block: ir.Block) -> list[ir.Call]:
-        return [c for e in _forward_exprs(block) for c in _calls_in(e)]
+        assert block.forward is not None
+        return block.forward.calls()
 
     def needs(self, block_name: str) -> frozenset[str]:
         """The implicit context (rope, mask, cache) a plain block's forward needs, through its children too."""
-        if block_name in self._needs:
-            return self._needs[block_name]
-        block = self.blocks[block_name]
-        subs = {s.name: s for s in block.submodules}
-        needed: set[str] = set()
-        for call in self.calls(block):
-            sub = subs.get(call.func)
-            if sub is None and call.func == "rotary":
-                needed.add("rope")
-            elif sub is None and call.func == "attend":
-                needed.add("mask")
-                if _may_be_causal(call):
-                    needed.add("cache")
-            elif sub is not None and sub.kind in ("block", "repeat") and not self._holds_inputs(sub):
-                needed |= self.needs(sub.target)
-        self._needs[block_name] = frozenset(needed)
-        return self._needs[block_name]
+        return self.facts.needs[block_name]
 
     def _holds_inputs(self, sub: ir.Submodule) -> bool:
-        return sub.kind == "block" and self.is_input_block(self.blocks[sub.target])
+        return sub.kind == "block" and self.facts.takes_inputs(sub.target)
 
     def takes_layer_idx(self, block_name: str) -> bool:
-        if block_name not in self._layer_idx:
-            block = self.blocks[block_name]
-            children = any(s.kind == "block" and self.takes_layer_idx(s.target) for s in block.submodules)
-            self._layer_idx[block_name] = (
-                self._stores_layer_idx(block) or self._reads_layer_idx_in_init(block) or children
-            )
-        return self._layer_idx[block_name]
-
-    def _own_cache(self, block: ir.Block) -> bool:
-        subs = {s.name for s in block.submodules}
-        return any(c.func == "attend" and c.func not in subs and _may_be_causal(c) for c in self.calls(block))
-
-    def _reads_layer(self, expr: ir.Expr) -> bool:
-        return any(n.id == "layer_idx" or n.id in self.analysis.layer_lets for n in names_in(expr))
-
-    def _reads_layer_idx_in_init(self, block: ir.Block) -> bool:
-        exprs = [e for s in block.submodules for e in (*s.args, *(v for _, v in s.kwargs))]
-        exprs += [s.condition for s in block.submodules if s.condition is not None]
-        return any(self._reads_layer(e) for e in exprs)
-
-    def _stores_layer_idx(self, block: ir.Block) -> bool:
-        """The forward reads `self.layer_idx`: to update the cache of its layer, or a layer-dependent value."""
-        return self._own_cache(block) or any(n.id == "layer_idx" for n in self._forward_scalars(block))
+        return block_name in self.facts.layer_idx_blocks
 
     def _forward_scalars(self, block: ir.Block) -> list[ir.Name]:
         """Config names a forward reads."""
-        locals_ = _locals(block)
-        return [n for e in _forward_exprs(block) for n in names_in(e) if n.id not in locals_]
+        assert block.forward is not None
+        return block.forward.free_names()
 
     def _layer_lets_in_forward(self, block: ir.Block) -> list[str]:
-        found: list[str] = []
-        for name in self._forward_scalars(block):
-            if name.id in self.analysis.layer_lets and name.id not in found:
-                found.append(name.id)
-        return found
+        return list(self.facts.per_layer_values[block.name])
 
     # ---- config expressions ----------------------------------------------------------------------
     def config_expr(
@@ -200,7 +155,7 @@ class Planner:
                     return literal_source(field)
                 if isinstance(field.default, ir.Name):
                     return name(field.default.id)
-                if id_ in self.analysis.layer_lets:
+                if id_ in self.facts.layer_lets:
                     return f"self.{id_}" if id_ in hoisted else f"({emitter(field.default)})"
             return f"{owner}.{id_}"
 
@@ -234,7 +189,7 @@ class Planner:
             signature = PRIMITIVES[sub.target]
             callee, positional, runtime_module = _PRIMITIVE_EMISSION[sub.target]
             given = dict(zip(signature.names, sub.args, strict=False)) | dict(sub.kwargs)
-            if sub.target == "Embedding" and "sinusoidal" in given:
+            if sub.target == "Embedding" and {"sinusoidal", "scale"} & set(given):
                 callee, runtime_module = "Embedding", "layers"  # the runtime's, which can hold fixed codes
             if runtime_module is not None:
                 self.use(runtime_module, callee)
@@ -258,7 +213,7 @@ class Planner:
         plain = block.role == "block" and not self.is_input_block(block)  # models already keep `self.config`
         if plain and self._forward_reads_config(block):
             lines.append("self.config = config")
-        if block.role == "block" and self._stores_layer_idx(block):
+        if block.role == "block" and block.name in self.facts.layer_idx_kept:
             lines.append("self.layer_idx = layer_idx")
         for let in self._layer_lets_in_forward(block):
             # computed once per layer, as Hugging Face does for e.g. a layer's sliding window
@@ -304,7 +259,7 @@ class Planner:
     # ---- forward ---------------------------------------------------------------------------------
     def forward_emitter(self, block: ir.Block, context_names: dict[str, str]) -> ExprEmitter:
         subs = {s.name: s for s in block.submodules}
-        locals_ = _locals(block)
+        locals_ = block.forward.local_names()
         options = frozenset(o.name for o in block.options)
         scalar = self.config_expr("self.config", frozenset(self._layer_lets_in_forward(block)), options)
 
@@ -404,7 +359,7 @@ class Planner:
                     lines.append(", ".join(emit(v) for v in stmt.values))
                 continue
             if len(stmt.targets) > 1:  # unpacked values nobody reads become `_`
-                later = {n.id for s in body[index + 1 :] for e in _stmt_exprs(s) for n in names_in(e)}
+                later = {n.id for s in body[index + 1 :] for e in statement_exprs(s) for n in names_in(e)}
                 stmt = stmt.model_copy(
                     update={"targets": tuple(t if t in later else "_" for t in stmt.targets)}
                 )
@@ -445,8 +400,8 @@ class Planner:
 
     def _cache_update(self, expr: ir.Expr, emit: ExprEmitter, context_names: dict[str, str]) -> list[str]:
         lines: list[str] = []
-        for call in _calls_in(expr):
-            if call.func != "attend" or not _may_be_causal(call) or "cache" not in context_names:
+        for call in calls_in(expr):
+            if call.func != "attend" or not may_be_causal(call) or "cache" not in context_names:
                 continue
             k, v = call.args[1], call.args[2]
             if not (isinstance(k, ir.Name) and isinstance(v, ir.Name)):
@@ -468,7 +423,7 @@ class Planner:
         return self.comments.take(block.forward.pos, above_only=True)
 
     def _returns(self, block: ir.Block) -> str:
-        count = self.analysis.returns[block.name]
+        count = self.facts.returns[block.name]
         return "torch.Tensor" if count == 1 else f"tuple[{', '.join(['torch.Tensor'] * count)}]"
 
     def plan_block(self, block: ir.Block) -> ClassView:
@@ -618,7 +573,7 @@ class Planner:
                 # the label tokens of a whole gradient-accumulation window, which the summed loss is divided by
                 params.append("num_items_in_batch: int | torch.Tensor | None = None")
                 sources[0] = "keep_last(out.last_hidden_state, logits_to_keep)"
-            read = {n.id for e in _forward_exprs(head) for n in names_in(e)}
+            read = {n.id for e in head.forward.expressions() for n in names_in(e)}
             bound = [(p, s) for p, s in zip(head.forward.params, sources, strict=False) if p in read]
             if bound:
                 body.append(f"{', '.join(p for p, _ in bound)} = {', '.join(s for _, s in bound)}")
@@ -712,8 +667,6 @@ class Planner:
             f"rotary={model}.{found.rotary}",
             f"head=self.{lm_head}",
         ]
-        if found.embed_scale is not None:
-            fields.append(f"embed_scale={self.config_expr('self.config')(found.embed_scale)}")
         body = [f"return DecoderLayout({', '.join(fields)})"]
         comments = [
             "The decoder is exactly the dataflow specformer's fused CPU decode step runs (pre-norm, rotary,",
@@ -772,8 +725,8 @@ class Planner:
         doc = _docstring(model_comment or [f"{self.model.name}, generated from its spec."], "")
         config = plan_config(
             self.model,
-            self.analysis.order,
-            self.analysis.layer_lets,
+            list(self.facts.field_order),
+            self.facts.layer_lets,
             self.config_expr("self"),
             f"Configuration of {self.model.name} models; fields and defaults as in its spec.",
         )
@@ -813,20 +766,10 @@ class Planner:
     def _block_order(self) -> list[str]:
         """Blocks other than the backbone and heads, children first, that something uses."""
         return [
-            n for n in self.analysis.children_first() if self.blocks[n].role == "block" and self._reachable(n)
+            n
+            for n in self.facts.children_first
+            if self.blocks[n].role == "block" and n in self.facts.reachable
         ]
-
-    def _reachable(self, name: str) -> bool:
-        """Blocks no backbone or head uses are not emitted (a delta may orphan its parent's blocks)."""
-        seen: set[str] = set()
-        stack = [b.name for b in self.model.blocks if b.role != "block"]
-        while stack:
-            current = stack.pop()
-            for sub in self.blocks[current].submodules:
-                if sub.kind != "primitive" and sub.target not in seen:
-                    seen.add(sub.target)
-                    stack.append(sub.target)
-        return name in seen
 
     def _imports(self, classes: list[ClassView]) -> list[str]:
         """Import lines in the order ruff's isort wants: plain imports, then `from` imports by module."""
@@ -901,33 +844,6 @@ def _split_top_level(text: str) -> list[str]:
     from .layout import split_args
 
     return split_args(text)
-
-
-def _forward_exprs(block: ir.Block) -> list[ir.Expr]:
-    if block.forward is None:
-        return []
-    exprs: list[ir.Expr] = []
-    for stmt in block.forward.body:
-        exprs.extend(stmt.values if isinstance(stmt, ir.Return) else (stmt.value,))
-    return exprs
-
-
-def _stmt_exprs(stmt: ir.Assign | ir.Return) -> tuple[ir.Expr, ...]:
-    return stmt.values if isinstance(stmt, ir.Return) else (stmt.value,)
-
-
-def _locals(block: ir.Block) -> set[str]:
-    assert block.forward is not None
-    return block.forward.local_names()
-
-
-def _calls_in(expr: ir.Expr) -> list[ir.Call]:
-    return [n for n in walk(expr) if isinstance(n, ir.Call)]
-
-
-def _may_be_causal(call: ir.Call) -> bool:
-    causal = call.kwarg("causal")
-    return causal is not None and not (isinstance(causal, ir.Const) and causal.value is False)
 
 
 def _shape_comment(expr: ir.Expr) -> str:

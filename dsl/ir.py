@@ -8,7 +8,8 @@ so nothing here can carry arbitrary Python to the code generator.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -171,6 +172,18 @@ class Submodule(Node):
     pos: Pos
 
 
+class ArgumentOverride(Node):
+    """`MLP.*_proj.bias = false`: one argument of every submodule of `block` whose name matches the glob
+    `pattern` (`*` any run of characters, `[qkv]` one of these) or, when no submodule does, of every call to that
+    function in the block's forward (`Attention.attend.causal = false`)."""
+
+    block: str
+    pattern: str
+    argument: str
+    value: Expr
+    pos: Pos
+
+
 class Parallel(Node):
     """`parallel gate_proj, up_proj: colwise`: how tensor parallelism splits these Linear submodules."""
 
@@ -213,6 +226,19 @@ class Forward(Node):
         """The parameters and every name a statement assigns."""
         return {*self.params, *(t for s in self.body if isinstance(s, Assign) for t in s.targets)}
 
+    def expressions(self) -> list[Expr]:
+        """The top-level expression of every statement, in order."""
+        return [e for s in self.body for e in statement_exprs(s)]
+
+    def calls(self) -> list[Call]:
+        """Every call in the body, outermost first within each statement."""
+        return [c for e in self.expressions() for c in calls_in(e)]
+
+    def free_names(self) -> list[Name]:
+        """Names the body reads that are not its locals: config values, options, `layer_idx`."""
+        locals_ = self.local_names()
+        return [n for e in self.expressions() for n in names_in(e) if n.id not in locals_]
+
 
 class Block(Node):
     name: str
@@ -242,16 +268,24 @@ class Model(Node):
     # A delta's config items, kept apart from `config` until resolution.
     field_overrides: tuple[tuple[str, Expr, Pos], ...] = ()
     field_removals: tuple[tuple[str, Pos], ...] = ()
+    field_lets: tuple[tuple[str, Pos], ...] = ()  # inherited fields made `let`s of their defaults
     blocks: tuple[Block, ...] = ()
     module_overrides: tuple[tuple[str, Submodule], ...] = ()  # (block name, submodule)
     forward_overrides: tuple[tuple[str, Forward], ...] = ()  # (block name, forward)
+    argument_overrides: tuple[ArgumentOverride, ...] = ()
     head_removals: tuple[tuple[str, Pos], ...] = ()
+    head_moves: tuple[tuple[str, str, Pos], ...] = ()  # (head, the attribute it keeps the backbone in)
     module_removals: tuple[tuple[str, str, Pos], ...] = ()  # (block name, submodule name)
     source_file: str
     pos: Pos
 
     def block(self, name: str) -> Block | None:
         return next((b for b in self.blocks if b.name == name), None)
+
+    @property
+    def type_name(self) -> str:
+        """Its `model_type`: as declared, else its name in lower case (a delta does not inherit it)."""
+        return self.model_type or self.name.lower()
 
     @property
     def backbone(self) -> Block | None:
@@ -263,7 +297,8 @@ class Model(Node):
 
 
 class ResolvedModel(Node):
-    """A validated model with its `extends` chain merged in: what the code generator consumes."""
+    """A validated model with its `extends` chain merged in, and the facts computed about it once
+    (`dsl.analysis`): what the code generator consumes."""
 
     name: str
     model_type: str
@@ -274,9 +309,14 @@ class ResolvedModel(Node):
     spec_hash: str
     pos: Pos
     comments: tuple[Comment, ...] = ()
+    facts: Any = None  # dsl.analysis.Facts (frozen); typed loosely to keep the IR free of analysis
 
     def block(self, name: str) -> Block:
         return next(b for b in self.blocks if b.name == name)
+
+    @property
+    def type_name(self) -> str:
+        return self.model_type
 
     @property
     def backbone(self) -> Block:
@@ -285,6 +325,81 @@ class ResolvedModel(Node):
     @property
     def heads(self) -> tuple[Block, ...]:
         return tuple(b for b in self.blocks if b.role == "head")
+
+
+# ---- traversal -------------------------------------------------------------------------------------
+def children(expr: Expr) -> tuple[Expr, ...]:
+    """The direct sub-expressions of `expr`."""
+    if isinstance(expr, Unary):
+        return (expr.operand,)
+    if isinstance(expr, BinOp):
+        return (expr.left, expr.right)
+    if isinstance(expr, IfExp):
+        return (expr.test, expr.body, expr.orelse)
+    if isinstance(expr, ListExpr):
+        return expr.items
+    if isinstance(expr, Subscript):
+        return (expr.value, expr.index)
+    if isinstance(expr, Comprehension):
+        return (expr.element, expr.count)
+    if isinstance(expr, Call):
+        return (*expr.args, *(v for _, v in expr.kwargs))
+    return ()
+
+
+def walk(expr: Expr) -> Iterator[Expr]:
+    """Every node of an expression, itself first."""
+    yield expr
+    for child in children(expr):
+        yield from walk(child)
+
+
+def names_in(expr: Expr, bound: frozenset[str] = frozenset()) -> Iterator[Name]:
+    """Every free `Name` an expression reads (call targets and comprehension variables excluded)."""
+    if isinstance(expr, Name):
+        if expr.id not in bound:
+            yield expr
+    elif isinstance(expr, Comprehension):
+        yield from names_in(expr.count, bound)
+        yield from names_in(expr.element, bound | {expr.var})
+    else:
+        for child in children(expr):
+            yield from names_in(child, bound)
+
+
+def calls_in(expr: Expr) -> list[Call]:
+    return [n for n in walk(expr) if isinstance(n, Call)]
+
+
+def statement_exprs(stmt: Stmt) -> tuple[Expr, ...]:
+    return stmt.values if isinstance(stmt, Return) else (stmt.value,)
+
+
+def map_calls(expr: Expr, change: Callable[[Call], Call]) -> Expr:
+    """`expr` with every call node replaced by `change(call)`, innermost first."""
+    updates: dict[str, object] = {}
+    for key, value in expr:
+        if isinstance(value, Node) and not isinstance(value, Pos):
+            updates[key] = map_calls(value, change)  # type: ignore[arg-type]
+        elif isinstance(value, tuple) and value and isinstance(value[0], tuple):  # Call.kwargs
+            updates[key] = tuple((k, map_calls(v, change)) for k, v in value)
+        elif isinstance(value, tuple):
+            updates[key] = tuple(map_calls(v, change) for v in value)
+    rebuilt = expr.model_copy(update=updates) if updates else expr
+    return change(rebuilt) if isinstance(rebuilt, Call) else rebuilt
+
+
+def same_expr(a: Expr, b: Expr) -> bool:
+    """Structural equality, ignoring where the two were written."""
+
+    def strip(node: object) -> object:
+        if isinstance(node, Node):
+            return tuple((k, strip(v)) for k, v in node if k != "pos")
+        if isinstance(node, tuple):
+            return tuple(strip(v) for v in node)
+        return node
+
+    return strip(a) == strip(b)
 
 
 for _node in (
@@ -300,5 +415,6 @@ for _node in (
     Return,
     Forward,
     Model,
+    ArgumentOverride,
 ):
     _node.model_rebuild()

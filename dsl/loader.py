@@ -55,7 +55,7 @@ class SpecSet:
     def resolved(self, name: str) -> ir.ResolvedModel:
         try:
             flat, lineage = resolve(name, self.models)
-            validate(flat)
+            facts = validate(flat)
         except SpecError as err:
             raise err.with_source(self.sources) from None
         except RecursionError:
@@ -66,7 +66,7 @@ class SpecSet:
             digest.update(file.encode() + b"\0" + self.sources[file].encode() + b"\0")
         return ir.ResolvedModel(
             name=flat.name,
-            model_type=flat.model_type or flat.name.lower(),
+            model_type=flat.type_name,
             lineage=tuple(m.name for m in lineage),
             config=flat.config,
             blocks=flat.blocks,
@@ -74,6 +74,7 @@ class SpecSet:
             spec_hash=digest.hexdigest(),
             pos=flat.pos,
             comments=tuple(c for file in files for c in self.comments[file]),
+            facts=facts,
         )
 
     def all_resolved(self) -> list[ir.ResolvedModel]:

@@ -241,6 +241,9 @@ class _ToIR(Transformer):
     def field_override(self, meta, children):
         return ("override", self._name(children[0]), children[1], self._pos(children[0]))
 
+    def let_fields(self, meta, children):
+        return ("let_fields", [(self._name(c), self._pos(c)) for c in children])
+
     def field_remove(self, meta, children):
         return ("remove", [(self._name(c), self._pos(c)) for c in children])
 
@@ -374,6 +377,22 @@ class _ToIR(Transformer):
         block, name, spec, condition = children
         return ("override_module", str(block), self._submodule(name, spec, condition))
 
+    def override_argument(self, meta, children):
+        block, target, argument, value = children
+        pattern = str(target) if target.type == "PATTERN" else self._attribute(target)
+        override = ir.ArgumentOverride(
+            block=self._name(block),
+            pattern=pattern,
+            argument=self._name(argument),
+            value=value,
+            pos=self._pos(target),
+        )
+        return ("override_argument", override)
+
+    def move_head(self, meta, children):
+        head, attr = children
+        return ("move_head", self._name(head), self._attribute(attr), self._pos(head))
+
     def remove_module(self, meta, children):
         block, name = children
         return ("remove_module", str(block), str(name), self._pos(name))
@@ -394,7 +413,7 @@ class _ToIR(Transformer):
         aliases: list[ir.Alias] = []
         overrides, removals, blocks = [], [], []
         module_overrides, forward_overrides, head_removals = [], [], []
-        module_removals = []
+        module_removals, argument_overrides, head_moves, field_lets = [], [], [], []
         model_type = None
         for member in members:
             if isinstance(member, ir.Block):
@@ -413,12 +432,18 @@ class _ToIR(Transformer):
                         aliases.append(item)
                     elif item[0] == "override":
                         overrides.append((item[1], item[2], item[3]))
+                    elif item[0] == "let_fields":
+                        field_lets.extend(item[1])
                     else:
                         removals.extend(item[1])
             elif member[0] == "override_module":
                 module_overrides.append((member[1], member[2]))
             elif member[0] == "override_forward":
                 forward_overrides.append((member[1], member[2]))
+            elif member[0] == "override_argument":
+                argument_overrides.append(member[1])
+            elif member[0] == "move_head":
+                head_moves.append(member[1:])
             elif member[0] == "remove_head":
                 head_removals.append((member[1], member[2]))
             elif member[0] == "remove_module":
@@ -431,10 +456,13 @@ class _ToIR(Transformer):
             config=ir.ConfigSchema(fields=tuple(fields), aliases=tuple(aliases)),
             field_overrides=tuple(overrides),
             field_removals=tuple(removals),
+            field_lets=tuple(field_lets),
             blocks=tuple(blocks),
             module_overrides=tuple(module_overrides),
             forward_overrides=tuple(forward_overrides),
+            argument_overrides=tuple(argument_overrides),
             head_removals=tuple(head_removals),
+            head_moves=tuple(head_moves),
             module_removals=tuple(module_removals),
             source_file=self.file,
             pos=self._pos(name),

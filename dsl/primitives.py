@@ -40,11 +40,12 @@ PRIMITIVES: dict[str, Signature] = {
         _sig("Linear", "y = x W^T + b", "in_features", "out_features", ("bias", True)),
         _sig(
             "Embedding",
-            "a lookup table; `sinusoidal` fixes it to sin/cos position codes",
+            "a lookup table; `sinusoidal` fixes it to sin/cos position codes; rows times `scale`",
             "num_embeddings",
             "embedding_dim",
             ("padding_idx", None),
             ("sinusoidal", False),
+            ("scale", None),
         ),
         _sig("RMSNorm", "x / rms(x) * w, or * (1 + w)", "dim", ("eps", 1e-6), ("unit_offset", False)),
         _sig("LayerNorm", "(x - mean) / std * w + b", "dim", ("eps", 1e-5), ("bias", True)),

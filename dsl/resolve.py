@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
+
 from . import ir
 from .errors import SpecError, did_you_mean
+from .primitives import BUILTINS, PRIMITIVES
 
 MAX_EXTENDS_DEPTH = 16
 
@@ -63,6 +66,14 @@ def _apply(base: ir.Model, delta: ir.Model) -> ir.Model:
                 pos,
             )
         fields[index] = fields[index].model_copy(update={"default": value, "pos": pos})
+    for name, pos in delta.field_lets:
+        index = next((i for i, f in enumerate(fields) if f.name == name), None)
+        if index is None:
+            hint = did_you_mean(name, [f.name for f in fields])
+            raise SpecError(f"`let {name}`: `{base.name}` has no field `{name}`{hint}", pos)
+        if fields[index].default is None:
+            raise SpecError(f"`let {name}`: `{name}` has no default to compute it from", pos)
+        fields[index] = fields[index].model_copy(update={"computed": True, "pos": pos})
     for name, pos in delta.field_removals:
         if not any(f.name == name for f in fields):
             raise SpecError(
@@ -105,6 +116,9 @@ def _apply(base: ir.Model, delta: ir.Model) -> ir.Model:
     for block_name, forward in delta.forward_overrides:
         index = find(block_name, forward.pos)
         blocks[index] = blocks[index].model_copy(update={"forward": forward})
+    for override in delta.argument_overrides:
+        index = find(override.block, override.pos)
+        blocks[index] = _override_argument(blocks[index], override)
     for block_name, sub_name, pos in delta.module_removals:
         index = find(block_name, pos)
         subs = blocks[index].submodules
@@ -126,18 +140,97 @@ def _apply(base: ir.Model, delta: ir.Model) -> ir.Model:
         if blocks[index].role != "head":
             raise SpecError(f"`{head_name}` is not a head", pos)
         del blocks[index]
+    for head_name, attr, pos in delta.head_moves:
+        index = find(head_name, pos)
+        if blocks[index].role != "head":
+            raise SpecError(f"`{head_name}` is not a head", pos)
+        blocks[index] = blocks[index].model_copy(update={"attr": attr})
 
     return delta.model_copy(
         update={
             "parent": None,
-            "model_type": delta.model_type or base.model_type,
+            "model_type": delta.model_type,  # its own, like its name: a delta is another architecture
             "config": ir.ConfigSchema(fields=tuple(fields), aliases=tuple(aliases.values())),
             "field_overrides": (),
             "field_removals": (),
+            "field_lets": (),
             "blocks": tuple(blocks),
             "module_overrides": (),
             "forward_overrides": (),
+            "argument_overrides": (),
             "head_removals": (),
+            "head_moves": (),
             "module_removals": (),
         }
     )
+
+
+def _override_argument(block: ir.Block, override: ir.ArgumentOverride) -> ir.Block:
+    """`block` with `override.argument` set on every submodule its pattern matches or, failing that, on
+    every call its forward makes to a function of that name. The changed submodule takes the override's
+    position, so a comment on the override line is what the generated code carries."""
+    matched = [s for s in block.submodules if fnmatchcase(s.name, override.pattern)]
+    if matched:
+        subs = tuple(_set_on_submodule(s, override) if s in matched else s for s in block.submodules)
+        return block.model_copy(update={"submodules": subs})
+    local = {s.name for s in block.submodules}
+    builtin = BUILTINS.get(override.pattern)
+    calls = [c for c in block.forward.calls() if c.func == override.pattern] if block.forward else []
+    if builtin is None or override.pattern in local or not calls:
+        candidates = [s.name for s in block.submodules] + [
+            c.func for c in (block.forward.calls() if block.forward else [])
+        ]
+        hint = did_you_mean(override.pattern, candidates)
+        raise SpecError(
+            f"`{block.name}` has no submodule matching `{override.pattern}` and its forward calls no builtin of that name{hint}",
+            override.pos,
+        )
+    names = builtin.signature.names
+
+    def change(call: ir.Call) -> ir.Call:
+        if call.func != override.pattern:
+            return call
+        args, kwargs = _set_argument(call.args, call.kwargs, names, override, call.func)
+        return call.model_copy(update={"args": args, "kwargs": kwargs})
+
+    assert block.forward is not None
+    body = []
+    for stmt in block.forward.body:
+        values = tuple(ir.map_calls(v, change) for v in ir.statement_exprs(stmt))
+        if values == ir.statement_exprs(stmt):
+            body.append(stmt)
+        elif isinstance(stmt, ir.Assign):  # at the override's position, which carries its comment
+            body.append(stmt.model_copy(update={"value": values[0], "pos": override.pos}))
+        else:
+            body.append(stmt.model_copy(update={"values": values, "pos": override.pos}))
+    return block.model_copy(update={"forward": block.forward.model_copy(update={"body": tuple(body)})})
+
+
+def _set_on_submodule(sub: ir.Submodule, override: ir.ArgumentOverride) -> ir.Submodule:
+    if sub.kind == "repeat" or (sub.kind == "block" and not sub.kwargs):
+        raise SpecError(
+            f"`{sub.name}` is a {sub.kind} of `{sub.target}` and takes no arguments", override.pos
+        )
+    signature = PRIMITIVES.get(sub.target) if sub.kind == "primitive" else None
+    names = signature.names if signature is not None else ()
+    args, kwargs = _set_argument(sub.args, sub.kwargs, names, override, sub.target)
+    return sub.model_copy(update={"args": args, "kwargs": kwargs, "pos": override.pos})
+
+
+def _set_argument(
+    args: tuple[ir.Expr, ...],
+    kwargs: tuple[tuple[str, ir.Expr], ...],
+    names: tuple[str, ...],
+    override: ir.ArgumentOverride,
+    callee: str,
+) -> tuple[tuple[ir.Expr, ...], tuple[tuple[str, ir.Expr], ...]]:
+    """(args, kwargs) with `override.argument` given `override.value`, where it was given or by name."""
+    key, value = override.argument, override.value
+    if names and key not in names:
+        raise SpecError(f"`{callee}` has no parameter `{key}`{did_you_mean(key, names)}", override.pos)
+    if key in names[: len(args)]:
+        at = names.index(key)
+        return (*args[:at], value, *args[at + 1 :]), kwargs
+    if any(k == key for k, _ in kwargs):
+        return args, tuple((k, value if k == key else v) for k, v in kwargs)
+    return args, (*kwargs, (key, value))

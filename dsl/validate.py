@@ -4,12 +4,12 @@ well formed. Every failure is a `SpecError` at the offending node."""
 from __future__ import annotations
 
 import math
-import operator
 import re
-from collections.abc import Callable, Iterator
 
 from . import ir
+from .analysis import Facts, analyze
 from .errors import SpecError, did_you_mean
+from .interpret import MAX_REPEAT, evaluate, is_count, type_ok
 from .primitives import (
     ACTIVATIONS,
     BACKBONE_INPUTS,
@@ -22,155 +22,22 @@ from .primitives import (
     Signature,
 )
 
-MAX_REPEAT = 1024
-
-_BINOPS: dict[str, Callable] = {
-    "+": operator.add,
-    "-": operator.sub,
-    "*": operator.mul,
-    "/": operator.truediv,
-    "//": operator.floordiv,
-    "%": operator.mod,
-    "**": operator.pow,
-    "==": operator.eq,
-    "!=": operator.ne,
-    "<": operator.lt,
-    "<=": operator.le,
-    ">": operator.gt,
-    ">=": operator.ge,
-}
-
-
-def _children(expr: ir.Expr) -> tuple[ir.Expr, ...]:
-    if isinstance(expr, ir.Unary):
-        return (expr.operand,)
-    if isinstance(expr, ir.BinOp):
-        return (expr.left, expr.right)
-    if isinstance(expr, ir.IfExp):
-        return (expr.test, expr.body, expr.orelse)
-    if isinstance(expr, ir.ListExpr):
-        return expr.items
-    if isinstance(expr, ir.Subscript):
-        return (expr.value, expr.index)
-    if isinstance(expr, ir.Comprehension):
-        return (expr.element, expr.count)
-    if isinstance(expr, ir.Call):
-        return (*expr.args, *(v for _, v in expr.kwargs))
-    return ()
-
-
-def walk(expr: ir.Expr) -> Iterator[ir.Expr]:
-    """Every node of an expression, itself first."""
-    yield expr
-    for child in _children(expr):
-        yield from walk(child)
-
-
-def names_in(expr: ir.Expr, bound: frozenset[str] = frozenset()) -> Iterator[ir.Name]:
-    """Every free `Name` an expression reads (call targets and comprehension variables excluded)."""
-    if isinstance(expr, ir.Name):
-        if expr.id not in bound:
-            yield expr
-    elif isinstance(expr, ir.Comprehension):
-        yield from names_in(expr.count, bound)
-        yield from names_in(expr.element, bound | {expr.var})
-    else:
-        for child in _children(expr):
-            yield from names_in(child, bound)
-
-
-def same_expr(a: ir.Expr, b: ir.Expr) -> bool:
-    """Structural equality, ignoring where the two were written."""
-
-    def strip(node: object) -> object:
-        if isinstance(node, ir.Node):
-            return tuple((k, strip(v)) for k, v in node if k != "pos")
-        if isinstance(node, tuple):
-            return tuple(strip(v) for v in node)
-        return node
-
-    return strip(a) == strip(b)
-
-
-def evaluate(expr: ir.Expr, env: dict[str, object]) -> object:
-    """Evaluate a config expression against known values (used for defaults and size checks)."""
-    if isinstance(expr, ir.Name):
-        return env[expr.id]
-    if isinstance(expr, ir.Number | ir.String | ir.Const):
-        return expr.value
-    if isinstance(expr, ir.ListExpr):
-        return [evaluate(item, env) for item in expr.items]
-    if isinstance(expr, ir.Comprehension):
-        count = evaluate(expr.count, env)
-        if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= MAX_REPEAT:
-            raise SpecError(f"range() of {count!r}; expected an int in 0..{MAX_REPEAT}", expr.count.pos)
-        return [evaluate(expr.element, {**env, expr.var: i}) for i in range(count)]
-    if isinstance(expr, ir.Subscript):
-        container, index = evaluate(expr.value, env), evaluate(expr.index, env)
-        try:
-            return container[index]  # type: ignore[index]
-        except (IndexError, KeyError, TypeError) as err:
-            raise SpecError(f"cannot index {container!r} with {index!r}: {err}", expr.pos) from None
-    if isinstance(expr, ir.Unary):
-        value = evaluate(expr.operand, env)
-        if expr.op == "not":
-            return not value
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise SpecError(f"cannot negate {value!r}", expr.pos)
-        return -value
-    if isinstance(expr, ir.IfExp):
-        return evaluate(expr.body if evaluate(expr.test, env) else expr.orelse, env)
-    if isinstance(expr, ir.BinOp):
-        left = evaluate(expr.left, env)
-        if expr.op == "and":
-            return left and evaluate(expr.right, env)
-        if expr.op == "or":
-            return left or evaluate(expr.right, env)
-        right = evaluate(expr.right, env)
-        try:
-            return _BINOPS[expr.op](left, right)
-        except ZeroDivisionError:
-            raise SpecError("division by zero for the default config", expr.pos) from None
-        except (TypeError, OverflowError, ValueError) as err:
-            raise SpecError(f"cannot compute `{expr.op}` here: {err}", expr.pos) from None
-    if isinstance(expr, ir.Call) and expr.func == "rope":
-        return {"rope_type": "default", **{k: evaluate(v, env) for k, v in expr.kwargs}}
-    raise SpecError("not a config expression", expr.pos)
-
-
-def _type_ok(value: object, type_: ir.FieldType) -> bool:
-    if value is None:
-        return type_.optional or type_.name == "any"
-    checks: dict[str, Callable[[object], bool]] = {
-        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-        "float": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
-        "bool": lambda v: isinstance(v, bool),
-        "str": lambda v: isinstance(v, str),
-        "activation": lambda v: v in ACTIVATIONS,
-        "rope": lambda v: isinstance(v, dict),
-        "list": lambda v: isinstance(v, list),
-        "dict": lambda v: isinstance(v, dict),
-        "any": lambda v: True,
-        "enum": lambda v: v in type_.choices,
-    }
-    return checks[type_.name](value)
-
-
 # How `parallel` may split a Linear: by output rows, by input columns, by rows with the output gathered
 # on every rank (an lm_head), or not at all.
 TP_STYLES = ("colwise", "rowwise", "gather", "replicate")
 
 
 class Validator:
-    def __init__(self, model: ir.Model) -> None:
+    """Checks a flat model against its facts (`dsl.analysis`); computes nothing the generator reads."""
+
+    def __init__(self, model: ir.Model | ir.ResolvedModel, facts: Facts) -> None:
         self.model = model
+        self.facts = facts
         self.fields = {f.name: f for f in model.config.fields}
         self.aliases = {a.alias: a for a in model.config.aliases}
         self.blocks = {b.name: b for b in model.blocks}
-        self.defaults: dict[str, object] = {}
-        self.layer_lets: set[str] = set()  # `let` fields that read `layer_idx`: only usable per layer
-        self.returns: dict[str, int] = {}  # block name -> how many tensors its forward returns
-        self.order: list[str] = []  # config fields, each after the fields its default reads
+        self.defaults = facts.defaults
+        self.layer_lets = facts.layer_lets  # `let` fields that read `layer_idx`: only usable per layer
         backbone = model.backbone
         self.options = {o.name: o for o in backbone.options} if backbone is not None else {}
 
@@ -197,96 +64,21 @@ class Validator:
                 )
             if alias.alias in self.fields:
                 raise self.error(f"alias `{alias.alias}` collides with a field of that name", alias.pos)
-        self.order = self._field_order()
-        for name in self.order:
+        for name in self.facts.field_order:
             field = self.fields[name]
-            if field.default is None:
-                continue
-            env = {**self.defaults, "layer_idx": 0} if name in self.layer_lets else self.defaults
-            value = evaluate(self._config_literal(field), env)
-            if not _type_ok(value, field.type):
+            if field.default is not None and not type_ok(self.defaults[name], field.type):
                 raise self.error(
-                    f"default of `{field.name}` is {value!r}, which is not of type `{field.type}`",
+                    f"default of `{field.name}` is {self.defaults[name]!r}, which is not of type `{field.type}`",
                     field.default.pos,
                 )
-            self.defaults[name] = value
-
-    def _config_literal(self, field: ir.ConfigField) -> ir.Expr:
-        """Activation and enum defaults are written as bare names (`hidden_act: activation = silu`)."""
-        default = field.default
-        assert default is not None
-        if isinstance(default, ir.Name) and field.type.name in ("activation", "enum"):
-            choices = ACTIVATIONS if field.type.name == "activation" else field.type.choices
-            if default.id not in choices:
-                hint = did_you_mean(default.id, choices)
-                raise self.error(f"`{default.id}` is not a known {field.type.name}{hint}", default.pos)
-            return ir.String(value=default.id, pos=default.pos)
-        for node in walk(default):
-            if isinstance(node, ir.Call) and (node is not default or node.func != "rope"):
-                raise self.error(f"`{node.func}(...)` cannot be a config default", node.pos)
-        if isinstance(default, ir.Call):
-            if field.type.name != "rope":
-                raise self.error("`rope(...)` is the default of a `rope` field only", default.pos)
-            for key, value in default.kwargs:
-                if key != "theta":
-                    raise self.error(
-                        f"unknown rope parameter `{key}`{did_you_mean(key, ['theta'])}", value.pos
-                    )
-            if default.args:
-                raise self.error("rope(...) takes keyword arguments only", default.pos)
-        return default
-
-    def _field_order(self) -> list[str]:
-        """Fields in dependency order, rejecting unknown names and cycles."""
-        order: list[str] = []
-        state: dict[str, str] = {}
-
-        def visit(name: str, trail: list[str]) -> None:
-            if state.get(name) == "done":
-                return
-            if state.get(name) == "active":
-                cycle = " -> ".join([*trail[trail.index(name) :], name])
-                raise self.error(f"config defaults depend on each other: {cycle}", self.fields[name].pos)
-            state[name] = "active"
-            field = self.fields[name]
-            if field.default is not None and not self._is_bare_literal(field):
-                for ref in names_in(field.default):
-                    if ref.id == "layer_idx":
-                        if not field.computed:
-                            raise self.error("only `let` fields may depend on `layer_idx`", ref.pos)
-                        self.layer_lets.add(name)
-                        continue
-                    if ref.id not in self.fields:
-                        hint = did_you_mean(ref.id, self.fields)
-                        raise self.error(f"unknown field `{ref.id}`{hint}", ref.pos)
-                    if self.fields[ref.id].default is None:
-                        raise self.error(
-                            f"`{ref.id}` has no default, so `{name}` cannot default to it", ref.pos
-                        )
-                    visit(ref.id, [*trail, name])
-                    if ref.id in self.layer_lets:
-                        if not field.computed:
-                            raise self.error(
-                                f"`{ref.id}` depends on the layer; only `let` fields may use it", ref.pos
-                            )
-                        self.layer_lets.add(name)
-            state[name] = "done"
-            order.append(name)
-
-        for name in self.fields:
-            visit(name, [])
-        return order
-
-    def _is_bare_literal(self, field: ir.ConfigField) -> bool:
-        return isinstance(field.default, ir.Name) and field.type.name in ("activation", "enum")
 
     def check_config_expr(self, expr: ir.Expr, layer_scope: bool, what: str, options: bool = False) -> None:
         """An expression over config values (and, in the backbone, its options), as used in constructor
         arguments, conditions and forwards."""
-        for node in walk(expr):
+        for node in ir.walk(expr):
             if isinstance(node, ir.Call):
                 raise self.error(f"calls are not allowed in {what}", node.pos)
-        for ref in names_in(expr):
+        for ref in ir.names_in(expr):
             if ref.id == "layer_idx" or ref.id in self.layer_lets:
                 if layer_scope:
                     continue
@@ -304,23 +96,20 @@ class Validator:
 
     # ---- module tree -----------------------------------------------------------------------------
     def check_blocks(self) -> None:
-        backbones = [b for b in self.model.blocks if b.role == "backbone"]
-        if len(backbones) != 1:
-            raise self.error(f"model `{self.model.name}` needs exactly one backbone", self.model.pos)
-        self._check_options(backbones[0])
-        layer_scoped = self._layer_scoped_blocks()
+        backbone = self.model.backbone
+        assert backbone is not None  # the analysis found exactly one
+        self._check_options(backbone)
         for block in self.model.blocks:
             if block.role == "head" and block.backbone_args:
                 self._check_backbone_args(block.backbone_args, block.pos)
             for sub in block.submodules:
-                self._check_submodule(block, sub, block.name in layer_scoped)
+                self._check_submodule(block, sub, block.name in self.facts.layer_scoped)
             for tie in block.ties:
                 self._check_tie(block, tie)
             self._check_parallel(block)
             if block.role == "head" and block.task not in TASKS:
                 hint = did_you_mean(block.task or "", TASKS)
                 raise self.error(f"unknown task `{block.task}` for head `{block.name}`{hint}", block.pos)
-        self._check_acyclic()
 
     def _check_options(self, backbone: ir.Block) -> None:
         for option in backbone.options:
@@ -330,7 +119,7 @@ class Validator:
                 raise self.error("backbone options are bool, int, float or str", option.pos)
             assert option.default is not None
             value = evaluate(option.default, {})
-            if not _type_ok(value, option.type):
+            if not type_ok(value, option.type):
                 raise self.error(
                     f"default of `{option.name}` is {value!r}, not of type `{option.type}`", option.pos
                 )
@@ -343,33 +132,6 @@ class Validator:
                 raise self.error(f"the backbone has no option `{key}`{hint} (options: {known})", value.pos)
             self.check_config_expr(value, False, f"option `{key}`")
 
-    def _layer_scoped_blocks(self) -> set[str]:
-        """Blocks built once per layer (under a `repeat`): only these may read `layer_idx`."""
-        scoped: set[str] = set()
-
-        def mark(name: str) -> None:
-            if name in scoped or name not in self.blocks:
-                return
-            scoped.add(name)
-            for sub in self.blocks[name].submodules:
-                if sub.kind == "block":
-                    mark(sub.target)
-
-        for block in self.model.blocks:
-            for sub in block.submodules:
-                if sub.kind == "repeat":
-                    mark(sub.target)
-        return scoped
-
-    def holds_backbone(self, name: str) -> bool:
-        """Whether a block contains the backbone, directly or through its children."""
-        block = self.blocks[name]
-        return any(
-            self.blocks[s.target].role == "backbone" or self.holds_backbone(s.target)
-            for s in block.submodules
-            if s.kind == "block"
-        )
-
     def _check_submodule(self, block: ir.Block, sub: ir.Submodule, layer_scope: bool) -> None:
         in_backbone = block.role == "backbone"
         if sub.condition is not None:
@@ -377,7 +139,7 @@ class Validator:
                 sub.condition, layer_scope, f"the condition of `{sub.name}`", options=in_backbone
             )
         if sub.kind == "block" and (sub.args or sub.kwargs):
-            if self.blocks.get(sub.target) is None or self.blocks[sub.target].role != "backbone":
+            if self.blocks[sub.target].role != "backbone":
                 raise self.error(
                     f"only the backbone takes options; write `{sub.name} = {sub.target}`", sub.pos
                 )
@@ -398,10 +160,7 @@ class Validator:
             if sub.target == "Rotary" and block.role != "backbone":
                 raise self.error("Rotary belongs in the backbone, which computes positions once", sub.pos)
             return
-        target = self.blocks.get(sub.target)
-        if target is None:
-            hint = did_you_mean(sub.target, [*self.blocks, *PRIMITIVES])
-            raise self.error(f"unknown block `{sub.target}`{hint}", sub.pos)
+        target = self.blocks[sub.target]
         if target.role == "head":
             raise self.error(f"`{sub.target}` is a head and cannot be used as a submodule", sub.pos)
         if target.role == "backbone" and (sub.kind == "repeat" or sub.condition is not None):
@@ -409,8 +168,8 @@ class Validator:
         if sub.kind == "repeat":
             assert sub.count is not None
             self.check_config_expr(sub.count, False, "a repeat count")
-            count = evaluate(sub.count, self.defaults)
-            if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= MAX_REPEAT:
+            count = evaluate(sub.count, dict(self.defaults))
+            if not is_count(count):
                 raise self.error(
                     f"repeat count is {count!r} for the default config; expected an int in 0..{MAX_REPEAT}",
                     sub.count.pos,
@@ -474,7 +233,7 @@ class Validator:
         path = list(tie.target)
         backbone = self.model.backbone
         assert backbone is not None
-        if block.role == "head" and not self.holds_backbone(block.name):
+        if block.role == "head" and not self.facts.takes_inputs(block.name):
             if path[0] != (block.attr or backbone.attr):
                 raise self.error(
                     f"tie targets start at the backbone: `{block.attr or backbone.attr}.…`", tie.pos
@@ -500,65 +259,23 @@ class Validator:
         if tie.condition is not None:
             self.check_config_expr(tie.condition, False, "a tie condition")
 
-    def _check_acyclic(self) -> None:
-        state: dict[str, str] = {}
-
-        def visit(name: str, trail: list[str]) -> None:
-            if state.get(name) == "done":
-                return
-            if state.get(name) == "active":
-                cycle = " -> ".join([*trail[trail.index(name) :], name])
-                raise self.error(f"blocks contain each other: {cycle}", self.blocks[name].pos)
-            state[name] = "active"
-            for sub in self.blocks[name].submodules:
-                if sub.kind != "primitive":
-                    visit(sub.target, [*trail, name])
-            state[name] = "done"
-
-        for name in self.blocks:
-            visit(name, [])
-
     # ---- dataflow --------------------------------------------------------------------------------
     def check_forwards(self) -> None:
         for block in self.model.blocks:
             if block.forward is None:
                 raise self.error(f"{block.role} `{block.name}` has no forward", block.pos)
-        # Children first, so a call knows how many tensors the callee returns.
-        for name in self.children_first():
+        for name in self.facts.children_first:
             block = self.blocks[name]
             assert block.forward is not None
-            self.returns[name] = self._check_forward(block, block.forward)
-
-    def children_first(self) -> list[str]:
-        """Every block after the blocks it holds (the backbone before heads that call it)."""
-        order: list[str] = []
-
-        def visit(name: str) -> None:
-            if name in order:
-                return
-            for sub in self.blocks[name].submodules:
-                if sub.kind != "primitive":
-                    visit(sub.target)
-            order.append(name)
-
-        backbone = self.model.backbone
-        assert backbone is not None
-        for block in self.model.blocks:
-            if block.role == "head" and not self.holds_backbone(block.name):
-                visit(backbone.name)
-            visit(block.name)
-        return order
-
-    def takes_inputs(self, block: ir.Block) -> bool:
-        """A block that reads the model's inputs: the backbone, and any block or head that holds it."""
-        return block.role == "backbone" or self.holds_backbone(block.name)
+            returns = self._check_forward(block, block.forward)
+            assert returns == self.facts.returns[name], (name, returns)
 
     def _check_forward(self, block: ir.Block, forward: ir.Forward) -> int:
         if not forward.params:
             raise self.error("a forward takes at least one input", forward.pos)
         if len(set(forward.params)) != len(forward.params):
             raise self.error("a forward input is named twice", forward.pos)
-        if self.takes_inputs(block):
+        if self.facts.takes_inputs(block.name):
             for param in forward.params:
                 if param not in BACKBONE_INPUTS:
                     hint = did_you_mean(param, BACKBONE_INPUTS)
@@ -571,7 +288,7 @@ class Validator:
         elif block.role == "head":
             backbone = self.model.backbone
             assert backbone is not None
-            outputs = self.returns.get(backbone.name, 1)
+            outputs = self.facts.returns.get(backbone.name, 1)
             if not 1 <= len(forward.params) <= outputs:
                 names = ", ".join(["last_hidden_state", "pooler_output"][:outputs])
                 raise self.error(f"a head's forward takes the backbone's outputs ({names})", forward.pos)
@@ -603,19 +320,18 @@ class Validator:
         return returns
 
     def check_model_type(self) -> None:
-        model_type = self.model.model_type or self.model.name.lower()
+        model_type = self.model.type_name
         if not re.fullmatch(r"[a-z][a-z0-9_]*", model_type):
             raise self.error(
                 f"model_type `{model_type}` must be lower-case letters, digits and underscores",
                 self.model.pos,
             )
 
-    def run(self) -> dict[str, object]:
+    def run(self) -> None:
         self.check_model_type()
         self.check_config()
         self.check_blocks()
         self.check_forwards()
-        return self.defaults
 
 
 class _ForwardScope:
@@ -627,14 +343,14 @@ class _ForwardScope:
         self.locals = set(params)
         self.subs = {s.name: s for s in block.submodules}
         self.guards: list[ir.Expr] = []  # conditions known to hold where we are (inside `a if cond else b`)
-        self.layer_scope = block.name in validator._layer_scoped_blocks()
+        self.layer_scope = block.name in validator.facts.layer_scoped
 
     def assign(self, stmt: ir.Assign) -> None:
         value = stmt.value
         if isinstance(value, ir.Call) and value.func in self.subs and self.subs[value.func].kind == "repeat":
             if len(stmt.targets) != 1 or len(value.args) != 1 or value.kwargs:
                 raise self.v.error(f"a repeated stack is applied as `x = {value.func}(x)`", value.pos)
-            if self.v.returns.get(self.subs[value.func].target) != 1:
+            if self.v.facts.returns.get(self.subs[value.func].target) != 1:
                 raise self.v.error("a repeated block must return exactly one tensor", value.pos)
             self.tensor(value.args[0])
             self.locals.update(stmt.targets)
@@ -653,7 +369,7 @@ class _ForwardScope:
         self.locals.update(stmt.targets)
 
     def scalar(self, expr: ir.Expr) -> None:
-        for node in walk(expr):
+        for node in ir.walk(expr):
             if isinstance(node, ir.Call):
                 raise self.v.error("calls are not allowed in a config expression", node.pos)
             if isinstance(node, ir.Name) and node.id in self.locals:
@@ -703,8 +419,8 @@ class _ForwardScope:
 
     def _operand(self, expr: ir.Expr) -> int:
         """1 for a tensor operand, 0 for a config scalar."""
-        if any(isinstance(n, ir.Name) and n.id in self.locals for n in walk(expr)) or any(
-            isinstance(n, ir.Call) for n in walk(expr)
+        if any(isinstance(n, ir.Name) and n.id in self.locals for n in ir.walk(expr)) or any(
+            isinstance(n, ir.Call) for n in ir.walk(expr)
         ):
             return self.tensor(expr)
         self.scalar(expr)
@@ -760,7 +476,7 @@ class _ForwardScope:
             )
         if sub.kind == "primitive" and sub.target == "Rotary":
             raise self.v.error("the rotary tables are applied with `rotary(q, k)` in attention", call.pos)
-        if sub.condition is not None and not any(same_expr(sub.condition, g) for g in self.guards):
+        if sub.condition is not None and not any(ir.same_expr(sub.condition, g) for g in self.guards):
             raise self.v.error(
                 f"`{sub.name}` exists only if its condition holds: call it as `{sub.name}(x) if <condition> else ...`",
                 call.pos,
@@ -771,8 +487,8 @@ class _ForwardScope:
         if sub.kind == "block":
             callee = self.v.blocks[sub.target]
             assert callee.forward is not None
-            expected, returns = len(callee.forward.params), self.v.returns[sub.target]
-            if self.v.takes_inputs(callee):
+            expected, returns = len(callee.forward.params), self.v.facts.returns[sub.target]
+            if self.v.facts.takes_inputs(callee.name):
                 # Inputs are matched by name; attention_mask and the rest travel along implicitly.
                 if len(call.args) > expected:
                     raise self.v.error(f"`{call.func}` takes {', '.join(callee.forward.params)}", call.pos)
@@ -787,9 +503,10 @@ class _ForwardScope:
         return returns
 
 
-def validate(model: ir.Model) -> dict[str, object]:
-    """Check a flat model; return the default config values it implies."""
-    defaults = Validator(model).run()
-    if not all(math.isfinite(v) for v in defaults.values() if isinstance(v, float)):
+def validate(model: ir.Model | ir.ResolvedModel, facts: Facts | None = None) -> Facts:
+    """Check a flat model; return its facts (computed here unless given)."""
+    facts = analyze(model) if facts is None else facts
+    if not all(math.isfinite(v) for v in facts.defaults.values() if isinstance(v, float)):
         raise SpecError("a config default is not finite", model.pos)
-    return defaults
+    Validator(model, facts).run()
+    return facts

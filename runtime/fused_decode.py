@@ -61,7 +61,6 @@ class DecoderLayout:
     norm: nn.Module
     rotary: nn.Module
     head: nn.Module
-    embed_scale: float | None = None  # Gemma multiplies the embeddings by sqrt(hidden_size)
 
 
 class FusedDecoder:
@@ -101,9 +100,7 @@ class FusedDecoder:
         if not use_cache or logits_to_keep != 1:
             raise ValueError("the fused decode step caches its token and returns its logits only")
         cache = past_key_values
-        x = self.layout.embed(input_ids[:, 0])
-        if self.layout.embed_scale is not None:
-            x = x * self.layout.embed_scale
+        x = self.layout.embed(input_ids[:, 0])  # scaled by the embedding itself where the spec says so
         cos, signed_sin = self.layout.rotary(position_ids).prepared(x.dtype)
         mask = AttentionMask(attention_mask, 1, cache.get_seq_length(), cache)  # before the cache moves on
         allowed = {w: mask.allowed(True, w, x.device).flatten(1).contiguous() for w in set(self.windows)}
@@ -154,7 +151,8 @@ def fused_decoder(model: nn.Module, batch: int) -> FusedDecoder | None:
     if (
         activation is None
         or len({(n.eps, n.unit_offset) for n in norms}) != 1
-        or type(layout.embed) is not nn.Embedding
+        or not isinstance(layout.embed, nn.Embedding)
+        or getattr(layout.embed, "sinusoidal", False)
         or layout.embed.max_norm is not None
         or not is_plain_linear(layout.head)
     ):

@@ -75,7 +75,8 @@ class RMSNorm(nn.Module):
 
 class Embedding(nn.Embedding):
     """An embedding table that can hold fixed sinusoidal position codes instead of learned vectors
-    (DistilBERT's `sinusoidal_pos_embds`); a checkpoint's values are loaded either way."""
+    (DistilBERT's `sinusoidal_pos_embds`), or whose rows are multiplied by a constant `scale` (Gemma's
+    sqrt(hidden_size)); a checkpoint's values are loaded either way."""
 
     def __init__(
         self,
@@ -83,11 +84,20 @@ class Embedding(nn.Embedding):
         embedding_dim: int,
         padding_idx: int | None = None,
         sinusoidal: bool = False,
+        scale: float | None = None,
     ) -> None:
         self.sinusoidal = sinusoidal
+        self.scale = scale
         super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx)
         if sinusoidal:
             self.weight.requires_grad_(False)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        rows = super().forward(input)
+        if self.scale is None:
+            return rows
+        # The factor is rounded to the table's dtype first, as Hugging Face does: bf16 results match too.
+        return rows * torch.tensor(self.scale, dtype=rows.dtype)
 
     def reset_parameters(self) -> None:
         if not self.sinusoidal:
@@ -97,6 +107,9 @@ class Embedding(nn.Embedding):
             return
         with torch.no_grad():
             self.weight.copy_(sinusoidal_positions(self.num_embeddings, self.embedding_dim))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", scale={self.scale}" if self.scale is not None else "")
 
 
 def sinusoidal_positions(positions: int, dim: int) -> torch.Tensor:

@@ -179,7 +179,7 @@ def build_package(
                 specs.add_text(text, file)
     if name is None:
         if model_type is not None:
-            matches = [n for n in declared if specs.models[n].model_type == model_type]
+            matches = [n for n in declared if specs.models[n].type_name == model_type]
         else:
             matches = declared
         if len(matches) != 1:

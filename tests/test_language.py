@@ -196,3 +196,108 @@ model Odd {
     specs.add_text(text, "odd.sf")
     with pytest.raises(SpecError, match="`parallel` splits Linear submodules; `norm` is a RMSNorm"):
         specs.resolved("Odd")
+
+
+# ---- finer deltas -----------------------------------------------------------------------------------
+def _resolved(text: str, name: str) -> object:
+    specs = SpecSet()
+    for path in sorted(SPECS.glob("*.sf")):
+        specs.add_file(path, f"specs/{path.name}")
+    specs.add_text(text, f"{name}.sf")
+    return specs.resolved(name)
+
+
+def _kwargs(sub: object) -> dict[str, object]:
+    return {k: getattr(v, "value", getattr(v, "id", None)) for k, v in sub.kwargs}
+
+
+def test_argument_overrides_set_one_argument_of_each_matching_submodule() -> None:
+    model = _resolved(
+        """
+model Biased extends Llama {
+  Attention.[qk]_proj.bias = true
+  MLP.*_proj.bias = true
+  DecoderLayer.*_layernorm.eps = 1e-5
+}
+""",
+        "Biased",
+    )
+    attention, mlp, layer = (model.block(n) for n in ("Attention", "MLP", "DecoderLayer"))
+    assert [_kwargs(attention.submodule(n))["bias"] for n in ("q_proj", "k_proj", "v_proj")] == [
+        True,
+        True,
+        "attention_bias",
+    ]
+    assert all(_kwargs(s)["bias"] is True for s in mlp.submodules)
+    assert [
+        _kwargs(layer.submodule(n)).get("eps") for n in ("input_layernorm", "post_attention_layernorm")
+    ] == [
+        1e-5,
+        1e-5,
+    ]
+    assert model.model_type == "biased"  # its own name, not Llama's model_type
+
+
+def test_argument_override_of_a_forward_call_and_an_embedding_scale(tmp_path: Path) -> None:
+    package = build(
+        """
+model Bidi extends Llama {
+  Attention.attend.causal = false
+  Model.embed_tokens.scale = hidden_size ** 0.5
+}
+""",
+        "Bidi",
+        tmp_path,
+    )
+    config = package.BidiConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2
+    )
+    model = package.BidiModel(config).eval()
+    ids = torch.randint(0, 40, (1, 6))
+    with torch.no_grad():
+        full = model(ids).last_hidden_state
+        first = model(ids[:, :3]).last_hidden_state
+        assert not torch.allclose(full[:, :3], first, atol=1e-5)  # later tokens are seen: not causal
+        assert torch.equal(model.embed_tokens(ids), model.embed_tokens.weight[ids] * 4.0)
+
+
+def test_head_placement_and_let_fields() -> None:
+    model = _resolved(
+        """
+model Moved extends Llama {
+  config {
+    let head_dim, mlp_bias
+  }
+  head ForQuestionAnswering as model
+}
+""",
+        "Moved",
+    )
+    assert next(h for h in model.heads if h.name == "ForQuestionAnswering").attr == "model"
+    computed = {f.name for f in model.config.fields if f.computed}
+    assert {"head_dim", "mlp_bias"} <= computed
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("Attention.x_proj.bias = true", "has no submodule matching `x_proj`"),
+        ("Attention.q_proj.bais = true", "`Linear` has no parameter `bais`; did you mean `bias`?"),
+        ("Attention.attend.casual = true", "`attend` has no parameter `casual`; did you mean `causal`?"),
+        ("Model.layers.count = 2", "`layers` is a repeat of `DecoderLayer` and takes no arguments"),
+        ("head ForNothing as model", "has no block `ForNothing`"),
+        (
+            "config {\n    let hidden_sise\n  }",
+            "`Llama` has no field `hidden_sise`; did you mean `hidden_size`?",
+        ),
+        ("config {\n    let pad_token_id, vocab_size\n  }", None),
+    ],
+)
+def test_delta_errors_name_the_line(line: str, message: str | None) -> None:
+    text = f"model Bad extends Llama {{\n  {line}\n}}\n"
+    if message is None:
+        _resolved(text, "Bad")
+        return
+    with pytest.raises(SpecError) as err:
+        _resolved(text, "Bad")
+    assert message in str(err.value) and "Bad.sf:" in str(err.value)
