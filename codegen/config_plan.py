@@ -7,22 +7,10 @@ from dataclasses import dataclass
 from specformer.dsl import ir
 from specformer.dsl.errors import SpecError
 from specformer.dsl.ir import names_in
+from specformer.dsl.library import FIELD_TYPES
 
 from .expressions import ExprEmitter
 from .layout import INDENT, statement_lines
-
-_PY_TYPES = {
-    "int": "int",
-    "float": "float",
-    "bool": "bool",
-    "str": "str",
-    "activation": "str",
-    "rope": "dict",
-    "list": "list",
-    "dict": "dict",
-    "any": "Any",
-    "enum": "str",
-}
 
 
 @dataclass
@@ -50,7 +38,7 @@ def _no_call(node: ir.Call) -> str:
 
 
 def python_type(field: ir.ConfigField) -> str:
-    return _PY_TYPES[field.type.name]
+    return FIELD_TYPES[field.type.name].python
 
 
 def literal_source(field: ir.ConfigField) -> str:

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 
 from specformer.dsl import ir
-from specformer.dsl.primitives import PRIMITIVES, REQUIRED
+from specformer.dsl.library import PRIMITIVES, REQUIRED
 
 _DECODER_LAYER = "{x} = ({x} + {attn}({input_norm}({x}))); return ({x} + {mlp}({post_norm}({x})))"
 _ATTENTION = (
@@ -144,7 +144,7 @@ def _is(
         return False
     if target is None:
         return True
-    signature = PRIMITIVES[target]
+    signature = PRIMITIVES[target].signature
     given = {*signature.names[: len(sub.args)], *(k for k, _ in sub.kwargs)}
     required = {p.name for p in signature.params if p.default is REQUIRED}
     return sub.target == target and given <= required | options

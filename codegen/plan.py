@@ -21,40 +21,20 @@ from specformer.dsl.analysis import CONTEXT, Facts, may_be_causal
 from specformer.dsl.comments import CommentIndex
 from specformer.dsl.errors import SpecError
 from specformer.dsl.ir import calls_in, names_in, statement_exprs
-from specformer.dsl.primitives import ACTIVATIONS, PRIMITIVES, TASKS
+from specformer.dsl.library import ACTIVATIONS, BUILTINS, PRIMITIVES, TASKS, Builtin
 
 from .config_plan import ConfigView, is_literal, literal_source, plan_config, python_type
 from .decoder_match import match_decoder
 from .expressions import ExprEmitter
 from .layout import INDENT, LINE_LENGTH, call_lines, statement_lines
-from .tasks import TASK_EMISSION
+from .spelling import atom as _atom
+from .spelling import fill
 
 _CONTEXT_PARAMS = {"rope": "rope: Rope", "mask": "mask: AttentionMask", "cache": "cache: Cache | None"}
 _CONTEXT_TYPES = {
     "rope": ("rope", "Rope"),
     "mask": ("attention", "AttentionMask"),
     "cache": ("cache", "Cache"),
-}
-
-# Primitive -> (constructor, how many leading arguments are passed positionally, runtime module to import
-# it from, or None for torch.nn). Optional arguments the spec does not give are left to their defaults.
-_PRIMITIVE_EMISSION: dict[str, tuple[str, int, str | None]] = {
-    "Linear": ("Linear", 2, "layers"),
-    "Embedding": ("nn.Embedding", 2, None),
-    "LayerNorm": ("nn.LayerNorm", 1, None),
-    "Dropout": ("nn.Dropout", 1, None),
-    "RMSNorm": ("RMSNorm", 1, "layers"),
-    "Rotary": ("RotaryEmbedding", 3, "rope"),
-}
-
-_TORCH_ACTIVATIONS = {
-    "silu": "F.silu({})",
-    "swish": "F.silu({})",
-    "gelu": "F.gelu({})",
-    "gelu_pytorch_tanh": 'F.gelu({}, approximate="tanh")',
-    "relu": "F.relu({})",
-    "tanh": "torch.tanh({})",
-    "sigmoid": "torch.sigmoid({})",
 }
 
 
@@ -186,13 +166,11 @@ class Planner:
             else:
                 built = f"nn.ModuleList({cls}(config) for _ in range({expr(sub.count)}))"
         else:
-            signature = PRIMITIVES[sub.target]
-            callee, positional, runtime_module = _PRIMITIVE_EMISSION[sub.target]
+            primitive = PRIMITIVES[sub.target]
+            signature, callee, positional = primitive.signature, primitive.constructor, primitive.positional
             given = dict(zip(signature.names, sub.args, strict=False)) | dict(sub.kwargs)
-            if sub.target == "Embedding" and {"sinusoidal", "scale"} & set(given):
-                callee, runtime_module = "Embedding", "layers"  # the runtime's, which can hold fixed codes
-            if runtime_module is not None:
-                self.use(runtime_module, callee)
+            if primitive.module is not None:
+                self.use(primitive.module, callee)
             args = [expr(given[name]) for name in signature.names[:positional]]
             defaults = {p.name: repr(p.default) for p in signature.params}
             for name in signature.names[positional:]:
@@ -279,34 +257,15 @@ class Planner:
                 if sub.kind == "block":
                     args += [context_names[c] for c in CONTEXT if c in self.needs(sub.target)]
                 return f"self.{node.func}({', '.join(args)})"
-            if node.func == "split_heads":
-                return f"{_atom(args[0])}.unflatten(-1, (-1, {args[1]})).transpose(1, 2)"
-            if node.func == "merge_heads":
-                return f"{_atom(args[0])}.transpose(1, 2).flatten(2)"
-            if node.func == "rotary":
-                self.use("rope", "apply_rotary")
-                return f"apply_rotary({args[0]}, {args[1]}, {context_names['rope']})"
-            if node.func == "attend":
-                return self._attend(node, emitter, context_names)
-            if node.func == "dropout":
-                return f"F.dropout({args[0]}, p={args[1]}, training=self.training)"
-            if node.func == "first_token":
-                return f"{_atom(args[0])}[:, 0]"
-            if node.func == "last_token":
-                self.use("losses", "last_token")
-                return f"last_token({args[0]}, input_ids, self.config.pad_token_id)"
-            if node.func == "split_last":
-                return f"{_atom(args[0])}.unbind(-1)"
-            if node.func == "squeeze_last":
-                return f"{_atom(args[0])}.squeeze(-1)"
+            builtin = BUILTINS.get(node.func)
+            if builtin is not None:
+                return self._builtin(builtin, node, emitter, context_names)
             if node.func in self.fields:  # an activation chosen by the config
                 return f"self.{node.func}_fn({args[0]})"
-            if node.func in _TORCH_ACTIVATIONS:
-                return _TORCH_ACTIVATIONS[node.func].format(args[0])
-            if node.func in ACTIVATIONS:
-                self.use("layers", "ACTIVATIONS")
-                return f'ACTIVATIONS["{node.func}"]({args[0]})'
-            raise SpecError(f"cannot emit a call to `{node.func}`", node.pos)  # pragma: no cover
+            activation = ACTIVATIONS[node.func]
+            for module, imported in activation.imports:
+                self.use(module, imported)
+            return fill(activation.spelling, {"x": args[0]}, {"x"}, {})
 
         def binop(node: ir.BinOp) -> str | None:
             # act(gate) * up, the GLU product: one call, so a fused kernel can take it (set_kernels)
@@ -324,20 +283,16 @@ class Planner:
         emitter.binop = binop
         return emitter
 
-    def _attend(self, node: ir.Call, emit: ExprEmitter, context_names: dict[str, str]) -> str:
-        self.use("attention", "attend")
-        q, k, v = (emit(a) for a in node.args[:3])
-        parts = [q, k, v, context_names["mask"]]
-        kwargs = dict(node.kwargs)
-        parts.append(f"causal={emit(kwargs['causal'])}" if "causal" in kwargs else "causal=False")
-        if "window" in kwargs and emit(kwargs["window"]) != "None":
-            parts.append(f"window={emit(kwargs['window'])}")
-        if "dropout" in kwargs:
-            parts.append(f"dropout={_atom(emit(kwargs['dropout']))} if self.training else 0.0")
-        if "scale" in kwargs:
-            parts.append(f"scale={emit(kwargs['scale'])}")
-        parts.append("impl=self.config.attn_implementation")
-        return f"attend({', '.join(parts)})"
+    def _builtin(
+        self, builtin: Builtin, node: ir.Call, emit: ExprEmitter, context_names: dict[str, str]
+    ) -> str:
+        signature = builtin.signature
+        given = dict(zip(signature.names, node.args, strict=False)) | dict(node.kwargs)
+        args = {p.name: emit(given[p.name]) if p.name in given else repr(p.default) for p in signature.params}
+        for module, imported in builtin.imports:
+            self.use(module, imported)
+        context = {**context_names, "input_ids": "input_ids"}
+        return fill(builtin.spelling, args, set(given), context)
 
     def statements(self, block: ir.Block, emit: ExprEmitter, context_names: dict[str, str]) -> list[str]:
         """The forward body; the final `return` comes back as its emitted values, as the last line."""
@@ -536,8 +491,8 @@ class Planner:
     def plan_head(self, head: ir.Block) -> ClassView:
         assert head.forward is not None and head.task is not None
         doc, comments = self.docstring(head), self.forward_comments(head)
-        task = TASK_EMISSION[head.task]
-        outputs = TASKS[head.task]
+        task = TASKS[head.task]
+        outputs = task.outputs
         emit = self.forward_emitter(head, {})
         inputs = self.model_inputs()
         names = [n for n, _, _ in inputs]
@@ -825,19 +780,6 @@ def _docstring(lines: list[str], indent: str) -> str:
         return f'"""{safe[0]}"""'
     body = "\n".join(f"{indent}{line}" if i else line for i, line in enumerate(safe))
     return f'"""{body}\n{indent}"""'
-
-
-def _atom(text: str) -> str:
-    """Parenthesise `text` unless it is safe to follow with `.attr` or `[...]`."""
-    depth = 0
-    for ch in text:
-        if ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        elif depth == 0 and ch in " -+*/%<>=!":
-            return f"({text})"
-    return text
 
 
 def _split_top_level(text: str) -> list[str]:

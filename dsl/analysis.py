@@ -18,7 +18,7 @@ from types import MappingProxyType
 from . import ir
 from .errors import SpecError, did_you_mean
 from .interpret import evaluate
-from .primitives import ACTIVATIONS, BUILTINS
+from .library import ACTIVATIONS, BUILTINS
 
 # Implicit context a block's forward can need, in the order it is passed.
 CONTEXT = ("rope", "mask", "cache")

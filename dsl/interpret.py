@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from . import ir
 from .errors import SpecError
-from .primitives import ACTIVATIONS
+from .library import FIELD_TYPES
 
 MAX_REPEAT = 1024
 
@@ -84,16 +84,4 @@ def type_ok(value: object, type_: ir.FieldType) -> bool:
     """Whether a config value has the field type `type_`."""
     if value is None:
         return type_.optional or type_.name == "any"
-    checks: dict[str, Callable[[object], bool]] = {
-        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-        "float": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
-        "bool": lambda v: isinstance(v, bool),
-        "str": lambda v: isinstance(v, str),
-        "activation": lambda v: v in ACTIVATIONS,
-        "rope": lambda v: isinstance(v, dict),
-        "list": lambda v: isinstance(v, list),
-        "dict": lambda v: isinstance(v, dict),
-        "any": lambda v: True,
-        "enum": lambda v: v in type_.choices,
-    }
-    return checks[type_.name](value)
+    return FIELD_TYPES[type_.name].check(value, type_.choices)

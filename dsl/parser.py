@@ -11,7 +11,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 
 from . import ir
 from .errors import SpecError
-from .primitives import RESERVED
+from .library import RESERVED
 
 _TOKEN_NAMES = {
     "NAME": "a name",

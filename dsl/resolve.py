@@ -6,7 +6,7 @@ from fnmatch import fnmatchcase
 
 from . import ir
 from .errors import SpecError, did_you_mean
-from .primitives import BUILTINS, PRIMITIVES
+from .library import BUILTINS, PRIMITIVES
 
 MAX_EXTENDS_DEPTH = 16
 
@@ -211,8 +211,8 @@ def _set_on_submodule(sub: ir.Submodule, override: ir.ArgumentOverride) -> ir.Su
         raise SpecError(
             f"`{sub.name}` is a {sub.kind} of `{sub.target}` and takes no arguments", override.pos
         )
-    signature = PRIMITIVES.get(sub.target) if sub.kind == "primitive" else None
-    names = signature.names if signature is not None else ()
+    primitive = PRIMITIVES.get(sub.target) if sub.kind == "primitive" else None
+    names = primitive.signature.names if primitive is not None else ()
     args, kwargs = _set_argument(sub.args, sub.kwargs, names, override, sub.target)
     return sub.model_copy(update={"args": args, "kwargs": kwargs, "pos": override.pos})
 

@@ -10,7 +10,7 @@ from . import ir
 from .analysis import Facts, analyze
 from .errors import SpecError, did_you_mean
 from .interpret import MAX_REPEAT, evaluate, is_count, type_ok
-from .primitives import (
+from .library import (
     ACTIVATIONS,
     BACKBONE_INPUTS,
     BASE_CONFIG_FIELDS,
@@ -148,11 +148,11 @@ class Validator:
             self._check_backbone_args(sub.kwargs, sub.pos)
             return
         if sub.kind == "primitive":
-            signature = PRIMITIVES.get(sub.target)
-            if signature is None:
+            primitive = PRIMITIVES.get(sub.target)
+            if primitive is None:
                 hint = did_you_mean(sub.target, [*PRIMITIVES, *self.blocks])
                 raise self.error(f"unknown primitive `{sub.target}`{hint}", sub.pos)
-            self.bind(signature, sub.args, sub.kwargs, sub.pos)
+            self.bind(primitive.signature, sub.args, sub.kwargs, sub.pos)
             for arg in (*sub.args, *(v for _, v in sub.kwargs)):
                 self.check_config_expr(
                     arg, layer_scope, f"the arguments of `{sub.name}`", options=in_backbone
@@ -311,7 +311,7 @@ class Validator:
                 "a backbone returns its hidden states and, optionally, a pooled output", forward.pos
             )
         if block.role == "head":
-            expected = TASKS[block.task or ""]
+            expected = TASKS[block.task or ""].outputs
             if returns != len(expected):
                 raise self.error(
                     f"a {block.task} head returns {len(expected)} value(s) ({', '.join(expected)}), not {returns}",

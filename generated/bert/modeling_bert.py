@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from specformer.runtime.attention import AttentionMask, attend
-from specformer.runtime.layers import Linear, activation
+from specformer.runtime.layers import Embedding, Linear, activation
 from specformer.runtime.losses import (
     multiple_choice_loss,
     question_answering_loss,
@@ -35,11 +35,11 @@ from .configuration_bert import BertConfig
 class BertEmbeddings(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
-        self.word_embeddings = nn.Embedding(
+        self.word_embeddings = Embedding(
             config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id
         )
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.position_embeddings = Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 

@@ -38,7 +38,7 @@ from .configuration_distilbert import DistilBertConfig
 class DistilBertEmbeddings(nn.Module):
     def __init__(self, config: DistilBertConfig) -> None:
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.dim, padding_idx=config.pad_token_id)
+        self.word_embeddings = Embedding(config.vocab_size, config.dim, padding_idx=config.pad_token_id)
         self.position_embeddings = Embedding(
             config.max_position_embeddings, config.dim, sinusoidal=config.sinusoidal_pos_embds
         )

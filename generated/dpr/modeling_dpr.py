@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from specformer.runtime.attention import AttentionMask, attend
-from specformer.runtime.layers import Linear, activation
+from specformer.runtime.layers import Embedding, Linear, activation
 from specformer.runtime.modeling import PreTrainedModel
 from specformer.runtime.outputs import BaseModelOutput, DenseEmbeddingOutput, SpanReaderOutput
 
@@ -24,11 +24,11 @@ from .configuration_dpr import DPRConfig
 class DPREmbeddings(nn.Module):
     def __init__(self, config: DPRConfig) -> None:
         super().__init__()
-        self.word_embeddings = nn.Embedding(
+        self.word_embeddings = Embedding(
             config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id
         )
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.position_embeddings = Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 

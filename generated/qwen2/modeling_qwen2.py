@@ -15,7 +15,7 @@ from torch import nn
 from specformer.runtime.attention import AttentionMask, attend
 from specformer.runtime.cache import Cache, DynamicCache
 from specformer.runtime.fused_decode import DecoderLayout, LayerLayout
-from specformer.runtime.layers import Linear, RMSNorm, activation
+from specformer.runtime.layers import Embedding, Linear, RMSNorm, activation
 from specformer.runtime.losses import (
     causal_lm_loss,
     keep_last,
@@ -116,9 +116,7 @@ class Qwen2PreTrainedModel(PreTrainedModel):
 class Qwen2Model(Qwen2PreTrainedModel):
     def __init__(self, config: Qwen2Config) -> None:
         super().__init__(config)
-        self.embed_tokens = nn.Embedding(
-            config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id
-        )
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.layers = nn.ModuleList(
             Qwen2DecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)
         )

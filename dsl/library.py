@@ -1,0 +1,315 @@
+"""The library the language is built on: one entry per primitive, builtin, activation, task and field type.
+
+Each entry holds everything about its concept: what a spec may write (its signature), what it needs from
+the implicit context (rotary tables, the attention mask, the KV cache, the input ids), and how it is
+spelled in generated Python (a template, see below). The validator reads the signatures, the analysis the
+needs and the code generator the spellings; adding a builtin is adding one entry here.
+
+Spelling templates are Python text with holes: `{x}` is the argument `x` as spelled by the generator,
+`{x!atom}` the same, parenthesised unless it is atomic; `{@rope}`, `{@mask}`, `{@input_ids}` name the
+context; `[[...]]` is a part written only when every argument inside it was given (and is not `none`).
+Templates are data: the generator fills them with validated expressions only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    default: object = REQUIRED  # a Python literal, or REQUIRED
+
+
+@dataclass(frozen=True)
+class Signature:
+    name: str
+    params: tuple[Param, ...]
+    doc: str
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.params)
+
+
+def _sig(name: str, doc: str, *params: str | tuple[str, object]) -> Signature:
+    built = tuple(Param(p) if isinstance(p, str) else Param(p[0], p[1]) for p in params)
+    return Signature(name, built, doc)
+
+
+# ---- primitives: `name = Linear(hidden_size, vocab_size, bias = false)` -----------------------------
+@dataclass(frozen=True)
+class Primitive:
+    signature: Signature
+    constructor: str  # the class built, as the generated code names it
+    module: str | None  # the specformer.runtime module it comes from; None: torch.nn (`nn.X`)
+    positional: int  # leading arguments passed positionally; the rest by name, when not the default
+
+
+PRIMITIVES: dict[str, Primitive] = {
+    p.signature.name: p
+    for p in (
+        Primitive(
+            _sig("Linear", "y = x W^T + b", "in_features", "out_features", ("bias", True)),
+            "Linear",
+            "layers",
+            2,
+        ),
+        Primitive(
+            _sig(
+                "Embedding",
+                "a lookup table; `sinusoidal` fixes it to sin/cos position codes; rows times `scale`",
+                "num_embeddings",
+                "embedding_dim",
+                ("padding_idx", None),
+                ("sinusoidal", False),
+                ("scale", None),
+            ),
+            "Embedding",
+            "layers",
+            2,
+        ),
+        Primitive(
+            _sig("RMSNorm", "x / rms(x) * w, or * (1 + w)", "dim", ("eps", 1e-6), ("unit_offset", False)),
+            "RMSNorm",
+            "layers",
+            1,
+        ),
+        Primitive(
+            _sig("LayerNorm", "(x - mean) / std * w + b", "dim", ("eps", 1e-5), ("bias", True)),
+            "nn.LayerNorm",
+            None,
+            1,
+        ),
+        Primitive(
+            _sig("Rotary", "rotary position tables for a backbone", "dim", "rope", "max_position_embeddings"),
+            "RotaryEmbedding",
+            "rope",
+            3,
+        ),
+        Primitive(
+            _sig("Dropout", "zero activations with probability p while training", "p"), "nn.Dropout", None, 1
+        ),
+    )
+}
+
+
+# ---- builtins: functions a forward may call besides its submodules -----------------------------------
+@dataclass(frozen=True)
+class Builtin:
+    signature: Signature
+    spelling: str  # template, see the module docstring
+    imports: tuple[tuple[str, str], ...] = ()  # (runtime module, name) the spelling uses
+    returns: int = 1  # how many tensors; 0: as many as its literal `n` argument
+    needs: frozenset[str] = frozenset()  # implicit context: rope, mask, cache, input_ids
+    tensor_params: int = 1  # leading positional params that are tensors; the rest are config scalars
+
+
+BUILTINS: dict[str, Builtin] = {
+    b.signature.name: b
+    for b in (
+        Builtin(
+            _sig("split_heads", "(B, T, H*D) -> (B, H, T, D)", "x", "head_dim"),
+            "{x!atom}.unflatten(-1, (-1, {head_dim})).transpose(1, 2)",
+        ),
+        Builtin(
+            _sig("merge_heads", "(B, H, T, D) -> (B, T, H*D)", "x"), "{x!atom}.transpose(1, 2).flatten(2)"
+        ),
+        Builtin(
+            _sig("rotary", "rotate q and k by their positions", "q", "k"),
+            "apply_rotary({q}, {k}, {@rope})",
+            (("rope", "apply_rotary"),),
+            returns=2,
+            needs=frozenset({"rope"}),
+            tensor_params=2,
+        ),
+        Builtin(
+            _sig(
+                "attend",
+                "softmax(q k^T * scale + mask) v through the selected attention backend",
+                "q",
+                "k",
+                "v",
+                ("causal", False),
+                ("window", None),
+                ("dropout", 0.0),
+                ("scale", None),
+            ),
+            "attend({q}, {k}, {v}, {@mask}, causal={causal}[[, window={window}]]"
+            "[[, dropout={dropout!atom} if self.training else 0.0]][[, scale={scale}]]"
+            ", impl=self.config.attn_implementation)",
+            (("attention", "attend"),),
+            needs=frozenset({"mask"}),  # and the cache, when it may be causal (analysis.may_be_causal)
+            tensor_params=3,
+        ),
+        Builtin(
+            _sig("dropout", "dropout while training", "x", "p"),
+            "F.dropout({x}, p={p}, training=self.training)",
+        ),
+        Builtin(_sig("first_token", "x[:, 0]: the first position of each sequence", "x"), "{x!atom}[:, 0]"),
+        Builtin(
+            _sig("split_last", "split the last dim into n tensors, dropping it", "x", "n"),
+            "{x!atom}.unbind(-1)",
+            returns=0,
+        ),
+        Builtin(_sig("squeeze_last", "drop a last dim of size 1", "x"), "{x!atom}.squeeze(-1)"),
+        Builtin(
+            _sig("last_token", "each sequence's last non-padding position", "x"),
+            "last_token({x}, {@input_ids}, self.config.pad_token_id)",
+            (("losses", "last_token"),),
+            needs=frozenset({"input_ids"}),
+        ),
+    )
+}
+
+
+# ---- activations, by their Hugging Face names (`hidden_act`), callable by name in a forward ----------
+@dataclass(frozen=True)
+class Activation:
+    name: str
+    spelling: str  # template over `{x}`
+    imports: tuple[tuple[str, str], ...] = ()
+
+
+def _table_activation(name: str) -> Activation:
+    """An activation torch has no function for: the runtime's table of them."""
+    return Activation(name, f'ACTIVATIONS["{name}"]({{x}})', (("layers", "ACTIVATIONS"),))
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    a.name: a
+    for a in (
+        Activation("silu", "F.silu({x})"),
+        Activation("swish", "F.silu({x})"),
+        Activation("gelu", "F.gelu({x})"),
+        _table_activation("gelu_new"),
+        Activation("gelu_pytorch_tanh", 'F.gelu({x}, approximate="tanh")'),
+        _table_activation("gelu_fast"),
+        _table_activation("quick_gelu"),
+        Activation("relu", "F.relu({x})"),
+        Activation("tanh", "torch.tanh({x})"),
+        Activation("sigmoid", "torch.sigmoid({x})"),
+    )
+}
+
+
+# ---- tasks: what a head computes, and what the generated head adds around it -------------------------
+@dataclass(frozen=True)
+class Task:
+    name: str
+    outputs: tuple[str, ...]  # what the spec's head forward returns, in order
+    output: str  # output class in specformer.runtime.outputs
+    labels: tuple[str, ...] = ()  # extra forward inputs, each `Tensor | None = None`
+    loss: str | None = None  # loss expression over the outputs and labels (`self.config` in scope)
+    loss_function: str | None = None  # what `loss` calls, from specformer.runtime.losses
+    generates: bool = False  # a causal LM: keeps only the positions asked for, fuses its training loss
+    choices: bool = False  # inputs come as (batch, choices, length) and are flattened to rows
+
+
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (
+        Task(
+            "causal_lm",
+            ("logits",),
+            "CausalLMOutput",
+            ("labels",),
+            "causal_lm_loss(logits, labels, num_items_in_batch)",
+            "causal_lm_loss",
+            generates=True,
+        ),
+        Task(
+            "sequence_classification",
+            ("logits",),
+            "SequenceClassifierOutput",
+            ("labels",),
+            "sequence_classification_loss(logits, labels, self.config.num_labels, self.config.problem_type)",
+            "sequence_classification_loss",
+        ),
+        Task(
+            "token_classification",
+            ("logits",),
+            "TokenClassifierOutput",
+            ("labels",),
+            "token_classification_loss(logits, labels)",
+            "token_classification_loss",
+        ),
+        Task(
+            "question_answering",
+            ("start_logits", "end_logits"),
+            "QuestionAnsweringOutput",
+            ("start_positions", "end_positions"),
+            "question_answering_loss(start_logits, end_logits, start_positions, end_positions)",
+            "question_answering_loss",
+        ),
+        Task(
+            "masked_lm",
+            ("logits",),
+            "MaskedLMOutput",
+            ("labels",),
+            "masked_lm_loss(logits, labels)",
+            "masked_lm_loss",
+        ),
+        Task(
+            "multiple_choice",
+            ("logits",),
+            "MultipleChoiceOutput",
+            ("labels",),
+            "multiple_choice_loss(logits, labels)",
+            "multiple_choice_loss",
+            choices=True,
+        ),
+        Task("dense_embedding", ("pooler_output",), "DenseEmbeddingOutput"),
+        Task("span_reader", ("start_logits", "end_logits", "relevance_logits"), "SpanReaderOutput"),
+    )
+}
+
+
+# ---- config field types ------------------------------------------------------------------------------
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class FieldType:
+    name: str
+    python: str  # the constructor parameter's annotation
+    check: Callable[[object, tuple[str, ...]], bool]  # (value, enum choices) -> whether it has the type
+
+
+FIELD_TYPES: dict[str, FieldType] = {
+    t.name: t
+    for t in (
+        FieldType("int", "int", lambda v, _: _is_int(v)),
+        FieldType("float", "float", lambda v, _: isinstance(v, int | float) and not isinstance(v, bool)),
+        FieldType("bool", "bool", lambda v, _: isinstance(v, bool)),
+        FieldType("str", "str", lambda v, _: isinstance(v, str)),
+        FieldType("activation", "str", lambda v, _: v in ACTIVATIONS),
+        FieldType("rope", "dict", lambda v, _: isinstance(v, dict)),
+        FieldType("list", "list", lambda v, _: isinstance(v, list)),
+        FieldType("dict", "dict", lambda v, _: isinstance(v, dict)),
+        FieldType("any", "Any", lambda v, _: True),
+        FieldType("enum", "str", lambda v, choices: v in choices),
+    )
+}
+# Types a spec spells by name (`enum(...)` has its own syntax).
+TYPES: tuple[str, ...] = tuple(n for n in FIELD_TYPES if n != "enum")
+
+# Inputs a backbone forward may name.
+BACKBONE_INPUTS: tuple[str, ...] = ("input_ids", "token_type_ids", "position_ids")
+
+# Attributes every config has from the runtime's base class, usable in expressions.
+BASE_CONFIG_FIELDS: dict[str, str] = {"num_labels": "int"}
+
+# Names a spec may never use for anything it defines: Python keywords, builtins that matter, and our own.
+RESERVED: frozenset[str] = frozenset(
+    {
+        "self", "config", "torch", "nn", "F", "math", "super", "layer_idx", "cls", "None", "True", "False",
+        "import", "exec", "eval", "open", "compile", "getattr", "setattr", "delattr", "globals", "locals",
+        "vars", "object", "type", "input", "print", "breakpoint", "help", "id", "dir",
+    }
+)  # fmt: skip
