@@ -1,29 +1,14 @@
-"""The configuration class of a model: constructor parameters, derived defaults, `let` properties."""
+"""The configuration class of a model, as data: constructor parameters, derived defaults, `let` properties."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 from specformer.dsl import ir
 from specformer.dsl.errors import SpecError
 from specformer.dsl.ir import names_in
 from specformer.dsl.library import FIELD_TYPES
 
+from .code import Attribute, Class, Function, Line, Nested, Param, Stmt
 from .expressions import ExprEmitter
-from .layout import INDENT, statement_lines
-
-
-@dataclass
-class ConfigView:
-    name: str
-    model_type: str
-    doc: str
-    attribute_map: list[tuple[str, str]]
-    params: list[str]
-    body: list[str]
-    field_types: list[tuple[str, str]]
-    properties: list[list[str]]
-    uses_rope: bool
 
 
 def is_literal(field: ir.ConfigField) -> bool:
@@ -50,19 +35,21 @@ def literal_source(field: ir.ConfigField) -> str:
 
 
 def plan_config(
-    model: ir.ResolvedModel, order: list[str], layer_lets: frozenset[str], name_of: ExprEmitter, doc: str
-) -> ConfigView:
+    model: ir.ResolvedModel, order: list[str], layer_lets: frozenset[str], name_of: ExprEmitter
+) -> Class:
     """`order` lists fields with every field after those its default reads; `name_of` spells config
     names inside the class (`self.x`, or a `let`'s value)."""
     fields = {f.name: f for f in model.config.fields}
-    params: list[str] = []
+    params: list[Param] = []
     plain: list[str] = []
     derived: list[str] = []
-    properties: list[list[str]] = []
+    properties: list[Function] = []
     field_types: list[tuple[str, str]] = []
-    body: list[str] = []
+    body: list[Stmt] = []
     for alias in model.config.aliases:
-        body += [f'if "{alias.alias}" in kwargs:', f'{INDENT}{alias.target} = kwargs.pop("{alias.alias}")']
+        body.append(
+            Nested(f'if "{alias.alias}" in kwargs:', (Line(f'{alias.target} = kwargs.pop("{alias.alias}")'),))
+        )
     for f in model.config.fields:  # constructor parameters in the order the spec declares them
         if f.computed:
             continue
@@ -71,14 +58,13 @@ def plan_config(
         field_types.append((f.name, type_name + ("?" if f.type.optional else "")))
         optional = " | None" if f.type.optional and py != "Any" else ""
         if f.default is None:
-            params.append(f"{f.name}: {py}{optional}")
+            params.append(Param(f.name, f"{py}{optional}"))
             plain.append(f"self.{f.name} = {f.name}")
         elif f.type.name == "rope" or not is_literal(f):
-            params.append(
-                f"{f.name}: {'dict' if f.type.name == 'rope' else py}{'' if py == 'Any' else ' | None'} = None"
-            )
+            annotation = f"{'dict' if f.type.name == 'rope' else py}{'' if py == 'Any' else ' | None'}"
+            params.append(Param(f.name, annotation, "None"))
         else:
-            params.append(f"{f.name}: {py}{optional} = {literal_source(f)}")
+            params.append(Param(f.name, f"{py}{optional}", literal_source(f)))
             plain.append(f"self.{f.name} = {f.name}")
     for name in order:  # derived defaults, each after the fields it reads
         f = fields[name]
@@ -99,21 +85,13 @@ def plan_config(
             annotation = f"{py} | None" if f.type.optional and py != "Any" else py
             value = literal_source(f) if is_literal(f) else name_of(f.default)  # type: ignore[arg-type]
             properties.append(
-                [
-                    f"{INDENT}@property",
-                    f"{INDENT}def {f.name}(self) -> {annotation}:",
-                    *statement_lines(INDENT * 2, f"return {value}"),
-                ]
+                Function(f.name, (), annotation, (Line(f"return {value}"),), decorators=("@property",))
             )
-    body += plain + derived
-    return ConfigView(
-        name=f"{model.name}Config",
-        model_type=model.model_type,
-        doc=doc,
-        attribute_map=[(a.alias, a.target) for a in model.config.aliases],
-        params=params,
-        body=[line for b in body for line in statement_lines(INDENT * 2, b)],
-        field_types=field_types,
-        properties=properties,
-        uses_rope=any(f.type.name == "rope" for f in model.config.fields),
-    )
+    body += [Line(line) for line in [*plain, *derived, "super().__init__(**kwargs)"]]
+    init = Function("__init__", (*params, Param("**kwargs", "Any")), "None", tuple(body), expand=True)
+    attributes = [Attribute("model_type", "ClassVar[str]", f'"{model.model_type}"')]
+    if model.config.aliases:
+        aliases = tuple((a.alias, a.target) for a in model.config.aliases)
+        attributes.append(Attribute("attribute_map", "ClassVar[dict[str, str]]", entries=aliases))
+    attributes.append(Attribute("field_types", "ClassVar[dict[str, str]]", entries=tuple(field_types)))
+    return Class(f"{model.name}Config", "PretrainedConfig", "", tuple(attributes), (init, *properties))

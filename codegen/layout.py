@@ -197,3 +197,29 @@ def statement_lines(indent: str, text: str) -> list[str]:
         return [line]
     inner = _content_lines(indent + INDENT, expr)
     return [f"{indent}{lead}(", *inner, f"{indent})"]
+
+
+def signature_lines(
+    indent: str, name: str, params: list[str], returns: str, expand: bool = False
+) -> list[str]:
+    """`def name(params) -> returns:` as ruff lays it out; `expand` keeps one parameter per line (a magic
+    trailing comma)."""
+    head, tail = f"def {name}(", f") -> {returns}:"
+    lines = call_lines(indent, head, params, tail)
+    if expand or (len(lines) > 1 and not lines[-2].endswith(",")):
+        # ruff puts each parameter on its own line once a signature is split
+        return [f"{indent}{head}", *(f"{indent}{INDENT}{p}," for p in params), f"{indent}{tail}"]
+    return lines
+
+
+def table_lines(indent: str, head: str, entries: list[tuple[str, str]]) -> list[str]:
+    """`head = {"key": "value", ...}`, one entry per line (the trailing comma keeps ruff's layout)."""
+    return [f"{indent}{head} = {{", *(f'{indent}{INDENT}"{k}": "{v}",' for k, v in entries), f"{indent}}}"]
+
+
+def import_lines(module: str, names: list[str]) -> list[str]:
+    """`from module import names`, wrapped one name per line when it does not fit, as isort does."""
+    line = f"from {module} import {', '.join(names)}"
+    if len(line) <= LINE_LENGTH:
+        return [line]
+    return [f"from {module} import (", *(f"{INDENT}{n}," for n in names), ")"]

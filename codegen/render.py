@@ -1,4 +1,6 @@
-"""Rendering: planned views -> file contents. Deterministic to the byte for a given spec."""
+"""Rendering: a planned package -> file contents. The templates are file skeletons (header, docstring,
+imports, classes); `codegen.emit` writes the classes and works out their imports. Deterministic to the
+byte for a given spec."""
 
 from __future__ import annotations
 
@@ -8,8 +10,8 @@ import jinja2
 
 from specformer.dsl import ir
 
-from .layout import INDENT, statement_lines
-from .plan import ModelView, plan
+from .emit import module_source
+from .plan import plan
 
 
 @cache
@@ -24,42 +26,35 @@ def _environment() -> jinja2.Environment:
     )
 
 
-def _layout(view: ModelView) -> ModelView:
-    for cls in view.classes:
-        cls.init_lines = [out for line in cls.init_lines for out in statement_lines(INDENT * 2, line)]
-    return view
-
-
 def render_model(model: ir.ResolvedModel) -> dict[str, str]:
     """{relative path under generated/: contents} for one model."""
-    view = _layout(plan(model))
+    package = plan(model)
     env = _environment()
-    context = {
+    config_source, config_imports = module_source([package.config])
+    modeling_source, modeling_imports = module_source(package.classes)
+    common = {
         "sources": ", ".join(model.source_files),
         "spec_hash": model.spec_hash,
-        "package": view.package,
-        "config": view.config,
-        "classes": view.classes,
-        "imports": view.imports,
-        "exports": view.exports,
-        "typing_names": _typing_names(view.classes),
-        "model_doc": view.doc,
+        "package": package.package,
+        "config_name": package.config.name,
+        "exports": package.exports,
+        "model_doc": package.doc,
     }
     files = {
-        f"{view.package}/__init__.py": env.get_template("__init__.py.jinja").render(context),
-        f"{view.package}/configuration_{view.package}.py": env.get_template("configuration.py.jinja").render(
-            context
+        "__init__.py": env.get_template("__init__.py.jinja").render(common),
+        f"configuration_{package.package}.py": env.get_template("module.py.jinja").render(
+            common,
+            doc=f'"""Configuration of {model.name} models; fields and defaults as in its spec."""',
+            imports=config_imports,
+            local_import=None,
+            source=config_source,
         ),
-        f"{view.package}/modeling_{view.package}.py": env.get_template("modeling.py.jinja").render(context),
+        f"modeling_{package.package}.py": env.get_template("module.py.jinja").render(
+            common,
+            doc=package.doc,
+            imports=modeling_imports,
+            local_import=f"from .configuration_{package.package} import {package.config.name}",
+            source=modeling_source,
+        ),
     }
-    return {path: text.rstrip("\n") + "\n" for path, text in files.items()}
-
-
-def _typing_names(classes: list) -> list[str]:
-    """The `typing` names the generated module needs: `Any` in method signatures, `ClassVar` for tables."""
-    names = []
-    if any("ClassVar[" in a for c in classes for a in c.attributes):
-        names.append("ClassVar")
-    if any("Any" in line for c in classes for m in c.methods for line in m):
-        names.insert(0, "Any")
-    return names
+    return {f"{package.package}/{path}": text.rstrip("\n") + "\n" for path, text in files.items()}
