@@ -83,3 +83,4 @@ class ModulePlan:
     config: Class
     classes: list[Class] = field(default_factory=list)
     exports: list[str] = field(default_factory=list)
+    registrations: list[str] = field(default_factory=list)  # calls the package makes into the runtime

@@ -2,32 +2,40 @@
 
 The kernel hard-codes one dataflow: a pre-norm decoder layer (`x = x + attn(norm(x))`, then
 `x + mlp(norm(x))`), attention with q/k/v/o projections, full rotary, `attend` (optionally windowed) and a
-gated MLP `down(act(gate(x)) * up(x))`, under a backbone `norm(layers(embed(input_ids)))` and a head `lm_head(h)`. A spec matches when its forwards
-are exactly these statements (any names), so the planner can hand the runtime the modules in the kernel's
-order; anything else (post-norm, q/k norms, an attention
-scale or soft-cap...) simply gets no layout and decodes op by op. What the IR leaves to the config (the
-activation, the norms' offset and eps) the runtime checks before it takes the kernel.
-
-Forwards are compared as text in a canonical spelling of the IR (`_spell`), against patterns whose
-`{name}` slots bind identifiers: the first use of a slot captures, later uses must repeat the same name.
+gated MLP `down(act(gate(x)) * up(x))`, under a backbone `norm(layers(embed(input_ids)))` and a head
+`lm_head(h)`. A spec matches when its forwards have exactly this structure under any names: each
+pattern below is parsed by the spec grammar and unified with the spec's IR, its names binding to the
+spec's (the first use of a name binds it, later uses must repeat it). Anything else (post-norm, q/k norms,
+an attention scale or soft-cap...) gets no fused step and decodes op by op. What the IR leaves to the
+config (the activation, the norms' offset and eps) the runtime checks before it takes the kernel.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+from functools import cache
 
 from specformer.dsl import ir
-from specformer.dsl.library import PRIMITIVES, REQUIRED
+from specformer.dsl.library import BUILTINS, PRIMITIVES, REQUIRED
+from specformer.dsl.parser import parse
 
-_DECODER_LAYER = "{x} = ({x} + {attn}({input_norm}({x}))); return ({x} + {mlp}({post_norm}({x})))"
-_ATTENTION = (
-    "{q} = split_heads({q_proj}({x}), {head_dim}); {k} = split_heads({k_proj}({x}), {head_dim}); "
-    "{v} = split_heads({v_proj}({x}), {head_dim}); {q}, {k} = rotary({q}, {k}); "
-    "{y} = attend({q}, {k}, {v}); return {o_proj}(merge_heads({y}))"
-)
-_MLP = "return {down_proj}(({act}({gate_proj}({x})) * {up_proj}({x})))"
-_BACKBONE = "{x} = {embed}(input_ids); {x} = {layers}({x}); return {norm}({x})"
+_PATTERNS = """
+model Pattern {
+  block Backbone { forward(input_ids) { x = embed(input_ids)  x = layers(x)  return norm(x) } }
+  block Layer { forward(x) { x = x + attn(input_norm(x))  return x + mlp(post_norm(x)) } }
+  block Attention {
+    forward(x) {
+      q = split_heads(q_proj(x), head_dim)
+      k = split_heads(k_proj(x), head_dim)
+      v = split_heads(v_proj(x), head_dim)
+      q, k = rotary(q, k)
+      y = attend(q, k, v)
+      return o_proj(merge_heads(y))
+    }
+  }
+  block MLP { forward(x) { return down_proj(act(gate_proj(x)) * up_proj(x)) } }
+}
+"""
 _ATTEND_OPTIONS = {"causal", "window", "dropout"}  # `scale` or anything new: not the kernel's math
 
 
@@ -48,7 +56,7 @@ class DecoderMatch:
     v_proj: str
     o_proj: str
     head_dim: ir.Expr  # the head size split_heads is given
-    window: ir.Expr | None  # attend's window, spelled later in the attention block's own terms
+    window: ir.Expr | None  # attend's window, in the attention block's terms
     attention_block: str
     gate_proj: str
     up_proj: str
@@ -56,47 +64,47 @@ class DecoderMatch:
     act: str  # the activation-typed config field
 
 
+@cache
+def _patterns() -> dict[str, ir.Forward]:
+    (model,) = parse(_PATTERNS, "<decoder patterns>")
+    return {b.name: b.forward for b in model.blocks if b.forward is not None}
+
+
 def match_decoder(model: ir.ResolvedModel, activation_fields: set[str]) -> DecoderMatch | None:
     """The decoder's module names when the spec has exactly the fused step's dataflow, else None."""
     backbone = model.backbone
-    found = _match(backbone, _BACKBONE)
+    found = _unify_forward(backbone, "Backbone")
     embed_options = {"padding_idx", "scale"}  # the embedding scales its own rows
-    if found is None or not _is(backbone, found["embed"], "primitive", "Embedding", options=embed_options):
+    if found is None or not _is(backbone, found["embed"], "primitive", "Embedding", embed_options):
         return None
     rotaries = [s.name for s in backbone.submodules if s.kind == "primitive" and s.target == "Rotary"]
     layers = backbone.submodule(found["layers"])
     if len(rotaries) != 1 or layers is None or layers.kind != "repeat" or layers.condition is not None:
         return None
     layer_block = model.block(layers.target)
-    layer = _match(layer_block, _DECODER_LAYER)
+    layer = _unify_forward(layer_block, "Layer")
     if layer is None:
         return None
     norms = [(backbone, found["norm"]), (layer_block, layer["input_norm"]), (layer_block, layer["post_norm"])]
-    if not all(
-        _is(block, name, "primitive", "RMSNorm", options={"eps", "unit_offset"}) for block, name in norms
-    ):
+    if not all(_is(block, name, "primitive", "RMSNorm", {"eps", "unit_offset"}) for block, name in norms):
         return None  # the runtime checks that the norms share their eps and offset
     if not (_is(layer_block, layer["attn"], "block") and _is(layer_block, layer["mlp"], "block")):
         return None
     attention_block = model.block(layer_block.submodule(layer["attn"]).target)  # type: ignore[union-attr]
-    attention = _match(attention_block, _ATTENTION)
+    attention = _unify_forward(attention_block, "Attention")
     mlp_block = model.block(layer_block.submodule(layer["mlp"]).target)  # type: ignore[union-attr]
-    mlp = _match(mlp_block, _MLP)
+    mlp = _unify_forward(mlp_block, "MLP")
     if attention is None or mlp is None or mlp["act"] not in activation_fields:
         return None
     linears = [(attention_block, attention[n]) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
     linears += [(mlp_block, mlp[n]) for n in ("gate_proj", "up_proj", "down_proj")]
-    if not all(_is(block, name, "primitive", "Linear", options={"bias"}) for block, name in linears):
+    if not all(_is(block, name, "primitive", "Linear", {"bias"}) for block, name in linears):
         return None
-    attend = next(
-        s.value
-        for s in attention_block.forward.body
-        if isinstance(s, ir.Assign) and _is_call(s.value, "attend")
-    )  # type: ignore[union-attr]
-    if not {k for k, _ in attend.kwargs} <= _ATTEND_OPTIONS:  # type: ignore[union-attr]
+    assert attention_block.forward is not None
+    attend = next(c for c in attention_block.forward.calls() if c.func == "attend")
+    if not {k for k, _ in attend.kwargs} <= _ATTEND_OPTIONS:
         return None
-    options = dict(attend.kwargs)  # type: ignore[union-attr]
-    window = options.get("window")
+    window = attend.kwarg("window")
     return DecoderMatch(
         embed=found["embed"],
         layers=found["layers"],
@@ -110,7 +118,7 @@ def match_decoder(model: ir.ResolvedModel, activation_fields: set[str]) -> Decod
         k_proj=attention["k_proj"],
         v_proj=attention["v_proj"],
         o_proj=attention["o_proj"],
-        head_dim=attention_block.forward.body[0].value.args[1],  # type: ignore[union-attr]
+        head_dim=attention_block.forward.calls()[0].args[1],
         window=None if isinstance(window, ir.Const) and window.value is None else window,
         attention_block=attention_block.name,
         gate_proj=mlp["gate_proj"],
@@ -120,18 +128,61 @@ def match_decoder(model: ir.ResolvedModel, activation_fields: set[str]) -> Decod
     )
 
 
-def _match(block: ir.Block | None, pattern: str) -> dict[str, str] | None:
-    """The slots' bindings when the block's forward spells exactly `pattern`."""
+def _unify_forward(block: ir.Block | None, pattern: str) -> dict[str, str] | None:
+    """The pattern's names bound to the block's, when its forward has exactly the pattern's structure."""
     if block is None or block.forward is None:
         return None
-    regex, seen = "", set()
-    for literal, slot in re.findall(r"([^{]*)(?:\{(\w+)\})?", pattern):
-        regex += re.escape(literal)
-        if slot:
-            regex += f"(?P={slot})" if slot in seen else rf"(?P<{slot}>\w+)"
-            seen.add(slot)
-    found = re.fullmatch(regex, "; ".join(_statement(s) for s in block.forward.body))
-    return found.groupdict() if found else None
+    expected = _patterns()[pattern]
+    actual = block.forward
+    bindings: dict[str, str] = {}
+    if len(expected.params) != len(actual.params) or len(expected.body) != len(actual.body):
+        return None
+    if not all(_bind(p, a, bindings) for p, a in zip(expected.params, actual.params, strict=True)):
+        return None
+    for want, have in zip(expected.body, actual.body, strict=True):
+        if type(want) is not type(have):
+            return None
+        if isinstance(want, ir.Assign):
+            assert isinstance(have, ir.Assign)
+            if len(want.targets) != len(have.targets) or not all(
+                _bind(p, a, bindings) for p, a in zip(want.targets, have.targets, strict=True)
+            ):
+                return None
+        exprs = list(zip(ir.statement_exprs(want), ir.statement_exprs(have), strict=False))
+        if len(ir.statement_exprs(want)) != len(ir.statement_exprs(have)):
+            return None
+        if not all(_unify(p, a, bindings) for p, a in exprs):
+            return None
+    return bindings
+
+
+def _bind(pattern: str, actual: str, bindings: dict[str, str]) -> bool:
+    if pattern in BUILTINS or pattern == "input_ids":  # literal names
+        return pattern == actual
+    return bindings.setdefault(pattern, actual) == actual
+
+
+def _unify(pattern: ir.Expr, actual: ir.Expr, bindings: dict[str, str]) -> bool:
+    if isinstance(pattern, ir.Name):
+        return isinstance(actual, ir.Name) and _bind(pattern.id, actual.id, bindings)
+    if isinstance(pattern, ir.BinOp):
+        return (
+            isinstance(actual, ir.BinOp)
+            and pattern.op == actual.op
+            and _unify(pattern.left, actual.left, bindings)
+            and _unify(pattern.right, actual.right, bindings)
+        )
+    if isinstance(pattern, ir.Call):
+        if not isinstance(actual, ir.Call) or len(pattern.args) != len(actual.args):
+            return False
+        # attend's options are checked apart (some are the kernel's, some are not); any other keyword
+        # argument is not in the patterns, so a call that has one does not match
+        if actual.kwargs and actual.func != "attend":
+            return False
+        return _bind(pattern.func, actual.func, bindings) and all(
+            _unify(p, a, bindings) for p, a in zip(pattern.args, actual.args, strict=True)
+        )
+    return False
 
 
 def _is(
@@ -148,29 +199,3 @@ def _is(
     given = {*signature.names[: len(sub.args)], *(k for k, _ in sub.kwargs)}
     required = {p.name for p in signature.params if p.default is REQUIRED}
     return sub.target == target and given <= required | options
-
-
-def _is_call(expr: ir.Expr, func: str) -> bool:
-    return isinstance(expr, ir.Call) and expr.func == func
-
-
-def _statement(stmt: ir.Stmt) -> str:
-    if isinstance(stmt, ir.Return):
-        return "return " + ", ".join(_spell(v) for v in stmt.values)
-    return f"{', '.join(stmt.targets)} = {_spell(stmt.value)}"
-
-
-def _spell(expr: ir.Expr) -> str:
-    """A canonical spelling: every operation parenthesised; attend's options left to `match_decoder`."""
-    if isinstance(expr, ir.Name):
-        return expr.id
-    if isinstance(expr, ir.Number):
-        return expr.text
-    if isinstance(expr, ir.BinOp):
-        return f"({_spell(expr.left)} {expr.op} {_spell(expr.right)})"
-    if isinstance(expr, ir.Call):
-        args = [_spell(a) for a in expr.args]
-        if expr.func != "attend":
-            args += [f"{k}={_spell(v)}" for k, v in expr.kwargs]
-        return f"{expr.func}({', '.join(args)})"
-    return f"<{expr.kind}>"  # never part of a pattern

@@ -30,8 +30,8 @@ def _runtime_names() -> dict[str, str]:
         "keep_last": "losses",
         "linear_cross_entropy": "losses",
         "activation": "layers",
-        "DecoderLayout": "fused_decode",
-        "LayerLayout": "fused_decode",
+        "DecoderPaths": "fused_decode",
+        "register_decoder": "fused_decode",
     }
     names |= {p.constructor: p.module for p in PRIMITIVES.values() if p.module is not None}
     names |= {name: module for b in BUILTINS.values() for module, name in b.imports}

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import re
-
 from specformer.dsl import ir
 from specformer.dsl.ir import names_in
 from specformer.dsl.library import TASKS
@@ -12,7 +10,6 @@ from specformer.dsl.library import TASKS
 from .blocks import BlockPlanner
 from .code import Attribute, Class, Function, Line, Nested, Param, Stmt
 from .context import ModelContext
-from .decoder_match import match_decoder
 from .spelling import atom
 
 _CHOICE_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
@@ -118,8 +115,6 @@ class HeadPlanner:
                     (Line("return generation_defaults(self.config)"),),
                 )
             )
-            if projection is not None and not explicit:
-                methods += self._decoder_layout(head.attr or ctx.backbone.attr, projection[0])
         plan = tp_plan(ctx, head)
         if plan:
             attributes.append(Attribute("tp_plan", "ClassVar[dict[str, str]]", entries=tuple(plan.items())))
@@ -145,43 +140,6 @@ class HeadPlanner:
                     body.append(Nested(f"if {emit(condition)}:", (Line(f"ties[{key}] = {value}"),)))
             body.append(Line("return ties"))
         return Function("tied_weights", (), "dict[str, str]", tuple(body))
-
-    def _decoder_layout(self, backbone: str | None, lm_head: str) -> list[Function]:
-        """`decoder_layout()`, naming the modules for the fused CPU decode step, when the spec's decoder
-        is exactly its dataflow (`decoder_match`); nothing otherwise."""
-        ctx = self.ctx
-        activations = {n for n, f in ctx.fields.items() if f.type.name == "activation"}
-        found = match_decoder(ctx.model, activations)
-        if found is None or backbone is None:
-            return []
-        attn, mlp = f"layer.{found.attn}", f"layer.{found.mlp}"
-        window = "None"
-        if found.window is not None:  # spelled as the attention block's forward reads it, from the layer
-            block = ctx.model.block(found.attention_block)
-            window = re.sub(r"\bself\.", f"{attn}.", ctx.forward_expr(block, {})(found.window))
-        layer = [
-            f"input_norm=layer.{found.input_norm}",
-            *(f"{k}={attn}.{getattr(found, f'{k}_proj')}" for k in ("q", "k", "v", "o")),
-            f"post_norm=layer.{found.post_norm}",
-            *(f"{k}={mlp}.{getattr(found, f'{k}_proj')}" for k in ("gate", "up", "down")),
-            f"act={mlp}.{found.act}_fn",
-            f"window={window}",
-        ]
-        model = f"self.{backbone}"
-        fields = [
-            f"head_dim={ctx.config_expr('self.config')(found.head_dim)}",
-            f"embed={model}.{found.embed}",
-            f"layers=[LayerLayout({', '.join(layer)}) for layer in {model}.{found.layers}]",
-            f"norm={model}.{found.norm}",
-            f"rotary={model}.{found.rotary}",
-            f"head=self.{lm_head}",
-        ]
-        comments = (
-            "The decoder is exactly the dataflow specformer's fused CPU decode step runs (pre-norm, rotary,",
-            "gated MLP): its modules, for generate() on the CPU. See specformer/runtime/fused_decode.py.",
-        )
-        body = (Line(f"return DecoderLayout({', '.join(fields)})"),)
-        return [Function("decoder_layout", (), "DecoderLayout", body, comments)]
 
 
 def plain_projection(head: ir.Block) -> tuple[str, str] | None:

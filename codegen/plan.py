@@ -10,14 +10,18 @@ Three kinds of class come out of a spec's blocks (`codegen.blocks`):
 
 from __future__ import annotations
 
+import re
+
 from specformer.dsl import ir
+from specformer.dsl.library import TASKS
 
 from .blocks import BlockPlanner
 from .code import Attribute, Class, Function, Line, ModulePlan, Nested, Param, Stmt
 from .config_plan import literal_source, plan_config, python_type
 from .context import ModelContext, docstring
+from .decoder_match import match_decoder
 from .emit import _isort
-from .heads import HeadPlanner, tp_plan
+from .heads import HeadPlanner, plain_projection, tp_plan
 
 
 def package_name(model: ir.ResolvedModel) -> str:
@@ -67,6 +71,7 @@ def plan(model: ir.ResolvedModel) -> ModulePlan:
         config=config,
         classes=classes,
         exports=[config.name, *_isort({c.name for c in classes if c.base != "nn.Module"})],
+        registrations=decoder_registrations(ctx),
     )
 
 
@@ -111,3 +116,46 @@ def _backbone(ctx: ModelContext, blocks: BlockPlanner) -> Class:
     init = Function("__init__", (Param("config", ctx.config_class), *options), "None", init_body)
     forward = Function("forward", tuple(inputs), "BaseModelOutput", tuple(body), forward_comments)
     return Class(ctx.class_name(block.name), ctx.pretrained_base, doc, (), (init, forward))
+
+
+def decoder_registrations(ctx: ModelContext) -> list[str]:
+    """`register_decoder(...)` calls for causal LMs whose spec is exactly the fused decode step's
+    dataflow (`decoder_match`), naming where their modules are; nothing for any other model."""
+    activations = {n for n, f in ctx.fields.items() if f.type.name == "activation"}
+    found = match_decoder(ctx.model, activations)
+    if found is None:
+        return []
+    window = None
+    if found.window is not None:  # as the attention block's forward reads it: an attribute of the block
+        spelled = ctx.forward_expr(ctx.blocks[found.attention_block], {})(found.window)
+        if spelled != "None":
+            if not re.fullmatch(r"self\.[\w.]+", spelled):
+                return []
+            window = f"{found.attn}.{spelled.removeprefix('self.')}"
+    head_dim = ctx.config_expr("config")(found.head_dim)
+    if not re.fullmatch(r"config\.\w+", head_dim):
+        return []
+    calls = []
+    for head in ctx.model.heads:
+        projection = plain_projection(head) if TASKS[head.task or ""].generates else None
+        if projection is None or ctx.facts.takes_inputs(head.name):
+            continue
+        paths = {
+            "backbone": head.attr or ctx.backbone.attr,
+            "embed": found.embed,
+            "layers": found.layers,
+            "norm": found.norm,
+            "rotary": found.rotary,
+            "head": projection[0],
+            "head_dim": head_dim.removeprefix("config."),
+            "input_norm": found.input_norm,
+            **{k: f"{found.attn}.{getattr(found, f'{k}_proj')}" for k in ("q", "k", "v", "o")},
+            "post_norm": found.post_norm,
+            **{k: f"{found.mlp}.{getattr(found, f'{k}_proj')}" for k in ("gate", "up", "down")},
+            "act": f"{found.mlp}.{found.act}_fn",
+        }
+        if window is not None:
+            paths["window"] = window
+        fields = ", ".join(f'{k}="{v}"' for k, v in paths.items())
+        calls.append(f"register_decoder({ctx.class_name(head.name)}, DecoderPaths({fields}))")
+    return calls

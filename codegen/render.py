@@ -10,7 +10,8 @@ import jinja2
 
 from specformer.dsl import ir
 
-from .emit import module_source
+from .emit import import_block, module_source
+from .layout import statement_lines
 from .plan import plan
 
 
@@ -40,8 +41,11 @@ def render_model(model: ir.ResolvedModel) -> dict[str, str]:
         "exports": package.exports,
         "model_doc": package.doc,
     }
+    registrations = [line for call in package.registrations for line in statement_lines("", call)]
     files = {
-        "__init__.py": env.get_template("__init__.py.jinja").render(common),
+        "__init__.py": env.get_template("__init__.py.jinja").render(
+            common, imports=import_block("\n".join(registrations)), registrations=registrations
+        ),
         f"configuration_{package.package}.py": env.get_template("module.py.jinja").render(
             common,
             doc=f'"""Configuration of {model.name} models; fields and defaults as in its spec."""',

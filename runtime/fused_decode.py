@@ -9,8 +9,9 @@ parallel region that streams the weights back to back.
 
 It needs to know the decoder's structure for certain, so it takes it from the code generator: when a spec's
 dataflow is exactly a pre-norm rotary decoder with a gated MLP (Llama, Mistral, Qwen2, Gemma and any spec
-written the same way), its causal-LM class gets a generated `decoder_layout()` naming the modules, and
-`generate()` decodes through the kernel over a dynamic or static cache, eager or with `compile=True`
+written the same way), the generated package registers where its causal LM keeps those modules
+(`register_decoder`, attribute paths only: the modeling code carries nothing for it), and `generate()`
+decodes through the kernel over a dynamic or static cache, eager or with `compile=True`
 (nothing to compile). Anything the kernel does not cover (activations other than SwiGLU and GeGLU, partial
 rotary, quantized or LoRA layers, gradients, a GPU) decodes op by op or through `torch.compile`.
 """
@@ -18,6 +19,7 @@ rotary, quantized or LoRA layers, gradients, a GPU) decodes op by op or through 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import attrgetter
 
 import torch
 from torch import nn
@@ -61,6 +63,67 @@ class DecoderLayout:
     norm: nn.Module
     rotary: nn.Module
     head: nn.Module
+
+
+@dataclass(frozen=True)
+class DecoderPaths:
+    """Where a causal LM keeps the fused step's modules: attribute paths from the model (`backbone`,
+    `head`, `head_dim` on its config), from the backbone (`embed`, `layers`, `norm`, `rotary`) and from
+    each layer (the rest). `window` leads from a layer to its sliding attention window; None: full."""
+
+    backbone: str
+    embed: str
+    layers: str
+    norm: str
+    rotary: str
+    head: str
+    head_dim: str
+    input_norm: str
+    q: str
+    k: str
+    v: str
+    o: str
+    post_norm: str
+    gate: str
+    up: str
+    down: str
+    act: str
+    window: str | None = None
+
+
+_DECODERS: dict[type, DecoderPaths] = {}
+
+
+def register_decoder(model_class: type, paths: DecoderPaths) -> None:
+    """Declare that `model_class` (and its subclasses) decode through the fused step, with its modules
+    at `paths`. Generated packages call it for specs whose dataflow is the step's."""
+    _DECODERS[model_class] = paths
+
+
+def decoder_paths(model_class: type) -> DecoderPaths | None:
+    return next((_DECODERS[c] for c in model_class.__mro__ if c in _DECODERS), None)
+
+
+def decoder_layout(model: nn.Module) -> DecoderLayout | None:
+    """The model's modules in the fused step's order, or None when its class registered none."""
+    paths = decoder_paths(type(model))
+    if paths is None:
+        return None
+    backbone = attrgetter(paths.backbone)(model)
+
+    def layer_layout(layer: nn.Module) -> LayerLayout:
+        window = attrgetter(paths.window)(layer) if paths.window is not None else None
+        parts = ("input_norm", "q", "k", "v", "o", "post_norm", "gate", "up", "down", "act")
+        return LayerLayout(**{p: attrgetter(getattr(paths, p))(layer) for p in parts}, window=window)
+
+    return DecoderLayout(
+        head_dim=attrgetter(paths.head_dim)(model.config),
+        embed=attrgetter(paths.embed)(backbone),
+        layers=[layer_layout(layer) for layer in attrgetter(paths.layers)(backbone)],
+        norm=attrgetter(paths.norm)(backbone),
+        rotary=attrgetter(paths.rotary)(backbone),
+        head=attrgetter(paths.head)(model),
+    )
 
 
 class FusedDecoder:
@@ -126,12 +189,12 @@ class FusedDecoder:
 def fused_decoder(model: nn.Module, batch: int) -> FusedDecoder | None:
     """The fused step for `model` decoding `batch` rows (into a static or dynamic cache), or None where it
     does not apply. Called with gradients off, as `generate` runs."""
-    layout_of = getattr(model, "decoder_layout", None)
-    if layout_of is None or model.training or batch > DECODE_ROWS or _hooked(model):
+    if decoder_paths(type(model)) is None or model.training or batch > DECODE_ROWS or _hooked(model):
         return None
     if cpu_kernels.ops() is None:
         return None
-    layout: DecoderLayout = layout_of()
+    layout = decoder_layout(model)
+    assert layout is not None
     dtype = layout.norm.weight.dtype
     tensors = [layout.embed.weight, layout.norm.weight, layout.head.weight]
     norms = [layout.norm]

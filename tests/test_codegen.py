@@ -262,3 +262,11 @@ def test_a_branch_longer_than_a_line_is_laid_out_as_ruff_does(tmp_path: Path) ->
         [shutil.which("ruff"), "format", "--diff", str(path)], capture_output=True, text=True
     )
     assert fmt.returncode == 0, fmt.stdout
+
+
+def test_no_fast_path_code_in_modeling_files() -> None:
+    """The fused decode step is told where modules are by the package (`register_decoder` in
+    `__init__.py`); the modeling code is only the model."""
+    for path in GENERATED.rglob("modeling_*.py"):
+        text = path.read_text()
+        assert "fused_decode" not in text and "decoder_layout" not in text, path.name

@@ -18,7 +18,7 @@ from specformer.generated.mistral import MistralConfig, MistralForCausalLM
 from specformer.generated.qwen2 import Qwen2Config, Qwen2ForCausalLM
 from specformer.runtime import AutoModelForCausalLM, cpu_kernels
 from specformer.runtime.cache import StaticCache
-from specformer.runtime.fused_decode import FusedDecoder
+from specformer.runtime.fused_decode import FusedDecoder, decoder_paths
 from specformer.runtime.generation import compiled_step, generate
 
 pytestmark = pytest.mark.skipif(cpu_kernels.ops() is None, reason="no C++ compiler to build the kernels")
@@ -104,7 +104,7 @@ def test_bfloat16_rounds_where_the_model_does() -> None:
 
 
 def test_only_specs_with_the_fused_dataflow_get_a_decoder_layout() -> None:
-    assert all(hasattr(cls, "decoder_layout") for cls, _, _ in ARCHITECTURES.values())
+    assert all(decoder_paths(cls) is not None for cls, _, _ in ARCHITECTURES.values())
     specs = SpecSet()
     specs.add_file(SPECS / "llama.sf", "llama.sf")
     llama = (SPECS / "llama.sf").read_text()
@@ -119,8 +119,9 @@ def test_only_specs_with_the_fused_dataflow_get_a_decoder_layout() -> None:
         specs.add_text(
             text.replace("model Llama", "model Variant").replace('"llama"', '"variant"'), "variant.sf"
         )
-        modeling = render_model(specs.resolved("Variant"))["variant/modeling_variant.py"]
-        assert ("def decoder_layout" in modeling) == fused, name
+        files = render_model(specs.resolved("Variant"))
+        assert ("register_decoder(" in files["variant/__init__.py"]) == fused, name
+        assert "fused_decode" not in files["variant/modeling_variant.py"], name  # no fast path in modeling
 
 
 def test_a_spec_written_with_other_names_decodes_fused(tmp_path: Path) -> None:

@@ -6,6 +6,8 @@ sqrt(hidden_size), tied output weights and an optional bidirectional mode.
 Hugging Face reference: transformers/models/gemma/modeling_gemma.py
 """
 
+from specformer.runtime.fused_decode import DecoderPaths, register_decoder
+
 from .configuration_gemma import GemmaConfig
 from .modeling_gemma import (
     GemmaForCausalLM,
@@ -13,6 +15,31 @@ from .modeling_gemma import (
     GemmaForTokenClassification,
     GemmaModel,
     GemmaPreTrainedModel,
+)
+
+# The spec's decoder is exactly the dataflow of specformer's fused CPU decode step (pre-norm, rotary,
+# gated MLP): the runtime is told where its modules are (specformer/runtime/fused_decode.py).
+register_decoder(
+    GemmaForCausalLM,
+    DecoderPaths(
+        backbone="model",
+        embed="embed_tokens",
+        layers="layers",
+        norm="norm",
+        rotary="rotary_emb",
+        head="lm_head",
+        head_dim="head_dim",
+        input_norm="input_layernorm",
+        q="self_attn.q_proj",
+        k="self_attn.k_proj",
+        v="self_attn.v_proj",
+        o="self_attn.o_proj",
+        post_norm="post_attention_layernorm",
+        gate="mlp.gate_proj",
+        up="mlp.up_proj",
+        down="mlp.down_proj",
+        act="mlp.hidden_act_fn",
+    ),
 )
 
 __all__ = [

@@ -3,6 +3,8 @@
 # spec sha256: b2ab092ca718b68a897aee75dad211254b6987beb943d0eea1a9851c17a0b6d5
 """Llama: a pre-norm decoder with rotary positions, grouped-query attention and a SwiGLU MLP."""
 
+from specformer.runtime.fused_decode import DecoderPaths, register_decoder
+
 from .configuration_llama import LlamaConfig
 from .modeling_llama import (
     LlamaForCausalLM,
@@ -11,6 +13,31 @@ from .modeling_llama import (
     LlamaForTokenClassification,
     LlamaModel,
     LlamaPreTrainedModel,
+)
+
+# The spec's decoder is exactly the dataflow of specformer's fused CPU decode step (pre-norm, rotary,
+# gated MLP): the runtime is told where its modules are (specformer/runtime/fused_decode.py).
+register_decoder(
+    LlamaForCausalLM,
+    DecoderPaths(
+        backbone="model",
+        embed="embed_tokens",
+        layers="layers",
+        norm="norm",
+        rotary="rotary_emb",
+        head="lm_head",
+        head_dim="head_dim",
+        input_norm="input_layernorm",
+        q="self_attn.q_proj",
+        k="self_attn.k_proj",
+        v="self_attn.v_proj",
+        o="self_attn.o_proj",
+        post_norm="post_attention_layernorm",
+        gate="mlp.gate_proj",
+        up="mlp.up_proj",
+        down="mlp.down_proj",
+        act="mlp.hidden_act_fn",
+    ),
 )
 
 __all__ = [

@@ -5,6 +5,8 @@
 Hugging Face reference: transformers/models/qwen2/modeling_qwen2.py
 """
 
+from specformer.runtime.fused_decode import DecoderPaths, register_decoder
+
 from .configuration_qwen2 import Qwen2Config
 from .modeling_qwen2 import (
     Qwen2ForCausalLM,
@@ -13,6 +15,32 @@ from .modeling_qwen2 import (
     Qwen2ForTokenClassification,
     Qwen2Model,
     Qwen2PreTrainedModel,
+)
+
+# The spec's decoder is exactly the dataflow of specformer's fused CPU decode step (pre-norm, rotary,
+# gated MLP): the runtime is told where its modules are (specformer/runtime/fused_decode.py).
+register_decoder(
+    Qwen2ForCausalLM,
+    DecoderPaths(
+        backbone="model",
+        embed="embed_tokens",
+        layers="layers",
+        norm="norm",
+        rotary="rotary_emb",
+        head="lm_head",
+        head_dim="head_dim",
+        input_norm="input_layernorm",
+        q="self_attn.q_proj",
+        k="self_attn.k_proj",
+        v="self_attn.v_proj",
+        o="self_attn.o_proj",
+        post_norm="post_attention_layernorm",
+        gate="mlp.gate_proj",
+        up="mlp.up_proj",
+        down="mlp.down_proj",
+        act="mlp.hidden_act_fn",
+        window="self_attn.attention_window",
+    ),
 )
 
 __all__ = [

@@ -14,7 +14,6 @@ from torch import nn
 
 from specformer.runtime.attention import AttentionMask, attend
 from specformer.runtime.cache import Cache, DynamicCache
-from specformer.runtime.fused_decode import DecoderLayout, LayerLayout
 from specformer.runtime.layers import Embedding, Linear, RMSNorm, activation
 from specformer.runtime.losses import (
     causal_lm_loss,
@@ -195,33 +194,6 @@ class Qwen2ForCausalLM(Qwen2PreTrainedModel):
 
     def generation_defaults(self) -> dict[str, Any]:
         return generation_defaults(self.config)
-
-    # The decoder is exactly the dataflow specformer's fused CPU decode step runs (pre-norm, rotary,
-    # gated MLP): its modules, for generate() on the CPU. See specformer/runtime/fused_decode.py.
-    def decoder_layout(self) -> DecoderLayout:
-        return DecoderLayout(
-            head_dim=self.config.head_dim,
-            embed=self.model.embed_tokens,
-            layers=[
-                LayerLayout(
-                    input_norm=layer.input_layernorm,
-                    q=layer.self_attn.q_proj,
-                    k=layer.self_attn.k_proj,
-                    v=layer.self_attn.v_proj,
-                    o=layer.self_attn.o_proj,
-                    post_norm=layer.post_attention_layernorm,
-                    gate=layer.mlp.gate_proj,
-                    up=layer.mlp.up_proj,
-                    down=layer.mlp.down_proj,
-                    act=layer.mlp.hidden_act_fn,
-                    window=layer.self_attn.attention_window,
-                )
-                for layer in self.model.layers
-            ],
-            norm=self.model.norm,
-            rotary=self.model.rotary_emb,
-            head=self.lm_head,
-        )
 
 
 class Qwen2ForSequenceClassification(Qwen2PreTrainedModel):

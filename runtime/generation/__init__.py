@@ -126,8 +126,9 @@ def generate(
     `generation_config` defaults to the model's special tokens; `tokenizer` is needed for stop_strings.
     `assistant_model` (a small draft model) or `prompt_lookup_num_tokens` decode speculatively: the same
     tokens as plain greedy decoding (or the same distribution when sampling), in fewer forward passes.
-    On the CPU, models with a generated `decoder_layout()` decode each new token in one fused kernel call
-    over the dynamic or static cache (runtime/fused_decode.py); others run their forward.
+    On the CPU, models whose package registers their decoder (`register_decoder`) decode each new token
+    in one fused kernel call over the dynamic or static cache (runtime/fused_decode.py); others run their
+    forward.
     `compile=True` (with `cache_implementation="static"`) runs the one-token steps compiled: through
     specformer's fused decode step on the CPU where the model's decoder has one (nothing to compile),
     else `torch.compile` (fixed shapes, traced once, replayed for every token); `compile="inductor"`
