@@ -16,8 +16,8 @@ from test_quantization import logits, small_llama
 from specformer.generated.llama import LlamaForCausalLM
 
 bnb = pytest.importorskip("bitsandbytes")
-from specformer.runtime.bnb import BitsAndBytesConfig  # noqa: E402
 from specformer.runtime.layers import Linear  # noqa: E402
+from specformer.runtime.quantization import BitsAndBytesConfig  # noqa: E402
 
 CONFIGS = {
     "int8": BitsAndBytesConfig(load_in_8bit=True),

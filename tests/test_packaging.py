@@ -44,7 +44,7 @@ def test_works_without_any_optional_package_and_names_the_extra() -> None:
         "config = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2)\n"
         "model = LlamaForCausalLM(config)\n"
         "model(torch.tensor([[1, 2, 3]]))\n"
-        "from specformer.runtime.bnb import BitsAndBytesConfig\n"
+        "from specformer.runtime.quantization import BitsAndBytesConfig\n"
         "from specformer.runtime.quantization import quantize\n"
         "try:\n"
         "    quantize(model, BitsAndBytesConfig(load_in_8bit=True))\n"

@@ -352,7 +352,7 @@ def test_two_processes_reproduce_one(fsdp: bool, tmp_path: Path) -> None:
 def test_qlora_on_a_4bit_base(tmp_path: Path) -> None:
     """LoRA adapters over bitsandbytes 4-bit layers: only the adapters train, and the loss falls."""
     bnb = pytest.importorskip("bitsandbytes")
-    from specformer.runtime.bnb import BitsAndBytesConfig
+    from specformer.runtime.quantization import BitsAndBytesConfig
 
     small_llama().save_pretrained(tmp_path / "base")
     base = LlamaForCausalLM.from_pretrained(

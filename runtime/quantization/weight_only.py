@@ -19,7 +19,6 @@ Which layers are quantized: every `nn.Linear` of the backbone (the spec's blocks
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import is_plain_linear
+from .modules import quantizable_linears, remember_quantization, replace_modules
 
 # Under torch.compile, rows at or below this use the multiply-and-sum form (decoding), which inductor
 # fuses; more rows, or eager mode (where that form would materialise a float product), dequantise.
@@ -198,40 +197,6 @@ def _check_groups(in_features: int, group_size: int, kind: str) -> None:
 QUANTIZED_LINEARS = (Int8Linear, Int4Linear)
 
 
-def is_quantized_layer(module: nn.Module) -> bool:
-    """An int8/int4 layer of ours or a bitsandbytes one (checked without importing bitsandbytes)."""
-    return isinstance(module, QUANTIZED_LINEARS) or type(module).__module__.startswith("bitsandbytes")
-
-
-def quantizable_linears(model: nn.Module, skip: Iterable[str] = (), include: Iterable[str] = ()) -> list[str]:
-    """Names of the `nn.Linear` modules quantization replaces: those of the backbone, minus `skip`
-    (a name or a dotted suffix such as `o_proj`). Heads stay in full precision unless in `include`; a
-    head tied to the embeddings is then untied (the embedding lookup keeps its float table)."""
-    prefix = getattr(model, "base_model_prefix", "")
-    has_backbone = bool(prefix) and isinstance(getattr(model, prefix, None), nn.Module)
-    skip = tuple(skip)
-    names = []
-    for name, module in model.named_modules():
-        if not is_plain_linear(module):
-            continue
-        if has_backbone and not name.startswith(prefix + ".") and name not in include:
-            continue  # a head of this model
-        if any(name == s or name.endswith("." + s) for s in skip):
-            continue
-        names.append(name)
-    return names
-
-
-def replace_modules(
-    model: nn.Module, names: Iterable[str], make: Callable[[str, nn.Module], nn.Module]
-) -> None:
-    """Swap each named submodule for `make(name, old)`."""
-    for name in names:
-        owner_name, _, attr = name.rpartition(".")
-        owner = model.get_submodule(owner_name)
-        setattr(owner, attr, make(name, getattr(owner, attr)))
-
-
 def quantize_weight_only(model: nn.Module, config: WeightOnlyConfig) -> nn.Module:
     """Replace the backbone's linear layers by int8/int4 ones, in place, one layer at a time (the float
     weight of a layer is freed as soon as its quantized copy exists). Returns `model`."""
@@ -275,25 +240,6 @@ def prepare_weight_only(
     remember_quantization(model, config.to_dict())
 
 
-def remember_quantization(model: nn.Module, values: dict[str, Any]) -> None:
-    config = getattr(model, "config", None)
-    if config is not None:
-        config.extra["quantization_config"] = values
-
-
-def memory_footprint(model: nn.Module, buffers: bool = True) -> int:
-    """Bytes held by the model's parameters (and buffers), each shared tensor counted once."""
-    seen: set[int] = set()
-    total = 0
-    tensors = list(model.parameters()) + (list(model.buffers()) if buffers else [])
-    for tensor in tensors:
-        if id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        total += tensor.numel() * tensor.element_size()
-    return total
-
-
 def quantized_layers(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
     """(bits, group size) of each quantized linear in a checkpoint, read off its tensors' dtypes and shapes."""
     layers = {}
@@ -307,42 +253,3 @@ def quantized_layers(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, i
         elif weight.dtype == torch.uint8 and weight.dim() == 3:
             layers[module] = (4, 2 * weight.shape[2])
     return layers
-
-
-def quantization_config_from_dict(values: dict[str, Any]) -> Any:
-    """The config object a config.json's `quantization_config` describes."""
-    method = values.get("quant_method")
-    if method == "weight_only":
-        return WeightOnlyConfig.from_dict(values)
-    if method == "bitsandbytes":
-        from .bnb import BitsAndBytesConfig
-
-        return BitsAndBytesConfig.from_dict(values)
-    raise ValueError(
-        f"quantization_config: quant_method `{method}` is unknown; expected weight_only or bitsandbytes"
-    )
-
-
-def quantize(model: nn.Module, config: Any) -> nn.Module:
-    """Quantize a loaded full-precision model in place with `config` (an object or its dict)."""
-    config = quantization_config_from_dict(config) if isinstance(config, dict) else config
-    if isinstance(config, WeightOnlyConfig):
-        return quantize_weight_only(model, config)
-    from .bnb import BitsAndBytesConfig, quantize_bnb
-
-    if isinstance(config, BitsAndBytesConfig):
-        return quantize_bnb(model, config)
-    raise TypeError(
-        f"quantization_config: expected WeightOnlyConfig or BitsAndBytesConfig, got {type(config).__name__}"
-    )
-
-
-def prepare_quantized(model: nn.Module, saved: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    """Give a meta-built model the quantized layers a checkpoint saved with `saved` holds."""
-    config = quantization_config_from_dict(saved)
-    if isinstance(config, WeightOnlyConfig):
-        prepare_weight_only(model, config, quantized_layers(tensors))
-        return
-    from .bnb import prepare_bnb
-
-    prepare_bnb(model, config, tensors)

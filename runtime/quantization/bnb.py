@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .hardware import require
-from .quantization import quantizable_linears, remember_quantization, replace_modules
+from ..hardware import require
+from .modules import quantizable_linears, remember_quantization, replace_modules
 
 _FEATURE = "BitsAndBytesConfig"
 
