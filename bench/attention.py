@@ -54,7 +54,7 @@ def main() -> None:
         backends.append("flash_attention_2")
     times = {}
     for backend in backends:
-        model.config.attn_implementation = backend
+        model.set_attention(backend)
 
         def run() -> None:
             with torch.no_grad():

@@ -103,8 +103,6 @@ class BlockPlanner:
 
     def _forward_reads_config(self, block: ir.Block) -> bool:
         assert block.forward is not None
-        if any(c.func == "attend" for c in block.forward.calls()):
-            return True
         hoisted = set(self.ctx.facts.per_layer_values[block.name])
         options = {o.name for o in block.options}
         for n in block.forward.free_names():

@@ -93,7 +93,8 @@ def _backbone(ctx: ModelContext, blocks: BlockPlanner) -> Class:
         ]
     if needs & {"mask", "rope"} or "position_ids" in names:
         past = ", past, past_key_values" if "cache" in needs else ""
-        body.append(Line(f"mask = AttentionMask(attention_mask, input_ids.shape[1]{past})"))
+        backend = ", backend=self.attn_implementation" if "mask" in needs else ""
+        body.append(Line(f"mask = AttentionMask(attention_mask, input_ids.shape[1]{past}{backend})"))
     if "position_ids" in names:
         body.append(
             Nested("if position_ids is None:", (Line("position_ids = mask.position_ids(input_ids.device)"),))

@@ -140,8 +140,7 @@ BUILTINS: dict[str, Builtin] = {
                 ("scale", None),
             ),
             "attend({q}, {k}, {v}, {@mask}, causal={causal}[[, window={window}]]"
-            "[[, dropout={dropout!atom} if self.training else 0.0]][[, scale={scale}]]"
-            ", impl=self.config.attn_implementation)",
+            "[[, dropout={dropout!atom} if self.training else 0.0]][[, scale={scale}]])",
             (("attention", "attend"),),
             needs=frozenset({"mask"}),  # and the cache, when it may be causal (analysis.may_be_causal)
             tensor_params=3,

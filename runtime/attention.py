@@ -1,7 +1,8 @@
 """Attention backends and the mask they share.
 
-Generated attention blocks call `attend(q, k, v, mask, ...)`; the backend is chosen by name
-(`config.attn_implementation`). Masks are built lazily from the padding mask and the causal/window
+Generated attention blocks call `attend(q, k, v, mask, ...)`. The backend is the model's
+(`model.attn_implementation`, chosen with `set_attention` or at load time): the backbone hands it to
+every layer with the mask it builds once per forward. Masks are built lazily from the padding mask and the causal/window
 geometry, once per distinct (causal, window) pair in a forward, and shared by every layer that asks.
 """
 
@@ -31,7 +32,9 @@ class AttentionMask:
         q_len: int,
         past: int | torch.Tensor = 0,
         cache: Cache | None = None,
+        backend: str = "sdpa",
     ) -> None:
+        self.backend = backend  # the attention backend every layer of this forward uses
         self.q_len = q_len
         self.past = past  # a tensor under a static cache, so compiled steps do not specialise on it
         self.kv_len = past + q_len
@@ -131,10 +134,6 @@ def sdpa_attention(
 ) -> torch.Tensor:
     """torch's fused scaled_dot_product_attention; q (B, H, T, D), k/v (B, Hkv, S, D) -> (B, H, T, D)."""
     needs_mask = mask.needs_mask(causal, window)
-    if mask.q_len == 1 and dropout == 0 and cpu_kernels.applies_compiled_too(q, k, v):  # CPU decoding
-        allowed = mask.allowed(causal, window, q.device) if needs_mask else None
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
-        return cpu_kernels.decode_attention(q, k, v, None if allowed is None else allowed.flatten(1), scale)
     gqa = q.shape[1] != k.shape[1]
     if not needs_mask:
         is_causal = causal and mask.q_len > 1  # a single new query may see every cached key
@@ -145,6 +144,26 @@ def sdpa_attention(
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scale, enable_gqa=gqa
     )
+
+
+def cpu_decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: AttentionMask,
+    *,
+    causal: bool,
+    window: int | None,
+    dropout: float,
+    scale: float | None,
+) -> torch.Tensor:
+    """specformer's C++ kernel for one new query per sequence on the CPU (decoding: the keys split over
+    the cores, a static cache's empty slots never read), SDPA for everything else."""
+    if mask.q_len == 1 and dropout == 0 and cpu_kernels.applies_compiled_too(q, k, v):
+        allowed = mask.allowed(causal, window, q.device) if mask.needs_mask(causal, window) else None
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        return cpu_kernels.decode_attention(q, k, v, None if allowed is None else allowed.flatten(1), scale)
+    return sdpa_attention(q, k, v, mask, causal=causal, window=window, dropout=dropout, scale=scale)
 
 
 def eager_attention(
@@ -275,6 +294,7 @@ def flash_attention_2(
 
 ATTENTION_BACKENDS: dict[str, AttentionFn] = {
     "sdpa": sdpa_attention,
+    "specformer_cpu": cpu_decode_attention,
     "eager": eager_attention,
     "flex_attention": flex_attention,
     "flash_attention_2": flash_attention_2,
@@ -312,13 +332,12 @@ def attend(
     window: int | None = None,
     dropout: float = 0.0,
     scale: float | None = None,
-    impl: str = "sdpa",
 ) -> torch.Tensor:
-    """softmax(q k^T * scale + mask) v with the backend named `impl`."""
+    """softmax(q k^T * scale + mask) v with the backend the mask carries (the model's)."""
     try:
-        backend = ATTENTION_BACKENDS[impl]
+        backend = ATTENTION_BACKENDS[mask.backend]
     except KeyError:
         raise ValueError(
-            f"attn_implementation `{impl}` is not available; choose one of {sorted(ATTENTION_BACKENDS)}"
+            f"attn_implementation `{mask.backend}` is not available; choose one of {sorted(ATTENTION_BACKENDS)}"
         ) from None
     return backend(q, k, v, mask, causal=causal, window=window, dropout=dropout, scale=scale)

@@ -51,8 +51,9 @@ class PretrainedConfig:
             self.id2label = {i: f"LABEL_{i}" for i in range(2 if num_labels is None else num_labels)}
         if num_labels is not None and num_labels != len(self.id2label):
             self.id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
-        # Not serialised: chosen at load time.
-        self.attn_implementation: str = kwargs.pop("attn_implementation", None) or "sdpa"
+        # A request for the model built from this config (`model.attn_implementation` is what runs); not
+        # serialised.
+        self.attn_implementation: str | None = kwargs.pop("attn_implementation", None)
         self.extra: dict[str, Any] = kwargs  # unknown keys, written back unchanged
         self._check_types()
 

@@ -136,6 +136,9 @@ def is_flex_attention_available() -> bool:
 def best_attention(dtype: torch.dtype, device: torch.device | str) -> str:
     """The fastest attention backend usable for this dtype and device, logged so the choice is visible."""
     device = torch.device(device)
-    choice = "flash_attention_2" if is_flash_attn_2_available(dtype, device) else "sdpa"
+    if device.type == "cpu":
+        choice = "specformer_cpu"  # SDPA, with specformer's kernel for one-query (decoding) steps
+    else:
+        choice = "flash_attention_2" if is_flash_attn_2_available(dtype, device) else "sdpa"
     logger.info("attention backend: %s (for %s on %s)", choice, dtype, device.type)
     return choice

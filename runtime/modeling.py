@@ -51,6 +51,8 @@ class PreTrainedModel(nn.Module):
                 f"{type(self).__name__} expects a {self.config_class.__name__}, got {type(config).__name__}"
             )
         self.config = config
+        # The attention backend every layer uses (`set_attention`); the backbone hands it to the layers.
+        self.attn_implementation: str = config.attn_implementation or "specformer_cpu"
 
     # ---- construction ----------------------------------------------------------------------------
     def tied_weights(self) -> dict[str, str]:
@@ -278,7 +280,20 @@ class PreTrainedModel(nn.Module):
         )
         name = best_attention(dtype, device) if name is None else name
         check_attention(name, dtype, device)
-        self.config.attn_implementation = name
+        return self.set_attention(name)
+
+    def set_attention(self: M, name: str) -> M:
+        """Compute attention with backend `name` ("sdpa", "eager", "flex_attention", "flash_attention_2",
+        "specformer_cpu" or one added with `register_attention`), in this model and the models it holds."""
+        from .attention import ATTENTION_BACKENDS
+
+        if name not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attn_implementation `{name}` is not available; choose one of {sorted(ATTENTION_BACKENDS)}"
+            )
+        for module in self.modules():
+            if isinstance(module, PreTrainedModel):
+                module.attn_implementation = name
         return self
 
     def load_tensors(

@@ -45,8 +45,11 @@ def test_backends_agree_with_the_definition(
     expected = reference(
         q, k, v, allowed if allowed is not None else torch.ones(1, 1, q_len, kv_len, dtype=torch.bool)
     )
-    for impl in ("sdpa", "eager", "flex_attention"):
-        out = attend(q, k, v, mask, causal=causal, window=window, impl=impl)
+    for impl in ("sdpa", "eager", "flex_attention", "specformer_cpu"):
+        with torch.no_grad():  # inference: where the CPU kernel takes one-query steps
+            out = attend(
+                q, k, v, AttentionMask(padding, q_len, past, backend=impl), causal=causal, window=window
+            )
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -78,7 +81,7 @@ def test_backends_agree_on_models(name: str) -> None:
     mask[0, :3] = 0
     results = {}
     for impl in ("eager", "sdpa", "flex_attention"):
-        model.config.attn_implementation = impl
+        model.set_attention(impl)
         with torch.no_grad():
             logits = model(ids, attention_mask=mask).logits
         tokens = generate(model, ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None)
@@ -100,7 +103,7 @@ def test_unusable_backends_fail_at_load_with_the_reason(tmp_path) -> None:
     with pytest.raises(ValueError, match="choose one of"):
         LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="paged")
     chosen = LlamaForCausalLM.from_pretrained(tmp_path)  # None: the best for fp32 on the CPU
-    assert chosen.config.attn_implementation == "sdpa"
+    assert chosen.attn_implementation == "specformer_cpu"  # SDPA, with the CPU kernel for decode steps
 
 
 def test_flash_varlen_packing_round_trips() -> None:
@@ -128,7 +131,9 @@ def test_flash_attention_2_matches_sdpa(window: int | None) -> None:
     padding = torch.ones(2, 6, dtype=torch.long, device="cuda")
     padding[0, :2] = 0
     mask = AttentionMask(padding, 6)
-    flash = attend(q, k, v, mask, causal=True, window=window, impl="flash_attention_2")
-    sdpa = attend(q, k, v, mask, causal=True, window=window, impl="sdpa")
+    mask.backend = "flash_attention_2"
+    flash = attend(q, k, v, mask, causal=True, window=window)
+    mask.backend = "sdpa"
+    sdpa = attend(q, k, v, mask, causal=True, window=window)
     keep = padding.bool()[:, None, :, None].expand_as(sdpa)
     torch.testing.assert_close(flash[keep], sdpa[keep], atol=2e-2, rtol=2e-2)

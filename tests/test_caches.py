@@ -125,7 +125,8 @@ def test_compiled_static_decoding_is_traced_once(llama: LlamaForCausalLM) -> Non
     assert sum(counters["recompiles"].values()) == 0
     with pytest.raises(ValueError, match="compile=True needs fixed shapes"):
         generate(llama, torch.tensor([[5]]), max_new_tokens=2, compile=True)
-    chosen, llama.config.attn_implementation = llama.config.attn_implementation, "flex_attention"
+    chosen = llama.attn_implementation
+    llama.set_attention("flex_attention")
     try:
         with pytest.raises(ValueError, match=r"does not compile on the CPU.*attn_implementation='sdpa'"):
             generate(
@@ -136,4 +137,4 @@ def test_compiled_static_decoding_is_traced_once(llama: LlamaForCausalLM) -> Non
                 compile="inductor",
             )
     finally:
-        llama.config.attn_implementation = chosen
+        llama.set_attention(chosen)

@@ -232,7 +232,7 @@ def test_compiled_graphs_call_the_gemv_and_attention_kernels() -> None:
         return graph.forward
 
     layer = Linear(64, 32).to(torch.bfloat16)
-    mask = AttentionMask(None, 1, 7)
+    mask = AttentionMask(None, 1, 7, backend="specformer_cpu")
 
     def step(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return layer(x), attend(q, k, v, mask, causal=True)
@@ -286,7 +286,7 @@ def test_without_a_compiler_torch_ops_run_after_one_warning(
 def test_attend_dispatches_only_single_queries() -> None:
     """A prompt (several queries) still goes through torch's SDPA; the result matches either way."""
     q, k, v = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16)
-    mask = AttentionMask(None, 3)
+    mask = AttentionMask(None, 3, backend="specformer_cpu")
     with torch.inference_mode():
         out = attend(q, k, v, mask, causal=True)
     reference = eager_attention(q, k, v, mask, causal=True, window=None, dropout=0.0, scale=None)

@@ -74,7 +74,7 @@ def test_hf_checkpoint_loads_and_matches(arch: Arch, data: st.DataObject, tmp_pa
     ids, mask = batch(values["vocab_size"], seed=len(values), length=length)
     expected = outputs(reference, task, ids, mask)
     for impl in ("sdpa", "eager", "flex_attention"):
-        ours.config.attn_implementation = impl
+        ours.set_attention(impl)
         compare(task, expected, outputs(ours, task, ids, mask), mask)
 
 

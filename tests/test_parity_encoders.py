@@ -55,7 +55,7 @@ def test_hf_checkpoint_loads_and_matches(arch: EncoderArch, data: st.DataObject,
     batch = inputs(arch, head, config, seed=len(config), length=data.draw(st.sampled_from([7, 16])))
     expected = run(reference, head, batch)
     for impl in ("sdpa", "eager", "flex_attention"):
-        ours.config.attn_implementation = impl
+        ours.set_attention(impl)
         compare(expected, run(ours, head, batch), batch)
 
 

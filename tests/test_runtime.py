@@ -200,9 +200,8 @@ def test_meta_loading_never_initialises_real_weights(tmp_path: Path, monkeypatch
 
 def test_unknown_attention_backend_is_named() -> None:
     model = tiny_model()
-    model.config.attn_implementation = "flash_attention_9"
     with pytest.raises(ValueError, match="`flash_attention_9` is not available; choose one of"):
-        logits(model)
+        model.set_attention("flash_attention_9")
 
 
 def test_attention_mask_shape_is_checked() -> None:

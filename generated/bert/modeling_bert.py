@@ -76,7 +76,6 @@ class BertSelfAttention(nn.Module):
             mask,
             causal=False,
             dropout=self.config.attention_probs_dropout_prob if self.training else 0.0,
-            impl=self.config.attn_implementation,
         )
         return y.transpose(1, 2).flatten(2)
 
@@ -186,7 +185,7 @@ class BertModel(BertPreTrainedModel):
         token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> BaseModelOutput:
-        mask = AttentionMask(attention_mask, input_ids.shape[1])
+        mask = AttentionMask(attention_mask, input_ids.shape[1], backend=self.attn_implementation)
         if position_ids is None:
             position_ids = mask.position_ids(input_ids.device)
         if token_type_ids is None:

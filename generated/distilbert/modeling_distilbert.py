@@ -65,13 +65,7 @@ class DistilBertMultiHeadSelfAttention(nn.Module):
         k = self.k_lin(x).unflatten(-1, (-1, self.config.head_dim)).transpose(1, 2)  # (B, H, T, D)
         v = self.v_lin(x).unflatten(-1, (-1, self.config.head_dim)).transpose(1, 2)  # (B, H, T, D)
         y = attend(
-            q,
-            k,
-            v,
-            mask,
-            causal=False,
-            dropout=self.config.attention_dropout if self.training else 0.0,
-            impl=self.config.attn_implementation,
+            q, k, v, mask, causal=False, dropout=self.config.attention_dropout if self.training else 0.0
         )
         return self.out_lin(y.transpose(1, 2).flatten(2))
 
@@ -138,7 +132,7 @@ class DistilBertModel(DistilBertPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> BaseModelOutput:
-        mask = AttentionMask(attention_mask, input_ids.shape[1])
+        mask = AttentionMask(attention_mask, input_ids.shape[1], backend=self.attn_implementation)
         if position_ids is None:
             position_ids = mask.position_ids(input_ids.device)
         return BaseModelOutput(

@@ -61,13 +61,7 @@ class LlamaAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         y = attend(
-            q,
-            k,
-            v,
-            mask,
-            causal=True,
-            dropout=self.config.attention_dropout if self.training else 0.0,
-            impl=self.config.attn_implementation,
+            q, k, v, mask, causal=True, dropout=self.config.attention_dropout if self.training else 0.0
         )
         return self.o_proj(y.transpose(1, 2).flatten(2))
 
@@ -135,7 +129,9 @@ class LlamaModel(LlamaPreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        mask = AttentionMask(attention_mask, input_ids.shape[1], past, past_key_values)
+        mask = AttentionMask(
+            attention_mask, input_ids.shape[1], past, past_key_values, backend=self.attn_implementation
+        )
         if position_ids is None:
             position_ids = mask.position_ids(input_ids.device)
         rope = self.rotary_emb(position_ids)

@@ -63,7 +63,7 @@ def compiled_step(
     fused = fused_decoder(model, input_ids.shape[0]) if how is True else None
     if fused is not None:
         return fused
-    if model.config.attn_implementation == "flex_attention" and input_ids.device.type == "cpu":
+    if getattr(model, "attn_implementation", None) == "flex_attention" and input_ids.device.type == "cpu":
         # measured with torch 2.13: inductor fails with "NoValidChoicesError" while compiling it
         raise ValueError(
             "compile=True with attn_implementation='flex_attention' does not compile on the CPU (torch's "
