@@ -196,7 +196,7 @@ import os, sys, torch
 from specformer.runtime.training import Trainer, TrainingArguments, DataCollatorForLanguageModeling
 sys.path.insert(0, {tests!r})
 from test_training import small_llama, counting_data
-import specformer.runtime.training.trainer as trainer_module
+import specformer.runtime.training.checkpoints as trainer_module
 real = trainer_module.save_state_dict
 def save_then_die(state, directory, *a, **k):
     real(state, directory, *a, **k)

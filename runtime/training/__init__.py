@@ -17,7 +17,8 @@ from .data import (
     DefaultDataCollator,
 )
 from .lora import LoraConfig, get_peft_model, load_adapter, merge_and_unload, save_adapter
-from .trainer import EvalPrediction, PredictionOutput, Trainer, TrainOutput, set_seed
+from .evaluation import EvalPrediction, PredictionOutput, TrainOutput
+from .trainer import Trainer, set_seed
 
 __all__ = [
     "DataCollatorForLanguageModeling",
