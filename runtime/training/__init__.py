@@ -16,8 +16,8 @@ from .data import (
     DataCollatorWithPadding,
     DefaultDataCollator,
 )
-from .lora import LoraConfig, get_peft_model, load_adapter, merge_and_unload, save_adapter
 from .evaluation import EvalPrediction, PredictionOutput, TrainOutput
+from .lora import LoraConfig, get_peft_model, load_adapter, merge_and_unload, save_adapter
 from .trainer import Trainer, set_seed
 
 __all__ = [
