@@ -118,8 +118,8 @@ def _syntax_error(err: UnexpectedInput, text: str, file: str) -> SpecError:
 
 
 @v_args(meta=True)
-class _ToIR(Transformer):
-    """Builds IR nodes bottom-up. Positions come from Lark's propagated metadata."""
+class _ExpressionsToIR(Transformer):
+    """Builds expression and config nodes bottom-up. Positions come from Lark's propagated metadata."""
 
     def __init__(self, file: str) -> None:
         super().__init__()
@@ -256,6 +256,11 @@ class _ToIR(Transformer):
 
     def model_type(self, meta, children):
         return ("model_type", str(children[0])[1:-1], self._pos(meta))
+
+
+@v_args(meta=True)
+class _ToIR(_ExpressionsToIR):
+    """Builds blocks, overrides and models from the expressions below them."""
 
     # ---- blocks ----------------------------------------------------------------------------------
     def block_ref(self, meta, children):

@@ -152,7 +152,7 @@ class Validator:
             if primitive is None:
                 hint = did_you_mean(sub.target, [*PRIMITIVES, *self.blocks])
                 raise self.error(f"unknown primitive `{sub.target}`{hint}", sub.pos)
-            self.bind(primitive.signature, sub.args, sub.kwargs, sub.pos)
+            bind(primitive.signature, sub.args, sub.kwargs, sub.pos)
             for arg in (*sub.args, *(v for _, v in sub.kwargs)):
                 self.check_config_expr(
                     arg, layer_scope, f"the arguments of `{sub.name}`", options=in_backbone
@@ -174,31 +174,6 @@ class Validator:
                     f"repeat count is {count!r} for the default config; expected an int in 0..{MAX_REPEAT}",
                     sub.count.pos,
                 )
-
-    def bind(
-        self, signature: Signature, args: tuple, kwargs: tuple, pos: ir.Pos
-    ) -> dict[str, ir.Expr | object]:
-        """Match call arguments to a signature, as Python would, with errors a spec author can act on."""
-        if len(args) > len(signature.params):
-            raise self.error(
-                f"`{signature.name}` takes at most {len(signature.params)} positional arguments "
-                f"({', '.join(signature.names)}), got {len(args)}",
-                pos,
-            )
-        bound: dict[str, ir.Expr | object] = dict(zip(signature.names, args, strict=False))
-        for key, value in kwargs:
-            if key not in signature.names:
-                hint = did_you_mean(key, signature.names)
-                raise self.error(f"`{signature.name}` has no parameter `{key}`{hint}", value.pos)
-            if key in bound:
-                raise self.error(f"`{signature.name}` got `{key}` twice", value.pos)
-            bound[key] = value
-        for param in signature.params:
-            if param.name not in bound:
-                if param.default is REQUIRED:
-                    raise self.error(f"`{signature.name}` is missing its `{param.name}` argument", pos)
-                bound[param.name] = param.default
-        return bound
 
     def _check_parallel(self, block: ir.Block) -> None:
         seen: set[str] = set()
@@ -334,6 +309,30 @@ class Validator:
         self.check_forwards()
 
 
+def bind(signature: Signature, args: tuple, kwargs: tuple, pos: ir.Pos) -> dict[str, ir.Expr | object]:
+    """Match call arguments to a signature, as Python would, with errors a spec author can act on."""
+    if len(args) > len(signature.params):
+        raise SpecError(
+            f"`{signature.name}` takes at most {len(signature.params)} positional arguments "
+            f"({', '.join(signature.names)}), got {len(args)}",
+            pos,
+        )
+    bound: dict[str, ir.Expr | object] = dict(zip(signature.names, args, strict=False))
+    for key, value in kwargs:
+        if key not in signature.names:
+            hint = did_you_mean(key, signature.names)
+            raise SpecError(f"`{signature.name}` has no parameter `{key}`{hint}", value.pos)
+        if key in bound:
+            raise SpecError(f"`{signature.name}` got `{key}` twice", value.pos)
+        bound[key] = value
+    for param in signature.params:
+        if param.name not in bound:
+            if param.default is REQUIRED:
+                raise SpecError(f"`{signature.name}` is missing its `{param.name}` argument", pos)
+            bound[param.name] = param.default
+    return bound
+
+
 class _ForwardScope:
     """Tracks what each name in a forward is (a tensor local, a config scalar) and checks calls."""
 
@@ -432,7 +431,7 @@ class _ForwardScope:
             return self._call_submodule(sub, call)
         builtin = BUILTINS.get(call.func)
         if builtin is not None:
-            bound = self.v.bind(builtin.signature, call.args, call.kwargs, call.pos)
+            bound = bind(builtin.signature, call.args, call.kwargs, call.pos)
             for i, name in enumerate(builtin.signature.names):
                 value = bound[name]
                 if not isinstance(value, ir.Node):
