@@ -1,9 +1,9 @@
 """One-token decode steps as a single fused CPU kernel, for decoders whose spec it recognises.
 
-A compiled op-by-op step of a small model still makes ~400 kernel calls a token, and each parallel one
-ends with the threads waiting for each other while the memory bus idles: SmolLM2-135M in float32 on two
-cores decodes at ~40 tok/s that way (inductor, C++ wrapper) and at ~47 tok/s fused, where a plain read of
-its weights would allow ~50. `specformer_cpu::decode_step` runs the whole step (every layer's norms,
+A compiled op-by-op step of a small model still makes hundreds of kernel calls a token, and each
+parallel one ends with the threads waiting for each other while the memory bus idles. The decode rate is
+bounded by reading the weights once per token; `bench/generate.py` prints both sides' rates and the share
+of that bound each reaches. `specformer_cpu::decode_step` runs the whole step (every layer's norms,
 projections, rotary, cache write, attention and gated MLP, then the final norm and the head) in one
 parallel region that streams the weights back to back.
 

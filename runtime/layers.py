@@ -17,8 +17,8 @@ DECODE_ROWS = 16
 
 class Linear(nn.Linear):
     """nn.Linear, same parameters and state_dict, whose decoding-sized products in bfloat16 on the CPU run
-    in the fused GEMV kernel, eager or compiled: oneDNN's bfloat16 GEMV streams weights at about half the
-    memory bandwidth there (measured: `bench/generate.py --dtype bfloat16`). float32 keeps torch's (MKL's)
+    in the fused GEMV kernel, eager or compiled: oneDNN's bfloat16 GEMV streams weights well below the
+    memory bandwidth there (`bench/generate.py --dtype bfloat16` compares). float32 keeps torch's (MKL's)
     GEMV, which is as fast and gives transformers' numbers bit for bit."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ Eager decoding on the CPU spends close to a third of each token outside the weig
 each touch a few kilobytes: a norm is six aten ops, rotary five per tensor, SwiGLU two, and every one
 of them pays the dispatcher and the cache misses the GEMVs leave behind. `decode.cpp` does each in one
 call, and splits a decode step's attention over the keys so both cores work even with three kv heads.
-In bfloat16 the weight GEMVs themselves are the problem: oneDNN streams bf16 weights at about half the
+In bfloat16 the weight GEMVs themselves are the problem: oneDNN streams bf16 weights well below the
 memory bandwidth on the CPU, and `linear` widens them in registers at full speed.
 
 They run where they can stand in for the torch ops: plain CPU tensors in float32 or bfloat16 with
@@ -13,7 +13,7 @@ gradients off (inference). Under `torch.compile` inductor fuses the small ops it
 only the two kernels it does not beat: decode attention and the bfloat16 GEMV. RMSNorm, SwiGLU and
 rotary match torch bit for bit; attention and the GEMV, different algorithms, to float rounding.
 The library is built with the system C++ compiler against the installed torch the first time it is
-needed (about 10 s), then cached per source, torch version and instruction set under `$SPECFORMER_CACHE`
+needed (seconds, once), then cached per source, torch version and instruction set under `$SPECFORMER_CACHE`
 (default `~/.cache/specformer`). Without a compiler the torch ops run, after one warning;
 `SPECFORMER_CPU_KERNELS=0` turns the kernels off.
 """

@@ -9,7 +9,7 @@
 namespace specformer {
 
 // ---- a whole decode step of a pre-norm rotary decoder, in one parallel region -----------------------
-// Op by op, a one-token step of a 30-layer model is ~400 kernel calls: each pays its launch, and each
+// Op by op, a one-token step of a 30-layer model is hundreds of kernel calls: each pays its launch, and each
 // parallel region ends with both threads waiting for the slower one while the memory bus idles. Here the
 // threads enter one OpenMP region per step and stream every weight matrix back to back, split by rows,
 // meeting at a barrier only where the next phase needs all of the previous one's output (six a layer).

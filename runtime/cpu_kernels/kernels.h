@@ -63,7 +63,7 @@ template <typename T> inline const float* as_float(const T* src, float* buffer, 
 // reading W once. Each thread streams a contiguous band of W's rows, four at a time, and applies them
 // to every input row while they are in L1. bfloat16 weights widen to float32 in registers (a 16-bit
 // shift) and accumulate in float32, rounding once at the end, as oneDNN's bf16 GEMM does. Streaming
-// runs measurably faster with 512-bit loads and a prefetch of the next rows (AVX2: ~20 % slower).
+// runs faster with 512-bit loads and a prefetch of the next rows where AVX-512 is there.
 constexpr int64_t kRows = 4;
 static_assert(kRows * 4 == 16, "dot_rows sums kRows x 4 dot products in one 16-lane vector");
 

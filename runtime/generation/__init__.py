@@ -39,12 +39,12 @@ def compiled_decoder(model: torch.nn.Module) -> torch.nn.Module:
     compiled = model.__dict__.get("_specformer_compiled")
     if compiled is None:
         # Dynamo's guards already check every input's size and stride before a step runs; inductor's
-        # own asserts would check the ~300 inputs again on every token (0.4 ms a token, profiled).
+        # own asserts would check the hundreds of inputs again on every token.
         options = {"size_asserts": False}
         if next(model.parameters()).device.type == "cpu":
-            # On the CPU a step is ~400 small kernel calls; driven from C++ rather than from inductor's
-            # Python wrapper they cost 0.5-1 ms less per token (SmolLM2 fp32: 3.5 % more tokens/s, A/B),
-            # for a longer first compile (cached on disk by inductor like any graph).
+            # On the CPU a step is hundreds of small kernel calls; driven from C++ rather than from
+            # inductor's Python wrapper each costs less (`bench/generate.py --inductor` measures it), for
+            # a longer first compile (cached on disk by inductor like any graph).
             options["cpp_wrapper"] = True
         compiled = torch.compile(model, fullgraph=True, dynamic=False, options=options)
         model.__dict__["_specformer_compiled"] = compiled

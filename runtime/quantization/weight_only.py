@@ -4,10 +4,10 @@ A quantized layer stores integer weights and per-group scales (int4 also per-gro
 w = q * scale + offset covers both symmetric and min/max schemes); activations stay in float. For one or
 a few rows (decoding) under `torch.compile` the product is written as multiply-and-sum over the
 integer weights, which inductor fuses into one pass reading the small weights: that is where the speed
-is (`bench/quant.py`: int8 1.6x, int4 1.8-2x fp32 decode on a 2-core CPU). Otherwise (a prompt, or
-eager mode) the weight is dequantised and a dense matmul runs, so eager quantized decoding saves memory,
-not time: decode with `generate(..., cache_implementation="static", compile=True)`. PyTorch's packed kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) measured 4-11x
-slower than fp32 on this kind of machine, so they are not used.
+is (`bench/quant.py` prints it against fp32). Otherwise (a prompt, or eager mode) the weight is
+dequantised and a dense matmul runs, so eager quantized decoding saves memory, not time: decode with
+`generate(..., cache_implementation="static", compile=True)`. PyTorch's packed kernels
+(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) were slower than fp32 on CPUs, so they are not used.
 
 The layouts match llama.cpp's blocks so GGUF Q8_0, Q4_0 and Q4_1 weights load without a float round trip:
 int4 packs each group of `group_size` values as `group_size / 2` bytes, the first half of the group in
