@@ -35,10 +35,15 @@ def literal_source(field: ir.ConfigField) -> str:
 
 
 def plan_config(
-    model: ir.ResolvedModel, order: list[str], layer_lets: frozenset[str], name_of: ExprEmitter
+    model: ir.ResolvedModel,
+    order: list[str],
+    layer_lets: frozenset[str],
+    name_of: ExprEmitter,
+    read: set[str],
 ) -> Class:
     """`order` lists fields with every field after those its default reads; `name_of` spells config
-    names inside the class (`self.x`, or a `let`'s value)."""
+    names inside the class (`self.x`, or a `let`'s value) and adds each `let` it reads as an attribute to
+    `read`, which already holds those the model's code reads: only they become properties."""
     fields = {f.name: f for f in model.config.fields}
     params: list[Param] = []
     plain: list[str] = []
@@ -79,13 +84,19 @@ def plan_config(
             )
         else:
             derived.append(f"self.{f.name} = {name_of(f.default)} if {f.name} is None else {f.name}")
+    bodies: dict[str, str] = {}
+    while set(read) - set(bodies):  # a property's value may read another `let`
+        for name in sorted(set(read) - set(bodies)):
+            f = fields[name]
+            bodies[name] = literal_source(f) if is_literal(f) else name_of(f.default)  # type: ignore[arg-type]
     for f in model.config.fields:
-        if f.computed and f.name not in layer_lets:
+        if f.computed and f.name not in layer_lets and f.name in bodies:
             py = python_type(f)
             annotation = f"{py} | None" if f.type.optional and py != "Any" else py
-            value = literal_source(f) if is_literal(f) else name_of(f.default)  # type: ignore[arg-type]
             properties.append(
-                Function(f.name, (), annotation, (Line(f"return {value}"),), decorators=("@property",))
+                Function(
+                    f.name, (), annotation, (Line(f"return {bodies[f.name]}"),), decorators=("@property",)
+                )
             )
     body += [Line(line) for line in [*plain, *derived, "super().__init__(**kwargs)"]]
     init = Function("__init__", (*params, Param("**kwargs", "Any")), "None", tuple(body), expand=True)

@@ -28,6 +28,8 @@ class ModelContext:
         assert backbone.attr is not None
         self.backbone = backbone
         self.comments = CommentIndex(model.comments)
+        # `let`s the generated code reads as config attributes: only these become config properties
+        self.read_lets: set[str] = set()
 
     def class_name(self, block_name: str) -> str:
         return f"{self.model.name}{block_name}"
@@ -86,6 +88,7 @@ class ModelContext:
                     return name(field.default.id)
                 if id_ in self.facts.layer_lets:
                     return f"self.{id_}" if id_ in hoisted else f"({emitter(field.default)})"
+                self.read_lets.add(id_)
             return f"{owner}.{id_}"
 
         def call(node: ir.Call) -> str:

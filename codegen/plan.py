@@ -33,12 +33,6 @@ def plan(model: ir.ResolvedModel) -> ModulePlan:
     blocks, heads = BlockPlanner(ctx), HeadPlanner(ctx, BlockPlanner(ctx))
     model_comment = ctx.comments.take(model.pos, above_only=True)
     doc = docstring(model_comment or [f"{model.name}, generated from its spec."], "")
-    config = plan_config(
-        model,
-        list(ctx.facts.field_order),
-        ctx.facts.layer_lets,
-        ctx.config_expr("self"),
-    )
     base_plan = tp_plan(ctx, ctx.backbone)
     pretrained = Class(
         ctx.pretrained_base,
@@ -65,13 +59,17 @@ def plan(model: ir.ResolvedModel) -> ModulePlan:
     holders = [blocks.input_block(ctx.blocks[n]) for n in order if ctx.facts.takes_inputs(n)]
     head_classes = [heads.head(h) for h in model.heads]
     classes = [*plain, pretrained, backbone, *holders, *head_classes]
+    registrations = decoder_registrations(ctx)
+    # last: the config keeps a `let` as a property only where the code above reads it
+    order, lets = list(ctx.facts.field_order), ctx.facts.layer_lets
+    config = plan_config(model, order, lets, ctx.config_expr("self"), ctx.read_lets)
     return ModulePlan(
         package=package_name(model),
         doc=doc,
         config=config,
         classes=classes,
         exports=[config.name, *_isort({c.name for c in classes if c.base != "nn.Module"})],
-        registrations=decoder_registrations(ctx),
+        registrations=registrations,
     )
 
 

@@ -270,3 +270,11 @@ def test_no_fast_path_code_in_modeling_files() -> None:
     for path in GENERATED.rglob("modeling_*.py"):
         text = path.read_text()
         assert "fused_decode" not in text and "decoder_layout" not in text, path.name
+
+
+def test_a_let_becomes_a_config_property_only_where_code_reads_it() -> None:
+    files = render_all(SPECS)
+    mistral = files["mistral/configuration_mistral.py"]
+    assert "def attention_bias" not in mistral and "def attention_window" not in mistral  # inlined
+    assert "def head_dim" in files["qwen2/configuration_qwen2.py"]  # read by split_heads and the runtime
+    assert "self.config.head_dim" in files["qwen2/modeling_qwen2.py"]

@@ -87,7 +87,3 @@ class LlamaConfig(PretrainedConfig):
             rope_parameters, kwargs, theta=10000.0, max_position_embeddings=self.max_position_embeddings
         )
         super().__init__(**kwargs)
-
-    @property
-    def attention_window(self) -> int | None:
-        return None

@@ -79,15 +79,3 @@ class MistralConfig(PretrainedConfig):
             rope_parameters, kwargs, theta=10000.0, max_position_embeddings=self.max_position_embeddings
         )
         super().__init__(**kwargs)
-
-    @property
-    def attention_bias(self) -> bool:
-        return False
-
-    @property
-    def mlp_bias(self) -> bool:
-        return False
-
-    @property
-    def attention_window(self) -> int | None:
-        return self.sliding_window

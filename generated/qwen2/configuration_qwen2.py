@@ -100,11 +100,3 @@ class Qwen2Config(PretrainedConfig):
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
-
-    @property
-    def attention_bias(self) -> bool:
-        return False
-
-    @property
-    def mlp_bias(self) -> bool:
-        return False
