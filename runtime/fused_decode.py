@@ -27,7 +27,8 @@ from torch import nn
 from . import cpu_kernels
 from .attention import AttentionMask
 from .cache import DynamicCache, StaticCache
-from .layers import DECODE_ROWS, Activation, RMSNorm, is_plain_linear
+from .kernels import DECODE_ROWS
+from .layers import Activation, RMSNorm, is_plain_linear
 from .outputs import CausalLMOutput
 from .rope import RotaryEmbedding
 

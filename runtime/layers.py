@@ -9,27 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_kernels
-
-# Up to this many rows (tokens) a product is a matrix-vector product bound by reading the weight.
-DECODE_ROWS = 16
+from . import kernels
 
 
 class Linear(nn.Linear):
-    """nn.Linear, same parameters and state_dict, whose decoding-sized products in bfloat16 on the CPU run
-    in the fused GEMV kernel, eager or compiled: oneDNN's bfloat16 GEMV streams weights well below the
-    memory bandwidth there (`bench/generate.py --dtype bfloat16` compares). float32 keeps torch's (MKL's)
-    GEMV, which is as fast and gives transformers' numbers bit for bit."""
+    """nn.Linear, same parameters and state_dict; decoding-sized bfloat16 products on the CPU run in
+    specformer's GEMV kernel (`kernels.linear`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            x.dtype == torch.bfloat16
-            and x.numel() <= DECODE_ROWS * self.in_features
-            and self.weight.is_contiguous()
-            and cpu_kernels.applies_compiled_too(x, self.weight)
-        ):
-            return cpu_kernels.linear(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return kernels.linear(x, self.weight, self.bias)
 
 
 def is_plain_linear(module: nn.Module) -> bool:
@@ -48,21 +36,7 @@ class RMSNorm(nn.Module):
         self.kernel = "torch"  # or "triton", set by PreTrainedModel.set_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "triton":
-            from .triton_kernels import rms_norm
-
-            return rms_norm(x, self.weight, self.eps, self.unit_offset)
-        if not self.unit_offset and cpu_kernels.applies(x, self.weight) and x.dtype == self.weight.dtype:
-            return cpu_kernels.rms_norm(x, self.weight, self.eps)
-        # torch's fused rms_norm computes mean(x^2) + eps, rsqrt and the product in float32, bit for bit
-        # the reference formula, in one call instead of five small ops (six with the weight, in float32).
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and not self.unit_offset:
-            return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)
-        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        if self.unit_offset:
-            # Gemma scales in float32 before casting back, unlike Llama; the order matters in half precision.
-            return (h * (1.0 + self.weight.float())).type_as(x)
-        return self.weight * h.type_as(x)
+        return kernels.rms_norm(x, self.weight, self.eps, self.unit_offset, self.kernel)
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.weight) if self.unit_offset else nn.init.ones_(self.weight)
@@ -170,14 +144,7 @@ class Activation(nn.Module):
         return self.fn(x)
 
     def gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "triton":
-            from . import triton_kernels
-
-            if self.name in triton_kernels.GATED_ACTIVATIONS:
-                return triton_kernels.gated(self.name, gate, up)
-        if self.fn is F.silu and cpu_kernels.applies(gate, up) and gate.dtype == up.dtype:
-            return cpu_kernels.silu_mul(gate, up)
-        return self.fn(gate) * up
+        return kernels.gated(self.name, self.fn, gate, up, self.kernel)
 
     def extra_repr(self) -> str:
         return self.name

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import cpu_kernels
+from . import kernels
 
 CPU = torch.device("cpu")  # tables are always computed here, whatever device the model is built on
 
@@ -164,28 +164,6 @@ class RotaryEmbedding(nn.Module):
         return Rope(emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling, self.kernel)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q and k, each (B, H, T, D); with a partial rotary factor only the first dims rotate."""
-    rotary_dim = rope.cos.shape[-1]
-    if rope.kernel == "triton":
-        from . import triton_kernels
-
-        if triton_kernels.rotary_supported(q.shape[-1], rotary_dim):
-            return triton_kernels.rotary(q, rope.cos, rope.sin), triton_kernels.rotary(k, rope.cos, rope.sin)
-    if rotary_dim == q.shape[-1]:
-        cos, signed_sin = rope.prepared(q.dtype)
-        if cpu_kernels.applies(q, k, cos) and k.dtype == q.dtype:
-            return cpu_kernels.rotary(q, k, cos, signed_sin)
-        half = rotary_dim // 2
-        return q * cos + q.roll(half, -1) * signed_sin, k * cos + k.roll(half, -1) * signed_sin
-    cos, sin = rope.cos.to(q.dtype).unsqueeze(1), rope.sin.to(q.dtype).unsqueeze(1)  # (B, 1, T, rotary_dim)
-    q_rot, q_pass = q[..., :rotary_dim], q[..., rotary_dim:]
-    k_rot, k_pass = k[..., :rotary_dim], k[..., rotary_dim:]
-    q_rot = q_rot * cos + _rotate_half(q_rot) * sin
-    k_rot = k_rot * cos + _rotate_half(k_rot) * sin
-    return torch.cat((q_rot, q_pass), dim=-1), torch.cat((k_rot, k_pass), dim=-1)
+    """Rotate q and k, each (B, H, T, D), by this forward's tables (`kernels.rotary`)."""
+    return kernels.rotary(q, k, rope)
