@@ -136,18 +136,16 @@ class FusedDecoder:
         self.unit_offset = layout.norm.unit_offset
         self.scale = layout.head_dim**-0.5
         self.eps = layout.norm.eps
-        self.weights: list[torch.Tensor] = []
-        self.biases: list[torch.Tensor | None] = []
+        # each layer's tensors by the names the kernel knows them by; biases only where the model has them
+        self.layers: list[dict[str, torch.Tensor]] = []
         for layer in layout.layers:
-            linears = (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down)
-            self.weights += [
-                layer.input_norm.weight,
-                *(m.weight for m in linears[:4]),
-                layer.post_norm.weight,
-            ]
-            self.weights += [m.weight for m in linears[4:]]
-            self.biases += [m.bias for m in linears]
-        self.weights += [layout.norm.weight, layout.head.weight]
+            tensors = {"input_norm": layer.input_norm.weight, "post_norm": layer.post_norm.weight}
+            for name in ("q", "k", "v", "o", "gate", "up", "down"):
+                linear = getattr(layer, name)
+                tensors[name] = linear.weight
+                if linear.bias is not None:
+                    tensors[f"{name}_bias"] = linear.bias
+            self.layers.append(tensors)
         self.windows = [layer.window for layer in layout.layers]
 
     def __call__(
@@ -171,8 +169,9 @@ class FusedDecoder:
         slot, keys, values = cache.reserve(1)
         logits = torch.ops.specformer_cpu.decode_step(
             x,
-            self.weights,
-            self.biases,
+            self.layers,
+            self.layout.norm.weight,
+            self.layout.head.weight,
             keys,
             values,
             [allowed[w] for w in self.windows],

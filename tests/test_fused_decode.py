@@ -177,19 +177,24 @@ def test_bad_input_names_what_does_not_fit() -> None:
     assert isinstance(step_for(model, StaticCache(8)), FusedDecoder)
     good_keys, bad_keys = [torch.zeros(1, 2, 8, 8)], [torch.zeros(2, 2, 8, 8)]  # two rows of cache for one
 
-    def step(keys: list[torch.Tensor], weights: list[torch.Tensor], activation: str = "silu") -> None:
+    def step(keys: list[torch.Tensor], layers: list[dict], activation: str = "silu") -> None:
         torch.ops.specformer_cpu.decode_step(
-            torch.zeros(1, 32), weights, step_.biases, keys, keys, [torch.ones(1, 8, dtype=torch.bool)],
-            torch.zeros(1, 8), torch.zeros(1, 8), 0, 1e-6, 0.35, False, activation,
+            torch.zeros(1, 32), layers, step_.layout.norm.weight, step_.layout.head.weight, keys, keys,
+            [torch.ones(1, 8, dtype=torch.bool)], torch.zeros(1, 8), torch.zeros(1, 8), 0, 1e-6, 0.35, False,
+            activation,
         )  # fmt: skip
 
     step_ = step_for(model, StaticCache(8))
     with torch.inference_mode():
         with pytest.raises(RuntimeError, match="layer 0 cache has shape"):
-            step(bad_keys, step_.weights)
+            step(bad_keys, step_.layers)
         with pytest.raises(
             RuntimeError, match=r"layer 0's v weight has shape \[16, 30\]; expected \(16, 32\)"
         ):
-            step(good_keys, [*step_.weights[:3], torch.zeros(16, 30), *step_.weights[4:]])
+            step(good_keys, [{**step_.layers[0], "v": torch.zeros(16, 30)}])
+        with pytest.raises(RuntimeError, match="layer 0 has no `gate` weight"):
+            step(good_keys, [{k: v for k, v in step_.layers[0].items() if k != "gate"}])
+        with pytest.raises(RuntimeError, match="layer 0 has an unknown tensor `q_bais`"):
+            step(good_keys, [{**step_.layers[0], "q_bais": torch.zeros(32)}])
         with pytest.raises(RuntimeError, match="activation `relu`; expected silu or gelu_tanh"):
-            step(good_keys, step_.weights, "relu")
+            step(good_keys, step_.layers, "relu")

@@ -212,9 +212,9 @@ TORCH_LIBRARY(specformer_cpu, m) {
   m.def("rotary(Tensor q, Tensor k, Tensor cos, Tensor signed_sin) -> (Tensor, Tensor)");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? allowed, float scale) -> Tensor");
   m.def(
-      "decode_step(Tensor hidden, Tensor[] weights, Tensor?[] biases, Tensor(a!)[] keys, Tensor(b!)[] values, "
-      "Tensor[] allowed, Tensor cos, Tensor signed_sin, int slot, float eps, float scale, bool unit_offset, "
-      "str activation) -> Tensor");
+      "decode_step(Tensor hidden, Dict(str, Tensor)[] layers, Tensor final_norm, Tensor head, Tensor(a!)[] keys, "
+      "Tensor(b!)[] values, Tensor[] allowed, Tensor cos, Tensor signed_sin, int slot, float eps, float scale, "
+      "bool unit_offset, str activation) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(specformer_cpu, CPU, m) {

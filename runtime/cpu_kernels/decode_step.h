@@ -58,14 +58,32 @@ struct StepShape {
   int64_t L, M, H, Hkv, S, D, Nq, Nkv, I, Hq, G, V;
 };
 
-constexpr int64_t kPerLayer = 9, kBiases = 7;  // weights and optional biases per layer, in this order:
-constexpr const char* kWeightNames[kPerLayer] = {"input norm", "q", "k", "v", "o", "post norm", "gate", "up", "down"};
-constexpr const char* kBiasNames[kBiases] = {"q", "k", "v", "o", "gate", "up", "down"};
+// Each layer's tensors arrive by name: a dict per layer with these weights and, where the model has them,
+// these biases (`q_bias`...). Any other key is an error, so a misspelt name cannot go unnoticed.
+using Layer = c10::Dict<std::string, at::Tensor>;
+constexpr int64_t kPerLayer = 9, kBiases = 7;
+constexpr const char* kWeightNames[kPerLayer] = {"input_norm", "q", "k", "v", "o", "post_norm", "gate", "up", "down"};
+constexpr const char* kBiasNames[kBiases] = {"q_bias", "k_bias", "v_bias", "o_bias", "gate_bias", "up_bias", "down_bias"};
+
+inline const at::Tensor& weight(const Layer& layer, int64_t l, const char* name) {
+  const auto found = layer.find(name);
+  TORCH_CHECK(found != layer.end(), "decode_step: layer ", l, " has no `", name, "` weight");
+  return found->value();
+}
+
+inline void check_names(const Layer& layer, int64_t l) {
+  for (const auto& item : layer) {
+    const std::string& key = item.key();
+    bool known = false;
+    for (const char* name : kWeightNames) known = known || key == name;
+    for (const char* name : kBiasNames) known = known || key == name;
+    TORCH_CHECK(known, "decode_step: layer ", l, " has an unknown tensor `", key, "`");
+  }
+}
 
 // Every layer's pointers, after checking each tensor's dtype, shape and layout against the step's.
 template <typename T>
-std::vector<LayerWeights<T>> layer_weights(const StepShape& z, const std::vector<at::Tensor>& weights,
-                                           const std::vector<std::optional<at::Tensor>>& biases,
+std::vector<LayerWeights<T>> layer_weights(const StepShape& z, const c10::List<Layer>& given,
                                            const std::vector<at::Tensor>& keys, const std::vector<at::Tensor>& values,
                                            const std::vector<at::Tensor>& allowed, int64_t slot) {
   std::vector<LayerWeights<T>> layers(z.L);
@@ -73,24 +91,29 @@ std::vector<LayerWeights<T>> layer_weights(const StepShape& z, const std::vector
                                         {z.H, 0},    {z.I, z.H},  {z.I, z.H},   {z.H, z.I}};
   const int64_t bias_rows[kBiases] = {z.Nq, z.Nkv, z.Nkv, z.H, z.I, z.I, z.H};
   for (int64_t l = 0; l < z.L; ++l) {
-    const at::Tensor* w = &weights[kPerLayer * l];
+    const Layer layer = given.get(l);
+    check_names(layer, l);
+    const T* w[kPerLayer];
     for (int64_t i = 0; i < kPerLayer; ++i) {
-      require<T>(w[i], kWeightNames[i]);
-      const bool fits = shapes[i][1] == 0 ? w[i].numel() == shapes[i][0]
-                                          : w[i].dim() == 2 && w[i].size(0) == shapes[i][0] && w[i].size(1) == shapes[i][1];
-      TORCH_CHECK(fits && w[i].is_contiguous(), "decode_step: layer ", l, "'s ", kWeightNames[i], " weight has shape ",
-                  w[i].sizes(), "; expected (", shapes[i][0], shapes[i][1] ? ", " + std::to_string(shapes[i][1]) : "",
+      const at::Tensor& t = weight(layer, l, kWeightNames[i]);
+      require<T>(t, kWeightNames[i]);
+      const bool fits = shapes[i][1] == 0 ? t.numel() == shapes[i][0]
+                                          : t.dim() == 2 && t.size(0) == shapes[i][0] && t.size(1) == shapes[i][1];
+      TORCH_CHECK(fits && t.is_contiguous(), "decode_step: layer ", l, "'s ", kWeightNames[i], " weight has shape ",
+                  t.sizes(), "; expected (", shapes[i][0], shapes[i][1] ? ", " + std::to_string(shapes[i][1]) : "",
                   "), contiguous");
+      w[i] = t.const_data_ptr<T>();
     }
     const T* b[kBiases];
     for (int64_t i = 0; i < kBiases; ++i) {
-      const auto& bias = biases[kBiases * l + i];
+      const auto found = layer.find(kBiasNames[i]);
       b[i] = nullptr;
-      if (bias.has_value()) {
-        require<T>(*bias, kBiasNames[i]);
-        TORCH_CHECK(bias->numel() == bias_rows[i] && bias->is_contiguous(), "decode_step: layer ", l, "'s ",
-                    kBiasNames[i], " bias has shape ", bias->sizes(), "; expected (", bias_rows[i], ")");
-        b[i] = bias->const_data_ptr<T>();
+      if (found != layer.end()) {
+        const at::Tensor& bias = found->value();
+        require<T>(bias, kBiasNames[i]);
+        TORCH_CHECK(bias.numel() == bias_rows[i] && bias.is_contiguous(), "decode_step: layer ", l, "'s ",
+                    kBiasNames[i], " has shape ", bias.sizes(), "; expected (", bias_rows[i], ")");
+        b[i] = bias.const_data_ptr<T>();
       }
     }
     for (const at::Tensor* cache : {&keys[l], &values[l]}) {
@@ -105,9 +128,7 @@ std::vector<LayerWeights<T>> layer_weights(const StepShape& z, const std::vector
                     mask.stride(1) == 1 && (mask.size(0) == 1 || mask.size(0) == z.M),
                 "decode_step: layer ", l, " mask must be a (batch or 1, ", slot + 1, " to ", z.S,
                 ") bool mask over the cache's slots, got ", mask.sizes());
-    layers[l] = {w[0].const_data_ptr<T>(), w[1].const_data_ptr<T>(), w[2].const_data_ptr<T>(),
-                 w[3].const_data_ptr<T>(), w[4].const_data_ptr<T>(), w[5].const_data_ptr<T>(),
-                 w[6].const_data_ptr<T>(), w[7].const_data_ptr<T>(), w[8].const_data_ptr<T>(),
+    layers[l] = {w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8],
                  b[0], b[1], b[2], b[3], b[4], b[5], b[6],
                  keys[l].data_ptr<T>(), values[l].data_ptr<T>(), mask.const_data_ptr<bool>(),
                  mask.size(0) == 1 ? 0 : mask.stride(0)};
@@ -116,23 +137,24 @@ std::vector<LayerWeights<T>> layer_weights(const StepShape& z, const std::vector
 }
 
 template <typename T>
-at::Tensor decode_step_impl(const at::Tensor& hidden, const std::vector<at::Tensor>& weights,
-                            const std::vector<std::optional<at::Tensor>>& biases, const std::vector<at::Tensor>& keys,
+at::Tensor decode_step_impl(const at::Tensor& hidden, const c10::List<Layer>& given, const at::Tensor& final_norm,
+                            const at::Tensor& head, const std::vector<at::Tensor>& keys,
                             const std::vector<at::Tensor>& values, const std::vector<at::Tensor>& allowed,
                             const at::Tensor& cos, const at::Tensor& signed_sin, int64_t slot, double eps_,
                             double scale_, bool unit_offset, bool gelu) {
   const int64_t L = int64_t(keys.size());
-  TORCH_CHECK(L > 0 && int64_t(weights.size()) == kPerLayer * L + 2 && int64_t(biases.size()) == kBiases * L &&
-                  int64_t(values.size()) == L && int64_t(allowed.size()) == L,
-              "decode_step: ", weights.size(), " weights, ", biases.size(), " biases, ", keys.size(), " keys, ",
-              values.size(), " values and ", allowed.size(), " masks do not describe whole layers");
+  TORCH_CHECK(L > 0 && int64_t(given.size()) == L && int64_t(values.size()) == L && int64_t(allowed.size()) == L,
+              "decode_step: ", given.size(), " layers, ", keys.size(), " keys, ", values.size(), " values and ",
+              allowed.size(), " masks do not describe the same layers");
   const at::Tensor x0 = hidden.contiguous();
   require<T>(x0, "hidden");
   TORCH_CHECK(x0.dim() == 2, "decode_step: hidden must be (batch, hidden_size), got ", x0.sizes());
   const int64_t M = x0.size(0), H = x0.size(1);
   const int64_t Hkv = keys[0].size(1), S = keys[0].size(2), D = keys[0].size(3);
-  const int64_t Nq = weights[1].size(0), Nkv = weights[2].size(0), I = weights[6].size(0);
-  const int64_t Hq = Nq / D, G = Hq / Hkv, V = weights[kPerLayer * L + 1].size(0);
+  const Layer first = given.get(0);
+  const int64_t Nq = weight(first, 0, "q").size(0), Nkv = weight(first, 0, "k").size(0);
+  const int64_t I = weight(first, 0, "gate").size(0);
+  const int64_t Hq = Nq / D, G = Hq / Hkv, V = head.size(0);
   TORCH_CHECK(slot >= 0 && slot < S, "decode_step: slot ", slot, " is outside the cache's ", S, " slots");
   TORCH_CHECK(Nq % D == 0 && Hq % Hkv == 0 && Nkv == Hkv * D && D % 2 == 0,
               "decode_step: q rows ", Nq, ", kv rows ", Nkv, " and head size ", D, " do not fit together");
@@ -142,9 +164,7 @@ at::Tensor decode_step_impl(const at::Tensor& hidden, const std::vector<at::Tens
   require<T>(cos, "cos");
   require<T>(signed_sin, "signed_sin");
   const std::vector<LayerWeights<T>> layers =
-      layer_weights<T>({L, M, H, Hkv, S, D, Nq, Nkv, I, Hq, G, V}, weights, biases, keys, values, allowed, slot);
-  const at::Tensor& final_norm = weights[kPerLayer * L];
-  const at::Tensor& head = weights[kPerLayer * L + 1];
+      layer_weights<T>({L, M, H, Hkv, S, D, Nq, Nkv, I, Hq, G, V}, given, keys, values, allowed, slot);
   require<T>(final_norm, "norm");
   require<T>(head, "lm_head");
   TORCH_CHECK(final_norm.numel() == H && head.dim() == 2 && head.size(1) == H && head.is_contiguous(),
@@ -241,8 +261,8 @@ at::Tensor decode_step_impl(const at::Tensor& hidden, const std::vector<at::Tens
   return logits;
 }
 
-inline at::Tensor decode_step(const at::Tensor& hidden, const std::vector<at::Tensor>& weights,
-                              const std::vector<std::optional<at::Tensor>>& biases, const std::vector<at::Tensor>& keys,
+inline at::Tensor decode_step(const at::Tensor& hidden, const c10::List<Layer>& layers, const at::Tensor& final_norm,
+                              const at::Tensor& head, const std::vector<at::Tensor>& keys,
                               const std::vector<at::Tensor>& values, const std::vector<at::Tensor>& allowed,
                               const at::Tensor& cos, const at::Tensor& signed_sin, int64_t slot, double eps, double scale,
                               bool unit_offset, c10::string_view activation) {
@@ -250,10 +270,10 @@ inline at::Tensor decode_step(const at::Tensor& hidden, const std::vector<at::Te
               "`; expected silu or gelu_tanh");
   const bool gelu = activation == "gelu_tanh";
   if (hidden.scalar_type() == at::kBFloat16)
-    return decode_step_impl<c10::BFloat16>(hidden, weights, biases, keys, values, allowed, cos, signed_sin, slot, eps,
-                                           scale, unit_offset, gelu);
-  return decode_step_impl<float>(hidden, weights, biases, keys, values, allowed, cos, signed_sin, slot, eps, scale,
-                                 unit_offset, gelu);
+    return decode_step_impl<c10::BFloat16>(hidden, layers, final_norm, head, keys, values, allowed, cos, signed_sin,
+                                           slot, eps, scale, unit_offset, gelu);
+  return decode_step_impl<float>(hidden, layers, final_norm, head, keys, values, allowed, cos, signed_sin, slot, eps,
+                                 scale, unit_offset, gelu);
 }
 
 }  // namespace specformer
