@@ -12,6 +12,7 @@ import pytest
 
 from specformer.codegen import render_model
 from specformer.dsl import SpecSet
+from specformer.dsl.measure import measure
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = sorted((ROOT / "docs").glob("*.md"))
@@ -23,6 +24,7 @@ def blocks(page: Path) -> list[tuple[str, str]]:
 
 
 def check_spec(text: str, where: str) -> None:
+    assert not measure(text, where).crowded_lines, f"{where}: one declaration per line"
     specs = SpecSet()
     for path in sorted((ROOT / "specs").glob("*.sf")):
         specs.add_file(path, f"specs/{path.name}")
