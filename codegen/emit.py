@@ -151,6 +151,12 @@ def import_block(source: str) -> list[str]:
     return lines
 
 
+def statements_source(statements: list[Stmt]) -> tuple[list[str], list[str]]:
+    """(module-level statements laid out, the imports they need)."""
+    lines = body_lines(statements, "")
+    return lines, import_block("\n".join(lines))
+
+
 def module_source(classes: list[Class]) -> tuple[str, list[str]]:
     """(the classes' source, two blank lines apart; the imports it needs)."""
     source = "\n\n\n".join("\n".join(class_lines(c)) for c in classes)

@@ -52,12 +52,8 @@ class HeadPlanner:
             args = ["config", *(f"{k}={expr(v)}" for k, v in head.backbone_args)]
             init.append(Line(f"self.{attr} = {ctx.class_name(ctx.backbone.name)}({', '.join(args)})"))
             body.append(Line(f"out = self.{attr}({', '.join([names[0], *(f'{n}={n}' for n in names[1:])])})"))
-            sources = ["out.last_hidden_state", "out.pooler_output"]
-            if task.generates:
-                params.append(Param("logits_to_keep", "int | torch.Tensor", "0"))
-                # the label tokens of a whole gradient-accumulation window, which the summed loss is divided by
-                params.append(Param("num_items_in_batch", "int | torch.Tensor | None", "None"))
-                sources[0] = "keep_last(out.last_hidden_state, logits_to_keep)"
+            params += [Param(name, annotation, default) for name, annotation, default in task.inputs]
+            sources = [task.hidden, "out.pooler_output"]
             read = {n.id for e in head.forward.expressions() for n in names_in(e)}
             bound = [(p, s) for p, s in zip(head.forward.params, sources, strict=False) if p in read]
             if bound:

@@ -10,8 +10,8 @@ import jinja2
 
 from specformer.dsl import ir
 
-from .emit import import_block, module_source
-from .layout import statement_lines
+from .code import Line
+from .emit import module_source, statements_source
 from .plan import plan
 
 
@@ -41,10 +41,10 @@ def render_model(model: ir.ResolvedModel) -> dict[str, str]:
         "exports": package.exports,
         "model_doc": package.doc,
     }
-    registrations = [line for call in package.registrations for line in statement_lines("", call)]
+    registrations, registration_imports = statements_source([Line(c) for c in package.registrations])
     files = {
         "__init__.py": env.get_template("__init__.py.jinja").render(
-            common, imports=import_block("\n".join(registrations)), registrations=registrations
+            common, imports=registration_imports, registrations=registrations
         ),
         f"configuration_{package.package}.py": env.get_template("module.py.jinja").render(
             common,

@@ -205,7 +205,10 @@ class Task:
     labels: tuple[str, ...] = ()  # extra forward inputs, each `Tensor | None = None`
     loss: str | None = None  # loss expression over the outputs and labels (`self.config` in scope)
     loss_function: str | None = None  # what `loss` calls, from specformer.runtime.losses
-    generates: bool = False  # a causal LM: keeps only the positions asked for, fuses its training loss
+    # extra forward inputs besides the labels: (name, annotation, default)
+    inputs: tuple[tuple[str, str, str], ...] = ()
+    hidden: str = "out.last_hidden_state"  # the backbone output the head's forward reads first
+    generates: bool = False  # a causal LM: generation defaults, a fused training loss, the fused decode step
     choices: bool = False  # inputs come as (batch, choices, length) and are flattened to rows
 
 
@@ -219,6 +222,12 @@ TASKS: dict[str, Task] = {
             ("labels",),
             "causal_lm_loss(logits, labels, num_items_in_batch)",
             "causal_lm_loss",
+            inputs=(
+                ("logits_to_keep", "int | torch.Tensor", "0"),
+                # the label tokens of a whole gradient-accumulation window, which the summed loss is divided by
+                ("num_items_in_batch", "int | torch.Tensor | None", "None"),
+            ),
+            hidden="keep_last(out.last_hidden_state, logits_to_keep)",  # only the positions asked for
             generates=True,
         ),
         Task(
