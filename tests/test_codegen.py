@@ -13,6 +13,7 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 from specformer.codegen.cli import render_all
+from specformer.dsl import SpecSet, load_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = ROOT / "specs"
@@ -278,3 +279,44 @@ def test_a_let_becomes_a_config_property_only_where_code_reads_it() -> None:
     assert "def attention_bias" not in mistral and "def attention_window" not in mistral  # inlined
     assert "def head_dim" in files["qwen2/configuration_qwen2.py"]  # read by split_heads and the runtime
     assert "self.config.head_dim" in files["qwen2/modeling_qwen2.py"]
+
+
+def test_a_new_builtin_is_one_library_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The validator, the analysis and the generator all read the library: adding an entry is enough."""
+    from specformer.codegen import render_model
+    from specformer.dsl import library
+
+    halve = library.Builtin(library._sig("halve", "x / 2", "x"), "{x!atom} * 0.5")
+    monkeypatch.setitem(library.BUILTINS, "halve", halve)
+    specs = load_specs()
+    specs.add_text(
+        "model Halved extends Llama {\n  MLP.forward(x) { return down_proj(halve(gate_proj(x) + up_proj(x))) }\n}\n",
+        "halved.sf",
+    )
+    modeling = render_model(specs.resolved("Halved"))["halved/modeling_halved.py"]
+    assert "self.down_proj((self.gate_proj(x) + self.up_proj(x)) * 0.5)" in modeling
+
+
+def test_imports_follow_the_names_the_code_reads() -> None:
+    """A forward local may share a runtime name; the import is still there for the code that needs it."""
+    from specformer.codegen import render_model
+
+    specs = load_specs()
+    specs.add_text(
+        "model Shadow extends Llama {\n"
+        "  MLP.forward(x) {\n"
+        "    Linear = gate_proj(x)\n"
+        "    return down_proj(gelu_new(Linear) * up_proj(x))\n"
+        "  }\n"
+        "}\n",
+        "shadow.sf",
+    )
+    modeling = render_model(specs.resolved("Shadow"))["shadow/modeling_shadow.py"]
+    assert "from specformer.runtime.layers import ACTIVATIONS, Embedding, Linear, RMSNorm" in modeling
+    compile(modeling, "modeling_shadow.py", "exec")
+
+
+def load_specs():
+    from specformer.dsl import load_dir
+
+    return load_dir(SPECS)
