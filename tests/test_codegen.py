@@ -111,7 +111,6 @@ def test_generated_size_budget() -> None:
 def test_unused_features_leave_no_trace() -> None:
     """An encoder-style spec without rotary or cache gets no rope, mask or cache plumbing it does not use."""
     from specformer.codegen import render_model
-    from specformer.dsl import SpecSet
 
     text = """
 model Plain {
@@ -161,7 +160,6 @@ def test_cli_check_passes_on_the_repository() -> None:
 
 def test_spec_comments_travel_safely_into_the_generated_code() -> None:
     from specformer.codegen import render_model
-    from specformer.dsl import SpecSet
 
     text = (
         '# Tiny: a test model with a """ docstring breaker \\ and a\rcarriage return.\n'
@@ -207,7 +205,7 @@ def test_every_spec_that_validates_generates_safe_python(data: st.DataObject) ->
     """Mutate the Llama spec; whenever the result still validates, its generated code must parse and
     import nothing beyond torch, typing and the runtime."""
     from specformer.codegen import render_model
-    from specformer.dsl import SpecError, SpecSet
+    from specformer.dsl import SpecError
 
     source = (SPECS / "llama.sf").read_text()
     start = data.draw(st.integers(0, len(source) - 1))
@@ -252,7 +250,6 @@ model LongBranch extends Llama {
 @pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is in the test extra")
 def test_a_branch_longer_than_a_line_is_laid_out_as_ruff_does(tmp_path: Path) -> None:
     from specformer.codegen import render_model
-    from specformer.dsl import load_dir
 
     specs = load_dir(SPECS)
     specs.add_text(LONG_BRANCH, "long.sf")
@@ -316,7 +313,5 @@ def test_imports_follow_the_names_the_code_reads() -> None:
     compile(modeling, "modeling_shadow.py", "exec")
 
 
-def load_specs():
-    from specformer.dsl import load_dir
-
+def load_specs() -> SpecSet:
     return load_dir(SPECS)
