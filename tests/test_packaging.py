@@ -91,7 +91,7 @@ def test_wheel_installs_only_the_specformer_namespace(tmp_path: Path) -> None:
     assert top == {"specformer"}
     for expected in (
         "specformer/dsl/grammar.lark",
-        "specformer/codegen/templates/modeling.py.jinja",
+        "specformer/codegen/templates/module.py.jinja",
         "specformer/specs/llama.sf",
         "specformer/generated/llama/modeling_llama.py",
         "specformer/runtime/attention.py",
