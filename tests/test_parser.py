@@ -206,3 +206,46 @@ def test_mutated_llama_spec_raises_only_spec_errors(data: st.DataObject) -> None
 def test_parse_is_pure() -> None:
     first, second = parse(LLAMA, "a.sf"), parse(LLAMA, "a.sf")
     assert first == second
+
+
+GEMMA = (SPECS / "gemma.sf").read_text()
+
+
+@given(st.data())
+def test_mutated_delta_spec_raises_only_spec_errors(data: st.DataObject) -> None:
+    """The same for a delta full of argument overrides and `let`s (Gemma over Llama)."""
+    start = data.draw(st.integers(0, len(GEMMA) - 1))
+    end = data.draw(st.integers(start, min(len(GEMMA), start + 40)))
+    replacement = data.draw(st.text(alphabet=_ALPHABET, max_size=12))
+    try:
+        resolve(GEMMA[:start] + replacement + GEMMA[end:], "gemma.sf", (LLAMA, "llama.sf"))
+    except SpecError as err:
+        assert re.match(r"gemma\.sf:\d+:\d+: error: ", str(err)), str(err)
+
+
+@given(
+    block=st.sampled_from(["Attention", "MLP", "DecoderLayer", "Model", "ForCausalLM", "Nowhere"]),
+    pattern=st.sampled_from(
+        ["q_proj", "*_proj", "[qk]_proj", "*", "*norm", "attend", "rotary", "embed_tokens"]
+    ),
+    argument=st.sampled_from(
+        ["bias", "eps", "unit_offset", "causal", "window", "scale", "padding_idx", "size"]
+    ),
+    value=st.sampled_from(["true", "false", "none", "1e-5", "hidden_size ** 0.5", "not attention_bias", "x"]),
+)
+def test_argument_overrides_generate_python_or_fail_at_their_line(
+    block: str, pattern: str, argument: str, value: str
+) -> None:
+    from specformer.codegen import render_model
+
+    text = f"model Over extends Llama {{\n  {block}.{pattern}.{argument} = {value}\n}}\n"
+    specs = SpecSet()
+    specs.add_text(LLAMA, "llama.sf")
+    specs.add_text(text, "over.sf")
+    try:
+        files = render_model(specs.resolved("Over"))
+    except SpecError as err:
+        assert re.match(r"(over|llama)\.sf:\d+:\d+: error: ", str(err)), str(err)
+        return
+    for rel, source in files.items():
+        compile(source, rel, "exec")
