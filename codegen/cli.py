@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from specformer.dsl import SpecError, SpecSet
-from specformer.dsl.loader import load_dir
+from specformer.dsl.loader import load_dir, read_spec
 
 from .render import render_model
 
@@ -227,7 +227,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from specformer.runtime.spec_models import build_package, model_class_from
 
     path = Path(args.spec)
-    package = build_package({path.name: path.read_text(encoding="utf-8")}, name=args.model)
+    package = build_package({path.name: read_spec(path)}, name=args.model)
     heads = [n for n in package.__all__ if not n.endswith(("Config", "PreTrainedModel"))]
     prefix = next(n[: -len("Config")] for n in package.__all__ if n.endswith("Config"))
     head = args.head or next(
@@ -364,7 +364,7 @@ def cmd_size(args: argparse.Namespace) -> int:
     files = args.files or sorted(args.specs.glob("*.sf"))
     crowded = 0
     for path in files:
-        size = measure(Path(path).read_text(encoding="utf-8"), str(path))
+        size = measure(read_spec(path), str(path))
         where = "".join(
             f" (more than one on line {', '.join(map(str, size.crowded_lines))})"
             for _ in [1]

@@ -11,6 +11,7 @@ check is `validate`'s.
 
 from __future__ import annotations
 
+from collections import ChainMap
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -130,7 +131,7 @@ class _Analysis:
             field = self.fields[name]
             if field.default is None:
                 continue
-            env = {**defaults, "layer_idx": 0} if name in layer_lets else defaults
+            env = ChainMap({"layer_idx": 0}, defaults) if name in layer_lets else defaults
             defaults[name] = evaluate(config_literal(field), env)
         return order, layer_lets, defaults
 

@@ -14,6 +14,7 @@ from .validate import validate
 
 # Specs are small; a bound keeps a hostile file from costing parser time and memory.
 MAX_SPEC_CHARS = 256_000
+MAX_SPEC_BYTES = 4 * MAX_SPEC_CHARS  # UTF-8 takes at most four bytes a character
 
 
 class SpecSet:
@@ -45,12 +46,7 @@ class SpecSet:
         return tuple(m.name for m in models)
 
     def add_file(self, path: str | Path, display: str | None = None) -> tuple[str, ...]:
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise SpecError(f"{path}: cannot read spec: {err}") from None
-        return self.add_text(text, display or str(path))
+        return self.add_text(read_spec(path, display), display or str(path))
 
     def resolved(self, name: str) -> ir.ResolvedModel:
         try:
@@ -79,6 +75,32 @@ class SpecSet:
 
     def all_resolved(self) -> list[ir.ResolvedModel]:
         return [self.resolved(name) for name in self.models]
+
+
+def read_spec(path: str | Path, display: str | None = None) -> str:
+    """A spec file's text, read only if it is a regular file within the size limit, as UTF-8; anything
+    else is a SpecError naming the file (and, for bad bytes, where they are)."""
+    path = Path(path)
+    shown = display or str(path)
+    try:
+        if not path.is_file():  # a directory, a FIFO or a device would block or fail part-way
+            raise SpecError(f"{shown}: not a regular file; a spec is a text file")
+        size = path.stat().st_size
+        if size > MAX_SPEC_BYTES:
+            raise SpecError(f"{shown}: spec is {size:,} bytes; the limit is {MAX_SPEC_BYTES:,}")
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_SPEC_BYTES + 1)
+    except OSError as err:
+        raise SpecError(f"{shown}: cannot read spec: {err.strerror or err}") from None
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError(f"{shown}: spec is over {MAX_SPEC_BYTES:,} bytes, the limit")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        pos = ir.Pos(file=shown, line=line, column=column)
+        raise SpecError(f"byte 0x{data[err.start]:02x} is not UTF-8; a spec is UTF-8 text", pos) from None
 
 
 def load_dir(directory: str | Path, display_root: str | Path | None = None) -> SpecSet:

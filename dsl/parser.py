@@ -326,10 +326,12 @@ class _ToIR(_ExpressionsToIR):
 
     def _block(self, meta, role: str, name: Token, items: list, **extra) -> ir.Block:
         submodules, ties, forwards, parallel = [], [], [], []
+        seen: set[str] = set()
         for item in items:
             if isinstance(item, ir.Submodule):
-                if any(s.name == item.name for s in submodules):
+                if item.name in seen:
                     raise SpecError(f"submodule `{item.name}` is declared twice in `{name}`", item.pos)
+                seen.add(item.name)
                 submodules.append(item)
             elif isinstance(item, ir.Tie):
                 ties.append(item)
@@ -420,18 +422,22 @@ class _ToIR(_ExpressionsToIR):
         module_overrides, forward_overrides, head_removals = [], [], []
         module_removals, argument_overrides, head_moves, field_lets = [], [], [], []
         model_type = None
+        block_names: set[str] = set()
+        field_names: set[str] = set()
         for member in members:
             if isinstance(member, ir.Block):
-                if any(b.name == member.name for b in blocks):
+                if member.name in block_names:
                     raise SpecError(f"`{member.name}` is declared twice in model `{name}`", member.pos)
+                block_names.add(member.name)
                 blocks.append(member)
             elif member[0] == "model_type":
                 model_type = member[1]
             elif member[0] == "config":
                 for item in member[1]:
                     if isinstance(item, ir.ConfigField):
-                        if any(f.name == item.name for f in fields):
+                        if item.name in field_names:
                             raise SpecError(f"config field `{item.name}` is declared twice", item.pos)
+                        field_names.add(item.name)
                         fields.append(item)
                     elif isinstance(item, ir.Alias):
                         aliases.append(item)

@@ -50,36 +50,28 @@ def _block_calls_as_refs(model: ir.Model) -> ir.Model:
 
 
 def _apply(base: ir.Model, delta: ir.Model) -> ir.Model:
-    fields = list(base.config.fields)
+    fields = {f.name: f for f in base.config.fields}  # in declaration order; updated in place
     for field in delta.config.fields:
-        index = next((i for i, f in enumerate(fields) if f.name == field.name), None)
-        if index is None:
-            fields.append(field)
-        else:
-            fields[index] = field
+        fields[field.name] = field
     for name, value, pos in delta.field_overrides:
-        index = next((i for i, f in enumerate(fields) if f.name == name), None)
-        if index is None:
-            hint = did_you_mean(name, [f.name for f in fields])
+        if name not in fields:
+            hint = did_you_mean(name, fields)
             raise SpecError(
                 f"unknown field `{name}` in `{base.name}`{hint} (declare new fields with a type: `{name}: int = ...`)",
                 pos,
             )
-        fields[index] = fields[index].model_copy(update={"default": value, "pos": pos})
+        fields[name] = fields[name].model_copy(update={"default": value, "pos": pos})
     for name, pos in delta.field_lets:
-        index = next((i for i, f in enumerate(fields) if f.name == name), None)
-        if index is None:
-            hint = did_you_mean(name, [f.name for f in fields])
+        if name not in fields:
+            hint = did_you_mean(name, fields)
             raise SpecError(f"`let {name}`: `{base.name}` has no field `{name}`{hint}", pos)
-        if fields[index].default is None:
+        if fields[name].default is None:
             raise SpecError(f"`let {name}`: `{name}` has no default to compute it from", pos)
-        fields[index] = fields[index].model_copy(update={"computed": True, "pos": pos})
+        fields[name] = fields[name].model_copy(update={"computed": True, "pos": pos})
     for name, pos in delta.field_removals:
-        if not any(f.name == name for f in fields):
-            raise SpecError(
-                f"cannot remove unknown field `{name}`{did_you_mean(name, [f.name for f in fields])}", pos
-            )
-        fields = [f for f in fields if f.name != name]
+        if name not in fields:
+            raise SpecError(f"cannot remove unknown field `{name}`{did_you_mean(name, fields)}", pos)
+        del fields[name]
     aliases = {a.alias: a for a in base.config.aliases} | {a.alias: a for a in delta.config.aliases}
 
     blocks = list(base.blocks)
@@ -150,7 +142,7 @@ def _apply(base: ir.Model, delta: ir.Model) -> ir.Model:
         update={
             "parent": None,
             "model_type": delta.model_type,  # its own, like its name: a delta is another architecture
-            "config": ir.ConfigSchema(fields=tuple(fields), aliases=tuple(aliases.values())),
+            "config": ir.ConfigSchema(fields=tuple(fields.values()), aliases=tuple(aliases.values())),
             "field_overrides": (),
             "field_removals": (),
             "field_lets": (),

@@ -168,7 +168,7 @@ class Validator:
         if sub.kind == "repeat":
             assert sub.count is not None
             self.check_config_expr(sub.count, False, "a repeat count")
-            count = evaluate(sub.count, dict(self.defaults))
+            count = evaluate(sub.count, self.defaults)
             if not is_count(count):
                 raise self.error(
                     f"repeat count is {count!r} for the default config; expected an int in 0..{MAX_REPEAT}",

@@ -135,10 +135,12 @@ class _AutoModel:
         """A freshly initialised model of the architecture in spec file `spec` (it may `extend` installed
         specs), for experiments without a checkpoint. `config`: a config, a dict of field values, or None
         for the spec's defaults. The parameter count is checked on the meta device first."""
+        from specformer.dsl.loader import read_spec
+
         from .spec_models import build_package, check_size, model_class_from
 
         path = Path(spec)
-        package = build_package({path.name: path.read_text(encoding="utf-8")}, name=name)
+        package = build_package({path.name: read_spec(path)}, name=name)
         model_cls = model_class_from(package, cls.task)
         if not isinstance(config, PretrainedConfig):
             config = model_cls.config_class(**(config or {}))

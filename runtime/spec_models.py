@@ -219,7 +219,9 @@ def spec_sources_in(directory: Path) -> dict[str, str] | None:
     """The specs a checkpoint folder carries, or None when it carries none."""
     if not (directory / SPEC_FILE).is_file():
         return None
-    return {p.name: p.read_text(encoding="utf-8") for p in sorted(directory.glob("*.sf"))}
+    from specformer.dsl.loader import read_spec
+
+    return {p.name: read_spec(p) for p in sorted(directory.glob("*.sf"))}
 
 
 def write_specs(model_class: type, directory: Path) -> None:

@@ -249,3 +249,45 @@ def test_argument_overrides_generate_python_or_fail_at_their_line(
         return
     for rel, source in files.items():
         compile(source, rel, "exec")
+
+
+@pytest.mark.parametrize(
+    ("default", "message"),
+    [
+        ("2 ** 2 ** 40", "is larger than a config value can be"),
+        ("[[[i for i in range(1024)] for j in range(1024)] for k in range(1024)]", "steps to evaluate"),
+        ("[0] * 10 ** 9", "more than 100,000 items"),
+        ("(2 ** 4000) * (2 ** 4000)", "more than 4096 bits"),
+    ],
+)
+def test_config_expressions_are_bounded_in_steps_and_size(default: str, message: str) -> None:
+    """Refused by counting (steps, bits, items) before the work is done, not by a timeout."""
+    text = MINIMAL.replace("hidden_size: int = 8", f"hidden_size: int = 8\n    huge: any = {default}")
+    with pytest.raises(SpecError, match=message) as err:
+        resolve(text)
+    assert err.value.line == 6
+
+
+def test_spec_files_are_read_only_when_regular_small_and_utf8(tmp_path: Path) -> None:
+    import os
+
+    from specformer.dsl.loader import MAX_SPEC_BYTES
+
+    fifo = tmp_path / "fifo.sf"
+    os.mkfifo(fifo)
+    big = tmp_path / "big.sf"
+    with open(big, "wb") as handle:  # sparse: huge on paper, nothing on disk
+        handle.truncate(MAX_SPEC_BYTES * 100)
+    latin = tmp_path / "latin.sf"
+    latin.write_bytes(MINIMAL.replace("Tiny", "Tin\xe9").encode("latin-1"))
+    (tmp_path / "folder.sf").mkdir()
+    cases = {
+        fifo: "not a regular file",
+        tmp_path / "folder.sf": "not a regular file",
+        big: "the limit is",
+        latin: r"latin.sf:2:10: error: byte 0xe9 is not UTF-8",
+        tmp_path / "missing.sf": "not a regular file",
+    }
+    for path, message in cases.items():
+        with pytest.raises(SpecError, match=message):
+            SpecSet().add_file(path, path.name)
