@@ -1,47 +1,19 @@
 """Planned classes -> Python source: the one place that decides layout, blank lines and imports.
 
 Imports are computed in one pass over the finished code: every name a class reads without binding it
-is looked up among the names the generated code may use (`RUNTIME_NAMES`, `typing`, torch's).
+is looked up among the names the generated code may use (`library.runtime_names()`, `typing`, torch's).
 """
 
 from __future__ import annotations
 
 import ast
 
-from specformer.dsl.library import ACTIVATIONS, BUILTINS, PRIMITIVES, TASKS
+from specformer.dsl.library import runtime_names
 
 from .code import Attribute, Class, Function, Line, Nested, Stmt
 from .layout import INDENT, import_lines, signature_lines, statement_lines, table_lines
 
-
-def _runtime_names() -> dict[str, str]:
-    """Name -> the specformer.runtime module it comes from: the library's entries, and the names the
-    generated skeleton itself uses (base classes, context types, outputs, losses)."""
-    names = {
-        "PreTrainedModel": "modeling",
-        "generation_defaults": "modeling",
-        "PretrainedConfig": "config",
-        "standardize_rope": "config",
-        "AttentionMask": "attention",
-        "Cache": "cache",
-        "DynamicCache": "cache",
-        "Rope": "rope",
-        "BaseModelOutput": "outputs",
-        "keep_last": "losses",
-        "linear_cross_entropy": "losses",
-        "activation": "layers",
-        "DecoderPaths": "fused_decode",
-        "register_decoder": "fused_decode",
-    }
-    names |= {p.constructor: p.module for p in PRIMITIVES.values() if p.module is not None}
-    names |= {name: module for b in BUILTINS.values() for module, name in b.imports}
-    names |= {name: module for a in ACTIVATIONS.values() for module, name in a.imports}
-    names |= {t.output: "outputs" for t in TASKS.values()}
-    names |= {t.loss_function: "losses" for t in TASKS.values() if t.loss_function is not None}
-    return names
-
-
-RUNTIME_NAMES = _runtime_names()
+RUNTIME_NAMES = runtime_names()
 _TYPING = ("Any", "ClassVar")
 
 

@@ -34,7 +34,7 @@ def render_model(model: ir.ResolvedModel) -> dict[str, str]:
     config_source, config_imports = module_source([package.config])
     modeling_source, modeling_imports = module_source(package.classes)
     common = {
-        "sources": ", ".join(model.source_files),
+        "sources": ", ".join(_printable(f) for f in model.source_files),
         "spec_hash": model.spec_hash,
         "package": package.package,
         "config_name": package.config.name,
@@ -62,3 +62,8 @@ def render_model(model: ir.ResolvedModel) -> dict[str, str]:
         ),
     }
     return {f"{package.package}/{path}": text.rstrip("\n") + "\n" for path, text in files.items()}
+
+
+def _printable(name: str) -> str:
+    """A file name as the header comment can carry it: a newline in it must not start a line of code."""
+    return "".join(c if c.isprintable() else "?" for c in name)

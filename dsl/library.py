@@ -313,6 +313,67 @@ BACKBONE_INPUTS: tuple[str, ...] = ("input_ids", "token_type_ids", "position_ids
 # Attributes every config has from the runtime's base class, usable in expressions.
 BASE_CONFIG_FIELDS: dict[str, str] = {"num_labels": "int"}
 
+# ---- names the generated code itself uses -----------------------------------------------------------
+# What the generated skeleton (not a library entry) imports from specformer.runtime: name -> module.
+SKELETON_NAMES: dict[str, str] = {
+    "PreTrainedModel": "modeling",
+    "generation_defaults": "modeling",
+    "PretrainedConfig": "config",
+    "standardize_rope": "config",
+    "AttentionMask": "attention",
+    "Cache": "cache",
+    "DynamicCache": "cache",
+    "Rope": "rope",
+    "BaseModelOutput": "outputs",
+    "keep_last": "losses",
+    "linear_cross_entropy": "losses",
+    "activation": "layers",
+    "DecoderPaths": "fused_decode",
+    "register_decoder": "fused_decode",
+}
+
+
+def runtime_names() -> dict[str, str]:
+    """Every name generated code may import from specformer.runtime, and its module: the skeleton's and
+    each library entry's."""
+    names = dict(SKELETON_NAMES)
+    names |= {p.constructor: p.module for p in PRIMITIVES.values() if p.module is not None}
+    names |= {name: module for b in BUILTINS.values() for module, name in b.imports}
+    names |= {name: module for a in ACTIVATIONS.values() for module, name in a.imports}
+    names |= {t.output: "outputs" for t in TASKS.values()}
+    names |= {t.loss_function: "losses" for t in TASKS.values() if t.loss_function is not None}
+    return names
+
+
+# Locals the generated forwards define next to the spec's: the context a block receives, what heads and
+# backbones add around the spec's statements. A spec's forward may not take these names.
+FORWARD_NAMES: frozenset[str] = frozenset(
+    {
+        "rope",
+        "mask",
+        "cache",
+        "past_key_values",
+        "use_cache",
+        "attention_mask",
+        "out",
+        "layer",
+        "past",
+        "loss",
+    }
+    | {"num_choices"}
+    | {label for t in TASKS.values() for label in t.labels}
+    | {name for t in TASKS.values() for name, _, _ in t.inputs}
+)
+
+# Attributes every config has (runtime/config.py): a field of one of these names would hide it.
+CONFIG_ATTRIBUTES: frozenset[str] = frozenset(
+    {
+        "kwargs", "dtype", "torch_dtype", "architectures", "problem_type", "id2label", "label2id",
+        "attn_implementation", "extra", "model_type", "attribute_map", "field_types", "to_dict",
+        "to_json_string", "from_dict", "from_json_file", "from_pretrained", "save_pretrained",
+    }
+)  # fmt: skip
+
 # Names a spec may never use for anything it defines: Python keywords, builtins that matter, and our own.
 RESERVED: frozenset[str] = frozenset(
     {

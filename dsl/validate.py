@@ -15,12 +15,18 @@ from .library import (
     BACKBONE_INPUTS,
     BASE_CONFIG_FIELDS,
     BUILTINS,
+    CONFIG_ATTRIBUTES,
+    FORWARD_NAMES,
     PRIMITIVES,
     REQUIRED,
     TASKS,
     TYPES,
     Signature,
+    runtime_names,
 )
+
+# Names a spec's forwards and classes may not take: the generated code's own.
+_SHADOWED = FORWARD_NAMES | runtime_names().keys()
 
 # How `parallel` may split a Linear: by output rows, by input columns, by rows with the output gathered
 # on every rank (an lm_head), or not at all.
@@ -51,6 +57,10 @@ class Validator:
                 hint = did_you_mean(field.type.name, TYPES)
                 raise self.error(
                     f"unknown type `{field.type.name}` for field `{field.name}`{hint}", field.pos
+                )
+            if field.name in CONFIG_ATTRIBUTES:
+                raise self.error(
+                    f"`{field.name}` is an attribute every config has; choose another field name", field.pos
                 )
             if field.name in BASE_CONFIG_FIELDS:
                 raise self.error(
@@ -100,6 +110,7 @@ class Validator:
         assert backbone is not None  # the analysis found exactly one
         self._check_options(backbone)
         for block in self.model.blocks:
+            self._check_class_name(block)
             if block.role == "head" and block.backbone_args:
                 self._check_backbone_args(block.backbone_args, block.pos)
             for sub in block.submodules:
@@ -110,6 +121,15 @@ class Validator:
             if block.role == "head" and block.task not in TASKS:
                 hint = did_you_mean(block.task or "", TASKS)
                 raise self.error(f"unknown task `{block.task}` for head `{block.name}`{hint}", block.pos)
+
+    def _check_class_name(self, block: ir.Block) -> None:
+        """Blocks become classes `<Model><Block>`: none may be the config class, the model's base class or
+        a name the generated module imports."""
+        class_name = f"{self.model.name}{block.name}"
+        if block.name in ("Config", "PreTrainedModel") or class_name in _SHADOWED:
+            raise self.error(
+                f"block `{block.name}` would generate a class `{class_name}` that already exists", block.pos
+            )
 
     def _check_options(self, backbone: ir.Block) -> None:
         for option in backbone.options:
@@ -246,6 +266,11 @@ class Validator:
             assert returns == self.facts.returns[name], (name, returns)
 
     def _check_forward(self, block: ir.Block, forward: ir.Forward) -> int:
+        for param in forward.params:
+            if param in _SHADOWED:
+                raise self.error(
+                    f"`{param}` is a name the generated forward uses itself; rename this input", forward.pos
+                )
         if not forward.params:
             raise self.error("a forward takes at least one input", forward.pos)
         if len(set(forward.params)) != len(forward.params):
@@ -363,6 +388,10 @@ class _ForwardScope:
                 f"this produces {returns} value(s) but {len(stmt.targets)} are assigned", stmt.pos
             )
         for target in stmt.targets:
+            if target in _SHADOWED:
+                raise self.v.error(
+                    f"`{target}` is a name the generated forward uses itself; choose another name", stmt.pos
+                )
             if target in self.v.fields or target in self.subs:
                 raise self.v.error(f"`{target}` is already a config field or submodule", stmt.pos)
         self.locals.update(stmt.targets)
