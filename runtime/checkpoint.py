@@ -42,8 +42,8 @@ def _read_index(index: Path) -> dict[str, str]:
         raise CheckpointError(
             f"{index}: not a valid checkpoint index ({type(err).__name__}: {err})"
         ) from None
-    if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{index}: `weight_map` is not an object")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: `weight_map` must map tensor names to shard file names")
     return weight_map
 
 
@@ -54,6 +54,14 @@ def checkpoint_files(directory: Path) -> list[Path]:
         if index.is_file():
             weight_map = _read_index(index)
             files = [directory / name for name in dict.fromkeys(weight_map.values())]
+            root = directory.resolve()
+            for name in dict.fromkeys(weight_map.values()):
+                # a shard is a file of this folder: an index naming `../x` or `/etc/x` is not followed
+                if Path(name).is_absolute() or root not in (directory / name).resolve().parents:
+                    key = next(k for k, v in weight_map.items() if v == name)
+                    raise CheckpointError(
+                        f"{index} maps `{key}` to {name!r}, outside the checkpoint folder; shards are files in it"
+                    )
             for file in files:
                 if not file.is_file():
                     keys = [k for k, v in weight_map.items() if directory / v == file]

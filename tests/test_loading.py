@@ -165,3 +165,20 @@ def test_kill_during_save_leaves_a_loadable_checkpoint(tmp_path: Path, shard_siz
             assert len(steps) == 1, steps
             leftovers = [p.name for p in target.iterdir() if p.name.endswith(".tmp")]
             assert all(name.startswith(".") for name in leftovers)
+
+
+@pytest.mark.parametrize(
+    "shard", ["../outside.safetensors", "/tmp/outside.safetensors", "sub/../../outside.safetensors"]
+)
+def test_a_shard_index_cannot_point_outside_its_folder(tmp_path: Path, shard: str) -> None:
+    import json
+
+    from specformer.runtime.checkpoint import CheckpointError, checkpoint_files
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (tmp_path / "outside.safetensors").write_bytes(b"")
+    index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": shard}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="outside the checkpoint folder"):
+        checkpoint_files(folder)
