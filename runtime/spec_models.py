@@ -110,6 +110,24 @@ _BUILTINS = frozenset(
     ]
 )
 _IMPORTS = ("__future__", "typing", "torch", "torch.nn", "torch.nn.functional", "specformer.runtime.")
+# Everything generated code reaches through torch, nn and F: no loading, no process, no extension APIs.
+_TORCH_NAMES = frozenset(
+    [
+        "torch.Tensor", "torch.tanh", "torch.sigmoid", "torch.zeros_like",
+        "nn.Module", "nn.ModuleList", "nn.LayerNorm", "nn.Dropout",
+        "F.silu", "F.gelu", "F.relu", "F.dropout",
+    ]
+)  # fmt: skip
+
+
+def _dotted(node: ast.Attribute) -> str | None:
+    """`torch.nn.functional.x` for an attribute chain on a plain name; None for anything else."""
+    parts = [node.attr]
+    value = node.value
+    while isinstance(value, ast.Attribute):
+        parts.append(value.attr)
+        value = value.value
+    return ".".join([value.id, *reversed(parts)]) if isinstance(value, ast.Name) else None
 
 
 class UnsafeSourceError(RuntimeError):
@@ -133,6 +151,13 @@ def check_generated_source(source: str, filename: str) -> ast.Module:
                 raise refuse(node, f"name `{node.id}`")
         elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and node.attr != "__init__":
             raise refuse(node, f"attribute `{node.attr}`")
+        elif (
+            isinstance(node, ast.Attribute)
+            and (dotted := _dotted(node))
+            and dotted.split(".")[0] in ("torch", "nn", "F")
+        ):
+            if dotted not in _TORCH_NAMES and not any(n.startswith(dotted + ".") for n in _TORCH_NAMES):
+                raise refuse(node, f"`{dotted}` is not something a generated model calls")
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name not in _IMPORTS:
@@ -172,11 +197,19 @@ def build_package(
     for file, text in sorted(sources.items()):
         declared += specs.add_text(text, file)
     for file, text in sorted(installed_specs().items()):
-        if file not in sources:
-            probe = SpecSet()
-            names = probe.add_text(text, file)
-            if not set(names) & set(specs.models):
-                specs.add_text(text, file)
+        probe = SpecSet()
+        names = probe.add_text(text, file)
+        clashes = [n for n in names if n in specs.models]
+        for clash in clashes:  # the folder's copy of an installed spec is fine; another version is not
+            mine = specs.models[clash].source_file
+            if sources[mine] != text:
+                raise SpecError(
+                    f"{mine}: declares model `{clash}`, which the installed spec {file} declares differently; "
+                    "a checkpoint's spec cannot replace an installed one: give its model another name",
+                    specs.models[clash].pos,
+                )
+        if not clashes:
+            specs.add_text(text, file)
     if name is None:
         if model_type is not None:
             matches = [n for n in declared if specs.models[n].type_name == model_type]

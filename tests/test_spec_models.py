@@ -138,6 +138,14 @@ def test_hostile_specs_fail_before_any_code_runs(case: str) -> None:
         ("with x:\n    pass\n", "`With`"),
         ("while True:\n    pass\n", "`While`"),
         ("x = __builtins__\n", "name `__builtins__`"),
+        ("x = torch.load('w.pt', weights_only=False)\n", "`torch.load` is not"),
+        ("torch.serialization.os.system('x')\n", "`torch.serialization.os.system` is not"),
+        (
+            "torch.utils.cpp_extension.load_inline('m', '')\n",
+            "`torch.utils.cpp_extension.load_inline` is not",
+        ),
+        ("torch.ops.load_library('x.so')\n", "`torch.ops.load_library` is not"),
+        ("x = torch.Tensor.new\n", "`torch.Tensor.new` is not"),
     ],
 )
 def test_the_source_check_refuses_what_the_generator_never_emits(source: str, refused: str) -> None:
@@ -188,3 +196,14 @@ def test_a_hub_repo_carrying_its_spec_loads_offline(tmp_path: Path, monkeypatch)
     ids = torch.tensor([[3, 1, 4, 1, 5]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+
+
+def test_a_folder_spec_cannot_replace_an_installed_one(tmp_path: Path) -> None:
+    sources = {
+        "model.sf": GEMMA.replace("model Gemma", "model Replacer"),
+        "llama.sf": LLAMA.replace("vocab_size: int = 32000", "vocab_size: int = 7"),  # another Llama
+    }
+    with pytest.raises(SpecError, match=r"declares model `Llama`, which the installed spec llama\.sf declares"):
+        build_package(sources, name="Replacer")
+    sources["llama.sf"] = LLAMA  # an exact copy, as save_pretrained writes it, is fine
+    assert build_package(sources, name="Replacer").__name__.startswith("specformer_spec_replacer_")
