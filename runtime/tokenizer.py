@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from functools import cached_property
 from typing import Any
@@ -12,8 +11,14 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as FastTokenizer
 
+from .files import read_json_object
+
 # GGUF token types (llama.cpp): 3 = control, 4 = user defined; both are matched before BPE.
 _SPECIAL_TOKEN_TYPES = (3, 4)
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be used: names the file, the key and what was expected."""
 
 
 class TemplateError(ValueError):
@@ -86,11 +91,14 @@ class Tokenizer:
         file = folder / "tokenizer.json"
         if not file.is_file():
             raise FileNotFoundError(f"{folder}: no tokenizer.json (only fast tokenizers are supported)")
-        backend = FastTokenizer.from_file(str(file))
+        try:
+            backend = FastTokenizer.from_file(str(file))
+        except Exception as err:  # the tokenizers library raises its own plain Exception
+            raise TokenizerError(f"{file}: not a valid tokenizer.json ({err}); it may be truncated") from err
         settings: dict[str, Any] = {}
         config_file = folder / "tokenizer_config.json"
         if config_file.is_file():
-            settings = json.loads(config_file.read_text(encoding="utf-8"))
+            settings = read_json_object(config_file, TokenizerError)
 
         def token_id(name: str) -> int | None:
             token = settings.get(name)
@@ -100,9 +108,22 @@ class Tokenizer:
 
         template = settings.get("chat_template")
         if isinstance(template, list):  # several named templates: use the default one
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+            named = [t for t in template if isinstance(t, dict) and isinstance(t.get("template"), str)]
+            template = next((t["template"] for t in named if t.get("name") == "default"), None)
+        if template is not None and not isinstance(template, str):
+            raise TokenizerError(
+                f"{config_file}: `chat_template` is {type(template).__name__}; expected text"
+            )
         if (folder / "chat_template.jinja").is_file():
-            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+            try:
+                template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+            except UnicodeDecodeError as err:
+                raise TokenizerError(f"{folder / 'chat_template.jinja'}: not UTF-8 text ({err})") from None
+        padding_side = settings.get("padding_side", "right")
+        if padding_side not in ("left", "right"):
+            raise TokenizerError(
+                f"{config_file}: `padding_side` is {padding_side!r}; expected 'left' or 'right'"
+            )
         max_length = settings.get("model_max_length")
         return cls(
             backend,
@@ -111,7 +132,7 @@ class Tokenizer:
             pad_token_id=token_id("pad_token"),
             add_bos_token=bool(settings.get("add_bos_token", False)),
             chat_template=template,
-            padding_side=settings.get("padding_side", "right"),
+            padding_side=padding_side,
             model_max_length=max_length if isinstance(max_length, int) and max_length < 10**9 else None,
         )
 

@@ -203,7 +203,9 @@ def test_a_folder_spec_cannot_replace_an_installed_one(tmp_path: Path) -> None:
         "model.sf": GEMMA.replace("model Gemma", "model Replacer"),
         "llama.sf": LLAMA.replace("vocab_size: int = 32000", "vocab_size: int = 7"),  # another Llama
     }
-    with pytest.raises(SpecError, match=r"declares model `Llama`, which the installed spec llama\.sf declares"):
+    with pytest.raises(
+        SpecError, match=r"declares model `Llama`, which the installed spec llama\.sf declares"
+    ):
         build_package(sources, name="Replacer")
     sources["llama.sf"] = LLAMA  # an exact copy, as save_pretrained writes it, is fine
     assert build_package(sources, name="Replacer").__name__.startswith("specformer_spec_replacer_")

@@ -128,3 +128,52 @@ def test_generate_checks_its_arguments(checkpoint: Path) -> None:
         generate(model, torch.zeros(1, 3, dtype=torch.long), max_new_tokenz=3)
     with pytest.warns(UserWarning, match="`do_sample` is False, so top_p will be ignored"):
         generate(model, torch.zeros(1, 3, dtype=torch.long), max_new_tokens=1, top_p=0.5)
+
+
+BROKEN_TOKENIZER_FILES = {
+    "truncated tokenizer.json": (
+        "tokenizer.json",
+        lambda text: text[: len(text) // 2],
+        "not a valid tokenizer.json",
+    ),
+    "tokenizer.json not JSON": ("tokenizer.json", lambda text: "{nope", "not a valid tokenizer.json"),
+    "broken tokenizer_config.json": (
+        "tokenizer_config.json",
+        lambda text: text[:-3],
+        "not valid JSON at line 1",
+    ),
+    "tokenizer_config.json a list": (
+        "tokenizer_config.json",
+        lambda text: "[1, 2]",
+        "expected a JSON object",
+    ),
+    "chat_template a number": (
+        "tokenizer_config.json",
+        lambda text: '{"chat_template": 3}',
+        "`chat_template` is int",
+    ),
+    "template list of junk": ("tokenizer_config.json", lambda text: '{"chat_template": [1, {"a": 2}]}', None),
+    "padding side": (
+        "tokenizer_config.json",
+        lambda text: '{"padding_side": "middle"}',
+        "`padding_side` is 'middle'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_TOKENIZER_FILES))
+def test_broken_tokenizer_files_raise_a_tokenizer_error(checkpoint: Path, tmp_path: Path, case: str) -> None:
+    import shutil
+
+    from specformer.runtime.tokenizer import TokenizerError
+
+    name, corrupt, message = BROKEN_TOKENIZER_FILES[case]
+    folder = tmp_path / "tok"
+    shutil.copytree(checkpoint, folder)
+    (folder / name).write_text(corrupt((folder / name).read_text()))
+    if message is None:  # unusable entries are skipped, not fatal
+        assert Tokenizer.from_pretrained(folder).chat_template is None
+        return
+    with pytest.raises(TokenizerError, match=message) as err:
+        Tokenizer.from_pretrained(folder)
+    assert name in str(err.value)
