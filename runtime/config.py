@@ -125,11 +125,23 @@ class PretrainedConfig:
             raise ConfigError(
                 f"config.json has model_type `{model_type}`; {cls.__name__} expects `{cls.model_type}`"
             )
-        return cls(**{**data, **overrides})
+        try:
+            return cls(**{**data, **overrides})
+        except ConfigError:
+            raise
+        except (ArithmeticError, TypeError, ValueError, KeyError, IndexError) as err:
+            # a derived default computed from bad values (`hidden_size // num_attention_heads` with 0 heads)
+            raise ConfigError(
+                f"{cls.__name__}: these values do not make a config ({type(err).__name__}: {err})"
+            ) from err
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> PretrainedConfig:
-        return cls.from_dict(read_json_object(Path(path), ConfigError))
+        try:
+            return cls.from_dict(read_json_object(Path(path), ConfigError))
+        except ConfigError as err:
+            message = str(err)
+            raise ConfigError(message if message.startswith(str(path)) else f"{path}: {message}") from err
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> PretrainedConfig:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, checkpoint_files, count_tensors, iter_tensors, save_state_dict
+from .config import ConfigError
 from .files import atomic_write_text
 from .generation.config import GENERATION_CONFIG_NAME
 from .gguf import GGUFFile, read_gguf
@@ -30,6 +31,18 @@ from .quantization import WeightOnlyConfig, prepare_quantized, prepare_weight_on
 
 M = TypeVar("M", bound=nn.Module)
 logger = logging.getLogger("specformer.runtime.modeling")
+
+
+def _build(cls: type[M], config: Any, source: object) -> M:
+    """`cls(config)` on the meta device (nothing allocated); a config whose values cannot make the model
+    (zero heads, sizes that do not divide) is a ConfigError naming the checkpoint, not a crash inside it."""
+    try:
+        with meta_init():
+            return cls(config)
+    except (ArithmeticError, ValueError, TypeError, RuntimeError, AssertionError, IndexError) as err:
+        raise ConfigError(
+            f"{source}: its config cannot build {cls.__name__} ({type(err).__name__}: {err}); check its values"
+        ) from err
 
 
 def _dtype(value: str | torch.dtype) -> torch.dtype:
@@ -80,8 +93,7 @@ def from_pretrained(
     target_dtype = _dtype(config.dtype) if dtype == "auto" and config.dtype else None
     if dtype not in (None, "auto"):
         target_dtype = _dtype(dtype)  # type: ignore[arg-type]
-    with meta_init():
-        model = cls(config)
+    model = _build(cls, config, directory)
     if getattr(cls, "spec_sources", None):  # built from a spec: bound its size before loading
         from .spec_models import check_size
 
@@ -127,8 +139,7 @@ def from_gguf(
     """
     checkpoint = source if isinstance(source, GGUFFile) else read_gguf(source, keep_quantized=not dequantize)
     config = cls.config_class.from_dict(checkpoint.config)
-    with meta_init():
-        model = cls(config)
+    model = _build(cls, config, checkpoint.source)
     target = _dtype(dtype) if dtype is not None else None
     layers = quantized_layers(checkpoint.tensors)
     if layers:

@@ -182,3 +182,32 @@ def test_a_shard_index_cannot_point_outside_its_folder(tmp_path: Path, shard: st
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="outside the checkpoint folder"):
         checkpoint_files(folder)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"num_attention_heads": 0}, "ZeroDivisionError"),
+        ({"pad_token_id": 1000}, "cannot build LlamaForCausalLM"),
+        ({"hidden_size": -8}, "cannot build LlamaForCausalLM"),
+    ],
+)
+def test_config_values_that_cannot_make_the_model_raise_a_config_error(
+    tmp_path: Path, change: dict, message: str
+) -> None:
+    import json
+
+    from specformer.generated.llama import LlamaConfig, LlamaForCausalLM
+    from specformer.runtime.config import ConfigError
+
+    config = LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    values = json.loads((tmp_path / "config.json").read_text())
+    if "num_attention_heads" in change:
+        values.pop("head_dim", None)  # derived from the heads, as a config that leaves it out does
+    (tmp_path / "config.json").write_text(json.dumps({**values, **change}))
+    with pytest.raises(ConfigError, match=message) as err:
+        LlamaForCausalLM.from_pretrained(tmp_path)
+    assert str(tmp_path) in str(err.value)
