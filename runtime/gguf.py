@@ -8,6 +8,7 @@ the HF -> GGUF conversion applies for rotary attention.
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,14 +69,47 @@ def unpermute_rotary_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
     )
 
 
+# The smallest a metadata entry and a tensor description can be: a field's key length and type, a
+# tensor's name length, rank, one dimension, type and offset.
+_MIN_KV_BYTES, _MIN_TENSOR_BYTES = 12, 32
+
+
+def _check_header(path: Path) -> None:
+    """Refuse a file whose header claims more entries than its size can hold, before a reader loops over
+    them: a lying count would otherwise cost time and memory without end."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        header = handle.read(24)
+    if len(header) < 24 or header[:4] != b"GGUF":
+        raise CheckpointError(f"{path}: not a readable GGUF file (no GGUF header in its first 24 bytes)")
+    version = struct.unpack("<I", header[4:8])[0]
+    tensors, entries = struct.unpack(
+        "<II" if version == 1 else "<QQ", header[8:16] if version == 1 else header[8:24]
+    )
+    if tensors * _MIN_TENSOR_BYTES + entries * _MIN_KV_BYTES > size:
+        raise CheckpointError(
+            f"{path}: its header claims {tensors:,} tensors and {entries:,} metadata entries, more than its "
+            f"{size:,} bytes can hold; the file is corrupt"
+        )
+
+
 def _open(path: str | os.PathLike) -> tuple[Any, str]:
     gguf = _gguf()
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such GGUF file")
+    _check_header(path)
     try:
         reader = gguf.GGUFReader(path)
-    except (ValueError, OSError, KeyError) as err:
+    except (
+        ValueError,
+        OSError,
+        KeyError,
+        IndexError,
+        UnicodeDecodeError,
+        OverflowError,
+        struct.error,
+    ) as err:
         raise CheckpointError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err})") from None
     arch = _field(reader, "general.architecture")
     if arch not in DECODER_ARCHITECTURES:

@@ -122,3 +122,36 @@ def test_quantized_blocks_load_without_dequantising(arch: str, qtype: str, token
     ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
     with torch.no_grad():
         torch.testing.assert_close(packed(ids).logits, dense(ids).logits, atol=1e-5, rtol=0)
+
+
+def _tiny_gguf(path: Path) -> bytes:
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", torch.zeros(4, 4).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("offset", "value", "message"),
+    [
+        (8, 2**40, "claims 1,099,511,627,776 tensors"),  # tensor count
+        (16, 2**50, "metadata entries, more than its"),  # metadata count
+        (24, 2**60, "not a readable GGUF file"),  # the first key's length
+    ],
+)
+def test_lying_gguf_headers_are_refused_at_once(
+    tmp_path: Path, offset: int, value: int, message: str
+) -> None:
+    import struct
+
+    data = bytearray(_tiny_gguf(tmp_path / "ok.gguf"))
+    data[offset : offset + 8] = struct.pack("<Q", value)
+    (tmp_path / "lying.gguf").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=message):
+        load_causal_lm(tmp_path / "lying.gguf")
