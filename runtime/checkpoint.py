@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .files import atomic_path, atomic_write_text
+from .files import atomic_path, atomic_write_text, remove_stale_temporaries
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -177,6 +177,7 @@ def save_state_dict(
 ) -> list[Path]:
     """Write `state` as one file or as shards plus an index, replacing any checkpoint already there."""
     directory.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(directory)
     state = {k: v.detach().contiguous() for k, v in state.items()}
     shards = _shard_plan(state, parse_size(max_shard_size))
     metadata = {"format": "pt"}
@@ -203,6 +204,8 @@ def save_state_dict(
         )  # the commit point
         written = [directory / n for n in names]
         stale = previous - set(names) - {WEIGHTS_INDEX_NAME}
-    for name in sorted(stale):
+    # An old index is removed before the shards it names: until it goes the folder loads as the old
+    # checkpoint (the loader reads an index first), after it as the new one, never as a broken mix.
+    for name in sorted(stale, key=lambda n: (not n.endswith(".index.json"), n)):
         (directory / name).unlink(missing_ok=True)
     return written

@@ -211,3 +211,66 @@ def test_config_values_that_cannot_make_the_model_raise_a_config_error(
     with pytest.raises(ConfigError, match=message) as err:
         LlamaForCausalLM.from_pretrained(tmp_path)
     assert str(tmp_path) in str(err.value)
+
+
+class _Killed(Exception):
+    pass
+
+
+def _unlink_dying_at(stop: int):
+    real, calls = Path.unlink, [0]
+
+    def unlink(self: Path, missing_ok: bool = False) -> None:
+        if calls[0] == stop:
+            raise _Killed  # as a SIGKILL would, between two removals
+        calls[0] += 1
+        real(self, missing_ok=missing_ok)
+
+    return unlink
+
+
+@pytest.mark.parametrize(("old_size", "new_size"), [("1KB", "5GB"), ("5GB", "1KB"), ("1KB", "2KB")])
+def test_a_resave_in_another_layout_loads_as_old_or_new_at_every_removal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, old_size: str, new_size: str
+) -> None:
+    """Kill the saver at each file removal of a layout change (sharded <-> single, other shard counts):
+    the folder always loads, whole, as the old or the new checkpoint."""
+    import shutil
+
+    from specformer.runtime.checkpoint import checkpoint_files, iter_tensors, save_state_dict
+
+    old = {f"w{i}": torch.full((64,), float(i)) for i in range(6)}
+    new = {k: v + 100 for k, v in old.items()}
+    removals = 0
+    for stop in range(8):
+        folder = tmp_path / f"trial{stop}"
+        save_state_dict(old, folder, old_size)
+        real_unlink = Path.unlink
+        dying_unlink = _unlink_dying_at(stop)
+        monkeypatch.setattr(Path, "unlink", dying_unlink)
+        try:
+            save_state_dict(new, folder, new_size)
+        except _Killed:
+            removals += 1
+        finally:
+            monkeypatch.setattr(Path, "unlink", real_unlink)
+        loaded = dict(iter_tensors(checkpoint_files(folder)))
+        assert loaded.keys() == old.keys()
+        assert all(torch.equal(loaded[k], old[k]) for k in old) or all(
+            torch.equal(loaded[k], new[k]) for k in new
+        )
+        shutil.rmtree(folder)
+    assert removals > 0  # the trials did land between removals
+
+
+def test_saved_files_follow_the_umask_and_killed_saves_leave_no_temporaries(tmp_path: Path) -> None:
+    from specformer.runtime.checkpoint import save_state_dict
+
+    (tmp_path / ".model.safetensors.abc123.tmp").write_bytes(b"\0" * 1000)  # a killed save's leftover
+    mask = os.umask(0o022)
+    try:
+        save_state_dict({"w": torch.zeros(4)}, tmp_path)
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o644
+    assert not list(tmp_path.glob(".*.tmp"))

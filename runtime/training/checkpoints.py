@@ -84,9 +84,12 @@ def write_checkpoint(
     torch.save(_rng_state(), tmp / "rng_state.pt")
     trainer_state.save_to_json(tmp / "trainer_state.json")
     args.save(tmp / "training_args.json")
-    if final.exists():
-        shutil.rmtree(final)
+    old = final.parent / f".{final.name}.old"
+    shutil.rmtree(old, ignore_errors=True)  # a killed earlier save's leftover
+    if final.exists():  # moved aside in one rename: a kill never leaves a half-deleted checkpoint-N
+        os.replace(final, old)
     os.replace(tmp, final)  # the commit point: a crash before it leaves the last checkpoint as it was
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def rotate(root: Path, limit: int | None, best: str | None) -> None:
