@@ -105,4 +105,14 @@ def plan_config(
         aliases = tuple((a.alias, a.target) for a in model.config.aliases)
         attributes.append(Attribute("attribute_map", "ClassVar[dict[str, str]]", entries=aliases))
     attributes.append(Attribute("field_types", "ClassVar[dict[str, str]]", entries=tuple(field_types)))
+    counts = [
+        s.count.id
+        for b in model.blocks
+        for s in b.submodules
+        if s.kind == "repeat" and isinstance(s.count, ir.Name)
+    ]
+    counts = [name for name in dict.fromkeys(counts) if name in fields]
+    if counts:  # bounded by the runtime before anything is built
+        quoted = ", ".join(f'"{name}"' for name in counts)
+        attributes.append(Attribute("repeat_counts", "ClassVar[tuple[str, ...]]", f"({quoted},)"))
     return Class(f"{model.name}Config", "PretrainedConfig", "", tuple(attributes), (init, *properties))

@@ -24,12 +24,20 @@ class ConfigError(ValueError):
     """A config.json or a constructor argument with the wrong type or value."""
 
 
+# Bounds checked before any module is built, so a hostile config.json fails at once instead of taking
+# the machine's time and memory (`num_hidden_layers: 10000000`). Raise them for models that need it.
+MAX_REPEATS = int(os.environ.get("SPECFORMER_MAX_LAYERS", "4096"))
+MAX_LABELS = 1_000_000
+
+
 class PretrainedConfig:
     model_type: ClassVar[str] = ""
     # HF `attribute_map`: alias -> real field (DistilBERT's `hidden_size` reads `dim`).
     attribute_map: ClassVar[dict[str, str]] = {}
     # Declared field -> expected type name, filled in by generated subclasses and checked on construction.
     field_types: ClassVar[dict[str, str]] = {}
+    # Fields that count a spec's repeated blocks (`repeat(num_hidden_layers, ...)`), bounded on construction.
+    repeat_counts: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs = dict(kwargs)
@@ -44,6 +52,10 @@ class PretrainedConfig:
         self.problem_type: str | None = kwargs.pop("problem_type", None)
         id2label = kwargs.pop("id2label", None)
         num_labels = kwargs.pop("num_labels", None)
+        if isinstance(num_labels, int) and not 0 <= num_labels <= MAX_LABELS:
+            raise ConfigError(
+                f"{type(self).__name__}: `num_labels` is {num_labels:,}; expected 0 to {MAX_LABELS:,}"
+            )
         kwargs.pop("label2id", None)
         if id2label is not None:
             self.id2label = {int(k): v for k, v in id2label.items()}
@@ -97,6 +109,13 @@ class PretrainedConfig:
             if not _matches(value, type_name):
                 raise ConfigError(
                     f"{type(self).__name__}: `{name}` is {value!r} ({type(value).__name__}); expected {type_name}"
+                )
+        for name in self.repeat_counts:
+            count = getattr(self, name)
+            if isinstance(count, int) and not 0 <= count <= MAX_REPEATS:
+                raise ConfigError(
+                    f"{type(self).__name__}: `{name}` is {count:,}, the number of a repeated block; expected 0 to "
+                    f"{MAX_REPEATS:,} (set SPECFORMER_MAX_LAYERS to allow more)"
                 )
 
     # ---- serialisation ---------------------------------------------------------------------------

@@ -274,3 +274,26 @@ def test_saved_files_follow_the_umask_and_killed_saves_leave_no_temporaries(tmp_
         os.umask(mask)
     assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o644
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"num_hidden_layers": 10_000_000},
+            r"`num_hidden_layers` is 10,000,000, the number of a repeated block",
+        ),
+        ({"num_hidden_layers": -1}, r"`num_hidden_layers` is -1"),
+        ({"num_labels": 10**9}, r"`num_labels` is 1,000,000,000"),
+    ],
+)
+def test_counts_a_config_cannot_mean_are_refused_before_building(values: dict, message: str) -> None:
+    from specformer.generated.distilbert import DistilBertConfig
+    from specformer.generated.llama import LlamaConfig
+    from specformer.runtime.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        LlamaConfig(**values)
+    if "num_hidden_layers" in values:  # an alias of the counting field is bounded too
+        with pytest.raises(ConfigError, match="`n_layers`"):
+            DistilBertConfig(num_hidden_layers=values["num_hidden_layers"])

@@ -34,6 +34,7 @@ class BertConfig(PretrainedConfig):
         "add_cross_attention": "bool",
         "tie_word_embeddings": "bool",
     }
+    repeat_counts: ClassVar[tuple[str, ...]] = ("num_hidden_layers",)
 
     def __init__(
         self,

@@ -36,6 +36,7 @@ class DistilBertConfig(PretrainedConfig):
         "bos_token_id": "int?",
         "tie_word_embeddings": "bool",
     }
+    repeat_counts: ClassVar[tuple[str, ...]] = ("n_layers",)
 
     def __init__(
         self,

@@ -32,6 +32,7 @@ class DPRConfig(PretrainedConfig):
         "add_cross_attention": "bool",
         "projection_dim": "int",
     }
+    repeat_counts: ClassVar[tuple[str, ...]] = ("num_hidden_layers",)
 
     def __init__(
         self,

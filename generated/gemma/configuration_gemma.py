@@ -34,6 +34,7 @@ class GemmaConfig(PretrainedConfig):
         "use_cache": "bool",
         "use_bidirectional_attention": "bool?",
     }
+    repeat_counts: ClassVar[tuple[str, ...]] = ("num_hidden_layers",)
 
     def __init__(
         self,

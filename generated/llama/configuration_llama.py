@@ -35,6 +35,7 @@ class LlamaConfig(PretrainedConfig):
         "use_cache": "bool",
         "pretraining_tp": "int",
     }
+    repeat_counts: ClassVar[tuple[str, ...]] = ("num_hidden_layers",)
 
     def __init__(
         self,

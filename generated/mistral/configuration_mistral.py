@@ -33,6 +33,7 @@ class MistralConfig(PretrainedConfig):
         "use_cache": "bool",
         "sliding_window": "int?",
     }
+    repeat_counts: ClassVar[tuple[str, ...]] = ("num_hidden_layers",)
 
     def __init__(
         self,

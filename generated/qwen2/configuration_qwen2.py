@@ -35,6 +35,7 @@ class Qwen2Config(PretrainedConfig):
         "max_window_layers": "int",
         "layer_types": "list",
     }
+    repeat_counts: ClassVar[tuple[str, ...]] = ("num_hidden_layers",)
 
     def __init__(
         self,
