@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from functools import cached_property
 from typing import Any
 
@@ -225,7 +226,7 @@ class Tokenizer:
     @cached_property
     def _template_env(self) -> ImmutableSandboxedEnvironment:
         # Templates come with checkpoints: render them sandboxed, as Hugging Face does.
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=False)
+        env = _BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=False)
 
         def raise_exception(message: str) -> None:
             raise TemplateError(message)
@@ -240,7 +241,8 @@ class Tokenizer:
             raise ValueError("this tokenizer has no chat template; pass plain text instead")
         try:
             template = self._template_env.from_string(self.chat_template)
-            text = template.render(
+            text = _bounded_render(
+                template,
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.token(self.bos_token_id) or "",
@@ -251,6 +253,69 @@ class Tokenizer:
         except Exception as err:  # jinja2 errors of every kind, and sandbox violations
             raise TemplateError(f"chat template failed to render: {err}") from err
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+# A chat template comes with a stranger's checkpoint: its rendering is bounded in steps (lines of the
+# compiled template run, loop iterations included) and in output, so nested loops fail at once.
+MAX_TEMPLATE_STEPS = 1_000_000
+MAX_TEMPLATE_OUTPUT = 10_000_000
+
+
+class _BoundedEnvironment(ImmutableSandboxedEnvironment):
+    """The sandbox, with `*` and `**` refused where they would build a huge value in one operation."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            for value, times in ((left, right), (right, left)):
+                if (
+                    isinstance(value, str | list | tuple)
+                    and isinstance(times, int)
+                    and len(value) * times > MAX_TEMPLATE_OUTPUT
+                ):
+                    raise TemplateError(
+                        f"chat template builds a value of more than {MAX_TEMPLATE_OUTPUT:,} items"
+                    )
+        if (
+            operator == "**"
+            and isinstance(right, int)
+            and isinstance(left, int)
+            and abs(left) > 1
+            and right > 4096
+        ):
+            raise TemplateError("chat template raises a number to a power too large to compute")
+        return super().call_binop(context, operator, left, right)
+
+
+def _bounded_render(template: Any, **context: Any) -> str:
+    steps = 0
+
+    def count(frame: Any, event: str, arg: Any) -> Any:
+        nonlocal steps
+        if event == "line":
+            steps += 1
+            if steps > MAX_TEMPLATE_STEPS:
+                raise TemplateError(f"chat template takes more than {MAX_TEMPLATE_STEPS:,} steps to render")
+        return count
+
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        # only the template's own compiled code is counted (and slowed), not jinja's or Python's
+        return count if frame.f_code.co_filename == "<template>" else None
+
+    parts: list[str] = []
+    size = 0
+    previous = sys.gettrace()
+    sys.settrace(trace)
+    try:
+        for part in template.generate(**context):
+            size += len(part)
+            if size > MAX_TEMPLATE_OUTPUT:
+                raise TemplateError(f"chat template renders more than {MAX_TEMPLATE_OUTPUT:,} characters")
+            parts.append(part)
+    finally:
+        sys.settrace(previous)
+    return "".join(parts)
 
 
 class AutoTokenizer:

@@ -177,3 +177,21 @@ def test_broken_tokenizer_files_raise_a_tokenizer_error(checkpoint: Path, tmp_pa
     with pytest.raises(TokenizerError, match=message) as err:
         Tokenizer.from_pretrained(folder)
     assert name in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        (
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            "more than 1,000,000 steps",
+        ),
+        ("{{ 'x' * 10 ** 12 }}", "more than 10,000,000 items"),
+        ("{{ 2 ** 10000000 }}", "power too large"),
+    ],
+)
+def test_chat_templates_are_bounded_in_steps_and_size(checkpoint: Path, template: str, message: str) -> None:
+    tokenizer = Tokenizer.from_pretrained(checkpoint)
+    tokenizer.chat_template = template
+    with pytest.raises(TemplateError, match=message):
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
