@@ -25,7 +25,7 @@ from .files import atomic_write_text
 from .generation.config import GENERATION_CONFIG_NAME
 from .gguf import GGUFFile, read_gguf
 from .hub import resolve
-from .meta import meta_init
+from .meta import MAX_PARAMETERS, meta_init
 from .placement import DeviceMap, attach_device_hooks, device_for, resolve_device_map
 from .quantization import WeightOnlyConfig, prepare_quantized, prepare_weight_only, quantize, quantized_layers
 
@@ -38,11 +38,18 @@ def _build(cls: type[M], config: Any, source: object) -> M:
     (zero heads, sizes that do not divide) is a ConfigError naming the checkpoint, not a crash inside it."""
     try:
         with meta_init():
-            return cls(config)
+            model = cls(config)
     except (ArithmeticError, ValueError, TypeError, RuntimeError, AssertionError, IndexError) as err:
         raise ConfigError(
             f"{source}: its config cannot build {cls.__name__} ({type(err).__name__}: {err}); check its values"
         ) from err
+    count = model.num_parameters()  # on meta: nothing is allocated until the checkpoint is assigned
+    if count > MAX_PARAMETERS:
+        raise ConfigError(
+            f"{source}: {cls.__name__} with this config has {count:,} parameters, over the limit of "
+            f"{MAX_PARAMETERS:,}; check the config (or raise SPECFORMER_MAX_PARAMETERS)"
+        )
+    return model
 
 
 def _dtype(value: str | torch.dtype) -> torch.dtype:
@@ -94,10 +101,6 @@ def from_pretrained(
     if dtype not in (None, "auto"):
         target_dtype = _dtype(dtype)  # type: ignore[arg-type]
     model = _build(cls, config, directory)
-    if getattr(cls, "spec_sources", None):  # built from a spec: bound its size before loading
-        from .spec_models import check_size
-
-        check_size(cls, config)
     files = checkpoint_files(directory)
     tensors = _with_progress(iter_tensors(files), files, progress)
     if tp_plan is not None:

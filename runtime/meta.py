@@ -7,11 +7,15 @@ meta tensors through torch's reference implementations, whose first use imports 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+# The largest model built from an untrusted config or spec, counted on meta before anything is allocated.
+MAX_PARAMETERS = int(os.environ.get("SPECFORMER_MAX_PARAMETERS", str(200 * 10**9)))
 
 # The constructors nn.Module initialisers use. Explicit `device=` arguments are respected, so a module
 # can still build real buffers (rotary tables) while its parameters stay on meta.

@@ -17,16 +17,14 @@ from __future__ import annotations
 import ast
 import builtins
 import importlib.resources
-import os
 import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .meta import meta_init
+from .meta import MAX_PARAMETERS, meta_init
 
 SPEC_FILE = "model.sf"
-MAX_PARAMETERS = int(os.environ.get("SPECFORMER_MAX_PARAMETERS", str(200 * 10**9)))
 
 # The Python the generator emits, and nothing else.
 _NODES = frozenset(

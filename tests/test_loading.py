@@ -190,6 +190,7 @@ def test_a_shard_index_cannot_point_outside_its_folder(tmp_path: Path, shard: st
         ({"num_attention_heads": 0}, "ZeroDivisionError"),
         ({"pad_token_id": 1000}, "cannot build LlamaForCausalLM"),
         ({"hidden_size": -8}, "cannot build LlamaForCausalLM"),
+        ({"vocab_size": 10**6, "hidden_size": 10**6}, r"has [\d,]+ parameters, over the limit"),  # on meta
     ],
 )
 def test_config_values_that_cannot_make_the_model_raise_a_config_error(
