@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -197,3 +198,16 @@ def test_stop_strings_and_max_time(tmp_path: Path) -> None:
         generate(model, prompt, max_new_tokens=3, stop_strings=["x"])
     quick = generate(model, prompt, max_new_tokens=500, eos_token_id=None, max_time=0.0)
     assert quick.shape[1] == prompt.shape[1] + 1  # the time is up after the first token
+
+
+def test_a_right_padded_batch_warns() -> None:
+    from specformer.generated.llama import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2)).eval()  # fmt: skip
+    ids = torch.tensor([[5, 6, 7], [8, 9, 0]])
+    with pytest.warns(UserWarning, match="right-padded"):
+        generate(model, ids, attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]), max_new_tokens=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # left padding is the right way: no warning
+        generate(model, ids, attention_mask=torch.tensor([[1, 1, 1], [0, 1, 1]]), max_new_tokens=2)

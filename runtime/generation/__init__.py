@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -139,6 +140,14 @@ def generate(
     config = base.update(**settings)
     config.validate()
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
+    if bool((mask[:, -1] == 0).any()):
+        # each row continues from the batch's last column: after right padding that is a pad token
+        warnings.warn(
+            "generate(): attention_mask ends in padding (the batch is right-padded), so those rows continue "
+            "after their pad tokens; pad prompts on the left (tokenizer padding_side='left')",
+            UserWarning,
+            stacklevel=2,
+        )
     prompt_len = input_ids.shape[1]
     max_length = (
         prompt_len + config.max_new_tokens if config.max_new_tokens is not None else config.max_length
