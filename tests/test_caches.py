@@ -64,7 +64,23 @@ def test_quantized_cache_stays_close_to_the_exact_one(bits: int, tolerance: floa
         assert qk.shape == ek.shape
         assert (qk - ek).abs().max() <= tolerance * ek.abs().max()
         assert torch.equal(qk[..., -4:, :], ek[..., -4:, :]) and torch.equal(qv[..., -1:, :], ev[..., -1:, :])
-    assert quantized.quantized[0] and quantized.quantized[0][0][0][0].dtype == torch.uint8
+    assert quantized.quantized[0] and quantized.quantized[0][0][0].codes.dtype == torch.uint8
+
+
+def test_four_bit_codes_take_half_the_bytes_of_eight_bit_ones() -> None:
+    from specformer.runtime.cache import QuantizedCache
+
+    caches = {bits: QuantizedCache(bits, residual=4) for bits in (4, 8)}
+    torch.manual_seed(0)
+    for _ in range(3):
+        k = torch.randn(1, 2, 32, 64)
+        for cache in caches.values():
+            cache.update(0, k, k.clone())
+    codes = {
+        bits: sum(q.codes.numel() for chunk in c.quantized[0] for q in chunk) for bits, c in caches.items()
+    }
+    assert codes[4] * 2 == codes[8]  # the same tokens, two 4-bit codes a byte
+    assert caches[4].quantized_bytes() < 0.6 * caches[8].quantized_bytes()
 
 
 def test_sliding_window_cache_is_exact_for_a_sliding_model_and_bounded(tmp_path: Path) -> None:
