@@ -89,16 +89,8 @@ def test_k_quants_match_transformers(kind: str, tokenizer, tmp_path: Path) -> No
 
 
 def test_unsupported_architecture_names_the_file(tokenizer, tmp_path: Path) -> None:
-    import gguf
-
     path = tmp_path / "phi.gguf"
-    writer = gguf.GGUFWriter(str(path), "phi3")
-    writer.add_block_count(1)
-    writer.add_tensor("token_embd.weight", torch.zeros(4, 4).numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _tiny_gguf(path, "phi3")
     with pytest.raises(
         CheckpointError, match=r"phi\.gguf: general\.architecture is `phi3`; supported: llama"
     ):
@@ -124,10 +116,11 @@ def test_quantized_blocks_load_without_dequantising(arch: str, qtype: str, token
         torch.testing.assert_close(packed(ids).logits, dense(ids).logits, atol=1e-5, rtol=0)
 
 
-def _tiny_gguf(path: Path) -> bytes:
+def _tiny_gguf(path: Path, arch: str = "llama") -> bytes:
+    """A GGUF file of one tiny tensor and one metadata entry besides the architecture."""
     import gguf
 
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(1)
     writer.add_tensor("token_embd.weight", torch.zeros(4, 4).numpy())
     writer.write_header_to_file()
