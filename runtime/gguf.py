@@ -54,11 +54,23 @@ def _gguf():
     return require("gguf", "reading .gguf files")
 
 
-def _field(reader: Any, key: str, default: Any = None) -> Any:
+def _field(reader: Any, key: str, default: Any = None, source: object = "GGUF file") -> Any:
     entry = reader.fields.get(key)
     if entry is None:
         return default
-    return entry.contents()
+    try:
+        return entry.contents()
+    except (UnicodeDecodeError, ValueError, IndexError, TypeError) as err:
+        raise CheckpointError(
+            f"{source}: metadata `{key}` cannot be read ({type(err).__name__}: {err})"
+        ) from None
+
+
+def _count(value: Any, key: str, source: object) -> int:
+    """A size or count from the metadata: a positive integer, or the file is not usable."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise CheckpointError(f"{source}: metadata `{key}` is {value!r}; expected a positive integer")
+    return value
 
 
 def unpermute_rotary_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -111,7 +123,7 @@ def _open(path: str | os.PathLike) -> tuple[Any, str]:
         struct.error,
     ) as err:
         raise CheckpointError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err})") from None
-    arch = _field(reader, "general.architecture")
+    arch = _field(reader, "general.architecture", source=path)
     if arch not in DECODER_ARCHITECTURES:
         raise CheckpointError(
             f"{path}: general.architecture is `{arch}`; supported: {', '.join(sorted(DECODER_ARCHITECTURES))}"
@@ -122,21 +134,24 @@ def _open(path: str | os.PathLike) -> tuple[Any, str]:
 def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The tokenizer settings and chat template of a GGUF file, without reading its tensors."""
     reader, _ = _open(path)
-    return _tokenizer_metadata(reader)
+    return _tokenizer_metadata(reader, path)
 
 
-def _tokenizer_metadata(reader: Any) -> dict[str, Any]:
+def _tokenizer_metadata(reader: Any, source: object) -> dict[str, Any]:
+    def field(key: str, default: Any = None) -> Any:
+        return _field(reader, key, default, source)
+
     return {
-        "model": _field(reader, "tokenizer.ggml.model"),
-        "pre": _field(reader, "tokenizer.ggml.pre"),
-        "tokens": _field(reader, "tokenizer.ggml.tokens") or [],
-        "token_types": _field(reader, "tokenizer.ggml.token_type") or [],
-        "merges": _field(reader, "tokenizer.ggml.merges") or [],
-        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
-        "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
-        "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
-        "chat_template": _field(reader, "tokenizer.chat_template"),
+        "model": field("tokenizer.ggml.model"),
+        "pre": field("tokenizer.ggml.pre"),
+        "tokens": field("tokenizer.ggml.tokens") or [],
+        "token_types": field("tokenizer.ggml.token_type") or [],
+        "merges": field("tokenizer.ggml.merges") or [],
+        "bos_token_id": field("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": field("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": field("tokenizer.ggml.padding_token_id"),
+        "add_bos_token": bool(field("tokenizer.ggml.add_bos_token", False)),
+        "chat_template": field("tokenizer.chat_template"),
     }
 
 
@@ -152,12 +167,12 @@ def read_gguf(path: str | os.PathLike, keep_quantized: bool = False) -> GGUFFile
     model_type, permuted = DECODER_ARCHITECTURES[arch]
 
     def meta(key: str, default: Any = None) -> Any:
-        return _field(reader, f"{arch}.{key}", default)
+        return _field(reader, f"{arch}.{key}", default, path)
 
-    tokens = _field(reader, "tokenizer.ggml.tokens") or []
-    heads = meta("attention.head_count")
-    kv_heads = meta("attention.head_count_kv", heads)
-    hidden = meta("embedding_length")
+    tokens = _field(reader, "tokenizer.ggml.tokens", None, path) or []
+    heads = _count(meta("attention.head_count"), f"{arch}.attention.head_count", path)
+    kv_heads = _count(meta("attention.head_count_kv", heads), f"{arch}.attention.head_count_kv", path)
+    hidden = _count(meta("embedding_length"), f"{arch}.embedding_length", path)
     config: dict[str, Any] = {
         "model_type": model_type,
         "vocab_size": meta("vocab_size", len(tokens)),
@@ -170,9 +185,9 @@ def read_gguf(path: str | os.PathLike, keep_quantized: bool = False) -> GGUFFile
         "max_position_embeddings": meta("context_length", 2048),
         "rms_norm_eps": float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
         "rope_parameters": {"rope_type": "default", "rope_theta": float(meta("rope.freq_base", 10000.0))},
-        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
-        "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id", None, path),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id", None, path),
+        "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id", None, path),
     }
     scaling = meta("rope.scaling.type")
     if scaling in ("linear", "yarn"):
@@ -210,7 +225,7 @@ def read_gguf(path: str | os.PathLike, keep_quantized: bool = False) -> GGUFFile
         tensors[name] = weight
     config["tie_word_embeddings"] = "lm_head.weight" not in tensors
 
-    tokenizer = _tokenizer_metadata(reader)
+    tokenizer = _tokenizer_metadata(reader, path)
     return GGUFFile(arch, config, tensors, tokenizer, str(path))
 
 

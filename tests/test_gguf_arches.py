@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
 from gguf_files import bpe_tokenizer, k_quant_blocks, write_gguf
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from specformer.runtime import CheckpointError
 from specformer.runtime.auto import load_causal_lm
+from specformer.runtime.gguf import read_gguf
 
 CONFIG = {
     "vocab_size": 0,  # the tokenizer's
@@ -148,3 +152,22 @@ def test_lying_gguf_headers_are_refused_at_once(
     (tmp_path / "lying.gguf").write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=message):
         load_causal_lm(tmp_path / "lying.gguf")
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=4),
+    cut=st.one_of(st.none(), st.integers(0, 10_000)),
+)
+def test_corrupted_gguf_files_raise_only_checkpoint_errors(
+    tmp_path_factory: pytest.TempPathFactory, flips: list[tuple[int, int]], cut: int | None
+) -> None:
+    folder = tmp_path_factory.mktemp("fuzz")
+    data = bytearray(_tiny_gguf(folder / "ok.gguf"))
+    for at, byte in flips:
+        data[at % len(data)] = byte
+    if cut is not None:
+        data = data[: cut % len(data)]
+    (folder / "bad.gguf").write_bytes(bytes(data))
+    with contextlib.suppress(CheckpointError):  # or it reads: anything else fails the test
+        read_gguf(folder / "bad.gguf")
