@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from specformer.generated.llama import LlamaConfig, LlamaForCausalLM
 from specformer.runtime import CheckpointError
@@ -298,3 +300,32 @@ def test_counts_a_config_cannot_mean_are_refused_before_building(values: dict, m
     if "num_hidden_layers" in values:  # an alias of the counting field is bounded too
         with pytest.raises(ConfigError, match="`n_layers`"):
             DistilBertConfig(num_hidden_layers=values["num_hidden_layers"])
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=4),
+    cut=st.one_of(st.none(), st.integers(0, 10_000)),
+)
+def test_corrupted_safetensors_raise_only_checkpoint_errors(
+    tmp_path_factory: pytest.TempPathFactory, flips: list[tuple[int, int]], cut: int | None
+) -> None:
+    import contextlib
+
+    from safetensors.torch import save_file
+
+    from specformer.runtime.checkpoint import checkpoint_files, iter_tensors
+
+    folder = tmp_path_factory.mktemp("fuzz")
+    save_file(
+        {"a": torch.randn(4, 4), "b": torch.arange(10)}, str(folder / WEIGHTS_NAME), metadata={"format": "pt"}
+    )
+    data = bytearray((folder / WEIGHTS_NAME).read_bytes())
+    for at, byte in flips:
+        data[at % len(data)] = byte
+    if cut is not None:
+        data = data[: cut % len(data)]
+    (folder / WEIGHTS_NAME).write_bytes(bytes(data))
+    with contextlib.suppress(CheckpointError):  # or it reads: anything else fails the test
+        for _, tensor in iter_tensors(checkpoint_files(folder)):
+            tensor.sum()
