@@ -48,6 +48,7 @@ class Primitive:
     constructor: str  # the class built, as the generated code names it
     module: str | None  # the specformer.runtime module it comes from; None: torch.nn (`nn.X`)
     positional: int  # leading arguments passed positionally; the rest by name, when not the default
+    sizes: tuple[str, ...] = ()  # parameters that are sizes: positive for the default config
 
 
 PRIMITIVES: dict[str, Primitive] = {
@@ -72,18 +73,21 @@ PRIMITIVES: dict[str, Primitive] = {
             "Embedding",
             "layers",
             2,
+            ("num_embeddings", "embedding_dim"),
         ),
         Primitive(
             _sig("RMSNorm", "x / rms(x) * w, or * (1 + w)", "dim", ("eps", 1e-6), ("unit_offset", False)),
             "RMSNorm",
             "layers",
             1,
+            ("dim",),
         ),
         Primitive(
             _sig("LayerNorm", "(x - mean) / std * w + b", "dim", ("eps", 1e-5), ("bias", True)),
             "nn.LayerNorm",
             None,
             1,
+            ("dim",),
         ),
         Primitive(
             _sig("Rotary", "rotary position tables for a backbone", "dim", "rope", "max_position_embeddings"),

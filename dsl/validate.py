@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import ChainMap
 
 from . import ir
 from .analysis import Facts, analyze
@@ -24,6 +25,9 @@ from .library import (
     Signature,
     runtime_names,
 )
+
+# Values every config has, for checks against the default config.
+BASE_CONFIG_DEFAULTS = {"num_labels": 2}
 
 # Names a spec's forwards and classes may not take: the generated code's own.
 _SHADOWED = FORWARD_NAMES | runtime_names().keys()
@@ -46,6 +50,11 @@ class Validator:
         self.layer_lets = facts.layer_lets  # `let` fields that read `layer_idx`: only usable per layer
         backbone = model.backbone
         self.options = {o.name: o for o in backbone.options} if backbone is not None else {}
+        self._option_defaults = {
+            o.name: o.default.value
+            for o in self.options.values()
+            if isinstance(o.default, ir.Number | ir.Const)
+        }
 
     def error(self, message: str, pos: ir.Pos | None) -> SpecError:
         return SpecError(message, pos)
@@ -172,11 +181,13 @@ class Validator:
             if primitive is None:
                 hint = did_you_mean(sub.target, [*PRIMITIVES, *self.blocks])
                 raise self.error(f"unknown primitive `{sub.target}`{hint}", sub.pos)
-            bind(primitive.signature, sub.args, sub.kwargs, sub.pos)
+            bound = bind(primitive.signature, sub.args, sub.kwargs, sub.pos)
             for arg in (*sub.args, *(v for _, v in sub.kwargs)):
                 self.check_config_expr(
                     arg, layer_scope, f"the arguments of `{sub.name}`", options=in_backbone
                 )
+            for size in primitive.sizes:
+                self._check_size(sub, size, bound[size])
             if sub.target == "Rotary" and block.role != "backbone":
                 raise self.error("Rotary belongs in the backbone, which computes positions once", sub.pos)
             return
@@ -194,6 +205,22 @@ class Validator:
                     f"repeat count is {count!r} for the default config; expected an int in 0..{MAX_REPEAT}",
                     sub.count.pos,
                 )
+
+    def _check_size(self, sub: ir.Submodule, name: str, expr: object) -> None:
+        """A size the default config makes zero or negative would fail only when the model is built."""
+        if not isinstance(expr, ir.Node):
+            return
+        env = ChainMap({"layer_idx": 0, **BASE_CONFIG_DEFAULTS}, self._option_defaults, self.defaults)
+        env = ChainMap({a.alias: self.defaults.get(a.target) for a in self.aliases.values()}, env)
+        try:
+            value = evaluate(expr, env)  # type: ignore[arg-type]
+        except (SpecError, KeyError):
+            return  # not computable from the defaults alone: nothing to say here
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise self.error(
+                f"`{name}` of `{sub.name}` is {value} for the default config; a size must be positive",
+                expr.pos,  # type: ignore[attr-defined]
+            )
 
     def _check_parallel(self, block: ir.Block) -> None:
         seen: set[str] = set()

@@ -291,3 +291,12 @@ def test_spec_files_are_read_only_when_regular_small_and_utf8(tmp_path: Path) ->
     for path, message in cases.items():
         with pytest.raises(SpecError, match=message):
             SpecSet().add_file(path, path.name)
+
+
+def test_a_size_the_default_config_makes_negative_is_refused() -> None:
+    text = MINIMAL.replace(
+        "embed_tokens = Embedding(vocab_size, hidden_size)",
+        "embed_tokens = Embedding(vocab_size, hidden_size - 9)",
+    )
+    with pytest.raises(SpecError, match=r"`embedding_dim` of `embed_tokens` is -1 for the default config"):
+        resolve(text)
