@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import re
 from collections import ChainMap
+from collections.abc import Mapping
 
 from . import ir
 from .analysis import Facts, analyze
@@ -50,11 +51,11 @@ class Validator:
         self.layer_lets = facts.layer_lets  # `let` fields that read `layer_idx`: only usable per layer
         backbone = model.backbone
         self.options = {o.name: o for o in backbone.options} if backbone is not None else {}
-        self._option_defaults = {
-            o.name: o.default.value
-            for o in self.options.values()
-            if isinstance(o.default, ir.Number | ir.Const)
-        }
+        literal = (ir.Number, ir.Const)
+        options = {o.name: o.default.value for o in self.options.values() if isinstance(o.default, literal)}
+        aliases = {a.alias: self.defaults.get(a.target) for a in self.aliases.values()}
+        # what size arguments are evaluated against: the default config, options and aliases included
+        self._size_env = ChainMap(aliases, {"layer_idx": 0, **BASE_CONFIG_DEFAULTS}, options, self.defaults)
 
     def error(self, message: str, pos: ir.Pos | None) -> SpecError:
         return SpecError(message, pos)
@@ -119,7 +120,7 @@ class Validator:
         assert backbone is not None  # the analysis found exactly one
         self._check_options(backbone)
         for block in self.model.blocks:
-            self._check_class_name(block)
+            _check_class_name(self.model.name, block)
             if block.role == "head" and block.backbone_args:
                 self._check_backbone_args(block.backbone_args, block.pos)
             for sub in block.submodules:
@@ -130,15 +131,6 @@ class Validator:
             if block.role == "head" and block.task not in TASKS:
                 hint = did_you_mean(block.task or "", TASKS)
                 raise self.error(f"unknown task `{block.task}` for head `{block.name}`{hint}", block.pos)
-
-    def _check_class_name(self, block: ir.Block) -> None:
-        """Blocks become classes `<Model><Block>`: none may be the config class, the model's base class or
-        a name the generated module imports."""
-        class_name = f"{self.model.name}{block.name}"
-        if block.name in ("Config", "PreTrainedModel") or class_name in _SHADOWED:
-            raise self.error(
-                f"block `{block.name}` would generate a class `{class_name}` that already exists", block.pos
-            )
 
     def _check_options(self, backbone: ir.Block) -> None:
         for option in backbone.options:
@@ -187,7 +179,7 @@ class Validator:
                     arg, layer_scope, f"the arguments of `{sub.name}`", options=in_backbone
                 )
             for size in primitive.sizes:
-                self._check_size(sub, size, bound[size])
+                _check_size(sub, size, bound[size], self._size_env)
             if sub.target == "Rotary" and block.role != "backbone":
                 raise self.error("Rotary belongs in the backbone, which computes positions once", sub.pos)
             return
@@ -205,22 +197,6 @@ class Validator:
                     f"repeat count is {count!r} for the default config; expected an int in 0..{MAX_REPEAT}",
                     sub.count.pos,
                 )
-
-    def _check_size(self, sub: ir.Submodule, name: str, expr: object) -> None:
-        """A size the default config makes zero or negative would fail only when the model is built."""
-        if not isinstance(expr, ir.Node):
-            return
-        env = ChainMap({"layer_idx": 0, **BASE_CONFIG_DEFAULTS}, self._option_defaults, self.defaults)
-        env = ChainMap({a.alias: self.defaults.get(a.target) for a in self.aliases.values()}, env)
-        try:
-            value = evaluate(expr, env)  # type: ignore[arg-type]
-        except (SpecError, KeyError):
-            return  # not computable from the defaults alone: nothing to say here
-        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
-            raise self.error(
-                f"`{name}` of `{sub.name}` is {value} for the default config; a size must be positive",
-                expr.pos,  # type: ignore[attr-defined]
-            )
 
     def _check_parallel(self, block: ir.Block) -> None:
         seen: set[str] = set()
@@ -359,6 +335,31 @@ class Validator:
         self.check_config()
         self.check_blocks()
         self.check_forwards()
+
+
+def _check_class_name(model: str, block: ir.Block) -> None:
+    """Blocks become classes `<Model><Block>`: none may be the config class, the model's base class or
+    a name the generated module imports."""
+    class_name = f"{model}{block.name}"
+    if block.name in ("Config", "PreTrainedModel") or class_name in _SHADOWED:
+        raise SpecError(
+            f"block `{block.name}` would generate a class `{class_name}` that already exists", block.pos
+        )
+
+
+def _check_size(sub: ir.Submodule, name: str, expr: object, env: Mapping[str, object]) -> None:
+    """A size the default config makes zero or negative would fail only when the model is built."""
+    if not isinstance(expr, ir.Node):
+        return
+    try:
+        value = evaluate(expr, env)  # type: ignore[arg-type]
+    except (SpecError, KeyError):
+        return  # not computable from the defaults alone: nothing to say here
+    if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+        raise SpecError(
+            f"`{name}` of `{sub.name}` is {value} for the default config; a size must be positive",
+            expr.pos,  # type: ignore[attr-defined]
+        )
 
 
 def bind(signature: Signature, args: tuple, kwargs: tuple, pos: ir.Pos) -> dict[str, ir.Expr | object]:
