@@ -88,7 +88,7 @@ def _free_names(source: str) -> set[str]:
     return free - defined
 
 
-def _isort(names: set[str]) -> list[str]:
+def isort_order(names: set[str]) -> list[str]:
     """isort's order inside one `from` import: CONSTANTS, then Classes, then functions."""
     return sorted(names, key=lambda n: (0 if n.isupper() else 1 if n[0].isupper() else 2, n))
 
@@ -113,7 +113,7 @@ def import_block(source: str) -> list[str]:
         [
             line
             for module in sorted(runtime)
-            for line in import_lines(f"specformer.runtime.{module}", _isort(runtime[module]))
+            for line in import_lines(f"specformer.runtime.{module}", isort_order(runtime[module]))
         ]
     )
     lines: list[str] = []

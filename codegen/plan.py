@@ -20,7 +20,7 @@ from .code import Attribute, Class, Function, Line, ModulePlan, Nested, Param, S
 from .config_plan import literal_source, plan_config, python_type
 from .context import ModelContext, docstring
 from .decoder_match import match_decoder
-from .emit import _isort
+from .emit import isort_order
 from .heads import HeadPlanner, plain_projection, tp_plan
 
 
@@ -68,7 +68,7 @@ def plan(model: ir.ResolvedModel) -> ModulePlan:
         doc=doc,
         config=config,
         classes=classes,
-        exports=[config.name, *_isort({c.name for c in classes if c.base != "nn.Module"})],
+        exports=[config.name, *isort_order({c.name for c in classes if c.base != "nn.Module"})],
         registrations=registrations,
     )
 

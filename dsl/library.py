@@ -314,8 +314,9 @@ TYPES: tuple[str, ...] = tuple(n for n in FIELD_TYPES if n != "enum")
 # Inputs a backbone forward may name.
 BACKBONE_INPUTS: tuple[str, ...] = ("input_ids", "token_type_ids", "position_ids")
 
-# Attributes every config has from the runtime's base class, usable in expressions.
+# Attributes every config has from the runtime's base class, usable in expressions: type, and default.
 BASE_CONFIG_FIELDS: dict[str, str] = {"num_labels": "int"}
+BASE_CONFIG_DEFAULTS: dict[str, object] = {"num_labels": 2}
 
 # ---- names the generated code itself uses -----------------------------------------------------------
 # What the generated skeleton (not a library entry) imports from specformer.runtime: name -> module.

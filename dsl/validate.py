@@ -15,6 +15,7 @@ from .interpret import MAX_REPEAT, evaluate, is_count, type_ok
 from .library import (
     ACTIVATIONS,
     BACKBONE_INPUTS,
+    BASE_CONFIG_DEFAULTS,
     BASE_CONFIG_FIELDS,
     BUILTINS,
     CONFIG_ATTRIBUTES,
@@ -26,9 +27,6 @@ from .library import (
     Signature,
     runtime_names,
 )
-
-# Values every config has, for checks against the default config.
-BASE_CONFIG_DEFAULTS = {"num_labels": 2}
 
 # Names a spec's forwards and classes may not take: the generated code's own.
 _SHADOWED = FORWARD_NAMES | runtime_names().keys()
