@@ -14,7 +14,11 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     return f"; did you mean `{close[0]}`?" if close else ""
 
 
-class SpecError(Exception):
+class SpecformerError(Exception):
+    """The base of every error specformer raises for bad input: catch this one to catch them all."""
+
+
+class SpecError(SpecformerError):
     """A syntax or semantic error in a spec file."""
 
     def __init__(self, message: str, pos: Pos | None = None, source: str | None = None) -> None:

@@ -3,10 +3,9 @@
 Reading is lazy and memory-mapped: a tensor's bytes are read when the model first touches them, and the
 model's parameters are the mapped tensors themselves, so loading needs no second copy in RAM.
 
-Saving never leaves a half-written checkpoint in place of a good one: every file is written under a
-temporary name and renamed, and for sharded checkpoints the index is the commit point. New shards get
-names the old index does not use, the index is swapped atomically, and only then are old shards removed.
-A crash at any moment leaves either the old checkpoint or the new one, each complete.
+Saving never leaves a half-written checkpoint in place of a good one: every file is staged beside its
+target and the whole set is switched in by one journaled commit (`files.FolderSave`), so a crash at any
+moment leaves either the old checkpoint or the new one, each complete.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,16 +21,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .files import atomic_path, atomic_write_text, remove_stale_temporaries
+from .errors import CheckpointError
+from .files import FolderSave
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 LEGACY_NAME = "pytorch_model.bin"
 LEGACY_INDEX_NAME = "pytorch_model.bin.index.json"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, malformed, or does not fit the model."""
 
 
 def _read_index(index: Path) -> dict[str, str]:
@@ -158,7 +153,8 @@ def _shard_plan(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[di
     return shards
 
 
-def _existing_weight_files(directory: Path) -> set[str]:
+def existing_weight_files(directory: Path) -> set[str]:
+    """The weight files and indexes of the checkpoint in `directory`: what a new save replaces."""
     names: set[str] = set()
     for index_name in (WEIGHTS_INDEX_NAME, LEGACY_INDEX_NAME):
         index = directory / index_name
@@ -172,40 +168,33 @@ def _existing_weight_files(directory: Path) -> set[str]:
     return names
 
 
-def save_state_dict(
-    state: dict[str, torch.Tensor], directory: Path, max_shard_size: int | str = "5GB"
-) -> list[Path]:
-    """Write `state` as one file or as shards plus an index, replacing any checkpoint already there."""
-    directory.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(directory)
+def stage_state_dict(
+    save: FolderSave, state: dict[str, torch.Tensor], max_shard_size: int | str
+) -> list[str]:
+    """Stage `state` in `save` as one file, or as shards plus an index; the names of the weight files."""
     state = {k: v.detach().contiguous() for k, v in state.items()}
     shards = _shard_plan(state, parse_size(max_shard_size))
     metadata = {"format": "pt"}
-    previous = _existing_weight_files(directory)
     if len(shards) == 1:
-        with atomic_path(directory / WEIGHTS_NAME) as tmp:  # the commit point
-            save_file(shards[0], os.fspath(tmp), metadata=metadata)
-        written = [directory / WEIGHTS_NAME]
-        stale = previous - {WEIGHTS_NAME}
-    else:
-        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        if previous & set(names):  # never overwrite a shard the current index still points to
-            tag = secrets.token_hex(4)
-            names = [name.replace(".safetensors", f"-{tag}.safetensors") for name in names]
-        weight_map: dict[str, str] = {}
-        for name, shard in zip(names, shards, strict=True):
-            with atomic_path(directory / name) as tmp:
-                save_file(shard, os.fspath(tmp), metadata=metadata)
-            weight_map.update(dict.fromkeys(shard, name))
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        atomic_write_text(
-            directory / WEIGHTS_INDEX_NAME, json.dumps(index, indent=2) + "\n"
-        )  # the commit point
-        written = [directory / n for n in names]
-        stale = previous - set(names) - {WEIGHTS_INDEX_NAME}
-    # An old index is removed before the shards it names: until it goes the folder loads as the old
-    # checkpoint (the loader reads an index first), after it as the new one, never as a broken mix.
-    for name in sorted(stale, key=lambda n: (not n.endswith(".index.json"), n)):
-        (directory / name).unlink(missing_ok=True)
-    return written
+        save.write(WEIGHTS_NAME, lambda path: save_file(shards[0], os.fspath(path), metadata=metadata))
+        return [WEIGHTS_NAME]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map: dict[str, str] = {}
+    for name, shard in zip(names, shards, strict=True):
+        save.write(name, lambda path, shard=shard: save_file(shard, os.fspath(path), metadata=metadata))
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    save.write_text(WEIGHTS_INDEX_NAME, json.dumps(index, indent=2) + "\n")
+    return names
+
+
+def save_state_dict(
+    state: dict[str, torch.Tensor], directory: Path, max_shard_size: int | str = "5GB"
+) -> list[Path]:
+    """Write `state` as one file or as shards plus an index, replacing any checkpoint already there
+    in one switch (see `FolderSave`)."""
+    with FolderSave(directory) as save:
+        names = stage_state_dict(save, state, max_shard_size)
+        save.commit(remove=existing_weight_files(directory))
+    return [directory / name for name in names]

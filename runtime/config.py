@@ -12,16 +12,13 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar
 
+from .errors import ConfigError
 from .files import atomic_write_text, read_json_object
 
 CONFIG_NAME = "config.json"
 
 # Keys every config understands, whatever its architecture.
 _BASE_DEFAULTS: dict[str, Any] = {"architectures": None, "problem_type": None}
-
-
-class ConfigError(ValueError):
-    """A config.json or a constructor argument with the wrong type or value."""
 
 
 # Bounds checked before any module is built, so a hostile config.json fails at once instead of taking

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from .checkpoint import CheckpointError
+from .files import finish_interrupted_save
 
 MODEL_FILES = [
     "config.json",
@@ -41,6 +42,7 @@ def resolve(
     """A local folder holding the checkpoint's files."""
     local = Path(path_or_id).expanduser()
     if local.is_dir():
+        finish_interrupted_save(local)  # a save killed after its commit point is completed, not half-read
         return local
     name = str(path_or_id)
     if local.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:

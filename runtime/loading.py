@@ -19,9 +19,16 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, checkpoint_files, count_tensors, iter_tensors, save_state_dict
-from .config import ConfigError
-from .files import atomic_write_text
+from .checkpoint import (
+    CheckpointError,
+    checkpoint_files,
+    count_tensors,
+    existing_weight_files,
+    iter_tensors,
+    stage_state_dict,
+)
+from .config import CONFIG_NAME, ConfigError
+from .files import FolderSave
 from .generation.config import GENERATION_CONFIG_NAME
 from .gguf import GGUFFile, read_gguf
 from .hub import resolve
@@ -258,22 +265,27 @@ def _materialize(
 
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> Path:
-    """Write config.json, safetensors weights (sharded past `max_shard_size`) and generation_config.json."""
+    """Write config.json, safetensors weights (sharded past `max_shard_size`), generation_config.json and,
+    for a spec-built model, its specs; all switched in together over whatever checkpoint was there."""
+    from .spec_models import SPEC_FILE, spec_files
+
     directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
     tied = set(model.active_ties())
     state = {k: v for k, v in model.state_dict().items() if k not in tied}
-    save_state_dict(state, directory, max_shard_size)
     model.config.architectures = [type(model).__name__]
     model.config.dtype = str(model.dtype).removeprefix("torch.")
-    model.config.save_pretrained(directory)
-    if getattr(type(model), "spec_sources", None):  # built from a spec: the checkpoint carries it
-        from .spec_models import write_specs
-
-        write_specs(type(model), directory)
-    generation = model.generation_defaults()
-    if generation:
-        atomic_write_text(directory / GENERATION_CONFIG_NAME, json.dumps(generation, indent=2) + "\n")
+    specs = spec_files(type(model))
+    with FolderSave(directory) as save:
+        stage_state_dict(save, state, max_shard_size)
+        save.write_text(CONFIG_NAME, model.config.to_json_string())
+        for name, text in specs.items():
+            save.write_text(name, text)
+        generation = model.generation_defaults()
+        if generation:
+            save.write_text(GENERATION_CONFIG_NAME, json.dumps(generation, indent=2) + "\n")
+        # an old spec would rebuild the old architecture around the new weights
+        stale = existing_weight_files(directory) | ({SPEC_FILE} if SPEC_FILE not in specs else set())
+        save.commit(remove=stale)
     return directory
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from .errors import UnsafeSourceError
 from .meta import MAX_PARAMETERS, meta_init
 
 SPEC_FILE = "model.sf"
@@ -126,10 +127,6 @@ def _dotted(node: ast.Attribute) -> str | None:
         parts.append(value.attr)
         value = value.value
     return ".".join([value.id, *reversed(parts)]) if isinstance(value, ast.Name) else None
-
-
-class UnsafeSourceError(RuntimeError):
-    """Generated source contained something the generator never emits: refused before execution."""
 
 
 def check_generated_source(source: str, filename: str) -> ast.Module:
@@ -255,15 +252,12 @@ def spec_sources_in(directory: Path) -> dict[str, str] | None:
     return {p.name: read_spec(p) for p in sorted(directory.glob("*.sf"))}
 
 
-def write_specs(model_class: type, directory: Path) -> None:
-    """Write a spec-built model's specs beside its config: the main one as model.sf."""
-    from .files import atomic_write_text
-
-    sources: dict[str, str] = getattr(model_class, "spec_sources", {})
+def spec_files(model_class: type) -> dict[str, str]:
+    """The files a spec-built model's checkpoint carries (file name -> text): the main spec as model.sf,
+    the specs it extends under their own names. Empty for a model not built from a spec."""
+    sources: dict[str, str] = getattr(model_class, "spec_sources", None) or {}
     main = getattr(model_class, "spec_main_file", None)
-    for file, text in sources.items():
-        target = SPEC_FILE if file == main else Path(file).name
-        atomic_write_text(directory / target, text)
+    return {SPEC_FILE if file == main else Path(file).name: text for file, text in sources.items()}
 
 
 def check_size(model_class: type, config: Any) -> int:

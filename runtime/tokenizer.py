@@ -12,18 +12,11 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as FastTokenizer
 
+from .errors import TemplateError, TokenizerError
 from .files import read_json_object
 
 # GGUF token types (llama.cpp): 3 = control, 4 = user defined; both are matched before BPE.
 _SPECIAL_TOKEN_TYPES = (3, 4)
-
-
-class TokenizerError(ValueError):
-    """A tokenizer file that cannot be used: names the file, the key and what was expected."""
-
-
-class TemplateError(ValueError):
-    """A chat template that failed to render (raised by the template itself or by Jinja)."""
 
 
 class Tokenizer:

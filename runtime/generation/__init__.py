@@ -17,6 +17,7 @@ from ..cache import (
     SlidingWindowCache,
     StaticCache,
 )
+from ..errors import GenerationError
 from ..fused_decode import FusedDecoder, fused_decoder
 from .config import GENERATION_CONFIG_NAME, GenerationConfig
 from .processors import build_processors
@@ -58,15 +59,15 @@ def compiled_step(
     """What runs the one-token steps for `compile=how`: True takes the fused CPU decode step where the
     model's decoder has one and it applies, else `torch.compile`; "inductor" always `torch.compile`."""
     if how not in (True, "inductor"):
-        raise ValueError(f"compile={how!r}: expected True, False or 'inductor'")
+        raise GenerationError(f"compile={how!r}: expected True, False or 'inductor'")
     if not isinstance(cache, StaticCache):
-        raise ValueError("compile=True needs fixed shapes: use cache_implementation='static'")
+        raise GenerationError("compile=True needs fixed shapes: use cache_implementation='static'")
     fused = fused_decoder(model, input_ids.shape[0]) if how is True else None
     if fused is not None:
         return fused
     if getattr(model, "attn_implementation", None) == "flex_attention" and input_ids.device.type == "cpu":
         # measured with torch 2.13: inductor fails with "NoValidChoicesError" while compiling it
-        raise ValueError(
+        raise GenerationError(
             "compile=True with attn_implementation='flex_attention' does not compile on the CPU (torch's "
             "inductor has no CPU kernel for it); load the model with attn_implementation='sdpa' to decode "
             "compiled: the same attention"
@@ -90,7 +91,7 @@ def make_cache(model: torch.nn.Module, config: GenerationConfig, max_length: int
         window = options.get("window", getattr(model.config, "sliding_window", None))
         layer_types = getattr(model.config, "layer_types", None)
         if window is None or (layer_types and set(layer_types) != {"sliding_attention"}):
-            raise ValueError(
+            raise GenerationError(
                 "the sliding-window cache drops what every layer's window has passed; this model has no "
                 "window on every layer (use cache_implementation='sink' to bound memory anyway)"
             )
@@ -101,7 +102,7 @@ def make_cache(model: torch.nn.Module, config: GenerationConfig, max_length: int
         return QuantizedCache(options.get("nbits", 4), options.get("residual_length", 128))
     if name == "offloaded":
         return OffloadedCache()
-    raise ValueError(f"cache_implementation `{name}`: expected one of {', '.join(sorted(CACHES))}")
+    raise GenerationError(f"cache_implementation `{name}`: expected one of {', '.join(sorted(CACHES))}")
 
 
 @torch.inference_mode()
@@ -135,7 +136,9 @@ def generate(
     else `torch.compile` (fixed shapes, traced once, replayed for every token); `compile="inductor"`
     always takes `torch.compile`."""
     if input_ids.dim() != 2:
-        raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}; expected (batch, prompt_length)")
+        raise GenerationError(
+            f"input_ids has shape {tuple(input_ids.shape)}; expected (batch, prompt_length)"
+        )
     base = generation_config or GenerationConfig.from_model_config(getattr(model, "config", None))
     config = base.update(**settings)
     config.validate()
@@ -153,7 +156,7 @@ def generate(
         prompt_len + config.max_new_tokens if config.max_new_tokens is not None else config.max_length
     )
     if max_length <= prompt_len:
-        raise ValueError(
+        raise GenerationError(
             f"the prompt has {prompt_len} tokens and max_length is {max_length}: nothing to generate; "
             "set max_new_tokens"
         )
@@ -163,7 +166,7 @@ def generate(
     processors = build_processors(config, prompt_len, prompt_start)
     if assistant_model is not None or prompt_lookup_num_tokens:
         if config.num_beams > 1 or streamer is not None or past_key_values is not None or compile:
-            raise ValueError(
+            raise GenerationError(
                 "speculative decoding supports greedy and sampling with its own dynamic caches, "
                 "without streaming or compile"
             )
@@ -176,9 +179,9 @@ def generate(
         output = speculative_decode(model, input_ids, config, processors, stop, propose, generator)
     elif config.num_beams > 1:
         if config.cache_implementation not in (None, "dynamic"):
-            raise ValueError("beam search reorders its cache every step; use the dynamic cache")
+            raise GenerationError("beam search reorders its cache every step; use the dynamic cache")
         if streamer is not None:
-            raise ValueError("streaming shows one sequence as it grows; beam search has several")
+            raise GenerationError("streaming shows one sequence as it grows; beam search has several")
         rows_ids = input_ids.repeat_interleave(config.num_beams, dim=0)
         rows_mask = mask.repeat_interleave(config.num_beams, dim=0)
         if prompt_start is not None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import GenerationError
 from ..files import atomic_write_text, read_json_object
 
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -85,22 +86,24 @@ class GenerationConfig:
     def validate(self) -> None:
         """Contradictions are errors; settings that will be ignored are warnings, as in Hugging Face."""
         if self.num_beams < 1:
-            raise ValueError(f"num_beams is {self.num_beams}; expected at least 1")
+            raise GenerationError(f"num_beams is {self.num_beams}; expected at least 1")
         if self.max_new_tokens is not None and self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens is {self.max_new_tokens}; expected a count >= 0")
+            raise GenerationError(f"max_new_tokens is {self.max_new_tokens}; expected a count >= 0")
         if not self.do_sample and self.num_return_sequences > self.num_beams:
-            raise ValueError(
+            raise GenerationError(
                 f"num_return_sequences ({self.num_return_sequences}) has to be smaller or equal to num_beams "
                 f"({self.num_beams}) without sampling"
             )
         if self.temperature <= 0 and self.do_sample:
-            raise ValueError(f"temperature is {self.temperature}; sampling needs a temperature > 0")
+            raise GenerationError(f"temperature is {self.temperature}; sampling needs a temperature > 0")
         if not 0.0 <= self.top_p <= 1.0 or not 0.0 < self.typical_p <= 1.0:
-            raise ValueError("top_p must lie in [0, 1] and typical_p in (0, 1]")
+            raise GenerationError("top_p must lie in [0, 1] and typical_p in (0, 1]")
         if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty is {self.repetition_penalty}; expected a value > 0")
+            raise GenerationError(f"repetition_penalty is {self.repetition_penalty}; expected a value > 0")
         if self.early_stopping not in (True, False, "never"):
-            raise ValueError(f"early_stopping is {self.early_stopping!r}; expected True, False or 'never'")
+            raise GenerationError(
+                f"early_stopping is {self.early_stopping!r}; expected True, False or 'never'"
+            )
         if not self.do_sample:
             ignored = [
                 name

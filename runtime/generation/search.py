@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cache import Cache, DynamicCache, StaticCache
+from ..errors import GenerationError
 from .config import GenerationConfig
 from .processors import Processor, apply_all
 
@@ -48,7 +49,7 @@ class Stop:
         strings = config.stop_strings
         self.strings = [strings] if isinstance(strings, str) else list(strings or [])
         if self.strings and tokenizer is None:
-            raise ValueError("stop_strings need the tokenizer: generate(..., tokenizer=tokenizer)")
+            raise GenerationError("stop_strings need the tokenizer: generate(..., tokenizer=tokenizer)")
         self.tokenizer = tokenizer
 
     def __call__(self, sequences: torch.Tensor) -> torch.Tensor:

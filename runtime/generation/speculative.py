@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 
 from ..cache import DynamicCache
+from ..errors import GenerationError
 from .config import GenerationConfig
 from .processors import Processor, apply_all
 from .search import GenerateOutput, Stop
@@ -79,7 +80,7 @@ def speculative_decode(
     generator: torch.Generator | None,
 ) -> GenerateOutput:
     if input_ids.shape[0] != 1:
-        raise ValueError("speculative decoding runs one sequence at a time (batch size 1)")
+        raise GenerationError("speculative decoding runs one sequence at a time (batch size 1)")
     cache = DynamicCache()
     sequence = input_ids
     fed = 0  # how many tokens of `sequence` the model's cache holds

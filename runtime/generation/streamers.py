@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from ..errors import GenerationError
+
 
 class TextStreamer:
     """Prints text as words complete (at spaces and newlines; at once for CJK characters)."""
@@ -23,7 +25,7 @@ class TextStreamer:
 
     def put(self, value: torch.Tensor) -> None:
         if value.dim() > 1 and value.shape[0] > 1:
-            raise ValueError("streaming supports a single sequence (batch size 1)")
+            raise GenerationError("streaming supports a single sequence (batch size 1)")
         if self.skip_prompt and self.prompt_pending:
             self.prompt_pending = False
             return

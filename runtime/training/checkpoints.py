@@ -59,6 +59,10 @@ def checkpoints(root: Path) -> list[Path]:
     """The `checkpoint-N` directories under `root`, oldest step first."""
     if not root.exists():
         return []
+    for aside in root.glob(f".{CHECKPOINT_PREFIX}-*.old"):
+        final = root / aside.name[1 : -len(".old")]
+        if _CHECKPOINT_RE.match(final.name) and not final.exists():
+            os.replace(aside, final)  # killed between moving it aside and renaming the new one in
     found = [
         (int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CHECKPOINT_RE.match(p.name))
     ]
