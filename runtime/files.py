@@ -114,9 +114,9 @@ class FolderSave:
         _fsync_directory(self.directory)
         journal = {"rename": self._staged, "remove": sorted(set(remove) - set(self._staged))}
         atomic_write_text(self.directory / SAVE_JOURNAL, json.dumps(journal, indent=1) + "\n")
+        self._staged = {}  # committed: from here an error leaves the journal for the next load to finish
         _fsync_directory(self.directory)
         _apply(self.directory, journal)
-        self._staged = {}
 
 
 def _apply(directory: Path, journal: dict[str, Any]) -> None:
