@@ -59,6 +59,7 @@ PRIMITIVES: dict[str, Primitive] = {
             "Linear",
             "layers",
             2,
+            ("in_features", "out_features"),
         ),
         Primitive(
             _sig(
@@ -94,6 +95,7 @@ PRIMITIVES: dict[str, Primitive] = {
             "RotaryEmbedding",
             "rope",
             3,
+            ("dim", "max_position_embeddings"),
         ),
         Primitive(
             _sig("Dropout", "zero activations with probability p while training", "p"), "nn.Dropout", None, 1

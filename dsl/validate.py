@@ -346,16 +346,19 @@ def _check_class_name(model: str, block: ir.Block) -> None:
 
 
 def _check_size(sub: ir.Submodule, name: str, expr: object, env: Mapping[str, object]) -> None:
-    """A size the default config makes zero or negative would fail only when the model is built."""
+    """A size the default config makes zero, negative or not an int would fail only when the model is
+    built."""
     if not isinstance(expr, ir.Node):
         return
     try:
+        if sub.condition is not None and not evaluate(sub.condition, env):
+            return  # not built for the default config
         value = evaluate(expr, env)  # type: ignore[arg-type]
     except (SpecError, KeyError):
         return  # not computable from the defaults alone: nothing to say here
-    if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise SpecError(
-            f"`{name}` of `{sub.name}` is {value} for the default config; a size must be positive",
+            f"`{name}` of `{sub.name}` is {value!r} for the default config; a size must be a positive int",
             expr.pos,  # type: ignore[attr-defined]
         )
 

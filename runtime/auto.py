@@ -144,7 +144,7 @@ class _AutoModel:
         model_cls = model_class_from(package, cls.task)
         if not isinstance(config, PretrainedConfig):
             config = model_cls.config_class(**(config or {}))
-        check_size(model_cls, config)
+        check_size(model_cls, config, path)
         return model_cls(config)
 
 

@@ -27,36 +27,17 @@ from .checkpoint import (
     iter_tensors,
     stage_state_dict,
 )
-from .config import CONFIG_NAME, ConfigError
+from .config import CONFIG_NAME
 from .files import FolderSave
 from .generation.config import GENERATION_CONFIG_NAME
 from .gguf import GGUFFile, read_gguf
 from .hub import resolve
-from .meta import MAX_PARAMETERS, meta_init
+from .meta import build_on_meta
 from .placement import DeviceMap, attach_device_hooks, device_for, resolve_device_map
 from .quantization import WeightOnlyConfig, prepare_quantized, prepare_weight_only, quantize, quantized_layers
 
 M = TypeVar("M", bound=nn.Module)
 logger = logging.getLogger("specformer.runtime.modeling")
-
-
-def _build(cls: type[M], config: Any, source: object) -> M:
-    """`cls(config)` on the meta device (nothing allocated); a config whose values cannot make the model
-    (zero heads, sizes that do not divide) is a ConfigError naming the checkpoint, not a crash inside it."""
-    try:
-        with meta_init():
-            model = cls(config)
-    except (ArithmeticError, ValueError, TypeError, RuntimeError, AssertionError, IndexError) as err:
-        raise ConfigError(
-            f"{source}: its config cannot build {cls.__name__} ({type(err).__name__}: {err}); check its values"
-        ) from err
-    count = model.num_parameters()  # on meta: nothing is allocated until the checkpoint is assigned
-    if count > MAX_PARAMETERS:
-        raise ConfigError(
-            f"{source}: {cls.__name__} with this config has {count:,} parameters, over the limit of "
-            f"{MAX_PARAMETERS:,}; check the config (or raise SPECFORMER_MAX_PARAMETERS)"
-        )
-    return model
 
 
 def _dtype(value: str | torch.dtype) -> torch.dtype:
@@ -107,7 +88,7 @@ def from_pretrained(
     target_dtype = _dtype(config.dtype) if dtype == "auto" and config.dtype else None
     if dtype not in (None, "auto"):
         target_dtype = _dtype(dtype)  # type: ignore[arg-type]
-    model = _build(cls, config, directory)
+    model = build_on_meta(cls, config, directory)
     files = checkpoint_files(directory)
     tensors = _with_progress(iter_tensors(files), files, progress)
     if tp_plan is not None:
@@ -149,7 +130,7 @@ def from_gguf(
     """
     checkpoint = source if isinstance(source, GGUFFile) else read_gguf(source, keep_quantized=not dequantize)
     config = cls.config_class.from_dict(checkpoint.config)
-    model = _build(cls, config, checkpoint.source)
+    model = build_on_meta(cls, config, checkpoint.source)
     target = _dtype(dtype) if dtype is not None else None
     layers = quantized_layers(checkpoint.tensors)
     if layers:

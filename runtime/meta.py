@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from torch import nn
 from torch.overrides import TorchFunctionMode
+
+from .errors import ConfigError
+
+M = TypeVar("M", bound=nn.Module)
 
 # The largest model built from an untrusted config or spec, counted on meta before anything is allocated.
 MAX_PARAMETERS = int(os.environ.get("SPECFORMER_MAX_PARAMETERS", str(200 * 10**9)))
@@ -63,3 +68,23 @@ class meta_init(TorchFunctionMode):  # lower case: used like a function, `with m
             if getattr(target, "is_meta", False):
                 return target
         return func(*args, **kwargs)
+
+
+def build_on_meta(cls: type[M], config: Any, source: object) -> M:
+    """`cls(config)` on the meta device (nothing allocated). A config whose values cannot make the model
+    (zero heads, sizes that do not divide) or that makes one over MAX_PARAMETERS is a ConfigError naming
+    `source` (the checkpoint, spec or argument it came from), not a crash inside the model."""
+    try:
+        with meta_init():
+            model = cls(config)
+    except (ArithmeticError, ValueError, TypeError, RuntimeError, AssertionError, IndexError) as err:
+        raise ConfigError(
+            f"{source}: its config cannot build {cls.__name__} ({type(err).__name__}: {err}); check its values"
+        ) from err
+    count = sum(p.numel() for p in model.parameters())
+    if count > MAX_PARAMETERS:
+        raise ConfigError(
+            f"{source}: {cls.__name__} with this config has {count:,} parameters, over the limit of "
+            f"{MAX_PARAMETERS:,}; check the config (or raise SPECFORMER_MAX_PARAMETERS)"
+        )
+    return model

@@ -23,7 +23,7 @@ from types import ModuleType
 from typing import Any
 
 from .errors import UnsafeSourceError
-from .meta import MAX_PARAMETERS, meta_init
+from .meta import build_on_meta
 
 SPEC_FILE = "model.sf"
 
@@ -260,20 +260,10 @@ def spec_files(model_class: type) -> dict[str, str]:
     return {SPEC_FILE if file == main else Path(file).name: text for file, text in sources.items()}
 
 
-def check_size(model_class: type, config: Any) -> int:
-    """Count the parameters `model_class(config)` would have, on the meta device; refuse (SpecError) a
-    model over MAX_PARAMETERS (set SPECFORMER_MAX_PARAMETERS to change it) before anything is allocated."""
-    with meta_init():
-        model = model_class(config)
-    count = model.num_parameters()
-    if count > MAX_PARAMETERS:
-        from specformer.dsl import SpecError
-
-        raise SpecError(
-            f"{model_class.__name__} with this config has {count:,} parameters, over the limit of "
-            f"{MAX_PARAMETERS:,}; check the config (or raise SPECFORMER_MAX_PARAMETERS)"
-        )
-    return count
+def check_size(model_class: type, config: Any, source: object = "the spec's config") -> int:
+    """Count the parameters `model_class(config)` would have, on the meta device; a config that cannot
+    build it, or builds one over MAX_PARAMETERS, is a ConfigError before anything is allocated."""
+    return build_on_meta(model_class, config, source).num_parameters()
 
 
 def model_class_from(package: ModuleType, task: str) -> type:

@@ -23,6 +23,20 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--slow",
+        action="store_true",
+        help="run the long fuzz campaigns (10,000 specs) instead of CI's sample",
+    )
+
+
+@pytest.fixture(scope="session")
+def fuzz_examples(request: pytest.FixtureRequest) -> int:
+    """How many examples a fuzz campaign draws: CI's sample, or 10,000 with `--slow`."""
+    return 10_000 if request.config.getoption("--slow") else int(os.environ.get("SPECFORMER_FUZZ", "150"))
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -15,6 +15,7 @@ from specformer.codegen import render_model
 from specformer.dsl import SpecError, SpecSet
 from specformer.generated.gemma import GemmaConfig, GemmaForCausalLM
 from specformer.runtime import AutoModelForCausalLM, auto
+from specformer.runtime.errors import ConfigError
 from specformer.runtime.spec_models import UnsafeSourceError, build_package, check_generated_source
 
 SPECS = Path(__file__).resolve().parents[1] / "specs"
@@ -60,7 +61,7 @@ def test_from_spec_without_a_checkpoint(tmp_path: Path) -> None:
                                                   "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16})  # fmt: skip
     assert type(model).__name__ == "TinyformerForCausalLM"
     assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 64)
-    with pytest.raises(SpecError, match=r"has [\d,]+ parameters, over the limit"):
+    with pytest.raises(ConfigError, match=r"tinyformer.sf: .* has [\d,]+ parameters, over the limit"):
         AutoModelForCausalLM.from_spec(
             spec, {"hidden_size": 65536, "intermediate_size": 1048576, "num_hidden_layers": 400}
         )
