@@ -94,6 +94,8 @@ def parse(text: str, file: str = "<spec>") -> tuple[ir.Model, ...]:
     except VisitError as err:
         if isinstance(err.orig_exc, SpecError):
             raise err.orig_exc.with_source({file: text}) from None
+        if isinstance(err.orig_exc, RecursionError):
+            raise SpecError(f"{file}: an expression is nested too deeply to parse") from None
         raise
     except SpecError as err:
         raise err.with_source({file: text}) from None

@@ -143,7 +143,7 @@ class _AutoModel:
         package = build_package({path.name: read_spec(path)}, name=name)
         model_cls = model_class_from(package, cls.task)
         if not isinstance(config, PretrainedConfig):
-            config = model_cls.config_class(**(config or {}))
+            config = model_cls.config_class.from_dict(config or {})  # bad values: a ConfigError
         check_size(model_cls, config, path)
         return model_cls(config)
 

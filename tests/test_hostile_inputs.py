@@ -1,0 +1,355 @@
+"""A battery of corrupt and hostile inputs, as an attacker or an unlucky user would hand them over:
+specs, config.json files, weights, shard indexes, save journals, GGUF files, tokenizers, chat templates
+and generation arguments. Every one must end in the library's own error (a `SpecformerError`) that names
+what was wrong; none may run code, crash with a raw exception, hang or take memory without bound.
+
+Each input runs in a forked child: the parent reads the outcome from a pipe and the child's peak memory
+from the kernel (`wait4`), so a blow-up cannot take the test run down with it. A watchdog kills a
+child that hangs (a detector for hangs, not a speed limit); `bench/hostile_inputs.py` prints the time
+and memory each input takes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import struct
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from specformer.dsl.errors import SpecformerError
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="each input runs in a forked child")
+
+HANG = 60  # seconds: a child still running then is hung
+MEMORY = 2**30  # bytes an input may add to the process's peak resident memory
+
+Action = Callable[[], object]
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    build: Callable[[Path, Path], Action]  # (a fresh folder, the shared valid artifacts) -> what to run
+    mentions: str | None = None  # a text the error message must contain (a key, a file name)
+
+
+CASES: list[Case] = []
+
+
+def case(name: str, mentions: str | None = None) -> Callable:
+    def register(build: Callable[[Path, Path], Action]) -> Callable[[Path, Path], Action]:
+        CASES.append(Case(name, build, mentions))
+        return build
+
+    return register
+
+
+# ---- shared valid artifacts, built once ------------------------------------------------------------
+TINY = {
+    "vocab_size": 96, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+    "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def valid(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from gguf_files import bpe_tokenizer, write_gguf
+
+    from specformer.generated.llama import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("valid")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY))
+    model.save_pretrained(root / "single")
+    model.save_pretrained(root / "sharded", max_shard_size="2KB")
+    tokenizer = bpe_tokenizer(TINY["vocab_size"])
+    (root / "tokenizer").mkdir()
+    tokenizer.save(str(root / "tokenizer" / "tokenizer.json"))
+    settings = {
+        "bos_token": "<|endoftext|>",
+        "eos_token": "<|im_end|>",
+        "chat_template": "{{ messages[0]['content'] }}",
+    }
+    (root / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(settings))
+    write_gguf(root / "model.gguf", "llama", TINY, model.state_dict(), "F32", tokenizer)
+    return root
+
+
+# ---- running one input -----------------------------------------------------------------------------
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_isolated(action: Action) -> tuple[dict, int]:
+    """Run `action` in a forked child: (its outcome, how many bytes it added to peak resident memory)."""
+    read, write = os.pipe()
+    before = _resident_bytes()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child never returns
+        os.close(read)
+        outcome: dict = {"error": None}
+        try:
+            signal.alarm(HANG)
+            action()
+        except BaseException as err:  # noqa: BLE001 - the outcome is reported, whatever it is
+            outcome = {
+                "error": type(err).__name__,
+                "library": isinstance(err, SpecformerError),
+                "message": str(err)[:2000],
+                "trace": traceback.format_exc()[-3000:],
+            }
+        with os.fdopen(write, "w") as pipe:
+            json.dump(outcome, pipe)
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        text = pipe.read()
+    _, status, usage = os.wait4(pid, 0)
+    if not text:
+        reason = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"status {status}"
+        return {"error": "died", "library": False, "message": reason, "trace": ""}, 0
+    return json.loads(text), max(usage.ru_maxrss * 1024 - before, 0)
+
+
+@pytest.mark.parametrize("item", CASES, ids=lambda c: c.name)
+def test_hostile_input_gets_a_library_error(item: Case, valid: Path, tmp_path: Path) -> None:
+    action = item.build(tmp_path, valid)
+    outcome, grown = run_isolated(action)
+    assert outcome["error"] is not None, f"{item.name}: accepted without an error"
+    assert outcome["library"], f"{item.name}: {outcome['error']}: {outcome['message']}\n{outcome['trace']}"
+    if item.mentions is not None:
+        assert item.mentions in outcome["message"], outcome["message"]
+    assert grown < MEMORY, f"{item.name}: grew peak memory by {grown / 2**20:.0f} MiB"
+
+
+def test_the_battery_is_large() -> None:
+    assert len(CASES) >= 150, len(CASES)
+    assert len({c.name for c in CASES}) == len(CASES)
+
+
+# ---- specs: opened with AutoModelForCausalLM.from_spec -----------------------------------------------
+def _from_spec(folder: Path, data: bytes | str, config: dict | None = None) -> Action:
+    from specformer.runtime.auto import AutoModelForCausalLM
+
+    path = folder / "hostile.sf"
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return lambda: AutoModelForCausalLM.from_spec(path, config if config is not None else dict(TINY))
+
+
+DELTA = 'model H extends Llama {{ model_type = "h"  {} }}'
+TINY_SPEC = """model T {{
+  config {{
+    vocab_size: int = 10
+    hidden_size: int = 8
+    {config}
+  }}
+  {blocks}
+  backbone Model as model {{
+    embed_tokens = Embedding(vocab_size, hidden_size)
+    {subs}
+    forward(input_ids) {{ {body} }}
+  }}
+  head ForCausalLM: causal_lm {{
+    lm_head = Linear(hidden_size, vocab_size, bias = false)
+    forward(h) {{ return lm_head(h) }}
+  }}
+}}
+"""
+
+
+def tiny_spec(
+    config: str = "", blocks: str = "", subs: str = "", body: str = "return embed_tokens(input_ids)"
+) -> str:
+    return TINY_SPEC.format(config=config, blocks=blocks, subs=subs, body=body)
+
+
+SPEC_TEXTS = {
+    # code, where a name or a string is expected
+    "string-breaks-out": DELTA.format('config { a: str = "x\\"); import os; (\\"" }'),
+    "newline-in-string": 'model H extends Llama { model_type = "a\nb" }',
+    "carriage-return-in-string": 'model H extends Llama { model_type = "a\rimport os" }',
+    "nul-in-string": 'model H extends Llama { model_type = "a\x00b" }',
+    "bidi-override-in-name": "model H\u202e extends Llama { }",
+    "zero-width-in-name": "model H\u200b extends Llama { }",
+    "fullwidth-letters": "ｍodel H extends Llama { }",
+    "dunder-field": DELTA.format("config { __class__: int = 1 }"),
+    "dunder-submodule": DELTA.format("MLP.__dict__ = Linear(1, 2)"),
+    "dunder-attribute": tiny_spec(body="return embed_tokens(input_ids).__class__"),
+    "python-keyword-local": tiny_spec(body="lambda = embed_tokens(input_ids) return lambda"),
+    "import-call": tiny_spec(body="return __import__(input_ids)"),
+    "eval-call": tiny_spec(body="return eval(input_ids)"),
+    "exec-local": tiny_spec(body="exec = embed_tokens(input_ids) return exec"),
+    "os-system": tiny_spec(body="return os.system(input_ids)"),
+    "getattr-call": tiny_spec(body="return getattr(input_ids, input_ids)"),
+    "open-call": tiny_spec(body="return open(input_ids)"),
+    "torch-load": tiny_spec(body="return torch.load(input_ids)"),
+    "config-default-import": tiny_spec(config="a: any = __import__"),
+    "config-default-attribute": tiny_spec(config="a: any = vocab_size.__class__"),
+    "config-default-lambda": tiny_spec(config="a: any = lambda: 1"),
+    # names that would shadow generated or runtime code
+    "field-named-kwargs": tiny_spec(config="kwargs: int = 1"),
+    "field-named-self": tiny_spec(config="self: int = 1"),
+    "field-named-config": tiny_spec(config="config: int = 1"),
+    "local-named-mask": tiny_spec(body="mask = embed_tokens(input_ids) return mask"),
+    "local-named-rope": tiny_spec(body="rope = embed_tokens(input_ids) return rope"),
+    "local-named-attend": tiny_spec(body="attend = embed_tokens(input_ids) return attend"),
+    "local-named-torch": tiny_spec(body="torch = embed_tokens(input_ids) return torch"),
+    "local-named-nn": tiny_spec(body="nn = embed_tokens(input_ids) return nn"),
+    "block-named-linear": tiny_spec(
+        blocks="block Linear { n = RMSNorm(hidden_size) forward(x) { return n(x) } }"
+    ),
+    "block-named-rmsnorm": tiny_spec(
+        blocks="block RMSNorm { n = Linear(hidden_size, hidden_size) forward(x) { return n(x) } }",
+        subs="a = RMSNorm\n    b = RMSNorm(hidden_size)",
+    ),
+    "block-named-like-config": tiny_spec(
+        blocks="block Config { n = RMSNorm(hidden_size) forward(x) { return n(x) } }"
+    ),
+    "submodule-named-forward": tiny_spec(subs="forward = Linear(hidden_size, hidden_size)"),
+    "submodule-named-training": tiny_spec(subs="training = Linear(hidden_size, hidden_size)"),
+    "submodule-named-config": tiny_spec(subs="config = Linear(hidden_size, hidden_size)"),
+    # sizes the model cannot have
+    "negative-size": tiny_spec(subs="p = Linear(hidden_size, -4)"),
+    "zero-size": tiny_spec(subs="p = Linear(hidden_size, 0)"),
+    "float-size": tiny_spec(subs="p = Linear(hidden_size, 2.5)"),
+    "string-size": tiny_spec(subs='p = Linear(hidden_size, "8")'),
+    "bool-size": tiny_spec(subs="p = Linear(hidden_size, true)"),
+    "none-size": tiny_spec(subs="p = Linear(hidden_size, none)"),
+    "size-from-missing-field": tiny_spec(subs="p = Linear(hidden_size, nowhere)"),
+    # expressions that would take the machine's time or memory
+    "tower-of-powers": tiny_spec(config="huge: any = 2 ** 2 ** 40"),
+    "big-product": tiny_spec(config="huge: any = (2 ** 4000) * (2 ** 4000)"),
+    "huge-list": tiny_spec(config="huge: any = [0] * 10 ** 9"),
+    "huge-string": tiny_spec(config='huge: any = "x" * 10 ** 9'),
+    "nested-comprehensions": tiny_spec(
+        config="huge: any = [[[i for i in range(1024)] for j in range(1024)] for k in range(1024)]"
+    ),
+    "huge-range": tiny_spec(config="huge: any = sum(range(10 ** 12))"),
+    "huge-repeat": tiny_spec(
+        blocks="block L { n = RMSNorm(hidden_size) forward(x) { return n(x) } }",
+        subs="layers = repeat(10 ** 9, L)",
+    ),
+    "nested-repeats": tiny_spec(
+        blocks="block L { n = RMSNorm(hidden_size) forward(x) { return n(x) } }\n"
+        "block M { l = repeat(1024, L) forward(x) { return l(x) } }",
+        subs="m = repeat(1024, M)",
+    ),
+    "deep-lists": tiny_spec(config="a: any = " + "[" * 100_000 + "1" + "]" * 100_000),
+    "deep-negations": tiny_spec(config="a: any = " + "not " * 100_000 + "true"),
+    "long-sum": tiny_spec(config="a: int = " + "+".join(["1"] * 30000)),
+    "deep-unary": tiny_spec(config="a: int = " + "-" * 20000 + "1"),
+    "long-conditional-chain": tiny_spec(config="a: int = " + " if true else ".join(["1"] * 5000)),
+    "deep-calls": tiny_spec(body="return " + "embed_tokens(" * 3000 + "input_ids" + ")" * 3000),
+    "many-fields": tiny_spec(config="\n".join(f"f{i}: int = {i}" for i in range(20000))),
+    "division-by-zero": tiny_spec(config="a: int = vocab_size // 0"),
+    "modulo-by-zero": tiny_spec(config="a: int = vocab_size % 0"),
+    "float-overflow": tiny_spec(config="a: float = 1e308 * 1e308"),
+    "type-mismatch": tiny_spec(config='a: int = "eight"'),
+    "cyclic-defaults": tiny_spec(config="a: int = b\n    b: int = a"),
+    # structure
+    "extends-cycle": 'model A extends B { model_type = "a" }\nmodel B extends A { model_type = "b" }',
+    "extends-itself": 'model A extends A { model_type = "a" }',
+    "deep-extends": "\n".join(
+        f'model M{i} extends {"Llama" if i == 0 else f"M{i - 1}"} {{ model_type = "m{i}" }}'
+        for i in range(60)
+    ),
+    "block-recursion": DELTA.format("MLP.again = MLP"),
+    "mutual-block-recursion": tiny_spec(
+        blocks="block A { b = B forward(x) { return b(x) } }\nblock B { a = A forward(x) { return a(x) } }",
+        subs="a = A",
+    ),
+    "replaces-installed-llama": 'model Llama { model_type = "llama" }',
+    "unknown-primitive": tiny_spec(subs="p = Conv9d(hidden_size)"),
+    "unknown-builtin": tiny_spec(body="return fft(embed_tokens(input_ids))"),
+    "unknown-activation": tiny_spec(config="act: activation = sparkle"),
+    "unknown-task": tiny_spec().replace("causal_lm", "world_domination"),
+    "no-model": "# nothing here\n",
+    "empty": "",
+    "only-whitespace": " \n\t\n",
+    "truncated": tiny_spec()[: len(tiny_spec()) // 2],
+    "unbalanced-braces": tiny_spec() + "}}}",
+    "return-nothing": tiny_spec(body="x = embed_tokens(input_ids)"),
+    "unused-submodule-call-arity": tiny_spec(body="return embed_tokens(input_ids, input_ids, input_ids)"),
+    "two-models-same-name": tiny_spec() + tiny_spec(),
+    "remove-unknown-field": DELTA.format("config { remove nowhere }"),
+    "parallel-unknown-style": DELTA.format("Attention.parallel q_proj: diagonal"),
+}
+for _name, _text in SPEC_TEXTS.items():
+    case(f"spec-{_name}")(lambda folder, valid, text=_text: _from_spec(folder, text))
+
+
+@case("spec-not-utf8", mentions="not UTF-8")
+def _(folder: Path, valid: Path) -> Action:
+    return _from_spec(folder, tiny_spec().replace("model T", "model T\xe9").encode("latin-1"))
+
+
+@case("spec-nul-bytes")
+def _(folder: Path, valid: Path) -> Action:
+    return _from_spec(folder, b"model T {\x00\x00}")
+
+
+@case("spec-huge-sparse-file", mentions="the limit is")
+def _(folder: Path, valid: Path) -> Action:
+    from specformer.runtime.auto import AutoModelForCausalLM
+
+    path = folder / "hostile.sf"
+    with open(path, "wb") as handle:
+        handle.truncate(2**40)
+    return lambda: AutoModelForCausalLM.from_spec(path)
+
+
+@case("spec-fifo", mentions="not a regular file")
+def _(folder: Path, valid: Path) -> Action:
+    from specformer.runtime.auto import AutoModelForCausalLM
+
+    os.mkfifo(folder / "hostile.sf")
+    return lambda: AutoModelForCausalLM.from_spec(folder / "hostile.sf")
+
+
+@case("spec-directory", mentions="not a regular file")
+def _(folder: Path, valid: Path) -> Action:
+    from specformer.runtime.auto import AutoModelForCausalLM
+
+    (folder / "hostile.sf").mkdir()
+    return lambda: AutoModelForCausalLM.from_spec(folder / "hostile.sf")
+
+
+@case("spec-device-file", mentions="not a regular file")
+def _(folder: Path, valid: Path) -> Action:
+    from specformer.runtime.auto import AutoModelForCausalLM
+
+    return lambda: AutoModelForCausalLM.from_spec("/dev/zero")
+
+
+@case("spec-missing")
+def _(folder: Path, valid: Path) -> Action:
+    from specformer.runtime.auto import AutoModelForCausalLM
+
+    return lambda: AutoModelForCausalLM.from_spec(folder / "nowhere.sf")
+
+
+@case("spec-config-override-zero-heads")
+def _(folder: Path, valid: Path) -> Action:
+    text = (Path(__file__).parents[1] / "specs" / "llama.sf").read_text().replace("model Llama", "model L2")
+    return _from_spec(folder, text.replace('"llama"', '"l2"'), {**TINY, "num_attention_heads": 0})
+
+
+
+
+@case("spec-config-override-wrong-type")
+def _(folder: Path, valid: Path) -> Action:
+    return _from_spec(folder, tiny_spec(), {"hidden_size": "big"})
+
+
+@case("spec-config-override-huge")
+def _(folder: Path, valid: Path) -> Action:
+    return _from_spec(folder, tiny_spec(), {"hidden_size": 10**7, "vocab_size": 10**7})
