@@ -11,7 +11,8 @@ from types import ModuleType
 from typing import Any, ClassVar
 
 from .checkpoint import CheckpointError
-from .config import PretrainedConfig
+from .config import ConfigError, PretrainedConfig
+from .files import read_json_object
 from .hub import resolve
 from .modeling import PreTrainedModel
 from .tokenizer import Tokenizer
@@ -35,7 +36,10 @@ def generated_packages() -> dict[str, ModuleType]:
 def _package(model_type: str) -> ModuleType:
     packages = generated_packages()
     if model_type not in packages:
-        raise ValueError(f"unknown model_type `{model_type}`; known: {', '.join(sorted(packages))}")
+        raise ConfigError(
+            f"unknown model_type `{model_type}`; known: {', '.join(sorted(packages))} (or give the "
+            "checkpoint a spec: a model.sf beside its config.json)"
+        )
     return packages[model_type]
 
 
@@ -50,17 +54,15 @@ def model_class(model_type: str, task: str = "ForCausalLM") -> type[PreTrainedMo
             for n in package.__all__
             if n.startswith(prefix) and n[len(prefix) :] not in ("Config", "PreTrainedModel")
         )
-        raise ValueError(f"`{model_type}` has no {task} class; it has: {', '.join(heads)}")
+        raise ConfigError(f"`{model_type}` has no {task} class; it has: {', '.join(heads)}")
     return getattr(package, name)
 
 
 def _model_type(path: str | os.PathLike) -> str:
-    import json
-
     file = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
-    if not file.is_file():
+    if not file.exists():
         raise CheckpointError(f"{path}: no config.json")
-    model_type = json.loads(file.read_text(encoding="utf-8")).get("model_type")
+    model_type = read_json_object(file, CheckpointError).get("model_type")
     if not isinstance(model_type, str):
         raise CheckpointError(f"{file}: no `model_type`, so the architecture cannot be chosen")
     return model_type

@@ -55,6 +55,8 @@ class PretrainedConfig:
             )
         kwargs.pop("label2id", None)
         if id2label is not None:
+            if not isinstance(id2label, dict) or not all(str(k).lstrip("-").isdigit() for k in id2label):
+                raise ConfigError(f"{type(self).__name__}: `id2label` must map label ids to names")
             self.id2label = {int(k): v for k, v in id2label.items()}
         else:
             self.id2label = {i: f"LABEL_{i}" for i in range(2 if num_labels is None else num_labels)}
@@ -231,7 +233,10 @@ def standardize_rope(
     """
     legacy_theta = legacy.pop("rope_theta", None)
     scaling = legacy.pop("rope_scaling", None)
-    params = dict(rope_parameters or scaling or {})
+    params = rope_parameters or scaling or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"rope_parameters is {type(params).__name__}; expected an object of rope settings")
+    params = dict(params)
     if "type" in params:  # very old checkpoints: {"type": "linear", "factor": 2.0}
         params.setdefault("rope_type", params.pop("type"))
     params.setdefault("rope_type", "default")
@@ -254,4 +259,10 @@ def standardize_rope(
     for key in required:
         if key not in params:
             raise ConfigError(f"rope_parameters of type `{params['rope_type']}` needs `{key}`")
+    for key in ("rope_theta", "factor", "partial_rotary_factor", "original_max_position_embeddings"):
+        value = params.get(key)
+        if value is not None and not (
+            isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+        ):
+            raise ConfigError(f"rope_parameters.{key} is {value!r}; expected a positive number")
     return params

@@ -172,12 +172,26 @@ def atomic_write_with(target: str | os.PathLike, writer: Callable[[Path], None])
         writer(tmp)
 
 
+MAX_JSON_BYTES = 64 * 2**20  # config.json, tokenizer_config.json, indexes: kilobytes in practice
+
+
 def read_json_object(path: Path, error: type[Exception] = ValueError) -> dict:
-    """A JSON object from `path`; malformed text raises `error` naming the file, line and column."""
+    """A JSON object from `path`, read only if it is a regular file under MAX_JSON_BYTES; anything else
+    (not a file, not UTF-8, malformed, nested past the parser's depth, not an object) raises `error`
+    naming the file and, for malformed text, the line and column."""
+    if not path.is_file():
+        raise error(f"{path}: not a regular file" if path.exists() else f"{path}: missing")
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise error(f"{path}: {size:,} bytes; a JSON metadata file is expected under {MAX_JSON_BYTES:,}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise error(f"{path}: not UTF-8 text (byte {err.start})") from None
     except json.JSONDecodeError as err:
         raise error(f"{path}: not valid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    except (RecursionError, ValueError) as err:  # nesting past the parser's depth; 5,000-digit numbers
+        raise error(f"{path}: JSON this library does not read ({type(err).__name__}: {err})") from None
     if not isinstance(data, dict):
-        raise error(f"{path}: expected a JSON object")
+        raise error(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data

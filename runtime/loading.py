@@ -27,7 +27,7 @@ from .checkpoint import (
     iter_tensors,
     stage_state_dict,
 )
-from .config import CONFIG_NAME
+from .config import CONFIG_NAME, ConfigError
 from .files import FolderSave
 from .generation.config import GENERATION_CONFIG_NAME
 from .gguf import GGUFFile, read_gguf
@@ -43,9 +43,9 @@ logger = logging.getLogger("specformer.runtime.modeling")
 def _dtype(value: str | torch.dtype) -> torch.dtype:
     if isinstance(value, torch.dtype):
         return value
-    dtype = getattr(torch, value.removeprefix("torch."), None)
+    dtype = getattr(torch, value.removeprefix("torch."), None) if isinstance(value, str) else None
     if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"dtype `{value}` is not a torch dtype (e.g. float32, bfloat16, float16)")
+        raise ConfigError(f"dtype `{value}` is not a torch dtype (e.g. float32, bfloat16, float16)")
     return dtype
 
 

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import struct
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -100,7 +99,7 @@ def run_isolated(action: Action) -> tuple[dict, int]:
         try:
             signal.alarm(HANG)
             action()
-        except BaseException as err:  # noqa: BLE001 - the outcome is reported, whatever it is
+        except BaseException as err:
             outcome = {
                 "error": type(err).__name__,
                 "library": isinstance(err, SpecformerError),
@@ -343,8 +342,6 @@ def _(folder: Path, valid: Path) -> Action:
     return _from_spec(folder, text.replace('"llama"', '"l2"'), {**TINY, "num_attention_heads": 0})
 
 
-
-
 @case("spec-config-override-wrong-type")
 def _(folder: Path, valid: Path) -> Action:
     return _from_spec(folder, tiny_spec(), {"hidden_size": "big"})
@@ -353,3 +350,145 @@ def _(folder: Path, valid: Path) -> Action:
 @case("spec-config-override-huge")
 def _(folder: Path, valid: Path) -> Action:
     return _from_spec(folder, tiny_spec(), {"hidden_size": 10**7, "vocab_size": 10**7})
+
+
+# ---- checkpoint folders: config.json ---------------------------------------------------------------
+def _folder(folder: Path, valid: Path, layout: str = "single") -> Path:
+    target = folder / "ckpt"
+    shutil.copytree(valid / layout, target)
+    return target
+
+
+def _load(path: Path) -> Action:
+    from specformer.runtime.auto import AutoModelForCausalLM
+
+    return lambda: AutoModelForCausalLM.from_pretrained(path)
+
+
+def _with_config(change: Callable[[dict], object]) -> Callable[[Path, Path], Action]:
+    def build(folder: Path, valid: Path) -> Action:
+        target = _folder(folder, valid)
+        values = json.loads((target / "config.json").read_text())
+        values.pop("head_dim", None)  # derived from the heads again, as in configs that leave it out
+        changed = change(values)
+        (target / "config.json").write_text(json.dumps(values if changed is None else changed))
+        return _load(target)
+
+    return build
+
+
+CONFIG_CHANGES: dict[str, Callable[[dict], object]] = {
+    "zero-heads": lambda c: c.update(num_attention_heads=0),
+    "negative-heads": lambda c: c.update(num_attention_heads=-2),
+    "zero-kv-heads": lambda c: c.update(num_key_value_heads=0),
+    "kv-heads-not-dividing": lambda c: c.update(num_key_value_heads=3, num_attention_heads=2),
+    "hidden-not-dividing": lambda c: c.update(hidden_size=17),
+    "negative-hidden": lambda c: c.update(hidden_size=-16),
+    "zero-hidden": lambda c: c.update(hidden_size=0),
+    "zero-vocab": lambda c: c.update(vocab_size=0),
+    "negative-intermediate": lambda c: c.update(intermediate_size=-1),
+    "ten-million-layers": lambda c: c.update(num_hidden_layers=10**7),
+    "negative-layers": lambda c: c.update(num_hidden_layers=-1),
+    "trillion-vocab": lambda c: c.update(vocab_size=10**12),
+    "huge-everything": lambda c: c.update(vocab_size=10**6, hidden_size=10**6),
+    "pad-id-out-of-range": lambda c: c.update(pad_token_id=1000),
+    "string-for-int": lambda c: c.update(hidden_size="sixteen"),
+    "float-for-int": lambda c: c.update(hidden_size=16.5),
+    "bool-for-int": lambda c: c.update(num_hidden_layers=True),
+    "list-for-int": lambda c: c.update(vocab_size=[96]),
+    "null-for-int": lambda c: c.update(intermediate_size=None),
+    "string-for-float": lambda c: c.update(rms_norm_eps="tiny"),
+    "string-for-bool": lambda c: c.update(tie_word_embeddings="yes"),
+    "unknown-activation": lambda c: c.update(hidden_act="sparkle"),
+    "activation-not-string": lambda c: c.update(hidden_act=3),
+    "rope-not-a-dict": lambda c: c.update(rope_parameters=[1, 2]),
+    "rope-unknown-type": lambda c: c.update(rope_parameters={"rope_type": "spiral", "rope_theta": 1e4}),
+    "rope-linear-without-factor": lambda c: c.update(
+        rope_parameters={"rope_type": "linear", "rope_theta": 1e4}
+    ),
+    "rope-type-a-number": lambda c: c.update(rope_parameters={"rope_type": 7}),
+    "rope-theta-negative": lambda c: c.update(rope_parameters={"rope_type": "default", "rope_theta": -1.0}),
+    "rope-factor-a-string": lambda c: c.update(rope_parameters={"rope_type": "linear", "factor": "2"}),
+    "dtype-not-a-dtype": lambda c: c.update(dtype="os.system"),
+    "dtype-a-number": lambda c: c.update(dtype=32),
+    "model-type-unknown": lambda c: c.update(model_type="not_a_model"),
+    "model-type-a-number": lambda c: c.update(model_type=7),
+    "model-type-missing": lambda c: c.pop("model_type"),
+    "num-labels-huge": lambda c: c.update(num_labels=10**9),
+    "id2label-not-a-dict": lambda c: c.update(id2label=[1, 2]),
+    "id2label-bad-keys": lambda c: c.update(id2label={"a": "x"}),
+    "a-list": lambda c: [c],
+    "a-number": lambda c: 42,
+    "a-string": lambda c: "config",
+    "empty-object": lambda c: {},
+}
+for _name, _change in CONFIG_CHANGES.items():
+    case(f"config-{_name}")(_with_config(_change))
+
+
+def _config_bytes(name: str, data: bytes, mentions: str | None = None) -> None:
+    @case(f"config-{name}", mentions=mentions)
+    def _(folder: Path, valid: Path) -> Action:
+        target = _folder(folder, valid)
+        (target / "config.json").write_bytes(data)
+        return _load(target)
+
+
+_config_bytes("null", b"null", mentions="config.json")
+_config_bytes("not-json", b"{'model_type': 'llama'}", mentions="config.json")
+_config_bytes("truncated", b'{"model_type": "llama", "hidden_size": 1', mentions="config.json")
+_config_bytes("empty", b"", mentions="config.json")
+_config_bytes("not-utf8", b'{"model_type": "ll\xe9ama"}', mentions="config.json")
+_config_bytes("nan", b'{"model_type": "llama", "rms_norm_eps": NaN}')
+_config_bytes("deep-nesting", b'{"model_type": "llama", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+_config_bytes("huge-number", b'{"model_type": "llama", "hidden_size": 1' + b"0" * 5000 + b"}")
+
+
+@case("config-missing", mentions="config.json")
+def _(folder: Path, valid: Path) -> Action:
+    target = _folder(folder, valid)
+    (target / "config.json").unlink()
+    return _load(target)
+
+
+@case("config-a-directory")
+def _(folder: Path, valid: Path) -> Action:
+    target = _folder(folder, valid)
+    (target / "config.json").unlink()
+    (target / "config.json").mkdir()
+    return _load(target)
+
+
+@case("config-a-fifo")
+def _(folder: Path, valid: Path) -> Action:
+    target = _folder(folder, valid)
+    (target / "config.json").unlink()
+    os.mkfifo(target / "config.json")
+    return _load(target)
+
+
+@case("config-huge-sparse")
+def _(folder: Path, valid: Path) -> Action:
+    target = _folder(folder, valid)
+    with open(target / "config.json", "r+b") as handle:
+        handle.truncate(2**40)
+    return _load(target)
+
+
+@case("folder-missing")
+def _(folder: Path, valid: Path) -> Action:
+    return _load(folder / "nowhere")
+
+
+@case("folder-a-file")
+def _(folder: Path, valid: Path) -> Action:
+    (folder / "file").write_text("x")
+    return _load(folder / "file")
+
+
+@case("hub-id-not-cached")
+def _(folder: Path, valid: Path) -> Action:
+    from specformer.runtime.auto import AutoModelForCausalLM
+
+    os.environ["HF_HUB_OFFLINE"] = "1"  # the child's own environment
+    return lambda: AutoModelForCausalLM.from_pretrained("no-such-owner/no-such-model", cache_dir=folder)
