@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import CheckpointError
-from .files import FolderSave
+from .files import FolderSave, read_json_object
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -31,12 +31,7 @@ LEGACY_INDEX_NAME = "pytorch_model.bin.index.json"
 
 
 def _read_index(index: Path) -> dict[str, str]:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise CheckpointError(
-            f"{index}: not a valid checkpoint index ({type(err).__name__}: {err})"
-        ) from None
+    weight_map = read_json_object(index, CheckpointError).get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{index}: `weight_map` must map tensor names to shard file names")
     return weight_map

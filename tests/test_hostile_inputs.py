@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import signal
+import struct
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -492,3 +493,223 @@ def _(folder: Path, valid: Path) -> Action:
 
     os.environ["HF_HUB_OFFLINE"] = "1"  # the child's own environment
     return lambda: AutoModelForCausalLM.from_pretrained("no-such-owner/no-such-model", cache_dir=folder)
+
+
+# ---- checkpoint folders: weights, indexes, save journals -------------------------------------------
+def _header(path: Path) -> tuple[dict, bytes]:
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + length]), raw[8 + length :]
+
+
+def _safetensors(header: dict | bytes, data: bytes, claimed: int | None = None) -> bytes:
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(text) if claimed is None else claimed) + text + data
+
+
+def _with_weights(change: Callable[[dict, bytes], bytes]) -> Callable[[Path, Path], Action]:
+    """A folder whose model.safetensors is `change(header, data)` of the valid one."""
+
+    def build(folder: Path, valid: Path) -> Action:
+        target = _folder(folder, valid)
+        header, data = _header(target / "model.safetensors")
+        (target / "model.safetensors").write_bytes(change(header, data))
+        return _load(target)
+
+    return build
+
+
+def _tensor_names(header: dict) -> list[str]:
+    return sorted(k for k in header if k != "__metadata__")
+
+
+def _retype(header: dict, dtype: str) -> dict:
+    name = _tensor_names(header)[0]
+    return {**header, name: {**header[name], "dtype": dtype}}
+
+
+def _reshape(header: dict, shape: list[int]) -> dict:
+    name = next(n for n in _tensor_names(header) if n.endswith("embed_tokens.weight"))
+    return {**header, name: {**header[name], "shape": shape}}
+
+
+def _offsets(header: dict, offsets: list[int]) -> dict:
+    name = _tensor_names(header)[-1]
+    return {**header, name: {**header[name], "data_offsets": offsets}}
+
+
+def _without(header: dict, suffix: str) -> dict:
+    return {k: v for k, v in header.items() if not k.endswith(suffix)}
+
+
+WEIGHT_CHANGES: dict[str, Callable[[dict, bytes], bytes]] = {
+    "empty": lambda h, d: b"",
+    "seven-bytes": lambda h, d: b"\x00" * 7,
+    "truncated-data": lambda h, d: _safetensors(h, d[: len(d) // 2]),
+    "truncated-header": lambda h, d: _safetensors(h, d)[:40],
+    "header-length-huge": lambda h, d: _safetensors(h, d, claimed=2**62),
+    "header-length-past-end": lambda h, d: _safetensors(h, d, claimed=len(d) + 10_000),
+    "header-not-json": lambda h, d: _safetensors(b"{not json", d),
+    "header-a-list": lambda h, d: _safetensors(b"[1, 2, 3]", d),
+    "header-not-utf8": lambda h, d: _safetensors(b'{"\xff\xfe": 1}', d),
+    "unknown-dtype": lambda h, d: _safetensors(_retype(h, "Q9"), d),
+    "int-dtype": lambda h, d: _safetensors(_retype(h, "I64"), d),
+    "offsets-past-end": lambda h, d: _safetensors(_offsets(h, [0, len(d) + 4096]), d),
+    "offsets-reversed": lambda h, d: _safetensors(_offsets(h, [64, 0]), d),
+    "offsets-overlap": lambda h, d: _safetensors(
+        _offsets(
+            h, [0, h[_tensor_names(h)[-1]]["data_offsets"][1] - h[_tensor_names(h)[-1]]["data_offsets"][0]]
+        ),
+        d,
+    ),
+    "shape-not-matching-bytes": lambda h, d: _safetensors(_reshape(h, [96, 17]), d),
+    "shape-swapped": lambda h, d: _safetensors(_reshape(h, [16, 96]), d),
+    "shape-huge": lambda h, d: _safetensors(_reshape(h, [2**40, 2**40]), d),
+    "shape-negative": lambda h, d: _safetensors(_reshape(h, [-96, 16]), d),
+    "missing-tensor": lambda h, d: _safetensors(
+        _without(h, "lm_head.weight")
+        if any(k.endswith("lm_head.weight") for k in h)
+        else _without(h, "norm.weight"),
+        d,
+    ),
+    "extra-tensor": lambda h, d: _safetensors({**h, "model.evil.weight": h[_tensor_names(h)[0]]}, d),
+    "only-metadata": lambda h, d: _safetensors({"__metadata__": {"format": "pt"}}, b""),
+    "metadata-not-strings": lambda h, d: _safetensors({**h, "__metadata__": {"format": 1}}, d),
+}
+for _name, _weights in WEIGHT_CHANGES.items():
+    case(f"weights-{_name}")(_with_weights(_weights))
+
+
+def _replace_weights(
+    name: str, make: Callable[[Path], None], layout: str = "single", mentions: str | None = None
+) -> None:
+    @case(name, mentions=mentions)
+    def _(folder: Path, valid: Path) -> Action:
+        target = _folder(folder, valid, layout)
+        make(target)
+        return _load(target)
+
+
+def _fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+def _directory(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+def _sparse(path: Path) -> None:
+    with open(path, "r+b") as handle:
+        handle.truncate(2**40)
+
+
+def _symlink(path: Path, to: str) -> None:
+    path.unlink()
+    path.symlink_to(to)
+
+
+_replace_weights("weights-missing", lambda t: (t / "model.safetensors").unlink())
+_replace_weights("weights-a-fifo", lambda t: _fifo(t / "model.safetensors"))
+_replace_weights("weights-a-directory", lambda t: _directory(t / "model.safetensors"))
+_replace_weights("weights-huge-sparse", lambda t: _sparse(t / "model.safetensors"))
+_replace_weights("weights-symlink-to-passwd", lambda t: _symlink(t / "model.safetensors", "/etc/passwd"))
+_replace_weights("weights-symlink-to-dev-zero", lambda t: _symlink(t / "model.safetensors", "/dev/zero"))
+_replace_weights("weights-symlink-dangling", lambda t: _symlink(t / "model.safetensors", "/nowhere/x"))
+
+
+def _index(target: Path, change: Callable[[dict], object]) -> None:
+    index = json.loads((target / "model.safetensors.index.json").read_text())
+    changed = change(index)
+    (target / "model.safetensors.index.json").write_text(json.dumps(index if changed is None else changed))
+
+
+def _first_shard(target: Path) -> Path:
+    return (
+        target
+        / sorted(json.loads((target / "model.safetensors.index.json").read_text())["weight_map"].values())[0]
+    )
+
+
+def _remap(index: dict, value: str) -> None:
+    key = sorted(index["weight_map"])[0]
+    index["weight_map"][key] = value
+
+
+INDEX_CHANGES: dict[str, Callable[[dict], object]] = {
+    "weight-map-a-list": lambda i: i.update(weight_map=[1, 2]),
+    "weight-map-missing": lambda i: i.pop("weight_map"),
+    "weight-map-empty": lambda i: i.update(weight_map={}),
+    "weight-map-values-not-strings": lambda i: _remap(i, 7),
+    "shard-parent-folder": lambda i: _remap(i, "../outside.safetensors"),
+    "shard-absolute": lambda i: _remap(i, "/etc/passwd"),
+    "shard-dotdot-inside": lambda i: _remap(i, "sub/../../outside.safetensors"),
+    "shard-missing": lambda i: _remap(i, "model-99999-of-99999.safetensors"),
+    "shard-empty-name": lambda i: _remap(i, ""),
+    "shard-the-folder": lambda i: _remap(i, "."),
+    "an-array": lambda i: [i],
+}
+for _name, _change in INDEX_CHANGES.items():
+    _replace_weights(f"index-{_name}", lambda t, change=_change: _index(t, change), layout="sharded")
+_replace_weights(
+    "index-not-json",
+    lambda t: (t / "model.safetensors.index.json").write_text("{"),
+    layout="sharded",
+    mentions="index",
+)
+_replace_weights("index-a-fifo", lambda t: _fifo(t / "model.safetensors.index.json"), layout="sharded")
+_replace_weights("index-huge-sparse", lambda t: _sparse(t / "model.safetensors.index.json"), layout="sharded")
+_replace_weights(
+    "shard-truncated",
+    lambda t: _first_shard(t).write_bytes(_first_shard(t).read_bytes()[:100]),
+    layout="sharded",
+)
+_replace_weights("shard-deleted", lambda t: _first_shard(t).unlink(), layout="sharded")
+_replace_weights("shard-a-fifo", lambda t: _fifo(_first_shard(t)), layout="sharded")
+
+
+class _Evil:
+    def __reduce__(self) -> tuple:
+        return (os.system, ("echo pwned > pwned.txt",))
+
+
+def _legacy(target: Path, content: object | bytes) -> None:
+    (target / "model.safetensors").unlink()
+    if isinstance(content, bytes):
+        (target / "pytorch_model.bin").write_bytes(content)
+    else:
+        import pickle
+
+        (target / "pytorch_model.bin").write_bytes(pickle.dumps(content))
+
+
+_replace_weights("legacy-pickle-runs-code", lambda t: _legacy(t, {"x": _Evil()}))
+_replace_weights(
+    "legacy-torch-save-runs-code",
+    lambda t: torch.save({"x": _Evil()}, _legacy(t, b"") or t / "pytorch_model.bin"),
+)
+_replace_weights("legacy-garbage", lambda t: _legacy(t, b"\x80\x04garbage"))
+_replace_weights(
+    "legacy-a-list", lambda t: torch.save([torch.zeros(2)], _legacy(t, b"") or t / "pytorch_model.bin")
+)
+_replace_weights("legacy-empty", lambda t: _legacy(t, b""))
+
+
+def _journal(target: Path, journal: object) -> None:
+    (target / ".specformer-save.json").write_text(json.dumps(journal))
+
+
+JOURNALS: dict[str, object] = {
+    "renames-outside": {"rename": {"../evil": ".x.staged"}, "remove": []},
+    "removes-outside": {"rename": {}, "remove": ["../config.json"]},
+    "removes-absolute": {"rename": {}, "remove": ["/etc/passwd"]},
+    "renames-not-staged": {"rename": {"config.json": "model.safetensors"}, "remove": []},
+    "not-an-object": [1, 2],
+    "wrong-fields": {"rename": [], "remove": {}},
+}
+for _name, _journal_value in JOURNALS.items():
+    _replace_weights(f"journal-{_name}", lambda t, j=_journal_value: _journal(t, j), mentions="save.json")
+_replace_weights(
+    "journal-not-json", lambda t: (t / ".specformer-save.json").write_text("{"), mentions="save.json"
+)
