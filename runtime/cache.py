@@ -14,9 +14,12 @@ can line queries up with keys however the cache arranges them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+from .errors import GenerationError
 
 
 class Cache:
@@ -146,6 +149,37 @@ def _regrow(buffer: torch.Tensor, filled: int, capacity: int) -> torch.Tensor:
     return grown
 
 
+def _available_memory() -> int | None:
+    """Memory the kernel can hand out without swapping (MemAvailable: free plus reclaimable page cache)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_fits(shape: tuple[int, ...], like: torch.Tensor, max_length: int) -> None:
+    """Refuse, before allocating, a preallocated layer (keys and values) larger than the memory free on
+    its device: a clear error instead of the allocator's failure or the OOM killer."""
+    nbytes = 2 * math.prod(shape) * like.element_size()
+    if like.is_cuda:
+        free = torch.cuda.mem_get_info(like.device)[0]
+    elif like.device.type == "cpu":
+        free = _available_memory()
+        if free is None:
+            return
+    else:
+        return
+    if nbytes > free:
+        raise GenerationError(
+            f"a static cache of {max_length:,} slots needs {nbytes:,} bytes for one layer's keys and values, "
+            f"more than the {free:,} free on {like.device}; lower max_length / max_new_tokens"
+        )
+
+
 class StaticCache(Cache):
     """`max_length` preallocated slots per layer; slot i holds position i, unwritten slots are masked.
 
@@ -166,6 +200,7 @@ class StaticCache(Cache):
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if layer_idx == len(self.keys):
             shape = (*k.shape[:-2], self.max_length, k.shape[-1])
+            _check_fits(shape, k, self.max_length)
             self.keys.append(k.new_zeros(shape))
             self.values.append(v.new_zeros(shape))
         q_len = k.shape[-2]

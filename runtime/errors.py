@@ -9,6 +9,7 @@ from __future__ import annotations
 from specformer.dsl.errors import SpecError, SpecformerError
 
 __all__ = [
+    "ArgumentError",
     "CheckpointError",
     "ConfigError",
     "GenerationError",
@@ -42,3 +43,7 @@ class GenerationError(SpecformerError, ValueError):
 
 class UnsafeSourceError(SpecformerError, RuntimeError):
     """Generated source contained something the generator never emits: refused before execution."""
+
+
+class ArgumentError(SpecformerError, TypeError):
+    """A keyword argument a function does not take: names it and the nearest one it does."""

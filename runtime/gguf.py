@@ -105,6 +105,20 @@ def _check_header(path: Path) -> None:
         )
 
 
+def _check_tensor_offsets(reader: Any, path: Path) -> None:
+    """Tensor data starts at a multiple of `general.alignment` from the data section, as llama.cpp
+    requires; an offset that is not was not written by a converter."""
+    alignment = _field(reader, "general.alignment", 32, path)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise CheckpointError(f"{path}: general.alignment is {alignment!r}; expected a power of two")
+    for tensor in reader.tensors:
+        if (tensor.data_offset - reader.data_offset) % alignment:
+            raise CheckpointError(
+                f"{path}: tensor `{tensor.name}` starts at byte {tensor.data_offset:,}, not aligned to "
+                f"{alignment} bytes; the file is corrupt"
+            )
+
+
 def _open(path: str | os.PathLike) -> tuple[Any, str]:
     gguf = _gguf()
     path = Path(path)
@@ -173,6 +187,12 @@ def read_gguf(path: str | os.PathLike, keep_quantized: bool = False) -> GGUFFile
     heads = _count(meta("attention.head_count"), f"{arch}.attention.head_count", path)
     kv_heads = _count(meta("attention.head_count_kv", heads), f"{arch}.attention.head_count_kv", path)
     hidden = _count(meta("embedding_length"), f"{arch}.embedding_length", path)
+    if heads % kv_heads:
+        raise CheckpointError(
+            f"{path}: {arch}.attention.head_count ({heads}) is not a multiple of "
+            f"{arch}.attention.head_count_kv ({kv_heads}); each key/value head serves a whole group"
+        )
+    _check_tensor_offsets(reader, path)
     config: dict[str, Any] = {
         "model_type": model_type,
         "vocab_size": meta("vocab_size", len(tokens)),
@@ -218,10 +238,16 @@ def read_gguf(path: str | os.PathLike, keep_quantized: bool = False) -> GGUFFile
                 f"{path}: tensor `{tensor.name}` is stored as {tensor.tensor_type.name}, which cannot be dequantised"
             ) from None
         weight = torch.from_numpy(array.copy()).float()
-        if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
-            weight = unpermute_rotary_rows(weight, heads)
-        elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
-            weight = unpermute_rotary_rows(weight, kv_heads)
+        try:
+            if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
+                weight = unpermute_rotary_rows(weight, heads)
+            elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
+                weight = unpermute_rotary_rows(weight, kv_heads)
+        except RuntimeError:  # rows that do not split into the header's heads
+            raise CheckpointError(
+                f"{path}: tensor `{tensor.name}` has shape {tuple(weight.shape)}, which does not split into "
+                f"the {heads if 'q_proj' in name else kv_heads} heads the metadata declares"
+            ) from None
         tensors[name] = weight
     config["tie_word_embeddings"] = "lm_head.weight" not in tensors
 

@@ -132,6 +132,11 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, dim: int, params: dict[str, Any], max_position_embeddings: int) -> None:
         super().__init__()
+        if max_position_embeddings < 1 or dim < 2:
+            raise ValueError(
+                f"rotary tables need a head dimension of at least 2 and a positive context length; got "
+                f"dim {dim}, max_position_embeddings {max_position_embeddings}"
+            )
         self.dim = int(dim * params.get("partial_rotary_factor", 1.0))
         self.params = dict(params)
         self.max_position_embeddings = max_position_embeddings

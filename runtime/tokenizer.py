@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from functools import cached_property
 from typing import Any
 
@@ -14,6 +15,8 @@ from tokenizers import Tokenizer as FastTokenizer
 
 from .errors import TemplateError, TokenizerError
 from .files import read_json_object
+
+MAX_TOKENIZER_BYTES = 512 * 2**20  # the largest tokenizer.json read (published ones are tens of MB)
 
 # GGUF token types (llama.cpp): 3 = control, 4 = user defined; both are matched before BPE.
 _SPECIAL_TOKEN_TYPES = (3, 4)
@@ -50,10 +53,16 @@ class Tokenizer:
     @classmethod
     def from_gguf_metadata(cls, meta: dict[str, Any]) -> Tokenizer:
         if meta.get("model") != "gpt2":
-            raise ValueError(
+            raise TokenizerError(
                 f"GGUF tokenizer model `{meta.get('model')}` is not supported yet (supported: gpt2)"
             )
         tokens: list[str] = list(meta["tokens"])
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = meta.get(key)
+            if value is not None and not (isinstance(value, int) and 0 <= value < len(tokens)):
+                raise TokenizerError(
+                    f"GGUF tokenizer: `{key}` is {value!r}; expected a token id below its {len(tokens):,} tokens"
+                )
         vocab = {token: i for i, token in enumerate(tokens)}
         merges = [tuple(m.split(" ", 1)) for m in meta["merges"]]
         backend = FastTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
@@ -84,7 +93,12 @@ class Tokenizer:
         folder = resolve(path, **hub)
         file = folder / "tokenizer.json"
         if not file.is_file():
-            raise FileNotFoundError(f"{folder}: no tokenizer.json (only fast tokenizers are supported)")
+            found = "is not a regular file" if file.exists() else "is missing"
+            raise TokenizerError(f"{file} {found} (only fast tokenizers, tokenizer.json, are supported)")
+        if file.stat().st_size > MAX_TOKENIZER_BYTES:
+            raise TokenizerError(
+                f"{file}: {file.stat().st_size:,} bytes; tokenizer files are expected under {MAX_TOKENIZER_BYTES:,}"
+            )
         try:
             backend = FastTokenizer.from_file(str(file))
         except Exception as err:  # the tokenizers library raises its own plain Exception
@@ -98,7 +112,14 @@ class Tokenizer:
             token = settings.get(name)
             if isinstance(token, dict):
                 token = token.get("content")
-            return backend.token_to_id(token) if isinstance(token, str) else None
+            if token is not None and not isinstance(token, str):
+                raise TokenizerError(f"{config_file}: `{name}` is {token!r}; expected a token's text")
+            found = backend.token_to_id(token) if token is not None else None
+            if token is not None and found is None:
+                warnings.warn(
+                    f"{config_file}: `{name}` {token!r} is not in the vocabulary; ignored", stacklevel=3
+                )
+            return found
 
         template = settings.get("chat_template")
         if isinstance(template, list):  # several named templates: use the default one
@@ -231,7 +252,7 @@ class Tokenizer:
         self, messages: list[dict[str, str]], *, add_generation_prompt: bool = False, tokenize: bool = True
     ) -> str | list[int]:
         if not self.chat_template:
-            raise ValueError("this tokenizer has no chat template; pass plain text instead")
+            raise TemplateError("this tokenizer has no chat template; pass plain text instead")
         try:
             template = self._template_env.from_string(self.chat_template)
             text = _bounded_render(
@@ -258,6 +279,13 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
     """The sandbox, with `*` and `**` refused where they would build a huge value in one operation."""
 
     intercepted_binops = frozenset({"*", "**"})
+
+    def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
+        # jinja's default renders a blocked attribute as an empty string; a template reaching for
+        # internals is refused outright instead
+        raise TemplateError(
+            f"chat template reads `{attribute}` of a {type(obj).__name__}, which templates may not"
+        )
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         if operator == "*":

@@ -713,3 +713,269 @@ for _name, _journal_value in JOURNALS.items():
 _replace_weights(
     "journal-not-json", lambda t: (t / ".specformer-save.json").write_text("{"), mentions="save.json"
 )
+
+
+# ---- GGUF files --------------------------------------------------------------------------------------
+def _load_gguf(path: Path) -> Action:
+    from specformer.runtime.auto import load_causal_lm
+
+    return lambda: load_causal_lm(path)
+
+
+def _gguf_case(name: str, change: Callable[[bytearray, object], None], mentions: str | None = None) -> None:
+    """A copy of the valid GGUF with `change(bytes, reader)` applied in place."""
+
+    @case(f"gguf-{name}", mentions=mentions)
+    def _(folder: Path, valid: Path) -> Action:
+        import gguf
+
+        data = bytearray((valid / "model.gguf").read_bytes())
+        change(data, gguf.GGUFReader(valid / "model.gguf"))
+        (folder / "model.gguf").write_bytes(bytes(data))
+        return _load_gguf(folder / "model.gguf")
+
+
+def _value_at(reader: object, key: str) -> int:
+    """Where the value of metadata `key` starts: after its name (u64 length + bytes) and u32 type."""
+    return reader.fields[key].offset + 8 + len(key.encode()) + 4  # type: ignore[attr-defined]
+
+
+def _put(fmt: str, at: int | Callable[[object], int], value: object) -> Callable[[bytearray, object], None]:
+    def change(data: bytearray, reader: object) -> None:
+        where = at if isinstance(at, int) else at(reader)
+        struct.pack_into(fmt, data, where, value)
+
+    return change
+
+
+def _tensor_info(reader: object, index: int = 0) -> int:
+    """Where tensor `index`'s n_dims field starts, after its name."""
+    tensor = reader.tensors[index]  # type: ignore[attr-defined]
+    return tensor.field.offset + 8 + len(tensor.name.encode())
+
+
+GGUF_CHANGES: dict[str, Callable[[bytearray, object], None]] = {
+    "bad-magic": _put("4s", 0, b"GGML"),
+    "version-1": _put("<I", 4, 1),
+    "version-99": _put("<I", 4, 99),
+    "tensor-count-huge": _put("<Q", 8, 2**60),
+    "kv-count-huge": _put("<Q", 16, 2**60),
+    "tensor-count-one-more": lambda d, r: struct.pack_into("<Q", d, 8, len(r.tensors) + 1),
+    "kv-count-one-more": lambda d, r: struct.pack_into("<Q", d, 16, len(r.fields) - 2),
+    "key-length-lies": _put("<Q", lambda r: r.fields["llama.block_count"].offset, 2**40),
+    "string-length-lies": _put("<Q", lambda r: _value_at(r, "general.architecture"), 2**40),
+    "value-type-unknown": _put("<I", lambda r: _value_at(r, "llama.block_count") - 4, 77),
+    "block-count-huge": _put("<I", lambda r: _value_at(r, "llama.block_count"), 10**7),
+    "block-count-zero": _put("<I", lambda r: _value_at(r, "llama.block_count"), 0),
+    "head-count-zero": _put("<I", lambda r: _value_at(r, "llama.attention.head_count"), 0),
+    "kv-heads-not-dividing": _put("<I", lambda r: _value_at(r, "llama.attention.head_count_kv"), 3),
+    "embedding-length-zero": _put("<I", lambda r: _value_at(r, "llama.embedding_length"), 0),
+    "embedding-length-huge": _put("<I", lambda r: _value_at(r, "llama.embedding_length"), 2**31),
+    "context-length-zero": _put("<I", lambda r: _value_at(r, "llama.context_length"), 0),
+    "rope-base-negative": _put("<f", lambda r: _value_at(r, "llama.rope.freq_base"), -1.0),
+    "rms-eps-nan": _put("<f", lambda r: _value_at(r, "llama.attention.layer_norm_rms_epsilon"), float("nan")),
+    "architecture-unknown": lambda d, r: d.__setitem__(
+        slice(_value_at(r, "general.architecture") + 8, _value_at(r, "general.architecture") + 13), b"evil!"
+    ),
+    "token-array-length-lies": _put("<Q", lambda r: _value_at(r, "tokenizer.ggml.tokens") + 4, 2**50),
+    "token-array-type-unknown": _put("<I", lambda r: _value_at(r, "tokenizer.ggml.tokens"), 99),
+    "bos-id-out-of-vocab": _put("<I", lambda r: _value_at(r, "tokenizer.ggml.bos_token_id"), 10**6),
+    "tensor-dims-huge": _put("<Q", lambda r: _tensor_info(r) + 4, 2**40),
+    "tensor-n-dims-huge": _put("<I", lambda r: _tensor_info(r), 2**20),
+    "tensor-type-unknown": lambda d, r: struct.pack_into(
+        "<I", d, _tensor_info(r) + 4 + 8 * len(r.tensors[0].shape), 99
+    ),
+    "tensor-offset-past-end": lambda d, r: struct.pack_into(
+        "<Q", d, _tensor_info(r) + 8 + 8 * len(r.tensors[0].shape), 2**40
+    ),
+    "tensor-offset-unaligned": lambda d, r: struct.pack_into(
+        "<Q", d, _tensor_info(r) + 8 + 8 * len(r.tensors[0].shape), 3
+    ),
+    "tensor-renamed": lambda d, r: d.__setitem__(
+        slice(r.tensors[0].field.offset + 8, r.tensors[0].field.offset + 13), b"evil."
+    ),
+    "truncated-in-header": lambda d, r: d.__delitem__(slice(20, None)),
+    "truncated-in-metadata": lambda d, r: d.__delitem__(slice(600, None)),
+    "truncated-in-tensor-infos": lambda d, r: d.__delitem__(slice(_tensor_info(r, 2), None)),
+    "truncated-in-data": lambda d, r: d.__delitem__(slice(len(d) - 100, None)),
+    "empty": lambda d, r: d.clear(),
+}
+for _name, _change in GGUF_CHANGES.items():
+    _gguf_case(_name, _change)
+
+
+@case("gguf-a-directory")
+def _(folder: Path, valid: Path) -> Action:
+    (folder / "model.gguf").mkdir()
+    return _load_gguf(folder / "model.gguf")
+
+
+@case("gguf-a-fifo")
+def _(folder: Path, valid: Path) -> Action:
+    os.mkfifo(folder / "model.gguf")
+    return _load_gguf(folder / "model.gguf")
+
+
+@case("gguf-missing")
+def _(folder: Path, valid: Path) -> Action:
+    return _load_gguf(folder / "model.gguf")
+
+
+# ---- tokenizers and chat templates -----------------------------------------------------------------
+def _tokenizer_folder(folder: Path, valid: Path) -> Path:
+    target = folder / "tok"
+    shutil.copytree(valid / "tokenizer", target)
+    return target
+
+
+def _load_tokenizer(path: Path) -> Action:
+    from specformer.runtime.tokenizer import AutoTokenizer
+
+    return lambda: AutoTokenizer.from_pretrained(path)
+
+
+def _tokenizer_case(name: str, change: Callable[[Path], None], mentions: str | None = None) -> None:
+    @case(f"tokenizer-{name}", mentions=mentions)
+    def _(folder: Path, valid: Path) -> Action:
+        target = _tokenizer_folder(folder, valid)
+        change(target)
+        return _load_tokenizer(target)
+
+
+def _tokenizer_json(change: Callable[[dict], object]) -> Callable[[Path], None]:
+    def apply(target: Path) -> None:
+        data = json.loads((target / "tokenizer.json").read_text())
+        changed = change(data)
+        (target / "tokenizer.json").write_text(json.dumps(data if changed is None else changed))
+
+    return apply
+
+
+def _settings(values: dict) -> Callable[[Path], None]:
+    def apply(target: Path) -> None:
+        settings = json.loads((target / "tokenizer_config.json").read_text())
+        (target / "tokenizer_config.json").write_text(json.dumps({**settings, **values}))
+
+    return apply
+
+
+_tokenizer_case(
+    "json-truncated",
+    lambda t: (t / "tokenizer.json").write_text((t / "tokenizer.json").read_text()[:500]),
+    mentions="tokenizer.json",
+)
+_tokenizer_case("json-a-list", lambda t: (t / "tokenizer.json").write_text("[]"), mentions="tokenizer.json")
+_tokenizer_case("json-empty", lambda t: (t / "tokenizer.json").write_bytes(b""), mentions="tokenizer.json")
+_tokenizer_case(
+    "json-not-utf8", lambda t: (t / "tokenizer.json").write_bytes(b'{"\xff": 1}'), mentions="tokenizer.json"
+)
+_tokenizer_case("json-missing", lambda t: (t / "tokenizer.json").unlink(), mentions="tokenizer.json")
+_tokenizer_case("json-a-fifo", lambda t: _fifo(t / "tokenizer.json"))
+_tokenizer_case("json-huge-sparse", lambda t: _sparse(t / "tokenizer.json"))
+_tokenizer_case("json-unknown-model", _tokenizer_json(lambda d: d["model"].update(type="Quantum")))
+_tokenizer_case("json-model-null", _tokenizer_json(lambda d: d.update(model=None)))
+_tokenizer_case("json-vocab-a-list", _tokenizer_json(lambda d: d["model"].update(vocab=[1, 2])))
+_tokenizer_case("json-merges-garbage", _tokenizer_json(lambda d: d["model"].update(merges=[[1, 2, 3]])))
+_tokenizer_case("json-added-token-garbage", _tokenizer_json(lambda d: d.update(added_tokens=[{"id": "x"}])))
+_tokenizer_case(
+    "config-not-json",
+    lambda t: (t / "tokenizer_config.json").write_text("{"),
+    mentions="tokenizer_config.json",
+)
+_tokenizer_case(
+    "config-a-list",
+    lambda t: (t / "tokenizer_config.json").write_text("[]"),
+    mentions="tokenizer_config.json",
+)
+_tokenizer_case("config-template-a-number", _settings({"chat_template": 7}), mentions="chat_template")
+_tokenizer_case("config-padding-side-up", _settings({"padding_side": "up"}), mentions="padding_side")
+_tokenizer_case("config-bos-a-number", _settings({"bos_token": 7}))
+_tokenizer_case(
+    "template-file-not-utf8",
+    lambda t: (t / "chat_template.jinja").write_bytes(b"{{ \xff }}"),
+    mentions="chat_template.jinja",
+)
+
+
+def _chat(template: str, messages: object = None) -> Callable[[Path, Path], Action]:
+    def build(folder: Path, valid: Path) -> Action:
+        target = _tokenizer_folder(folder, valid)
+        (target / "chat_template.jinja").write_text(template)
+        from specformer.runtime.tokenizer import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(target)
+        chat = [{"role": "user", "content": "hi"}] if messages is None else messages
+        return lambda: tokenizer.apply_chat_template(chat, add_generation_prompt=True)
+
+    return build
+
+
+TEMPLATES: dict[str, str] = {
+    "syntax-error": "{% for m in messages %}{{ m['content'] }",
+    "raises": "{{ raise_exception('no system messages allowed') }}",
+    "nested-loops": "{% for a in range(10000) %}{% for b in range(10000) %}{{ a }}{% endfor %}{% endfor %}",
+    "huge-output": "{{ 'x' * 10 ** 9 }}",
+    "huge-range": "{% for i in range(10 ** 12) %}{% endfor %}",
+    "repeat-filter": "{{ messages[0]['content'] * 100000000 }}",
+    "recursive-macro": "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+    "dunder-class": "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "dunder-globals": "{{ raise_exception.__globals__ }}",
+    "cycler-internals": "{{ cycler.__init__.__globals__.os.system('echo pwned') }}",
+    "undefined-call": "{{ nothing() }}",
+    "attribute-of-undefined": "{{ nothing.at.all }}",
+    "divide-by-zero": "{{ 1 // 0 }}",
+    "format-string-attack": "{{ '{0.__class__}'.format(messages) }}",
+    "import-statement": "{% import 'os' as os %}",
+    "include": "{% include '/etc/passwd' %}",
+}
+for _name, _template in TEMPLATES.items():
+    case(f"template-{_name}")(_chat(_template))
+case("template-messages-not-a-list")(
+    _chat("{% for m in messages %}{{ m['content'] }}{% endfor %}", messages=7)
+)
+case("template-message-missing-content")(
+    _chat("{% for m in messages %}{{ m['content'] + 1 }}{% endfor %}", messages=[{"role": "user"}])
+)
+
+
+@case("tokenizer-no-template")
+def _(folder: Path, valid: Path) -> Action:
+    target = _tokenizer_folder(folder, valid)
+    _settings({"chat_template": None})(target)
+    from specformer.runtime.tokenizer import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    return lambda: tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+# ---- generation arguments ----------------------------------------------------------------------------
+def _generate(settings: dict, ids: object = None, mask: object = None) -> Callable[[Path, Path], Action]:
+    def build(folder: Path, valid: Path) -> Action:
+        from specformer.generated.llama import LlamaForCausalLM
+        from specformer.runtime.generation import generate
+
+        model = LlamaForCausalLM.from_pretrained(valid / "single")
+        prompt = torch.tensor([[1, 2, 3]]) if ids is None else ids
+        return lambda: generate(model, prompt, mask, **settings)
+
+    return build
+
+
+GENERATION: dict[str, tuple[dict, object, object]] = {
+    "max-new-tokens-negative": ({"max_new_tokens": -1}, None, None),
+    "num-beams-zero": ({"num_beams": 0}, None, None),
+    "temperature-zero-sampling": ({"do_sample": True, "temperature": 0.0}, None, None),
+    "top-p-above-one": ({"do_sample": True, "top_p": 2.0}, None, None),
+    "repetition-penalty-zero": ({"repetition_penalty": 0.0}, None, None),
+    "unknown-setting": ({"max_new_tokenz": 4}, None, None),
+    "unknown-cache": ({"cache_implementation": "magic"}, None, None),
+    "compile-what": ({"compile": "please"}, None, None),
+    "ids-one-dimensional": ({}, torch.tensor([1, 2, 3]), None),
+    "ids-float": ({}, torch.tensor([[1.0, 2.0]]), None),
+    "ids-past-vocab": ({}, torch.tensor([[1, 2, 10**6]]), None),
+    "ids-negative": ({}, torch.tensor([[1, -7]]), None),
+    "ids-empty": ({}, torch.zeros((1, 0), dtype=torch.long), None),
+    "mask-wrong-shape": ({}, None, torch.ones((1, 7), dtype=torch.long)),
+}
+for _name, (_settings_value, _ids, _mask) in GENERATION.items():
+    case(f"generate-{_name}")(_generate(_settings_value, _ids, _mask))

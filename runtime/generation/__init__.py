@@ -105,6 +105,29 @@ def make_cache(model: torch.nn.Module, config: GenerationConfig, max_length: int
     raise GenerationError(f"cache_implementation `{name}`: expected one of {', '.join(sorted(CACHES))}")
 
 
+def check_inputs(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> None:
+    """Prompts the model can read: (batch, length) integer ids inside its vocabulary, a mask of the same
+    shape. Checked here, where the error can name the argument, not deep inside an embedding lookup."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise GenerationError(f"input_ids is {shape}; expected a (batch, prompt_length) tensor, length >= 1")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise GenerationError(f"input_ids has dtype {input_ids.dtype}; expected integer token ids")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or (isinstance(vocab, int) and high >= vocab):
+        bad = low if low < 0 else high
+        raise GenerationError(
+            f"input_ids holds token id {bad}; the model's vocabulary has ids 0 to {vocab - 1}"
+        )
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise GenerationError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}; expected input_ids' {tuple(input_ids.shape)}"
+        )
+
+
 @torch.inference_mode()
 def generate(
     model: torch.nn.Module,
@@ -135,10 +158,7 @@ def generate(
     specformer's fused decode step on the CPU where the model's decoder has one (nothing to compile),
     else `torch.compile` (fixed shapes, traced once, replayed for every token); `compile="inductor"`
     always takes `torch.compile`."""
-    if input_ids.dim() != 2:
-        raise GenerationError(
-            f"input_ids has shape {tuple(input_ids.shape)}; expected (batch, prompt_length)"
-        )
+    check_inputs(model, input_ids, attention_mask)
     base = generation_config or GenerationConfig.from_model_config(getattr(model, "config", None))
     config = base.update(**settings)
     config.validate()

@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import GenerationError
+from specformer.dsl.errors import did_you_mean
+
+from ..errors import ArgumentError, GenerationError
 from ..files import atomic_write_text, read_json_object
 
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -73,9 +75,10 @@ class GenerationConfig:
 
     def update(self, **overrides: Any) -> GenerationConfig:
         """A copy with `overrides` applied; unknown names are an error naming them."""
-        unknown = set(overrides) - self.fields()
+        unknown = sorted(set(overrides) - self.fields())
         if unknown:
-            raise TypeError(f"unknown generation argument(s): {', '.join(sorted(unknown))}")
+            hint = did_you_mean(unknown[0], self.fields())
+            raise ArgumentError(f"unknown generation argument(s): {', '.join(unknown)}{hint}")
         return dataclasses.replace(self, **overrides)
 
     def eos_ids(self) -> list[int]:
