@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import keyword
+import re
 from functools import cache
 from importlib import resources
 
@@ -83,8 +84,33 @@ def _describe(expected: set[str]) -> str:
     return ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
 
 
+MAX_NESTING = 200  # brackets inside brackets; real specs nest a handful deep
+_BRACKETS = re.compile(r'"[^"\n]*"?|#[^\n]*|[(\[{]|[)\]}]')
+
+
+def _check_nesting(text: str, file: str) -> None:
+    """Refuse brackets nested past MAX_NESTING before the parser builds a tree that deep (its time and
+    the transforms' recursion grow with depth). Strings and comments are skipped."""
+    depth = 0
+    for match in _BRACKETS.finditer(text):
+        token = match.group()
+        if token in "([{":
+            depth += 1
+            if depth > MAX_NESTING:
+                line = text.count("\n", 0, match.start()) + 1
+                column = match.start() - text.rfind("\n", 0, match.start())
+                raise SpecError(
+                    f"brackets nested more than {MAX_NESTING} deep",
+                    ir.Pos(file=file, line=line, column=column),
+                    text,
+                )
+        elif token in ")]}":
+            depth = max(depth - 1, 0)
+
+
 def parse(text: str, file: str = "<spec>") -> tuple[ir.Model, ...]:
     """Parse one spec file into (unresolved) models."""
+    _check_nesting(text, file)
     try:
         tree = _lark().parse(text)
     except UnexpectedInput as err:
@@ -99,6 +125,8 @@ def parse(text: str, file: str = "<spec>") -> tuple[ir.Model, ...]:
         raise
     except SpecError as err:
         raise err.with_source({file: text}) from None
+    except RecursionError:  # a chain of operators tens of thousands long: as deep as nesting
+        raise SpecError(f"{file}: an expression is nested too deeply to parse") from None
 
 
 def _syntax_error(err: UnexpectedInput, text: str, file: str) -> SpecError:

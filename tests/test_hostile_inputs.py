@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import struct
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,13 +60,13 @@ TINY = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def valid(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def make_valid_artifacts(root: Path) -> Path:
+    """The valid inputs the hostile ones are made from: a tiny Llama checkpoint (single file and sharded),
+    its tokenizer folder and a GGUF file of it."""
     from gguf_files import bpe_tokenizer, write_gguf
 
     from specformer.generated.llama import LlamaConfig, LlamaForCausalLM
 
-    root = tmp_path_factory.mktemp("valid")
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**TINY))
     model.save_pretrained(root / "single")
@@ -83,6 +84,11 @@ def valid(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def valid(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_valid_artifacts(tmp_path_factory.mktemp("valid"))
+
+
 # ---- running one input -----------------------------------------------------------------------------
 def _resident_bytes() -> int:
     with open("/proc/self/statm") as statm:
@@ -97,6 +103,7 @@ def run_isolated(action: Action) -> tuple[dict, int]:
     if pid == 0:  # pragma: no cover - the child never returns
         os.close(read)
         outcome: dict = {"error": None}
+        start = time.perf_counter()
         try:
             signal.alarm(HANG)
             action()
@@ -107,6 +114,7 @@ def run_isolated(action: Action) -> tuple[dict, int]:
                 "message": str(err)[:2000],
                 "trace": traceback.format_exc()[-3000:],
             }
+        outcome["seconds"] = time.perf_counter() - start
         with os.fdopen(write, "w") as pipe:
             json.dump(outcome, pipe)
         os._exit(0)
