@@ -99,6 +99,8 @@ def plan_config(
                 )
             )
     body += [Line(line) for line in [*plain, *derived, "super().__init__(**kwargs)"]]
+    # fields without a default first: Python takes no required parameter after an optional one
+    params.sort(key=lambda p: p.default is not None)
     init = Function("__init__", (*params, Param("**kwargs", "Any")), "None", tuple(body), expand=True)
     attributes = [Attribute("model_type", "ClassVar[str]", f'"{model.model_type}"')]
     if model.config.aliases:

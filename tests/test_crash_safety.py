@@ -72,6 +72,7 @@ def _in_child(folder: Path, old: Path, body: Callable[[], None]) -> int:
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child never returns
         try:
+            torch.set_num_threads(1)  # OpenMP's thread pool does not survive fork
             body()
         finally:
             os._exit(0)

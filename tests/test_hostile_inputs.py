@@ -102,6 +102,8 @@ def run_isolated(action: Action) -> tuple[dict, int]:
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child never returns
         os.close(read)
+        # OpenMP's thread pool does not survive fork: a parallel region in the child could deadlock
+        torch.set_num_threads(1)
         outcome: dict = {"error": None}
         start = time.perf_counter()
         try:
