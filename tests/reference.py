@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 import specformer.generated.gemma as sf_gemma
 import specformer.generated.llama as sf_llama
 import specformer.generated.mistral as sf_mistral
+import specformer.generated.olmo2 as sf_olmo2
 import specformer.generated.qwen2 as sf_qwen2
+import specformer.generated.qwen3 as sf_qwen3
 
 DECODER_HEADS = (
     "Model",
@@ -72,6 +74,14 @@ def _qwen2_extra(draw: st.DrawFn, config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _qwen3_extra(draw: st.DrawFn, config: dict[str, Any]) -> dict[str, Any]:
+    return _qwen2_extra(draw, config) | {"attention_bias": draw(st.booleans()), "head_dim": config["head_dim"]}
+
+
+def _olmo2_extra(draw: st.DrawFn, config: dict[str, Any]) -> dict[str, Any]:
+    return {"attention_bias": draw(st.booleans())}  # head_dim is hidden_size // heads
+
+
 ARCHS = {
     a.name: a
     for a in (
@@ -79,6 +89,8 @@ ARCHS = {
         Arch("gemma", "Gemma", sf_gemma, "Gemma", DECODER_HEADS[:4], _gemma_extra),
         Arch("mistral", "Mistral", sf_mistral, "Mistral", DECODER_HEADS, _mistral_extra),
         Arch("qwen2", "Qwen2", sf_qwen2, "Qwen2", DECODER_HEADS, _qwen2_extra),
+        Arch("qwen3", "Qwen3", sf_qwen3, "Qwen3", DECODER_HEADS, _qwen3_extra),
+        Arch("olmo2", "Olmo2", sf_olmo2, "Olmo2", DECODER_HEADS[:2], _olmo2_extra),
     )
 }
 

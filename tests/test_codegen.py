@@ -88,6 +88,8 @@ SPEC_BUDGETS = {
     "bert.sf": 96,
     "distilbert.sf": 86,
     "dpr.sf": 31,
+    "qwen3.sf": 12,
+    "olmo2.sf": 23,
 }
 
 

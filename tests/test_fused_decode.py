@@ -124,6 +124,21 @@ def test_only_specs_with_the_fused_dataflow_get_a_decoder_layout() -> None:
         assert "fused_decode" not in files["variant/modeling_variant.py"], name  # no fast path in modeling
 
 
+def test_families_outside_the_fused_dataflow_fall_back_to_their_forward() -> None:
+    """Per-head or per-projection q/k norms (Qwen3, OLMo 2) are not in the fused step: those packages
+    register no decoder and generate() runs their forward, op by op."""
+    import specformer.generated.olmo2 as olmo2
+    import specformer.generated.qwen3 as qwen3
+
+    for package in (qwen3, olmo2):
+        model_class = next(getattr(package, n) for n in package.__all__ if n.endswith("ForCausalLM"))
+        assert decoder_paths(model_class) is None
+        config = model_class.config_class(vocab_size=61, hidden_size=32, intermediate_size=40,
+                                          num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+        model = model_class(config).eval()
+        assert not isinstance(step_for(model, StaticCache(32)), FusedDecoder)
+
+
 def test_a_spec_written_with_other_names_decodes_fused(tmp_path: Path) -> None:
     """The match is on dataflow, not on Llama's names: a user's spec with its own gets the fused step."""
     text = (SPECS / "llama.sf").read_text()

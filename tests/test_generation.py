@@ -21,7 +21,11 @@ SMALL |= {
     "eos_token_id": 5,
     "bos_token_id": 1,
 }
-EXTRA = {"mistral": {"sliding_window": 4}, "qwen2": {"use_sliding_window": True, "sliding_window": 4}}
+EXTRA = {
+    "mistral": {"sliding_window": 4},
+    "qwen2": {"use_sliding_window": True, "sliding_window": 4},
+    "qwen3": {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
+}
 
 
 def pair(name: str, tmp_path: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -55,7 +59,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "olmo2"])
 @pytest.mark.parametrize("case", CASES)
 def test_matches_transformers(name: str, case: str, tmp_path: Path) -> None:
     ours, reference = pair(name, tmp_path)

@@ -21,6 +21,7 @@ ATOL = 1e-5
 WINDOWED = {
     "mistral": {"sliding_window": 3},
     "qwen2": {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1},
+    "qwen3": {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1},
 }
 PARAMS = [pytest.param(arch, id=name) for name, arch in ARCHS.items()]
 
