@@ -75,7 +75,10 @@ def _qwen2_extra(draw: st.DrawFn, config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _qwen3_extra(draw: st.DrawFn, config: dict[str, Any]) -> dict[str, Any]:
-    return _qwen2_extra(draw, config) | {"attention_bias": draw(st.booleans()), "head_dim": config["head_dim"]}
+    return _qwen2_extra(draw, config) | {
+        "attention_bias": draw(st.booleans()),
+        "head_dim": config["head_dim"],
+    }
 
 
 def _olmo2_extra(draw: st.DrawFn, config: dict[str, Any]) -> dict[str, Any]:
