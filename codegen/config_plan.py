@@ -77,10 +77,15 @@ def plan_config(
             continue
         if f.type.name == "rope":
             theta = f.default.kwarg("theta") if isinstance(f.default, ir.Call) else None
+            partial = f.default.kwarg("partial") if isinstance(f.default, ir.Call) else None
             theta_src = ExprEmitter(lambda n: n, _no_call)(theta) if theta is not None else "10000.0"
+            partial_src = (
+                f", partial={ExprEmitter(lambda n: n, _no_call)(partial)}" if partial is not None else ""
+            )
             max_pos = "self.max_position_embeddings" if "max_position_embeddings" in fields else "None"
             derived.append(
-                f"self.{f.name} = standardize_rope({f.name}, kwargs, theta={theta_src}, max_position_embeddings={max_pos})"
+                f"self.{f.name} = standardize_rope({f.name}, kwargs, theta={theta_src}{partial_src}, "
+                f"max_position_embeddings={max_pos})"
             )
         else:
             derived.append(f"self.{f.name} = {name_of(f.default)} if {f.name} is None else {f.name}")

@@ -25,7 +25,8 @@ from .heads import HeadPlanner, plain_projection, tp_plan
 
 
 def package_name(model: ir.ResolvedModel) -> str:
-    return model.name.lower()
+    """The package is named after the model_type, as Hugging Face's modules are (`gpt_neox`)."""
+    return model.type_name
 
 
 def plan(model: ir.ResolvedModel) -> ModulePlan:

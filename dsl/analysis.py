@@ -216,9 +216,10 @@ class _Analysis:
         if sub is not None:
             return returns.get(sub.target, 1) if sub.kind == "block" else 1
         builtin = BUILTINS.get(expr.func)
-        if builtin is not None and builtin.returns == 0:  # as many as its literal `n`
-            n = expr.args[1] if len(expr.args) > 1 else expr.kwarg("n")
-            return n.value if isinstance(n, ir.Number) and isinstance(n.value, int) else 1
+        if builtin is not None and builtin.count is not None:
+            index = builtin.signature.names.index(builtin.count)
+            literal = expr.args[index] if len(expr.args) > index else expr.kwarg(builtin.count)
+            return literal_count(literal) or 1
         return builtin.returns if builtin is not None else 1
 
     def returns(self, order: list[str]) -> dict[str, int]:
@@ -297,8 +298,11 @@ def config_literal(field: ir.ConfigField) -> ir.Expr:
         if field.type.name != "rope":
             raise SpecError("`rope(...)` is the default of a `rope` field only", default.pos)
         for key, value in default.kwargs:
-            if key != "theta":
-                raise SpecError(f"unknown rope parameter `{key}`{did_you_mean(key, ['theta'])}", value.pos)
+            if key not in ("theta", "partial"):  # the base, the fraction of each head that rotates
+                hint = did_you_mean(key, ["theta", "partial"])
+                raise SpecError(
+                    f"unknown rope parameter `{key}`{hint}; expected `theta` or `partial`", value.pos
+                )
         if default.args:
             raise SpecError("rope(...) takes keyword arguments only", default.pos)
     return default
@@ -337,3 +341,12 @@ def analyze(model: ir.Model | ir.ResolvedModel) -> Facts:
         per_layer_values=MappingProxyType(per_layer),
         reachable=frozenset(analysis.reachable()),
     )
+
+
+def literal_count(expr: object) -> int | None:
+    """How many outputs a count argument asks for: a literal int, or the length of a literal list."""
+    if isinstance(expr, ir.Number) and isinstance(expr.value, int) and not isinstance(expr.value, bool):
+        return expr.value
+    if isinstance(expr, ir.ListExpr):
+        return len(expr.items)
+    return None

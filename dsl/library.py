@@ -110,7 +110,8 @@ class Builtin:
     signature: Signature
     spelling: str  # template, see the module docstring
     imports: tuple[tuple[str, str], ...] = ()  # (runtime module, name) the spelling uses
-    returns: int = 1  # how many tensors; 0: as many as its literal `n` argument
+    returns: int = 1  # how many tensors; 0: as many as its `count` argument says (see `counted_outputs`)
+    count: str | None = None  # the parameter whose literal sets the count: an int, or a list's length
     needs: frozenset[str] = frozenset()  # implicit context: rope, mask, cache, input_ids
     tensor_params: int = 1  # leading positional params that are tensors; the rest are config scalars
 
@@ -160,6 +161,24 @@ BUILTINS: dict[str, Builtin] = {
             _sig("split_last", "split the last dim into n tensors, dropping it", "x", "n"),
             "{x!atom}.unbind(-1)",
             returns=0,
+            count="n",
+        ),
+        Builtin(
+            _sig("chunk", "split the last dim into n equal parts (a fused projection)", "x", "n"),
+            "{x!atom}.chunk({n}, dim=-1)",
+            returns=0,
+            count="n",
+        ),
+        Builtin(
+            _sig("split", "split the last dim into parts of the listed sizes", "x", "sizes"),
+            "{x!atom}.split({sizes}, dim=-1)",
+            returns=0,
+            count="sizes",
+        ),
+        Builtin(
+            _sig("concat", "join two tensors along the last dim", "x", "y"),
+            "torch.cat(({x}, {y}), dim=-1)",
+            tensor_params=2,
         ),
         Builtin(_sig("squeeze_last", "drop a last dim of size 1", "x"), "{x!atom}.squeeze(-1)"),
         Builtin(

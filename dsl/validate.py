@@ -3,13 +3,14 @@ well formed. Every failure is a `SpecError` at the offending node."""
 
 from __future__ import annotations
 
+import keyword
 import math
 import re
 from collections import ChainMap
 from collections.abc import Mapping
 
 from . import ir
-from .analysis import Facts, analyze
+from .analysis import Facts, analyze, literal_count
 from .errors import SpecError, did_you_mean
 from .interpret import MAX_REPEAT, evaluate, is_count, type_ok
 from .library import (
@@ -322,9 +323,10 @@ class Validator:
 
     def check_model_type(self) -> None:
         model_type = self.model.type_name
-        if not re.fullmatch(r"[a-z][a-z0-9_]*", model_type):
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", model_type) or keyword.iskeyword(model_type):
             raise self.error(
-                f"model_type `{model_type}` must be lower-case letters, digits and underscores",
+                f"model_type `{model_type}` must be lower-case letters, digits and underscores, and not a "
+                "Python keyword (it names the generated package)",
                 self.model.pos,
             )
 
@@ -509,11 +511,14 @@ class _ForwardScope:
                 s.kind == "primitive" and s.target == "Rotary" for s in backbone.submodules
             ):
                 raise self.v.error("`rotary` needs a `Rotary(...)` submodule in the backbone", call.pos)
-            if builtin.returns == 0:  # as many outputs as its literal `n`
-                n = bound["n"]
-                if not isinstance(n, ir.Number) or not isinstance(n.value, int) or not 1 <= n.value <= 8:
-                    raise self.v.error(f"`{call.func}` needs a literal count from 1 to 8", call.pos)
-                return n.value
+            if builtin.count is not None:  # as many outputs as its count argument says
+                count = literal_count(bound[builtin.count])
+                if count is None or not 1 <= count <= 8:
+                    raise self.v.error(
+                        f"`{call.func}` needs a literal `{builtin.count}` from 1 to 8 (an int, or a list of sizes)",
+                        call.pos,
+                    )
+                return count
             return builtin.returns
         field = self.v.fields.get(call.func)
         if call.func in ACTIVATIONS or (field is not None and field.type.name == "activation"):

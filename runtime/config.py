@@ -225,6 +225,7 @@ def standardize_rope(
     legacy: dict[str, Any],
     theta: float,
     max_position_embeddings: int,
+    partial: float | None = None,
 ) -> dict[str, Any]:
     """One `rope_parameters` dict from either config.json form.
 
@@ -244,6 +245,8 @@ def standardize_rope(
     params.setdefault("rope_theta", legacy_theta if legacy_theta is not None else theta)
     if "partial_rotary_factor" in legacy:
         params.setdefault("partial_rotary_factor", legacy.pop("partial_rotary_factor"))
+    if partial is not None:  # the spec's default fraction of each head that rotates
+        params.setdefault("partial_rotary_factor", partial)
     if params["rope_type"] not in _ROPE_TYPES:
         raise ConfigError(
             f"rope_parameters.rope_type is `{params['rope_type']}`; expected one of {_ROPE_TYPES}"

@@ -13,6 +13,7 @@ import transformers
 from hypothesis import strategies as st
 
 import specformer.generated.gemma as sf_gemma
+import specformer.generated.gpt_neox as sf_gpt_neox
 import specformer.generated.llama as sf_llama
 import specformer.generated.mistral as sf_mistral
 import specformer.generated.olmo2 as sf_olmo2
@@ -36,6 +37,7 @@ class Arch:
     prefix: str  # generated class prefix
     heads: tuple[str, ...]
     extra: Callable[[st.DrawFn, dict[str, Any]], dict[str, Any]]  # architecture-specific config fields
+    drop: tuple[str, ...] = ()  # drawn Llama-style fields the family's config does not have
 
     @property
     def hf_config(self) -> type:
@@ -85,6 +87,27 @@ def _olmo2_extra(draw: st.DrawFn, config: dict[str, Any]) -> dict[str, Any]:
     return {"attention_bias": draw(st.booleans())}  # head_dim is hidden_size // heads
 
 
+def _gpt_neox_extra(draw: st.DrawFn, config: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "layer_norm_eps": config["rms_norm_eps"],
+        "use_parallel_residual": draw(st.booleans()),
+        "attention_bias": draw(st.booleans()),
+        # at least 4 rotating dims: transformers' dynamic rope divides by (dims - 2)
+        "partial_rotary_factor": draw(
+            st.sampled_from(
+                [
+                    p
+                    for p in (0.25, 0.5, 1.0)
+                    if config["hidden_size"] // config["num_attention_heads"] * p >= 4
+                ]
+            )
+        ),
+        "num_key_value_heads": config["num_attention_heads"],  # no grouped-query attention
+    }
+
+
+LLAMA_ONLY = ("rms_norm_eps", "num_key_value_heads")
+
 ARCHS = {
     a.name: a
     for a in (
@@ -94,6 +117,7 @@ ARCHS = {
         Arch("qwen2", "Qwen2", sf_qwen2, "Qwen2", DECODER_HEADS, _qwen2_extra),
         Arch("qwen3", "Qwen3", sf_qwen3, "Qwen3", DECODER_HEADS, _qwen3_extra),
         Arch("olmo2", "Olmo2", sf_olmo2, "Olmo2", DECODER_HEADS[:2], _olmo2_extra),
+        Arch("gpt_neox", "GPTNeoX", sf_gpt_neox, "GPTNeoX", DECODER_HEADS, _gpt_neox_extra, LLAMA_ONLY),
     )
 }
 
@@ -151,8 +175,11 @@ def small_configs(draw: st.DrawFn, arch: Arch) -> dict[str, Any]:
     extra = arch.extra(draw, config)
     head_dim = extra.get("head_dim", hidden // heads)
     config = {k: v for k, v in config.items() if k != "head_dim"} | extra
-    config["rope_parameters"] = draw(rope_parameters(32, head_dim))
-    return config
+    partial = config.pop("partial_rotary_factor", None)
+    config["rope_parameters"] = draw(rope_parameters(32, int(head_dim * (partial or 1.0))))
+    if partial is not None:
+        config["rope_parameters"]["partial_rotary_factor"] = partial
+    return {k: v for k, v in config.items() if k not in arch.drop}
 
 
 def hf_config(arch: Arch, values: dict[str, Any]) -> Any:

@@ -90,6 +90,7 @@ SPEC_BUDGETS = {
     "dpr.sf": 31,
     "qwen3.sf": 12,
     "olmo2.sf": 23,
+    "gpt_neox.sf": 71,
 }
 
 

@@ -30,7 +30,7 @@ def build(text: str, name: str, tmp_path: Path) -> ModuleType:
         target.write_text(source)
     sys.path.insert(0, str(tmp_path))
     try:
-        return importlib.import_module(name.lower())
+        return importlib.import_module(next(iter(files)).split("/")[0])
     finally:
         sys.path.remove(str(tmp_path))
 

@@ -54,6 +54,12 @@ def compare(task: str, expected: dict, actual: dict, mask: torch.Tensor) -> None
         torch.testing.assert_close(got, want, atol=ATOL, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def saved_keys(folder: Path) -> set[str]:
+    from specformer.runtime.checkpoint import checkpoint_files, iter_tensors
+
+    return {key for key, _ in iter_tensors(checkpoint_files(folder))}
+
+
 def save_hf(arch: Arch, task: str, values: dict, folder: Path) -> torch.nn.Module:
     model = arch.hf_class(task)(hf_config(arch, values)).eval()
     model.save_pretrained(folder)
@@ -69,7 +75,8 @@ def test_hf_checkpoint_loads_and_matches(arch: Arch, data: st.DataObject, tmp_pa
     reference = save_hf(arch, task, values, folder)
     ours = arch.ours_class(task).from_pretrained(folder)
 
-    assert set(ours.state_dict()) == set(reference.state_dict())
+    # the keys transformers writes (5.x renames some on save: GPT-NeoX's lm_head is `embed_out`)
+    assert set(ours.state_dict()) - set(ours.active_ties()) == saved_keys(folder)
     # Longer than max_position_embeddings (32) sometimes, so dynamic and longrope rescale.
     length = data.draw(st.sampled_from([11, 40]), label="length")
     ids, mask = batch(values["vocab_size"], seed=len(values), length=length)
