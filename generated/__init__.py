@@ -8,6 +8,7 @@
 #   specformer.generated.llama
 #   specformer.generated.mistral
 #   specformer.generated.olmo2
+#   specformer.generated.phi
 #   specformer.generated.qwen2
 #   specformer.generated.qwen3
 """Architectures generated from `specs/`; each subpackage imports only torch and the runtime."""

@@ -91,6 +91,7 @@ SPEC_BUDGETS = {
     "qwen3.sf": 12,
     "olmo2.sf": 23,
     "gpt_neox.sf": 71,
+    "phi.sf": 71,
 }
 
 
