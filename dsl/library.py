@@ -91,6 +91,20 @@ PRIMITIVES: dict[str, Primitive] = {
             ("dim",),
         ),
         Primitive(
+            _sig(
+                "PerHeadLayerNorm",
+                "a LayerNorm per head of a (B, H, T, D) tensor",
+                "num_heads",
+                "dim",
+                ("eps", 1e-5),
+                ("bias", False),
+            ),
+            "PerHeadLayerNorm",
+            "layers",
+            2,
+            ("num_heads", "dim"),
+        ),
+        Primitive(
             _sig("Rotary", "rotary position tables for a backbone", "dim", "rope", "max_position_embeddings"),
             "RotaryEmbedding",
             "rope",

@@ -11,4 +11,5 @@
 #   specformer.generated.phi
 #   specformer.generated.qwen2
 #   specformer.generated.qwen3
+#   specformer.generated.stablelm
 """Architectures generated from `specs/`; each subpackage imports only torch and the runtime."""

@@ -47,6 +47,23 @@ class RMSNorm(nn.Module):
         )
 
 
+class PerHeadLayerNorm(nn.Module):
+    """A LayerNorm of its own for each head of a (B, H, T, D) tensor, stored as `norms.<h>` (the layout
+    checkpoints use); applied to all heads at once."""
+
+    def __init__(self, num_heads: int, dim: int, eps: float = 1e-5, bias: bool = False) -> None:
+        super().__init__()
+        self.eps = eps
+        self.norms = nn.ModuleList(nn.LayerNorm(dim, eps=eps, bias=bias) for _ in range(num_heads))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = torch.stack([norm.weight for norm in self.norms]).unsqueeze(1)  # (H, 1, D)
+        y = F.layer_norm(x, x.shape[-1:], eps=self.eps) * weight
+        if self.norms[0].bias is not None:
+            y = y + torch.stack([norm.bias for norm in self.norms]).unsqueeze(1)
+        return y
+
+
 class Embedding(nn.Embedding):
     """An embedding table that can hold fixed sinusoidal position codes instead of learned vectors
     (DistilBERT's `sinusoidal_pos_embds`), or whose rows are multiplied by a constant `scale` (Gemma's

@@ -20,6 +20,7 @@ import specformer.generated.olmo2 as sf_olmo2
 import specformer.generated.phi as sf_phi
 import specformer.generated.qwen2 as sf_qwen2
 import specformer.generated.qwen3 as sf_qwen3
+import specformer.generated.stablelm as sf_stablelm
 
 DECODER_HEADS = (
     "Model",
@@ -116,6 +117,17 @@ def _phi_extra(draw: st.DrawFn, config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _stablelm_extra(draw: st.DrawFn, config: dict[str, Any]) -> dict[str, Any]:
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    return {
+        "layer_norm_eps": config["rms_norm_eps"],
+        "use_qkv_bias": draw(st.booleans()),
+        "qk_layernorm": draw(st.booleans()),
+        "use_parallel_residual": draw(st.booleans()),
+        "partial_rotary_factor": draw(st.sampled_from([p for p in (0.25, 0.5, 1.0) if head_dim * p >= 4])),
+    }
+
+
 LLAMA_ONLY = ("rms_norm_eps", "num_key_value_heads")
 
 ARCHS = {
@@ -129,6 +141,15 @@ ARCHS = {
         Arch("olmo2", "Olmo2", sf_olmo2, "Olmo2", DECODER_HEADS[:2], _olmo2_extra),
         Arch("gpt_neox", "GPTNeoX", sf_gpt_neox, "GPTNeoX", DECODER_HEADS, _gpt_neox_extra, LLAMA_ONLY),
         Arch("phi", "Phi", sf_phi, "Phi", DECODER_HEADS[:4], _phi_extra, ("rms_norm_eps",)),
+        Arch(
+            "stablelm",
+            "StableLm",
+            sf_stablelm,
+            "StableLm",
+            DECODER_HEADS[:4],
+            _stablelm_extra,
+            ("rms_norm_eps",),
+        ),
     )
 }
 

@@ -92,6 +92,7 @@ SPEC_BUDGETS = {
     "olmo2.sf": 23,
     "gpt_neox.sf": 71,
     "phi.sf": 71,
+    "stablelm.sf": 34,
 }
 
 

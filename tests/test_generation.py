@@ -59,7 +59,9 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "olmo2", "gpt_neox", "phi"])
+@pytest.mark.parametrize(
+    "name", ["llama", "mistral", "qwen2", "qwen3", "olmo2", "gpt_neox", "phi", "stablelm"]
+)
 @pytest.mark.parametrize("case", CASES)
 def test_matches_transformers(name: str, case: str, tmp_path: Path) -> None:
     ours, reference = pair(name, tmp_path)

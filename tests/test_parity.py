@@ -184,3 +184,27 @@ def test_logits_to_keep(arch: Arch, tmp_path: Path) -> None:
     assert last.shape == (2, 1, 53)
     torch.testing.assert_close(last, full[:, -1:])
     torch.testing.assert_close(picked, full[:, [0, 4]])
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_per_head_layer_norms_match(parallel: bool, tmp_path: Path) -> None:
+    """StableLM's `q_layernorm.norms.<h>` (a LayerNorm per head), with grouped-query attention."""
+    arch = ARCHS["stablelm"]
+    values = {"vocab_size": 53, "hidden_size": 64, "intermediate_size": 40, "num_hidden_layers": 2}
+    values |= {"num_attention_heads": 4, "num_key_value_heads": 2, "qk_layernorm": True}
+    values |= {"use_parallel_residual": parallel, "use_qkv_bias": True, "pad_token_id": 0}
+    reference = save_hf(arch, "ForCausalLM", values, tmp_path)
+    with torch.no_grad():  # distinct per-head weights, so a mix-up of heads shows
+        for name, p in reference.named_parameters():
+            if "layernorm.norms" in name:
+                p.copy_(torch.randn_like(p))
+    reference.save_pretrained(tmp_path)
+    ours = arch.ours_class("ForCausalLM").from_pretrained(tmp_path)
+    assert "model.layers.0.self_attn.k_layernorm.norms.1.weight" in ours.state_dict()
+    ids, mask = batch(53, seed=5)
+    compare(
+        "ForCausalLM",
+        outputs(reference, "ForCausalLM", ids, mask),
+        outputs(ours, "ForCausalLM", ids, mask),
+        mask,
+    )
