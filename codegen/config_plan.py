@@ -83,9 +83,11 @@ def plan_config(
                 f", partial={ExprEmitter(lambda n: n, _no_call)(partial)}" if partial is not None else ""
             )
             max_pos = "self.max_position_embeddings" if "max_position_embeddings" in fields else "None"
+            original = "original_max_position_embeddings"
+            original_src = f", {original}=self.{original}" if original in fields else ""
             derived.append(
                 f"self.{f.name} = standardize_rope({f.name}, kwargs, theta={theta_src}{partial_src}, "
-                f"max_position_embeddings={max_pos})"
+                f"max_position_embeddings={max_pos}{original_src})"
             )
         else:
             derived.append(f"self.{f.name} = {name_of(f.default)} if {f.name} is None else {f.name}")

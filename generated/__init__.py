@@ -9,6 +9,7 @@
 #   specformer.generated.mistral
 #   specformer.generated.olmo2
 #   specformer.generated.phi
+#   specformer.generated.phi3
 #   specformer.generated.qwen2
 #   specformer.generated.qwen3
 #   specformer.generated.stablelm

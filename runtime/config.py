@@ -226,6 +226,7 @@ def standardize_rope(
     theta: float,
     max_position_embeddings: int,
     partial: float | None = None,
+    original_max_position_embeddings: int | None = None,
 ) -> dict[str, Any]:
     """One `rope_parameters` dict from either config.json form.
 
@@ -242,6 +243,8 @@ def standardize_rope(
     if "type" in params:  # very old checkpoints: {"type": "linear", "factor": 2.0}
         params.setdefault("rope_type", params.pop("type"))
     params.setdefault("rope_type", "default")
+    if params["rope_type"] == "su":  # longrope's first name, in early long-context checkpoints
+        params["rope_type"] = "longrope"
     params.setdefault("rope_theta", legacy_theta if legacy_theta is not None else theta)
     if "partial_rotary_factor" in legacy:
         params.setdefault("partial_rotary_factor", legacy.pop("partial_rotary_factor"))
@@ -252,6 +255,9 @@ def standardize_rope(
             f"rope_parameters.rope_type is `{params['rope_type']}`; expected one of {_ROPE_TYPES}"
         )
     if params["rope_type"] in ("llama3", "yarn", "longrope"):
+        if original_max_position_embeddings is not None:
+            # a config field of its own (as transformers does, it takes precedence over the rope dict's)
+            params["original_max_position_embeddings"] = original_max_position_embeddings
         params.setdefault("original_max_position_embeddings", max_position_embeddings)
     required = {
         "linear": ("factor",),

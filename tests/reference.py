@@ -18,6 +18,7 @@ import specformer.generated.llama as sf_llama
 import specformer.generated.mistral as sf_mistral
 import specformer.generated.olmo2 as sf_olmo2
 import specformer.generated.phi as sf_phi
+import specformer.generated.phi3 as sf_phi3
 import specformer.generated.qwen2 as sf_qwen2
 import specformer.generated.qwen3 as sf_qwen3
 import specformer.generated.stablelm as sf_stablelm
@@ -31,6 +32,9 @@ DECODER_HEADS = (
 )
 
 
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
+
+
 @dataclass(frozen=True)
 class Arch:
     name: str
@@ -40,6 +44,7 @@ class Arch:
     heads: tuple[str, ...]
     extra: Callable[[st.DrawFn, dict[str, Any]], dict[str, Any]]  # architecture-specific config fields
     drop: tuple[str, ...] = ()  # drawn Llama-style fields the family's config does not have
+    rope_types: tuple[str, ...] = ROPE_TYPES  # the rope types the family's config accepts
 
     @property
     def hf_config(self) -> type:
@@ -128,6 +133,13 @@ def _stablelm_extra(draw: st.DrawFn, config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _phi3_extra(draw: st.DrawFn, config: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "sliding_window": draw(st.sampled_from([None, 3, 8])),
+        "original_max_position_embeddings": 8,  # longrope switches to its long factors past it
+    }
+
+
 LLAMA_ONLY = ("rms_norm_eps", "num_key_value_heads")
 
 ARCHS = {
@@ -142,6 +154,15 @@ ARCHS = {
         Arch("gpt_neox", "GPTNeoX", sf_gpt_neox, "GPTNeoX", DECODER_HEADS, _gpt_neox_extra, LLAMA_ONLY),
         Arch("phi", "Phi", sf_phi, "Phi", DECODER_HEADS[:4], _phi_extra, ("rms_norm_eps",)),
         Arch(
+            "phi3",
+            "Phi3",
+            sf_phi3,
+            "Phi3",
+            DECODER_HEADS[:4],
+            _phi3_extra,
+            rope_types=("default", "longrope"),
+        ),
+        Arch(
             "stablelm",
             "StableLm",
             sf_stablelm,
@@ -155,8 +176,10 @@ ARCHS = {
 
 
 @st.composite
-def rope_parameters(draw: st.DrawFn, max_position_embeddings: int, head_dim: int) -> dict[str, Any]:
-    rope_type = draw(st.sampled_from(["default", "linear", "dynamic", "yarn", "longrope", "llama3"]))
+def rope_parameters(
+    draw: st.DrawFn, max_position_embeddings: int, head_dim: int, types: tuple[str, ...] = ROPE_TYPES
+) -> dict[str, Any]:
+    rope_type = draw(st.sampled_from(types))
     params: dict[str, Any] = {
         "rope_type": rope_type,
         "rope_theta": draw(st.sampled_from([10000.0, 500000.0])),
@@ -208,7 +231,7 @@ def small_configs(draw: st.DrawFn, arch: Arch) -> dict[str, Any]:
     head_dim = extra.get("head_dim", hidden // heads)
     config = {k: v for k, v in config.items() if k != "head_dim"} | extra
     partial = config.pop("partial_rotary_factor", None)
-    config["rope_parameters"] = draw(rope_parameters(32, int(head_dim * (partial or 1.0))))
+    config["rope_parameters"] = draw(rope_parameters(32, int(head_dim * (partial or 1.0)), arch.rope_types))
     if partial is not None:
         config["rope_parameters"]["partial_rotary_factor"] = partial
     return {k: v for k, v in config.items() if k not in arch.drop}

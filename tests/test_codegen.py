@@ -93,6 +93,7 @@ SPEC_BUDGETS = {
     "gpt_neox.sf": 71,
     "phi.sf": 71,
     "stablelm.sf": 34,
+    "phi3.sf": 36,
 }
 
 

@@ -173,7 +173,7 @@ def test_cached_decoding_matches_full_forward(arch: Arch, tmp_path: Path) -> Non
 @pytest.mark.parametrize("arch", PARAMS)
 def test_logits_to_keep(arch: Arch, tmp_path: Path) -> None:
     values = {"vocab_size": 53, "hidden_size": 32, "intermediate_size": 40, "num_hidden_layers": 1}
-    values |= {"num_attention_heads": 2, "num_key_value_heads": 2}
+    values |= {"num_attention_heads": 2, "num_key_value_heads": 2, "pad_token_id": 0}
     save_hf(arch, "ForCausalLM", values, tmp_path)
     model = arch.ours_class("ForCausalLM").from_pretrained(tmp_path)
     ids = torch.randint(1, 53, (2, 7))
