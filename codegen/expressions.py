@@ -119,6 +119,8 @@ def _is_none(expr: ir.Expr) -> bool:
 
 def _number(expr: ir.Number) -> str:
     text = expr.text
+    if isinstance(expr.value, int):
+        return str(expr.value)  # `01` is not a Python literal
     if isinstance(expr.value, float):
         # Canonical spelling: `1e-6` stays, `.5` becomes `0.5`, `5.` becomes `5.0`.
         if text.startswith("."):

@@ -355,3 +355,11 @@ def test_a_required_field_after_defaulted_ones_makes_a_valid_constructor() -> No
     config = next(text for rel, text in files.items() if rel.endswith("configuration_needs.py"))
     compile(config, "configuration_needs.py", "exec")
     assert "seed_value: int,\n" in config
+
+
+def test_an_integer_with_leading_zeros_is_spelled_as_python_reads_it() -> None:
+    """Found by the spec fuzz: `01` is a number to the spec language and a SyntaxError to Python."""
+    files = render_delta("model Zeros extends Llama {\n  config { pad_token_id = 007 }\n}\n", "Zeros")
+    config = next(text for rel, text in files.items() if rel.endswith("configuration_zeros.py"))
+    compile(config, "configuration_zeros.py", "exec")
+    assert "pad_token_id: int | None = 7," in config
