@@ -1,7 +1,8 @@
 """Line layout for generated code: what `ruff format` would produce for the statements we emit.
 
 A statement that fits in `LINE_LENGTH` stays on one line. Otherwise, like black and ruff:
-- a right-hand side ending in brackets (a call, a list) is split inside its last bracket pair;
+- a right-hand side ending in brackets (a call, a list) with at most one top-level operator is split
+  inside its last bracket pair (`x + f(`, args, `)`);
 - any other right-hand side is wrapped in parentheses;
 - the inside of a bracket pair goes on one indented line if it fits, else it is split at its loosest
   top-level delimiter (comprehension `for`, comma, `if`/`else`, `or`, `and`, comparison, `+`/`-`, ...),
@@ -148,6 +149,28 @@ def _trailing_bracket_split(indent: str, text: str, suffix: str) -> list[str] | 
     return None
 
 
+def _omits_parentheses(head: str, expr: str) -> bool:
+    """Whether ruff splits `expr` (which ends in a bracket pair) inside its last brackets rather than
+    wrapping it in parentheses: black's `can_omit_invisible_parens`. Yes without top-level operators, no
+    with two of the loosest kind; with one, yes when that last pair opens within the line or after other
+    brackets (`x + f(...)`, `(a) / (b)`)."""
+    delimiters = _top_level_delimiters(expr)
+    if not delimiters:
+        return True
+    top = max(p for p, _, _ in delimiters)
+    if sum(1 for p, _, _ in delimiters if p == top) > 1:
+        return False
+    depth = 0
+    for i in range(len(expr) - 1, -1, -1):  # the last pair's opening bracket
+        if expr[i] in _CLOSE:
+            depth += 1
+        elif expr[i] in _OPEN:
+            depth -= 1
+            if depth == 0:
+                return any(c in _OPEN for c in expr[:i]) or len(head) + i + 1 <= LINE_LENGTH
+    return False
+
+
 def call_lines(indent: str, head: str, args: list[str], tail: str = ")") -> list[str]:
     """`head` ends with an opening bracket; lay out `head + args + tail` like ruff: one line if it fits,
     else the arguments on one indented line, else one argument per line with a trailing comma."""
@@ -186,7 +209,7 @@ def statement_lines(indent: str, text: str) -> list[str]:
             return [indent + text]
     lead, expr = _split_statement(text)
     split = _trailing_bracket_split(indent, lead + expr, "")
-    if split is not None and len(split[0]) <= LINE_LENGTH and not _top_level_delimiters(expr):
+    if split is not None and len(split[0]) <= LINE_LENGTH and _omits_parentheses(indent + lead, expr):
         return split
     if keyword.iskeyword(expr.split(" ", 1)[0]) and expr.split(" ", 1)[0] not in (
         "not",

@@ -92,6 +92,19 @@ PRIMITIVES: dict[str, Primitive] = {
         ),
         Primitive(
             _sig(
+                "TransposedLinear",
+                "y = x W + b, W stored (in, out)",
+                "in_features",
+                "out_features",
+                ("bias", True),
+            ),
+            "TransposedLinear",
+            "layers",
+            2,
+            ("in_features", "out_features"),
+        ),
+        Primitive(
+            _sig(
                 "PerHeadLayerNorm",
                 "a LayerNorm per head of a (B, H, T, D) tensor",
                 "num_heads",

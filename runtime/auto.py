@@ -43,11 +43,16 @@ def _package(model_type: str) -> ModuleType:
     return packages[model_type]
 
 
+# Other class-name suffixes transformers uses for a task (GPT-2's causal LM is `GPT2LMHeadModel`).
+_OTHER_NAMES = {"ForCausalLM": ("LMHeadModel",)}
+
+
 def model_class(model_type: str, task: str = "ForCausalLM") -> type[PreTrainedModel]:
     """The generated class for `model_type` whose name ends in `task` (`Model`, `ForCausalLM`, ...)."""
     package = _package(model_type)
     prefix = next(n[: -len("Config")] for n in package.__all__ if n.endswith("Config"))
-    name = f"{prefix}{task}"
+    names = [f"{prefix}{suffix}" for suffix in (task, *_OTHER_NAMES.get(task, ()))]
+    name = next((n for n in names if n in package.__all__), names[0])
     if name not in package.__all__:
         heads = sorted(
             n[len(prefix) :]

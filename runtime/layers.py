@@ -20,6 +20,23 @@ class Linear(nn.Linear):
         return kernels.linear(x, self.weight, self.bias)
 
 
+class TransposedLinear(nn.Module):
+    """y = x W + b with W stored (in, out): the layout GPT-2-era checkpoints use (transformers' `Conv1D`),
+    kept so their tensors load as they are."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(in_features, out_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.t(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.weight.shape[0]}, out_features={self.weight.shape[1]}, bias={self.bias is not None}"
+
+
 def is_plain_linear(module: nn.Module) -> bool:
     """A float linear layer as built (torch's or ours), not a quantized, LoRA or other subclass."""
     return type(module) in (nn.Linear, Linear)

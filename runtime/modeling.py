@@ -11,7 +11,7 @@ from torch import nn
 
 from . import loading
 from .config import PretrainedConfig
-from .layers import Embedding, RMSNorm
+from .layers import Embedding, RMSNorm, TransposedLinear
 from .quantization import is_quantized_layer, memory_footprint
 
 M = TypeVar("M", bound="PreTrainedModel")
@@ -101,7 +101,7 @@ class PreTrainedModel(nn.Module):
 
     def _init_module(self, module: nn.Module) -> None:
         std = getattr(self.config, "initializer_range", 0.02)
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear | TransposedLinear):
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)

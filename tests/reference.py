@@ -13,6 +13,7 @@ import transformers
 from hypothesis import strategies as st
 
 import specformer.generated.gemma as sf_gemma
+import specformer.generated.gpt2 as sf_gpt2
 import specformer.generated.gpt_neox as sf_gpt_neox
 import specformer.generated.llama as sf_llama
 import specformer.generated.mistral as sf_mistral
@@ -45,16 +46,20 @@ class Arch:
     extra: Callable[[st.DrawFn, dict[str, Any]], dict[str, Any]]  # architecture-specific config fields
     drop: tuple[str, ...] = ()  # drawn Llama-style fields the family's config does not have
     rope_types: tuple[str, ...] = ROPE_TYPES  # the rope types the family's config accepts
+    causal_lm: str = "ForCausalLM"  # the causal LM class's suffix where transformers names it otherwise
 
     @property
     def hf_config(self) -> type:
         return getattr(transformers, f"{self.hf_prefix}Config")
 
     def hf_class(self, head: str) -> type:
-        return getattr(transformers, f"{self.hf_prefix}{head}")
+        return getattr(transformers, f"{self.hf_prefix}{self._suffix(head)}")
 
     def ours_class(self, head: str) -> type:
-        return getattr(self.ours, f"{self.prefix}{head}")
+        return getattr(self.ours, f"{self.prefix}{self._suffix(head)}")
+
+    def _suffix(self, head: str) -> str:
+        return self.causal_lm if head == "ForCausalLM" else head
 
 
 def _llama_extra(draw: st.DrawFn, config: dict[str, Any]) -> dict[str, Any]:
@@ -140,6 +145,19 @@ def _phi3_extra(draw: st.DrawFn, config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _gpt2_extra(draw: st.DrawFn, config: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "n_inner": draw(st.sampled_from([None, config["intermediate_size"]])),
+        "activation_function": config["hidden_act"],
+        "layer_norm_epsilon": config["rms_norm_eps"],
+        "scale_attn_weights": draw(st.booleans()),
+        "scale_attn_by_inverse_layer_idx": draw(st.booleans()),
+        "num_key_value_heads": config["num_attention_heads"],
+        "max_position_embeddings": 64,  # learned positions: room for the 40-token test sequences
+    }
+
+
+GPT2_ABSENT = ("rms_norm_eps", "num_key_value_heads", "intermediate_size", "hidden_act", "rope_parameters")
 LLAMA_ONLY = ("rms_norm_eps", "num_key_value_heads")
 
 ARCHS = {
@@ -153,6 +171,9 @@ ARCHS = {
         Arch("olmo2", "Olmo2", sf_olmo2, "Olmo2", DECODER_HEADS[:2], _olmo2_extra),
         Arch("gpt_neox", "GPTNeoX", sf_gpt_neox, "GPTNeoX", DECODER_HEADS, _gpt_neox_extra, LLAMA_ONLY),
         Arch("phi", "Phi", sf_phi, "Phi", DECODER_HEADS[:4], _phi_extra, ("rms_norm_eps",)),
+        Arch(
+            "gpt2", "GPT2", sf_gpt2, "GPT2", DECODER_HEADS, _gpt2_extra, GPT2_ABSENT, causal_lm="LMHeadModel"
+        ),
         Arch(
             "phi3",
             "Phi3",

@@ -76,3 +76,12 @@ def test_missing_head_is_named() -> None:
         AutoModelForCausalLM.from_config(AutoConfig.for_model("bert"))
     with pytest.raises(TypeError, match="is a factory"):
         AutoModel()
+
+
+def test_auto_finds_a_causal_lm_named_the_older_way(tmp_path) -> None:
+    """transformers calls GPT-2's causal LM `GPT2LMHeadModel`; AutoModelForCausalLM finds it."""
+    from specformer.generated.gpt2 import GPT2Config, GPT2LMHeadModel
+    from specformer.runtime.auto import AutoModelForCausalLM
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2)).save_pretrained(tmp_path)
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path)) is GPT2LMHeadModel

@@ -94,6 +94,7 @@ SPEC_BUDGETS = {
     "phi.sf": 71,
     "stablelm.sf": 34,
     "phi3.sf": 36,
+    "gpt2.sf": 75,
 }
 
 

@@ -126,8 +126,9 @@ def test_only_specs_with_the_fused_dataflow_get_a_decoder_layout() -> None:
 
 def test_families_outside_the_fused_dataflow_fall_back_to_their_forward() -> None:
     """Per-head or per-projection q/k norms (Qwen3, OLMo 2), LayerNorm and fused projections (GPT-NeoX)
-    and parallel attention/MLP from one LayerNorm (Phi, StableLM) and fused qkv/gate-up projections (Phi-3) are not in the fused step: those packages register
+    and parallel attention/MLP from one LayerNorm (Phi, StableLM) fused qkv/gate-up projections (Phi-3) and learned positions (GPT-2) are not in the fused step: those packages register
     no decoder and generate() runs their forward."""
+    import specformer.generated.gpt2 as gpt2
     import specformer.generated.gpt_neox as gpt_neox
     import specformer.generated.olmo2 as olmo2
     import specformer.generated.phi as phi
@@ -135,8 +136,10 @@ def test_families_outside_the_fused_dataflow_fall_back_to_their_forward() -> Non
     import specformer.generated.qwen3 as qwen3
     import specformer.generated.stablelm as stablelm
 
-    for package in (qwen3, olmo2, gpt_neox, phi, phi3, stablelm):
-        model_class = next(getattr(package, n) for n in package.__all__ if n.endswith("ForCausalLM"))
+    for package in (qwen3, olmo2, gpt_neox, gpt2, phi, phi3, stablelm):
+        model_class = next(
+            getattr(package, n) for n in package.__all__ if n.endswith(("ForCausalLM", "LMHeadModel"))
+        )
         assert decoder_paths(model_class) is None
         config = model_class.config_class(vocab_size=61, hidden_size=32, intermediate_size=40,
                                           num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,

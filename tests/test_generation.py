@@ -60,7 +60,7 @@ CASES = {
 
 
 @pytest.mark.parametrize(
-    "name", ["llama", "mistral", "qwen2", "qwen3", "olmo2", "gpt_neox", "phi", "stablelm"]
+    "name", ["llama", "mistral", "qwen2", "qwen3", "olmo2", "gpt_neox", "gpt2", "phi", "phi3", "stablelm"]
 )
 @pytest.mark.parametrize("case", CASES)
 def test_matches_transformers(name: str, case: str, tmp_path: Path) -> None:
