@@ -63,7 +63,8 @@ def test_auto_classes_load_the_matching_generated_class(prefix, values, auto, he
 def test_unknown_model_type_lists_the_known_ones(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt9"}))
     with pytest.raises(
-        ValueError, match=r"unknown model_type `gpt9`; known: bert, distilbert, dpr, gemma, llama"
+        ValueError,
+        match=r"unknown model_type `gpt9`; known: bert, distilbert, dpr, gemma, gpt2, gpt_neox, llama",
     ):
         AutoModel.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8}))

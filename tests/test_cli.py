@@ -114,10 +114,10 @@ def test_new_show_generate_import_instantiate(workspace: tuple[Path, Path], tmp_
     assert generated.returncode == 0, generated.stderr
     script = (
         f"import sys; sys.path.insert(0, {str(out)!r})\n"
-        "import torch, tinyllama\n"
-        "config = tinyllama.TinyLlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,\n"
+        "import torch, tiny_llama\n"  # the package is named after the model_type
+        "config = tiny_llama.TinyLlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,\n"
         "                                    num_hidden_layers=1, num_attention_heads=2)\n"
-        "print(tinyllama.TinyLlamaForCausalLM(config)(torch.tensor([[1, 2]])).logits.shape)\n"
+        "print(tiny_llama.TinyLlamaForCausalLM(config)(torch.tensor([[1, 2]])).logits.shape)\n"
     )
     ran = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert ran.returncode == 0 and "torch.Size([1, 2, 32])" in ran.stdout, ran.stderr
