@@ -35,6 +35,7 @@ def plan(model: ir.ResolvedModel) -> ModulePlan:
     model_comment = ctx.comments.take(model.pos, above_only=True)
     doc = docstring(model_comment or [f"{model.name}, generated from its spec."], "")
     base_plan = tp_plan(ctx, ctx.backbone)
+    features = attention_features(ctx)
     pretrained = Class(
         ctx.pretrained_base,
         "PreTrainedModel",
@@ -48,6 +49,17 @@ def plan(model: ir.ResolvedModel) -> ModulePlan:
                     )
                 ]
                 if base_plan
+                else []
+            ),
+            *(
+                [
+                    Attribute(
+                        "attention_features",
+                        "ClassVar[frozenset[str]]",
+                        "frozenset({" + ", ".join(f'"{f}"' for f in features) + "})",
+                    )
+                ]
+                if features
                 else []
             ),
         ),
@@ -116,6 +128,19 @@ def _backbone(ctx: ModelContext, blocks: BlockPlanner) -> Class:
     init = Function("__init__", (Param("config", ctx.config_class), *options), "None", init_body)
     forward = Function("forward", tuple(inputs), "BaseModelOutput", tuple(body), forward_comments)
     return Class(ctx.class_name(block.name), ctx.pretrained_base, doc, (), (init, forward))
+
+
+def attention_features(ctx: ModelContext) -> list[str]:
+    """What the model's `attend` calls ask of the backend beyond masking: `softcap` when any passes one."""
+    calls = [
+        c for n in ctx.facts.reachable if ctx.blocks[n].forward for c in ctx.blocks[n].forward.calls()
+    ]
+    given = {key for c in calls if c.func == "attend" for key, value in c.kwargs if not _is_none(value)}
+    return sorted(given & {"softcap"})
+
+
+def _is_none(expr: ir.Expr) -> bool:
+    return isinstance(expr, ir.Const) and expr.value is None
 
 
 def decoder_registrations(ctx: ModelContext) -> list[str]:

@@ -172,9 +172,10 @@ BUILTINS: dict[str, Builtin] = {
                 ("window", None),
                 ("dropout", 0.0),
                 ("scale", None),
+                ("softcap", None),
             ),
             "attend({q}, {k}, {v}, {@mask}, causal={causal}[[, window={window}]]"
-            "[[, dropout={dropout!atom} if self.training else 0.0]][[, scale={scale}]])",
+            "[[, dropout={dropout!atom} if self.training else 0.0]][[, scale={scale}]][[, softcap={softcap}]])",
             (("attention", "attend"),),
             needs=frozenset({"mask"}),  # and the cache, when it may be causal (analysis.may_be_causal)
             tensor_params=3,
@@ -182,6 +183,10 @@ BUILTINS: dict[str, Builtin] = {
         Builtin(
             _sig("dropout", "dropout while training", "x", "p"),
             "F.dropout({x}, p={p}, training=self.training)",
+        ),
+        Builtin(
+            _sig("softcap", "tanh(x / cap) * cap: squashes x into (-cap, cap)", "x", "cap"),
+            "torch.tanh({x!atom} / {cap!atom}) * {cap!atom}",
         ),
         Builtin(_sig("first_token", "x[:, 0]: the first position of each sequence", "x"), "{x!atom}[:, 0]"),
         Builtin(

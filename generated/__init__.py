@@ -4,6 +4,7 @@
 #   specformer.generated.distilbert
 #   specformer.generated.dpr
 #   specformer.generated.gemma
+#   specformer.generated.gemma2
 #   specformer.generated.gpt2
 #   specformer.generated.gpt_neox
 #   specformer.generated.llama

@@ -176,14 +176,18 @@ def eager_attention(
     window: int | None,
     dropout: float,
     scale: float | None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """The textbook computation, softmax in float32: the reference the fused backends are tested against."""
+    """The textbook computation, softmax in float32: the reference the fused backends are tested against.
+    `softcap` squashes the scores into (-softcap, softcap) before masking."""
     groups = q.shape[1] // k.shape[1]
     if groups > 1:  # grouped-query attention: each kv head serves `groups` query heads
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     masked = mask.needs_mask(causal, window) or (causal and mask.q_len > 1)
     allowed = mask.allowed(causal, window, q.device) if masked else None
     if allowed is not None:
@@ -203,6 +207,7 @@ def flex_attention(
     window: int | None,
     dropout: float,
     scale: float | None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """torch's FlexAttention with a block mask, so fully masked blocks (above the causal diagonal, outside
     the window, all padding) are skipped. Compiled on accelerators; on the CPU it runs unfused (tests)."""
@@ -211,8 +216,16 @@ def flex_attention(
     if dropout > 0:
         raise ValueError("flex_attention has no attention dropout; train with attn_implementation='sdpa'")
     block_mask = mask.block_mask(causal, window, q.device)
+    score_mod = None
+    if softcap is not None:
+
+        def score_mod(score: torch.Tensor, *_: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(score / softcap) * softcap
+
     run = _compiled_flex() if q.device.type != "cpu" else flex
-    return run(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return run(
+        q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
 
 
 @functools.cache
@@ -258,6 +271,7 @@ def flash_attention_2(
     window: int | None,
     dropout: float,
     scale: float | None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """FlashAttention-2: the varlen kernel for padded batches, the dense one otherwise. flash-attn aligns
     a causal mask lower-right when queries are fewer than keys, as decoding with a cache needs; GQA and
@@ -275,6 +289,8 @@ def flash_attention_2(
         )
     flash_attn = require("flash_attn", "attn_implementation='flash_attention_2'")
     options = {"dropout_p": dropout, "softmax_scale": scale, "causal": causal}
+    if softcap is not None:
+        options["softcap"] = softcap
     if window is not None:
         options["window_size"] = (window - 1, 0)  # flash counts the keys left of the query, itself excluded
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # flash wants (B, T, H, D)
@@ -301,9 +317,25 @@ ATTENTION_BACKENDS: dict[str, AttentionFn] = {
 }
 
 
-def register_attention(name: str, fn: AttentionFn) -> None:
-    """Make `fn` selectable as `attn_implementation=name`; it receives the same arguments as `sdpa`."""
+# What each backend can do beyond plain masked attention; a model lists what its spec uses
+# (`attention_features`) and a backend lacking one is refused when the model is loaded.
+BACKEND_FEATURES: dict[str, frozenset[str]] = {
+    "eager": frozenset({"softcap"}),
+    "flex_attention": frozenset({"softcap"}),
+    "flash_attention_2": frozenset({"softcap"}),
+}
+
+
+def register_attention(name: str, fn: AttentionFn, features: frozenset[str] = frozenset()) -> None:
+    """Make `fn` selectable as `attn_implementation=name`; it receives the same arguments as `sdpa`, plus
+    a keyword for each of `features` it supports (`softcap`)."""
     ATTENTION_BACKENDS[name] = fn
+    BACKEND_FEATURES[name] = features
+
+
+def missing_features(name: str, needed: frozenset[str]) -> frozenset[str]:
+    """What of `needed` backend `name` cannot do."""
+    return needed - BACKEND_FEATURES.get(name, frozenset())
 
 
 def check_attention(name: str, dtype: torch.dtype, device: torch.device | str) -> None:
@@ -332,12 +364,21 @@ def attend(
     window: int | None = None,
     dropout: float = 0.0,
     scale: float | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """softmax(q k^T * scale + mask) v with the backend the mask carries (the model's)."""
+    """softmax(q k^T * scale + mask) v with the backend the mask carries (the model's); `softcap` squashes
+    the scores first (tanh(s / cap) * cap), where the backend can."""
     try:
         backend = ATTENTION_BACKENDS[mask.backend]
     except KeyError:
         raise ValueError(
             f"attn_implementation `{mask.backend}` is not available; choose one of {sorted(ATTENTION_BACKENDS)}"
         ) from None
-    return backend(q, k, v, mask, causal=causal, window=window, dropout=dropout, scale=scale)
+    if softcap is None:
+        return backend(q, k, v, mask, causal=causal, window=window, dropout=dropout, scale=scale)
+    if missing_features(mask.backend, frozenset({"softcap"})):
+        raise ValueError(
+            f"attn_implementation `{mask.backend}` cannot cap attention scores (softcap); use one of "
+            f"{sorted(n for n, f in BACKEND_FEATURES.items() if 'softcap' in f)}"
+        )
+    return backend(q, k, v, mask, causal=causal, window=window, dropout=dropout, scale=scale, softcap=softcap)

@@ -31,7 +31,16 @@ class PreTrainedModel(nn.Module):
             )
         self.config = config
         # The attention backend every layer uses (`set_attention`); the backbone hands it to the layers.
-        self.attn_implementation: str = config.attn_implementation or "specformer_cpu"
+        self.attn_implementation: str = config.attn_implementation or self._default_attention("specformer_cpu")
+
+    # What the spec's attention needs beyond masking (`softcap`); backends lacking it are refused.
+    attention_features: ClassVar[frozenset[str]] = frozenset()
+
+    def _default_attention(self, preferred: str) -> str:
+        """`preferred`, or eager attention when the spec needs what `preferred` cannot do."""
+        from .attention import missing_features
+
+        return "eager" if missing_features(preferred, self.attention_features) else preferred
 
     # ---- construction ----------------------------------------------------------------------------
     def tied_weights(self) -> dict[str, str]:
@@ -149,18 +158,24 @@ class PreTrainedModel(nn.Module):
         dtype, device = (
             (weight.dtype, weight.device) if weight is not None else (torch.float32, torch.device("cpu"))
         )
-        name = best_attention(dtype, device) if name is None else name
+        name = self._default_attention(best_attention(dtype, device)) if name is None else name
         check_attention(name, dtype, device)
         return self.set_attention(name)
 
     def set_attention(self: M, name: str) -> M:
         """Compute attention with backend `name` ("sdpa", "eager", "flex_attention", "flash_attention_2",
         "specformer_cpu" or one added with `register_attention`), in this model and the models it holds."""
-        from .attention import ATTENTION_BACKENDS
+        from .attention import ATTENTION_BACKENDS, missing_features
 
         if name not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"attn_implementation `{name}` is not available; choose one of {sorted(ATTENTION_BACKENDS)}"
+            )
+        lacking = missing_features(name, self.attention_features)
+        if lacking:
+            raise ValueError(
+                f"attn_implementation `{name}` cannot do what {type(self).__name__}'s attention needs "
+                f"({', '.join(sorted(lacking))}); use 'eager' or 'flex_attention'"
             )
         for module in self.modules():
             if isinstance(module, PreTrainedModel):

@@ -13,6 +13,7 @@ import transformers
 from hypothesis import strategies as st
 
 import specformer.generated.gemma as sf_gemma
+import specformer.generated.gemma2 as sf_gemma2
 import specformer.generated.gpt2 as sf_gpt2
 import specformer.generated.gpt_neox as sf_gpt_neox
 import specformer.generated.llama as sf_llama
@@ -158,6 +159,20 @@ def _gpt2_extra(draw: st.DrawFn, config: dict[str, Any]) -> dict[str, Any]:
 
 
 GPT2_ABSENT = ("rms_norm_eps", "num_key_value_heads", "intermediate_size", "hidden_act", "rope_parameters")
+
+
+def _gemma2_extra(draw: st.DrawFn, config: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "attention_bias": draw(st.booleans()),
+        "head_dim": config["head_dim"],
+        "hidden_activation": config["hidden_act"],
+        "sliding_window": draw(st.sampled_from([3, 8])),  # shorter than the test sequences
+        "query_pre_attn_scalar": draw(st.sampled_from([16, 24])),
+        "attn_logit_softcapping": draw(st.sampled_from([None, 0.5, 50.0])),  # 0.5: the cap really bites
+        "final_logit_softcapping": draw(st.sampled_from([None, 0.3, 30.0])),
+    }
+
+
 LLAMA_ONLY = ("rms_norm_eps", "num_key_value_heads")
 
 ARCHS = {
@@ -165,6 +180,7 @@ ARCHS = {
     for a in (
         Arch("llama", "Llama", sf_llama, "Llama", DECODER_HEADS, _llama_extra),
         Arch("gemma", "Gemma", sf_gemma, "Gemma", DECODER_HEADS[:4], _gemma_extra),
+        Arch("gemma2", "Gemma2", sf_gemma2, "Gemma2", DECODER_HEADS[:4], _gemma2_extra, ("hidden_act",)),
         Arch("mistral", "Mistral", sf_mistral, "Mistral", DECODER_HEADS, _mistral_extra),
         Arch("qwen2", "Qwen2", sf_qwen2, "Qwen2", DECODER_HEADS, _qwen2_extra),
         Arch("qwen3", "Qwen3", sf_qwen3, "Qwen3", DECODER_HEADS, _qwen3_extra),

@@ -95,6 +95,7 @@ SPEC_BUDGETS = {
     "stablelm.sf": 34,
     "phi3.sf": 36,
     "gpt2.sf": 75,
+    "gemma2.sf": 25,
 }
 
 

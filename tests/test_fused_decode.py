@@ -126,8 +126,9 @@ def test_only_specs_with_the_fused_dataflow_get_a_decoder_layout() -> None:
 
 def test_families_outside_the_fused_dataflow_fall_back_to_their_forward() -> None:
     """Per-head or per-projection q/k norms (Qwen3, OLMo 2), LayerNorm and fused projections (GPT-NeoX)
-    and parallel attention/MLP from one LayerNorm (Phi, StableLM) fused qkv/gate-up projections (Phi-3) and learned positions (GPT-2) are not in the fused step: those packages register
+    and parallel attention/MLP from one LayerNorm (Phi, StableLM) fused qkv/gate-up projections (Phi-3) learned positions (GPT-2) and soft-capped scores (Gemma 2) are not in the fused step: those packages register
     no decoder and generate() runs their forward."""
+    import specformer.generated.gemma2 as gemma2
     import specformer.generated.gpt2 as gpt2
     import specformer.generated.gpt_neox as gpt_neox
     import specformer.generated.olmo2 as olmo2
@@ -136,7 +137,7 @@ def test_families_outside_the_fused_dataflow_fall_back_to_their_forward() -> Non
     import specformer.generated.qwen3 as qwen3
     import specformer.generated.stablelm as stablelm
 
-    for package in (qwen3, olmo2, gpt_neox, gpt2, phi, phi3, stablelm):
+    for package in (qwen3, olmo2, gpt_neox, gpt2, phi, phi3, stablelm, gemma2):
         model_class = next(
             getattr(package, n) for n in package.__all__ if n.endswith(("ForCausalLM", "LMHeadModel"))
         )

@@ -25,6 +25,7 @@ EXTRA = {
     "mistral": {"sliding_window": 4},
     "qwen2": {"use_sliding_window": True, "sliding_window": 4},
     "qwen3": {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
+    "gemma2": {"sliding_window": 4, "attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0},
 }
 
 
@@ -60,7 +61,8 @@ CASES = {
 
 
 @pytest.mark.parametrize(
-    "name", ["llama", "mistral", "qwen2", "qwen3", "olmo2", "gpt_neox", "gpt2", "phi", "phi3", "stablelm"]
+    "name",
+    ["llama", "mistral", "qwen2", "qwen3", "olmo2", "gpt_neox", "gpt2", "phi", "phi3", "stablelm", "gemma2"],
 )
 @pytest.mark.parametrize("case", CASES)
 def test_matches_transformers(name: str, case: str, tmp_path: Path) -> None:
