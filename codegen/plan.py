@@ -35,7 +35,7 @@ def plan(model: ir.ResolvedModel) -> ModulePlan:
     model_comment = ctx.comments.take(model.pos, above_only=True)
     doc = docstring(model_comment or [f"{model.name}, generated from its spec."], "")
     base_plan = tp_plan(ctx, ctx.backbone)
-    features = attention_features(ctx)
+    feature_attributes, feature_methods = _features_member(attention_features(ctx))
     pretrained = Class(
         ctx.pretrained_base,
         "PreTrainedModel",
@@ -51,18 +51,9 @@ def plan(model: ir.ResolvedModel) -> ModulePlan:
                 if base_plan
                 else []
             ),
-            *(
-                [
-                    Attribute(
-                        "attention_features",
-                        "ClassVar[frozenset[str]]",
-                        "frozenset({" + ", ".join(f'"{f}"' for f in features) + "})",
-                    )
-                ]
-                if features
-                else []
-            ),
+            *feature_attributes,
         ),
+        methods=tuple(feature_methods),
     )
     order = [
         n for n in ctx.facts.children_first if ctx.blocks[n].role == "block" and n in ctx.facts.reachable
@@ -130,13 +121,44 @@ def _backbone(ctx: ModelContext, blocks: BlockPlanner) -> Class:
     return Class(ctx.class_name(block.name), ctx.pretrained_base, doc, (), (init, forward))
 
 
-def attention_features(ctx: ModelContext) -> list[str]:
-    """What the model's `attend` calls ask of the backend beyond masking: `softcap` when any passes one."""
+def attention_features(ctx: ModelContext) -> dict[str, list[str] | None]:
+    """What the model's `attend` calls ask of the backend beyond masking (`softcap`): feature -> the config
+    fields whose value decides it (when each `attend` passes a plain config field), or None (always)."""
     calls = [
         c for n in ctx.facts.reachable if ctx.blocks[n].forward for c in ctx.blocks[n].forward.calls()
     ]
-    given = {key for c in calls if c.func == "attend" for key, value in c.kwargs if not _is_none(value)}
-    return sorted(given & {"softcap"})
+    found: dict[str, list[str] | None] = {}
+    for call in (c for c in calls if c.func == "attend"):
+        for key, value in call.kwargs:
+            if key != "softcap" or _is_none(value):
+                continue
+            field = ctx.fields.get(value.id) if isinstance(value, ir.Name) else None
+            if field is None or field.computed or found.get(key, []) is None:
+                found[key] = None  # a literal or a computed value: needed whatever the config says
+            else:
+                found[key] = sorted({*found.get(key, []), value.id})
+    return found
+
+
+def _features_member(features: dict[str, list[str] | None]) -> tuple[list[Attribute], list[Function]]:
+    """`attention_features`: a class attribute when fixed, else a property reading the config."""
+    if not features:
+        return [], []
+    fixed = sorted(f for f, fields in features.items() if fields is None)
+    if len(fixed) == len(features):
+        value = "frozenset({" + ", ".join(f'"{f}"' for f in fixed) + "})"
+        return [Attribute("attention_features", "ClassVar[frozenset[str]]", value)], []
+    parts = [f'frozenset({{"{f}"}})' for f in fixed]
+    for feature, fields in sorted(features.items()):
+        if fields is not None:
+            test = " or ".join(f"self.config.{n} is not None" for n in fields)
+            parts.append(f'(frozenset({{"{feature}"}}) if {test} else frozenset())')
+    expression = " | ".join(parts) if len(parts) > 1 else parts[0].removeprefix("(").removesuffix(")")
+    method = Function(
+        "attention_features", (), "frozenset[str]", (Line(f"return {expression}"),),
+        ("what this config asks of the attention backend beyond masking",), ("@property",),
+    )  # fmt: skip
+    return [], [method]
 
 
 def _is_none(expr: ir.Expr) -> bool:

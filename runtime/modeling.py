@@ -33,8 +33,12 @@ class PreTrainedModel(nn.Module):
         # The attention backend every layer uses (`set_attention`); the backbone hands it to the layers.
         self.attn_implementation: str = config.attn_implementation or self._default_attention("specformer_cpu")
 
-    # What the spec's attention needs beyond masking (`softcap`); backends lacking it are refused.
-    attention_features: ClassVar[frozenset[str]] = frozenset()
+    @property
+    def attention_features(self) -> frozenset[str]:
+        """What the spec's attention needs beyond masking (`softcap`); backends lacking it are refused.
+        Generated models that need something override this (a class attribute, or a property when the
+        config decides)."""
+        return frozenset()
 
     def _default_attention(self, preferred: str) -> str:
         """`preferred`, or eager attention when the spec needs what `preferred` cannot do."""

@@ -124,7 +124,11 @@ class Gemma2PreTrainedModel(PreTrainedModel):
         "layers.*.mlp.up_proj": "colwise",
         "layers.*.mlp.down_proj": "rowwise",
     }
-    attention_features: ClassVar[frozenset[str]] = frozenset({"softcap"})
+
+    # what this config asks of the attention backend beyond masking
+    @property
+    def attention_features(self) -> frozenset[str]:
+        return frozenset({"softcap"}) if self.config.attn_logit_softcapping is not None else frozenset()
 
 
 class Gemma2Model(Gemma2PreTrainedModel):
