@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from specformer.dsl import ir
 from specformer.dsl.errors import SpecError
 from specformer.dsl.ir import names_in
@@ -75,7 +77,14 @@ def plan_config(
         f = fields[name]
         if f.computed or f.default is None or (f.type.name != "rope" and is_literal(f)):
             continue
-        if f.type.name == "rope":
+        if f.type.name == "rope" and _per_kind(f.default):
+            kinds = json.dumps(model.facts.defaults[f.name])  # {kind: parameters}: str and number leaves
+            max_pos = "self.max_position_embeddings" if "max_position_embeddings" in fields else "None"
+            derived.append(
+                f"self.{f.name} = standardize_rope({f.name}, kwargs, theta=None, "
+                f"max_position_embeddings={max_pos}, kinds={kinds})"
+            )
+        elif f.type.name == "rope":
             theta = f.default.kwarg("theta") if isinstance(f.default, ir.Call) else None
             partial = f.default.kwarg("partial") if isinstance(f.default, ir.Call) else None
             theta_src = ExprEmitter(lambda n: n, _no_call)(theta) if theta is not None else "10000.0"
@@ -125,3 +134,8 @@ def plan_config(
         quoted = ", ".join(f'"{name}"' for name in counts)
         attributes.append(Attribute("repeat_counts", "ClassVar[tuple[str, ...]]", f"({quoted},)"))
     return Class(f"{model.name}Config", "PretrainedConfig", "", tuple(attributes), (init, *properties))
+
+
+def _per_kind(default: ir.Expr) -> bool:
+    """`rope(full_attention = rope(...), ...)`: tables per layer kind."""
+    return isinstance(default, ir.Call) and any(isinstance(v, ir.Call) for _, v in default.kwargs)

@@ -124,9 +124,7 @@ def _backbone(ctx: ModelContext, blocks: BlockPlanner) -> Class:
 def attention_features(ctx: ModelContext) -> dict[str, list[str] | None]:
     """What the model's `attend` calls ask of the backend beyond masking (`softcap`): feature -> the config
     fields whose value decides it (when each `attend` passes a plain config field), or None (always)."""
-    calls = [
-        c for n in ctx.facts.reachable if ctx.blocks[n].forward for c in ctx.blocks[n].forward.calls()
-    ]
+    calls = [c for n in ctx.facts.reachable if ctx.blocks[n].forward for c in ctx.blocks[n].forward.calls()]
     found: dict[str, list[str] | None] = {}
     for call in (c for c in calls if c.func == "attend"):
         for key, value in call.kwargs:

@@ -292,20 +292,34 @@ def config_literal(field: ir.ConfigField) -> ir.Expr:
             raise SpecError(f"`{default.id}` is not a known {field.type.name}{hint}", default.pos)
         return ir.String(value=default.id, pos=default.pos)
     for node in ir.walk(default):
-        if isinstance(node, ir.Call) and (node is not default or node.func != "rope"):
+        if isinstance(node, ir.Call) and node.func != "rope":
             raise SpecError(f"`{node.func}(...)` cannot be a config default", node.pos)
     if isinstance(default, ir.Call):
         if field.type.name != "rope":
             raise SpecError("`rope(...)` is the default of a `rope` field only", default.pos)
-        for key, value in default.kwargs:
-            if key not in ("theta", "partial"):  # the base, the fraction of each head that rotates
-                hint = did_you_mean(key, ["theta", "partial"])
-                raise SpecError(
-                    f"unknown rope parameter `{key}`{hint}; expected `theta` or `partial`", value.pos
-                )
-        if default.args:
-            raise SpecError("rope(...) takes keyword arguments only", default.pos)
+        _check_rope(default, nested_allowed=True)
+    elif any(isinstance(node, ir.Call) for node in ir.walk(default)):
+        call = next(node for node in ir.walk(default) if isinstance(node, ir.Call))
+        raise SpecError("`rope(...)` is a field's whole default, not part of one", call.pos)
     return default
+
+
+def _check_rope(call: ir.Call, nested_allowed: bool) -> None:
+    """`rope(theta = ..., partial = ...)`, or tables per layer kind: `rope(full_attention = rope(...),
+    sliding_attention = rope(...))` (the kinds a `rotary(q, k, kind = ...)` call picks from)."""
+    if call.args:
+        raise SpecError("rope(...) takes keyword arguments only", call.pos)
+    nested = [isinstance(value, ir.Call) for _, value in call.kwargs]
+    if any(nested) and not (all(nested) and nested_allowed):
+        raise SpecError(
+            "rope(...) takes either `theta`/`partial`, or one `kind = rope(...)` per layer kind", call.pos
+        )
+    for key, value in call.kwargs:
+        if isinstance(value, ir.Call):
+            _check_rope(value, nested_allowed=False)
+        elif key not in ("theta", "partial"):  # the base, the fraction of each head that rotates
+            hint = did_you_mean(key, ["theta", "partial"])
+            raise SpecError(f"unknown rope parameter `{key}`{hint}; expected `theta` or `partial`", value.pos)
 
 
 def analyze_config(model: ir.Model | ir.ResolvedModel) -> tuple[list[str], set[str], dict[str, object]]:

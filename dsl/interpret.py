@@ -98,6 +98,8 @@ class _Evaluation:
             except (TypeError, OverflowError, ValueError) as err:
                 raise SpecError(f"cannot compute `{expr.op}` here: {err}", expr.pos) from None
         if isinstance(expr, ir.Call) and expr.func == "rope":
+            if any(isinstance(v, ir.Call) for _, v in expr.kwargs):  # tables per layer kind
+                return {k: self.run(v, env) for k, v in expr.kwargs}
             names = {"theta": "rope_theta", "partial": "partial_rotary_factor"}
             return {"rope_type": "default", **{names[k]: self.run(v, env) for k, v in expr.kwargs}}
         raise SpecError("not a config expression", expr.pos)

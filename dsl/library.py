@@ -154,8 +154,14 @@ BUILTINS: dict[str, Builtin] = {
             _sig("merge_heads", "(B, H, T, D) -> (B, T, H*D)", "x"), "{x!atom}.transpose(1, 2).flatten(2)"
         ),
         Builtin(
-            _sig("rotary", "rotate q and k by their positions", "q", "k"),
-            "apply_rotary({q}, {k}, {@rope})",
+            _sig(
+                "rotary",
+                "rotate q and k by their positions (of one layer kind's tables)",
+                "q",
+                "k",
+                ("kind", None),
+            ),
+            "apply_rotary({q}, {k}, {@rope}[[, {kind}]])",
             (("rope", "apply_rotary"),),
             returns=2,
             needs=frozenset({"rope"}),

@@ -5,6 +5,7 @@
 #   specformer.generated.dpr
 #   specformer.generated.gemma
 #   specformer.generated.gemma2
+#   specformer.generated.gemma3_text
 #   specformer.generated.gpt2
 #   specformer.generated.gpt_neox
 #   specformer.generated.llama

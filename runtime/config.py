@@ -216,6 +216,41 @@ def _matches(value: object, type_name: str) -> bool:
     return _TYPE_CHECKS[type_name](value)
 
 
+def _standardize_per_kind(
+    rope_parameters: Any,
+    legacy: dict[str, Any],
+    max_position_embeddings: int,
+    kinds: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """Rope parameters per layer kind ({"full_attention": {...}, "sliding_attention": {...}}), each
+    standardised, missing kinds from the spec's defaults. Flat legacy keys (`rope_theta`, `rope_scaling`
+    at the top level of older configs) describe the first kind the spec lists."""
+    given = rope_parameters if rope_parameters is not None else {}
+    if not isinstance(given, dict) or not all(isinstance(v, dict | None) for v in given.values()):
+        raise ConfigError(
+            f"rope_parameters is {given!r}; expected rope parameters per layer kind {sorted(kinds)}"
+        )
+    unknown = set(given) - set(kinds)
+    if unknown:
+        raise ConfigError(f"rope_parameters has kinds {sorted(unknown)}; this model's are {sorted(kinds)}")
+    first = next(iter(kinds))
+    out: dict[str, Any] = {}
+    for kind, default in kinds.items():
+        params = dict(given.get(kind) or {})
+        if kind == first and not given.get(kind):
+            params.update(legacy.pop("rope_scaling", None) or {})
+            if "rope_theta" in legacy:
+                params.setdefault("rope_theta", legacy.pop("rope_theta"))
+        out[kind] = standardize_rope(
+            params,
+            {},
+            theta=default.get("rope_theta", 10000.0),
+            max_position_embeddings=max_position_embeddings,
+            partial=default.get("partial_rotary_factor"),
+        )
+    return out
+
+
 # ---- rotary position parameters ------------------------------------------------------------------
 _ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
 
@@ -223,10 +258,11 @@ _ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
 def standardize_rope(
     rope_parameters: dict[str, Any] | None,
     legacy: dict[str, Any],
-    theta: float,
+    theta: float | None,
     max_position_embeddings: int,
     partial: float | None = None,
     original_max_position_embeddings: int | None = None,
+    kinds: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """One `rope_parameters` dict from either config.json form.
 
@@ -234,6 +270,8 @@ def standardize_rope(
     published, carry `rope_theta` and an optional `rope_scaling` at the top level. The legacy keys are
     popped from `legacy` (the constructor's leftover kwargs) so they are not written back twice.
     """
+    if kinds is not None:
+        return _standardize_per_kind(rope_parameters, legacy, max_position_embeddings, kinds)
     legacy_theta = legacy.pop("rope_theta", None)
     scaling = legacy.pop("rope_scaling", None)
     params = rope_parameters or scaling or {}

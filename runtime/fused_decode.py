@@ -221,7 +221,11 @@ def fused_decoder(model: nn.Module, batch: int) -> FusedDecoder | None:
     ):
         return None
     rotary = layout.rotary
-    if not isinstance(rotary, RotaryEmbedding) or rotary.inv_freq.numel() * 2 != layout.head_dim:
+    if (
+        not isinstance(rotary, RotaryEmbedding)
+        or rotary.kinds is not None
+        or rotary.inv_freq.numel() * 2 != layout.head_dim
+    ):
         return None  # partial rotary
     if not (cpu_kernels.applies(*tensors) and all(t.dtype == dtype for t in tensors)):
         return None

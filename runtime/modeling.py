@@ -31,7 +31,9 @@ class PreTrainedModel(nn.Module):
             )
         self.config = config
         # The attention backend every layer uses (`set_attention`); the backbone hands it to the layers.
-        self.attn_implementation: str = config.attn_implementation or self._default_attention("specformer_cpu")
+        self.attn_implementation: str = config.attn_implementation or self._default_attention(
+            "specformer_cpu"
+        )
 
     @property
     def attention_features(self) -> frozenset[str]:

@@ -132,6 +132,13 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, dim: int, params: dict[str, Any], max_position_embeddings: int) -> None:
         super().__init__()
+        if "rope_type" not in params and params and all(isinstance(v, dict) for v in params.values()):
+            # tables per layer kind: one embedding each, `rotary(q, k, kind = ...)` picks per layer
+            self.kinds = nn.ModuleDict(
+                {kind: RotaryEmbedding(dim, p, max_position_embeddings) for kind, p in params.items()}
+            )
+            return
+        self.kinds = None
         if max_position_embeddings < 1 or dim < 2:
             raise ValueError(
                 f"rotary tables need a head dimension of at least 2 and a positive context length; got "
@@ -161,7 +168,9 @@ class RotaryEmbedding(nn.Module):
             self.inv_freq = inv_freq.to(self.inv_freq.device)
 
     @torch.no_grad()
-    def forward(self, position_ids: torch.Tensor) -> Rope:
+    def forward(self, position_ids: torch.Tensor) -> Rope | dict[str, Rope]:
+        if self.kinds is not None:
+            return {kind: embedding(position_ids) for kind, embedding in self.kinds.items()}
         if self.rope_type in ("dynamic", "longrope"):
             self._refresh(int(position_ids.max()) + 1)
         freqs = position_ids[..., None].float() * self.inv_freq.float()  # (B, T, dim/2)
@@ -169,6 +178,13 @@ class RotaryEmbedding(nn.Module):
         return Rope(emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling, self.kernel)
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q and k, each (B, H, T, D), by this forward's tables (`kernels.rotary`)."""
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, rope: Rope | dict[str, Rope], kind: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q and k, each (B, H, T, D), by this forward's tables (`kernels.rotary`); `kind` picks the
+    tables of a layer kind where the model has several (`rope(full_attention = ..., ...)`)."""
+    if isinstance(rope, dict):
+        if kind not in rope:
+            raise ValueError(f"rotary tables of kind {kind!r} requested; this model has {sorted(rope)}")
+        rope = rope[kind]
     return kernels.rotary(q, k, rope)

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import specformer.generated.gemma as sf_gemma
 import specformer.generated.gemma2 as sf_gemma2
+import specformer.generated.gemma3_text as sf_gemma3_text
 import specformer.generated.gpt2 as sf_gpt2
 import specformer.generated.gpt_neox as sf_gpt_neox
 import specformer.generated.llama as sf_llama
@@ -48,13 +49,16 @@ class Arch:
     drop: tuple[str, ...] = ()  # drawn Llama-style fields the family's config does not have
     rope_types: tuple[str, ...] = ROPE_TYPES  # the rope types the family's config accepts
     causal_lm: str = "ForCausalLM"  # the causal LM class's suffix where transformers names it otherwise
+    hf_names: tuple[tuple[str, str], ...] = ()  # (head, transformers class) where the prefix differs
+    rope_per_kind: bool = False  # rope parameters per layer kind (full / sliding attention)
 
     @property
     def hf_config(self) -> type:
         return getattr(transformers, f"{self.hf_prefix}Config")
 
     def hf_class(self, head: str) -> type:
-        return getattr(transformers, f"{self.hf_prefix}{self._suffix(head)}")
+        name = dict(self.hf_names).get(head, f"{self.hf_prefix}{self._suffix(head)}")
+        return getattr(transformers, name)
 
     def ours_class(self, head: str) -> type:
         return getattr(self.ours, f"{self.prefix}{self._suffix(head)}")
@@ -173,6 +177,23 @@ def _gemma2_extra(draw: st.DrawFn, config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _gemma3_extra(draw: st.DrawFn, config: dict[str, Any]) -> dict[str, Any]:
+    extra = _gemma2_extra(draw, config)
+    layers = config["num_hidden_layers"]
+    extra["layer_types"] = draw(
+        st.lists(st.sampled_from(["sliding_attention", "full_attention"]), min_size=layers, max_size=layers)
+    )
+    return extra
+
+
+def _per_kind_rope(draw: st.DrawFn, config: dict[str, Any]) -> dict[str, Any]:
+    head_dim = config.get("head_dim", config["hidden_size"] // config["num_attention_heads"])
+    return {
+        "full_attention": draw(rope_parameters(32, head_dim, ("default", "linear"))),
+        "sliding_attention": {"rope_type": "default", "rope_theta": draw(st.sampled_from([10000.0, 500.0]))},
+    }
+
+
 LLAMA_ONLY = ("rms_norm_eps", "num_key_value_heads")
 
 ARCHS = {
@@ -181,6 +202,17 @@ ARCHS = {
         Arch("llama", "Llama", sf_llama, "Llama", DECODER_HEADS, _llama_extra),
         Arch("gemma", "Gemma", sf_gemma, "Gemma", DECODER_HEADS[:4], _gemma_extra),
         Arch("gemma2", "Gemma2", sf_gemma2, "Gemma2", DECODER_HEADS[:4], _gemma2_extra, ("hidden_act",)),
+        Arch(
+            "gemma3_text",
+            "Gemma3Text",
+            sf_gemma3_text,
+            "Gemma3Text",
+            ("Model", "ForCausalLM", "ForSequenceClassification"),
+            _gemma3_extra,
+            ("hidden_act",),
+            hf_names=(("ForCausalLM", "Gemma3ForCausalLM"),),
+            rope_per_kind=True,
+        ),
         Arch("mistral", "Mistral", sf_mistral, "Mistral", DECODER_HEADS, _mistral_extra),
         Arch("qwen2", "Qwen2", sf_qwen2, "Qwen2", DECODER_HEADS, _qwen2_extra),
         Arch("qwen3", "Qwen3", sf_qwen3, "Qwen3", DECODER_HEADS, _qwen3_extra),
@@ -269,6 +301,8 @@ def small_configs(draw: st.DrawFn, arch: Arch) -> dict[str, Any]:
     config = {k: v for k, v in config.items() if k != "head_dim"} | extra
     partial = config.pop("partial_rotary_factor", None)
     config["rope_parameters"] = draw(rope_parameters(32, int(head_dim * (partial or 1.0)), arch.rope_types))
+    if arch.rope_per_kind:
+        config["rope_parameters"] = _per_kind_rope(draw, config)
     if partial is not None:
         config["rope_parameters"]["partial_rotary_factor"] = partial
     return {k: v for k, v in config.items() if k not in arch.drop}

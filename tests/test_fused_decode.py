@@ -129,6 +129,7 @@ def test_families_outside_the_fused_dataflow_fall_back_to_their_forward() -> Non
     and parallel attention/MLP from one LayerNorm (Phi, StableLM) fused qkv/gate-up projections (Phi-3) learned positions (GPT-2) and soft-capped scores (Gemma 2) are not in the fused step: those packages register
     no decoder and generate() runs their forward."""
     import specformer.generated.gemma2 as gemma2
+    import specformer.generated.gemma3_text as gemma3_text
     import specformer.generated.gpt2 as gpt2
     import specformer.generated.gpt_neox as gpt_neox
     import specformer.generated.olmo2 as olmo2
@@ -137,7 +138,7 @@ def test_families_outside_the_fused_dataflow_fall_back_to_their_forward() -> Non
     import specformer.generated.qwen3 as qwen3
     import specformer.generated.stablelm as stablelm
 
-    for package in (qwen3, olmo2, gpt_neox, gpt2, phi, phi3, stablelm, gemma2):
+    for package in (qwen3, olmo2, gpt_neox, gpt2, phi, phi3, stablelm, gemma2, gemma3_text):
         model_class = next(
             getattr(package, n) for n in package.__all__ if n.endswith(("ForCausalLM", "LMHeadModel"))
         )

@@ -26,6 +26,7 @@ EXTRA = {
     "qwen2": {"use_sliding_window": True, "sliding_window": 4},
     "qwen3": {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
     "gemma2": {"sliding_window": 4, "attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0},
+    "gemma3_text": {"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]},
 }
 
 
@@ -62,7 +63,20 @@ CASES = {
 
 @pytest.mark.parametrize(
     "name",
-    ["llama", "mistral", "qwen2", "qwen3", "olmo2", "gpt_neox", "gpt2", "phi", "phi3", "stablelm", "gemma2"],
+    [
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "olmo2",
+        "gpt_neox",
+        "gpt2",
+        "phi",
+        "phi3",
+        "stablelm",
+        "gemma2",
+        "gemma3_text",
+    ],
 )
 @pytest.mark.parametrize("case", CASES)
 def test_matches_transformers(name: str, case: str, tmp_path: Path) -> None:

@@ -208,3 +208,20 @@ def test_attention_mask_shape_is_checked() -> None:
     model = tiny_model()
     with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 5\); expected \(batch, 6\)"):
         model(torch.zeros(2, 6, dtype=torch.long), attention_mask=torch.ones(2, 5))
+
+
+def test_rope_parameters_per_layer_kind() -> None:
+    """Nested rope parameters (Gemma 3's full/sliding tables): each kind standardised, missing kinds from
+    the spec's defaults, flat legacy keys read as the first kind's, unknown kinds refused."""
+    from specformer.runtime.config import ConfigError, standardize_rope
+
+    kinds = {"full_attention": {"rope_theta": 1e6}, "sliding_attention": {"rope_theta": 1e4}}
+    given = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}}
+    out = standardize_rope(given, {}, theta=None, max_position_embeddings=64, kinds=kinds)
+    assert out["full_attention"]["factor"] == 8.0 and out["sliding_attention"]["rope_theta"] == 1e4
+    legacy = {"rope_theta": 5e5, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}
+    out = standardize_rope(None, legacy, theta=None, max_position_embeddings=64, kinds=kinds)
+    assert out["full_attention"]["rope_theta"] == 5e5 and out["full_attention"]["factor"] == 2.0
+    assert not legacy  # consumed, so they are not written back to config.json
+    with pytest.raises(ConfigError, match="this model's are"):
+        standardize_rope({"chunked_attention": {}}, {}, theta=None, max_position_embeddings=64, kinds=kinds)
