@@ -151,7 +151,8 @@ def _builtin(builtin: Builtin, node: ir.Call, emit: ExprEmitter, context_names: 
     signature = builtin.signature
     given = dict(zip(signature.names, node.args, strict=False)) | dict(node.kwargs)
     args = {p.name: emit(given[p.name]) if p.name in given else repr(p.default) for p in signature.params}
-    return fill(builtin.spelling, args, set(given), {**context_names, "input_ids": "input_ids"})
+    head_inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask"}
+    return fill(builtin.spelling, args, set(given), {**context_names, **head_inputs})
 
 
 def docstring(lines: list[str], indent: str) -> str:

@@ -273,6 +273,7 @@ class _Analysis:
             if (
                 name in kept
                 or any(self.reads_layer(e, layer_lets) for e in in_init)
+                or any(n.id in layer_lets for n in forward.free_names())  # a per-layer value, set when built
                 or any(s.kind == "block" and s.target in built for s in block.submodules)
             ):
                 built.add(name)

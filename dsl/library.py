@@ -220,6 +220,12 @@ BUILTINS: dict[str, Builtin] = {
         ),
         Builtin(_sig("squeeze_last", "drop a last dim of size 1", "x"), "{x!atom}.squeeze(-1)"),
         Builtin(
+            _sig("mean_tokens", "each sequence's mean over its non-padding positions", "x"),
+            "mean_tokens({x}, {@attention_mask})",
+            (("losses", "mean_tokens"),),
+            needs=frozenset({"attention_mask"}),
+        ),
+        Builtin(
             _sig("last_token", "each sequence's last non-padding position", "x"),
             "last_token({x}, {@input_ids}, self.config.pad_token_id)",
             (("losses", "last_token"),),

@@ -501,7 +501,7 @@ class _ForwardScope:
                         raise self.v.error("each input must be a single tensor", value.pos)  # type: ignore[union-attr]
                 else:
                     self.scalar(value)  # type: ignore[arg-type]
-            if "input_ids" in builtin.needs and self.block.role != "head":
+            if builtin.needs & {"input_ids", "attention_mask"} and self.block.role != "head":
                 raise self.v.error(
                     f"`{call.func}` pools a head's input and is only available in heads", call.pos
                 )

@@ -98,8 +98,9 @@ class AttentionMask:
         allowed = k_pos < past + self.q_len  # slots a static cache has not written yet hold nothing
         if causal:
             allowed = allowed & (k_pos <= q_pos)
-        if window is not None:
-            allowed = allowed & (q_pos - k_pos < window)
+        if window is not None:  # causal: the last `window` keys; else `window - 1` on either side
+            distance = q_pos - k_pos
+            allowed = allowed & ((distance if causal else distance.abs()) < window)
         mask = allowed[None, None]  # (1, 1, T, S)
         if self.padding is not None:
             if isinstance(self.past, torch.Tensor):  # a static cache's mask covers its slots one to one
@@ -291,8 +292,8 @@ def flash_attention_2(
     options = {"dropout_p": dropout, "softmax_scale": scale, "causal": causal}
     if softcap is not None:
         options["softcap"] = softcap
-    if window is not None:
-        options["window_size"] = (window - 1, 0)  # flash counts the keys left of the query, itself excluded
+    if window is not None:  # flash counts the keys beside the query, itself excluded
+        options["window_size"] = (window - 1, 0 if causal else window - 1)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # flash wants (B, T, H, D)
     if mask.padding is None:
         return flash_attn.flash_attn_func(q, k, v, **options).transpose(1, 2)

@@ -156,6 +156,14 @@ def keep_last(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch
     return hidden[:, logits_to_keep]
 
 
+def mean_tokens(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Each sequence's mean hidden state over its non-padding positions (B, T, D) -> (B, D)."""
+    if attention_mask is None:
+        return hidden.mean(dim=1)
+    weights = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1)
+
+
 def last_token(logits: torch.Tensor, input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
     """Each sequence's logits at its rightmost non-padding token (works for left and right padding)."""
     batch = input_ids.shape[0]

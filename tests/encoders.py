@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import specformer.generated.bert as sf_bert
 import specformer.generated.distilbert as sf_distilbert
 import specformer.generated.dpr as sf_dpr
+import specformer.generated.modernbert as sf_modernbert
 
 # Output tensors each head returns, by name.
 OUTPUTS = {
@@ -84,6 +85,40 @@ def _distilbert(draw: st.DrawFn) -> dict[str, Any]:
     }
 
 
+def _modernbert(draw: st.DrawFn) -> dict[str, Any]:
+    heads = draw(st.sampled_from([1, 2, 4]))
+    layers = draw(st.integers(1, 3))
+    return {
+        "vocab_size": 61,
+        "hidden_size": heads * 16,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "intermediate_size": draw(st.sampled_from([24, 48])),
+        "hidden_activation": draw(st.sampled_from(["gelu", "silu"])),
+        "max_position_embeddings": 32,
+        "pad_token_id": 0,
+        "norm_bias": draw(st.booleans()),
+        "attention_bias": draw(st.booleans()),
+        "mlp_bias": draw(st.booleans()),
+        "classifier_bias": draw(st.booleans()),
+        "decoder_bias": draw(st.booleans()),
+        "local_attention": draw(st.sampled_from([4, 6])),  # a window narrower than the sequences
+        "layer_types": draw(
+            st.lists(
+                st.sampled_from(["sliding_attention", "full_attention"]), min_size=layers, max_size=layers
+            )
+        ),
+        "classifier_pooling": draw(st.sampled_from(["cls", "mean"])),
+        "rope_parameters": {
+            "full_attention": {
+                "rope_type": "default",
+                "rope_theta": draw(st.sampled_from([160000.0, 1000.0])),
+            },
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+    }
+
+
 ENCODERS = {
     a.name: a
     for a in (
@@ -117,6 +152,20 @@ ENCODERS = {
             False,
         ),
         EncoderArch("dpr", "DPR", sf_dpr, ("QuestionEncoder", "ContextEncoder", "Reader"), _dpr, True),
+        EncoderArch(
+            "modernbert",
+            "ModernBert",
+            sf_modernbert,
+            (
+                "Model",
+                "ForMaskedLM",
+                "ForSequenceClassification",
+                "ForTokenClassification",
+                "ForQuestionAnswering",
+            ),
+            _modernbert,
+            False,
+        ),
     )
 }
 

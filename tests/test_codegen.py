@@ -97,6 +97,7 @@ SPEC_BUDGETS = {
     "gpt2.sf": 75,
     "gemma2.sf": 25,
     "gemma3_text.sf": 19,
+    "modernbert.sf": 97,
 }
 
 
