@@ -51,6 +51,14 @@ def _block_calls_as_refs(model: ir.Model) -> ir.Model:
 
 def _apply(base: ir.Model, delta: ir.Model) -> ir.Model:
     fields = {f.name: f for f in base.config.fields}  # in declaration order; updated in place
+    declared = {f.name: f for f in delta.config.fields}
+    for name, pos in delta.field_removals:
+        # `remove x` then `x: float = ...`: the inherited field goes and the new one takes its name
+        later = declared.get(name)
+        if later is not None and (later.pos.line, later.pos.column) > (pos.line, pos.column):
+            if name not in fields:
+                raise SpecError(f"cannot remove unknown field `{name}`{did_you_mean(name, fields)}", pos)
+            del fields[name]
     for field in delta.config.fields:
         fields[field.name] = field
     for name, value, pos in delta.field_overrides:
@@ -69,6 +77,9 @@ def _apply(base: ir.Model, delta: ir.Model) -> ir.Model:
             raise SpecError(f"`let {name}`: `{name}` has no default to compute it from", pos)
         fields[name] = fields[name].model_copy(update={"computed": True, "pos": pos})
     for name, pos in delta.field_removals:
+        later = declared.get(name)
+        if later is not None and (later.pos.line, later.pos.column) > (pos.line, pos.column):
+            continue  # replaced above
         if name not in fields:
             raise SpecError(f"cannot remove unknown field `{name}`{did_you_mean(name, fields)}", pos)
         del fields[name]

@@ -300,3 +300,15 @@ def test_a_size_the_default_config_makes_negative_is_refused() -> None:
     )
     with pytest.raises(SpecError, match=r"`embedding_dim` of `embed_tokens` is -1 for the default config"):
         resolve(text)
+
+
+def test_a_removed_field_declared_again_in_the_same_block_is_the_new_field() -> None:
+    """`remove x` then `x: T = ...` replaces the inherited field (its type and default); declaring then
+    removing removes it."""
+    text = "model Again extends Llama {\n  config {\n    remove rms_norm_eps\n    rms_norm_eps: any = 1e-5\n  }\n}\n"
+    specs = SpecSet()
+    specs.add_text(LLAMA, "llama.sf")
+    specs.add_text(text, "again.sf")
+    field = next(f for f in specs.resolved("Again").config.fields if f.name == "rms_norm_eps")
+    assert field.type.name == "any"
+    assert field.pos.line == 4
