@@ -137,7 +137,7 @@ class Builtin:
     signature: Signature
     spelling: str  # template, see the module docstring
     imports: tuple[tuple[str, str], ...] = ()  # (runtime module, name) the spelling uses
-    returns: int = 1  # how many tensors; 0: as many as its `count` argument says (see `counted_outputs`)
+    returns: int = 1  # how many tensors, unless `count` names the argument that says
     count: str | None = None  # the parameter whose literal sets the count: an int, or a list's length
     needs: frozenset[str] = frozenset()  # implicit context: rope, mask, cache, input_ids
     tensor_params: int = 1  # leading positional params that are tensors; the rest are config scalars
@@ -198,19 +198,16 @@ BUILTINS: dict[str, Builtin] = {
         Builtin(
             _sig("split_last", "split the last dim into n tensors, dropping it", "x", "n"),
             "{x!atom}.unbind(-1)",
-            returns=0,
             count="n",
         ),
         Builtin(
             _sig("chunk", "split the last dim into n equal parts (a fused projection)", "x", "n"),
             "{x!atom}.chunk({n}, dim=-1)",
-            returns=0,
             count="n",
         ),
         Builtin(
             _sig("split", "split the last dim into parts of the listed sizes", "x", "sizes"),
             "{x!atom}.split({sizes}, dim=-1)",
-            returns=0,
             count="sizes",
         ),
         Builtin(

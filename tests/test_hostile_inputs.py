@@ -462,22 +462,6 @@ def _(folder: Path, valid: Path) -> Action:
     return _load(target)
 
 
-@case("config-a-directory")
-def _(folder: Path, valid: Path) -> Action:
-    target = _folder(folder, valid)
-    (target / "config.json").unlink()
-    (target / "config.json").mkdir()
-    return _load(target)
-
-
-@case("config-a-fifo")
-def _(folder: Path, valid: Path) -> Action:
-    target = _folder(folder, valid)
-    (target / "config.json").unlink()
-    os.mkfifo(target / "config.json")
-    return _load(target)
-
-
 @case("config-huge-sparse")
 def _(folder: Path, valid: Path) -> Action:
     target = _folder(folder, valid)
@@ -590,7 +574,7 @@ for _name, _weights in WEIGHT_CHANGES.items():
     case(f"weights-{_name}")(_with_weights(_weights))
 
 
-def _replace_weights(
+def _folder_case(
     name: str, make: Callable[[Path], None], layout: str = "single", mentions: str | None = None
 ) -> None:
     @case(name, mentions=mentions)
@@ -620,13 +604,15 @@ def _symlink(path: Path, to: str) -> None:
     path.symlink_to(to)
 
 
-_replace_weights("weights-missing", lambda t: (t / "model.safetensors").unlink())
-_replace_weights("weights-a-fifo", lambda t: _fifo(t / "model.safetensors"))
-_replace_weights("weights-a-directory", lambda t: _directory(t / "model.safetensors"))
-_replace_weights("weights-huge-sparse", lambda t: _sparse(t / "model.safetensors"))
-_replace_weights("weights-symlink-to-passwd", lambda t: _symlink(t / "model.safetensors", "/etc/passwd"))
-_replace_weights("weights-symlink-to-dev-zero", lambda t: _symlink(t / "model.safetensors", "/dev/zero"))
-_replace_weights("weights-symlink-dangling", lambda t: _symlink(t / "model.safetensors", "/nowhere/x"))
+_folder_case("config-a-directory", lambda t: _directory(t / "config.json"))
+_folder_case("config-a-fifo", lambda t: _fifo(t / "config.json"))
+_folder_case("weights-missing", lambda t: (t / "model.safetensors").unlink())
+_folder_case("weights-a-fifo", lambda t: _fifo(t / "model.safetensors"))
+_folder_case("weights-a-directory", lambda t: _directory(t / "model.safetensors"))
+_folder_case("weights-huge-sparse", lambda t: _sparse(t / "model.safetensors"))
+_folder_case("weights-symlink-to-passwd", lambda t: _symlink(t / "model.safetensors", "/etc/passwd"))
+_folder_case("weights-symlink-to-dev-zero", lambda t: _symlink(t / "model.safetensors", "/dev/zero"))
+_folder_case("weights-symlink-dangling", lambda t: _symlink(t / "model.safetensors", "/nowhere/x"))
 
 
 def _index(target: Path, change: Callable[[dict], object]) -> None:
@@ -661,22 +647,22 @@ INDEX_CHANGES: dict[str, Callable[[dict], object]] = {
     "an-array": lambda i: [i],
 }
 for _name, _change in INDEX_CHANGES.items():
-    _replace_weights(f"index-{_name}", lambda t, change=_change: _index(t, change), layout="sharded")
-_replace_weights(
+    _folder_case(f"index-{_name}", lambda t, change=_change: _index(t, change), layout="sharded")
+_folder_case(
     "index-not-json",
     lambda t: (t / "model.safetensors.index.json").write_text("{"),
     layout="sharded",
     mentions="index",
 )
-_replace_weights("index-a-fifo", lambda t: _fifo(t / "model.safetensors.index.json"), layout="sharded")
-_replace_weights("index-huge-sparse", lambda t: _sparse(t / "model.safetensors.index.json"), layout="sharded")
-_replace_weights(
+_folder_case("index-a-fifo", lambda t: _fifo(t / "model.safetensors.index.json"), layout="sharded")
+_folder_case("index-huge-sparse", lambda t: _sparse(t / "model.safetensors.index.json"), layout="sharded")
+_folder_case(
     "shard-truncated",
     lambda t: _first_shard(t).write_bytes(_first_shard(t).read_bytes()[:100]),
     layout="sharded",
 )
-_replace_weights("shard-deleted", lambda t: _first_shard(t).unlink(), layout="sharded")
-_replace_weights("shard-a-fifo", lambda t: _fifo(_first_shard(t)), layout="sharded")
+_folder_case("shard-deleted", lambda t: _first_shard(t).unlink(), layout="sharded")
+_folder_case("shard-a-fifo", lambda t: _fifo(_first_shard(t)), layout="sharded")
 
 
 class _Evil:
@@ -694,16 +680,16 @@ def _legacy(target: Path, content: object | bytes) -> None:
         (target / "pytorch_model.bin").write_bytes(pickle.dumps(content))
 
 
-_replace_weights("legacy-pickle-runs-code", lambda t: _legacy(t, {"x": _Evil()}))
-_replace_weights(
+_folder_case("legacy-pickle-runs-code", lambda t: _legacy(t, {"x": _Evil()}))
+_folder_case(
     "legacy-torch-save-runs-code",
     lambda t: torch.save({"x": _Evil()}, _legacy(t, b"") or t / "pytorch_model.bin"),
 )
-_replace_weights("legacy-garbage", lambda t: _legacy(t, b"\x80\x04garbage"))
-_replace_weights(
+_folder_case("legacy-garbage", lambda t: _legacy(t, b"\x80\x04garbage"))
+_folder_case(
     "legacy-a-list", lambda t: torch.save([torch.zeros(2)], _legacy(t, b"") or t / "pytorch_model.bin")
 )
-_replace_weights("legacy-empty", lambda t: _legacy(t, b""))
+_folder_case("legacy-empty", lambda t: _legacy(t, b""))
 
 
 def _journal(target: Path, journal: object) -> None:
@@ -719,8 +705,8 @@ JOURNALS: dict[str, object] = {
     "wrong-fields": {"rename": [], "remove": {}},
 }
 for _name, _journal_value in JOURNALS.items():
-    _replace_weights(f"journal-{_name}", lambda t, j=_journal_value: _journal(t, j), mentions="save.json")
-_replace_weights(
+    _folder_case(f"journal-{_name}", lambda t, j=_journal_value: _journal(t, j), mentions="save.json")
+_folder_case(
     "journal-not-json", lambda t: (t / ".specformer-save.json").write_text("{"), mentions="save.json"
 )
 
