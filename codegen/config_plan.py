@@ -7,7 +7,7 @@ import json
 from specformer.dsl import ir
 from specformer.dsl.errors import SpecError
 from specformer.dsl.ir import names_in
-from specformer.dsl.library import FIELD_TYPES
+from specformer.dsl.library import FIELD_TYPES, ROPE_LEGACY_KEYS
 
 from .code import Attribute, Class, Function, Line, Nested, Param, Stmt
 from .expressions import ExprEmitter
@@ -94,6 +94,12 @@ def plan_config(
             max_pos = "self.max_position_embeddings" if "max_position_embeddings" in fields else "None"
             original = "original_max_position_embeddings"
             original_src = f", {original}=self.{original}" if original in fields else ""
+            legacy = {
+                v.value: ROPE_LEGACY_KEYS[k]
+                for k, v in (f.default.kwargs if isinstance(f.default, ir.Call) else ())
+                if k in ROPE_LEGACY_KEYS and isinstance(v, ir.String)
+            }
+            original_src += f", legacy_keys={json.dumps(legacy)}" if legacy else ""
             derived.append(
                 f"self.{f.name} = standardize_rope({f.name}, kwargs, theta={theta_src}{partial_src}, "
                 f"max_position_embeddings={max_pos}{original_src})"

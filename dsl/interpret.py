@@ -101,7 +101,8 @@ class _Evaluation:
             if any(isinstance(v, ir.Call) for _, v in expr.kwargs):  # tables per layer kind
                 return {k: self.run(v, env) for k, v in expr.kwargs}
             names = {"theta": "rope_theta", "partial": "partial_rotary_factor"}
-            return {"rope_type": "default", **{names[k]: self.run(v, env) for k, v in expr.kwargs}}
+            values = {names[k]: self.run(v, env) for k, v in expr.kwargs if k in names}  # not the `*_key`s
+            return {"rope_type": "default", **values}
         raise SpecError("not a config expression", expr.pos)
 
 

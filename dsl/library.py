@@ -374,6 +374,10 @@ FIELD_TYPES: dict[str, FieldType] = {
 TYPES: tuple[str, ...] = tuple(n for n in FIELD_TYPES if n != "enum")
 
 # Inputs a backbone forward may name.
+# `rope(theta_key = "rotary_emb_base")`: where older config.json files kept a rope parameter, at their
+# top level; read into the rope parameters when the config has none.
+ROPE_LEGACY_KEYS: dict[str, str] = {"theta_key": "rope_theta", "partial_key": "partial_rotary_factor"}
+
 BACKBONE_INPUTS: tuple[str, ...] = ("input_ids", "token_type_ids", "position_ids")
 
 # Attributes every config has from the runtime's base class, usable in expressions: type, and default.

@@ -263,6 +263,7 @@ def standardize_rope(
     partial: float | None = None,
     original_max_position_embeddings: int | None = None,
     kinds: dict[str, dict[str, Any]] | None = None,
+    legacy_keys: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """One `rope_parameters` dict from either config.json form.
 
@@ -272,6 +273,9 @@ def standardize_rope(
     """
     if kinds is not None:
         return _standardize_per_kind(rope_parameters, legacy, max_position_embeddings, kinds)
+    for old_key, parameter in (legacy_keys or {}).items():  # a family's older spelling, e.g. rotary_pct
+        if old_key in legacy:
+            legacy.setdefault(parameter, legacy.pop(old_key))
     legacy_theta = legacy.pop("rope_theta", None)
     scaling = legacy.pop("rope_scaling", None)
     params = rope_parameters or scaling or {}

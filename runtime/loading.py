@@ -228,8 +228,11 @@ def load_tensors(
 
 @staticmethod
 def _ignorable(key: str) -> bool:
-    # Non-persistent buffers some exporters still write.
-    return key.endswith((".rotary_emb.inv_freq", "embeddings.position_ids", ".masked_bias", ".attn.bias"))
+    # Non-persistent buffers older exporters wrote (rotary frequencies, causal-mask tables); only keys the
+    # model does not have reach here, so a real parameter of that name is never dropped.
+    return key.endswith(
+        (".rotary_emb.inv_freq", "embeddings.position_ids", ".masked_bias", ".attn.bias", ".attention.bias")
+    )
 
 
 def _materialize(

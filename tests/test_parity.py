@@ -214,3 +214,35 @@ def test_per_head_layer_norms_match(parallel: bool, tmp_path: Path) -> None:
         outputs(ours, "ForCausalLM", ids, mask),
         mask,
     )
+
+
+def test_an_older_gpt_neox_checkpoint_loads(tmp_path: Path) -> None:
+    """Pythia as published: `rotary_pct`/`rotary_emb_base` at the top of config.json instead of
+    `rope_parameters`, and causal-mask buffers (`attention.bias`, `attention.masked_bias`) in the weights."""
+    from safetensors.torch import load_file, save_file
+
+    arch = ARCHS["gpt_neox"]
+    values = {"vocab_size": 53, "hidden_size": 64, "intermediate_size": 40, "num_hidden_layers": 2}
+    values |= {
+        "num_attention_heads": 4,
+        "rope_parameters": {"rope_theta": 20000.0, "partial_rotary_factor": 0.5},
+    }
+    reference = save_hf(arch, "ForCausalLM", values, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["rope_parameters"]
+    (tmp_path / "config.json").write_text(json.dumps(config | {"rotary_pct": 0.5, "rotary_emb_base": 20000}))
+    weights = load_file(tmp_path / "model.safetensors")
+    for layer in range(2):
+        weights[f"gpt_neox.layers.{layer}.attention.bias"] = torch.ones(1, 1, 8, 8, dtype=torch.bool)
+        weights[f"gpt_neox.layers.{layer}.attention.masked_bias"] = torch.tensor(-1e9)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    ours = arch.ours_class("ForCausalLM").from_pretrained(tmp_path)
+    assert ours.config.rope_parameters["partial_rotary_factor"] == 0.5
+    assert ours.config.rope_parameters["rope_theta"] == 20000
+    ids, mask = batch(53, seed=2)
+    compare(
+        "ForCausalLM",
+        outputs(reference, "ForCausalLM", ids, mask),
+        outputs(ours, "ForCausalLM", ids, mask),
+        mask,
+    )
