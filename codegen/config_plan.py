@@ -80,9 +80,11 @@ def plan_config(
         if f.type.name == "rope" and _per_kind(f.default):
             kinds = json.dumps(model.facts.defaults[f.name])  # {kind: parameters}: str and number leaves
             max_pos = "self.max_position_embeddings" if "max_position_embeddings" in fields else "None"
+            legacy = {kind: _legacy_keys(call) for kind, call in f.default.kwargs}
+            legacy_src = f", legacy_keys={json.dumps(legacy)}" if any(legacy.values()) else ""
             derived.append(
                 f"self.{f.name} = standardize_rope({f.name}, kwargs, theta=None, "
-                f"max_position_embeddings={max_pos}, kinds={kinds})"
+                f"max_position_embeddings={max_pos}, kinds={kinds}{legacy_src})"
             )
         elif f.type.name == "rope":
             theta = f.default.kwarg("theta") if isinstance(f.default, ir.Call) else None
@@ -94,12 +96,8 @@ def plan_config(
             max_pos = "self.max_position_embeddings" if "max_position_embeddings" in fields else "None"
             original = "original_max_position_embeddings"
             original_src = f", {original}=self.{original}" if original in fields else ""
-            legacy = {
-                v.value: ROPE_LEGACY_KEYS[k]
-                for k, v in (f.default.kwargs if isinstance(f.default, ir.Call) else ())
-                if k in ROPE_LEGACY_KEYS and isinstance(v, ir.String)
-            }
-            original_src += f", legacy_keys={json.dumps(legacy)}" if legacy else ""
+            legacy_keys = _legacy_keys(f.default)
+            original_src += f", legacy_keys={json.dumps(legacy_keys)}" if legacy_keys else ""
             derived.append(
                 f"self.{f.name} = standardize_rope({f.name}, kwargs, theta={theta_src}{partial_src}, "
                 f"max_position_embeddings={max_pos}{original_src})"
@@ -145,3 +143,14 @@ def plan_config(
 def _per_kind(default: ir.Expr) -> bool:
     """`rope(full_attention = rope(...), ...)`: tables per layer kind."""
     return isinstance(default, ir.Call) and any(isinstance(v, ir.Call) for _, v in default.kwargs)
+
+
+def _legacy_keys(default: ir.Expr) -> dict[str, str]:
+    """{older config key: rope parameter} from `rope(..., theta_key = "...", partial_key = "...")`."""
+    if not isinstance(default, ir.Call):
+        return {}
+    return {
+        v.value: ROPE_LEGACY_KEYS[k]
+        for k, v in default.kwargs
+        if k in ROPE_LEGACY_KEYS and isinstance(v, ir.String)
+    }

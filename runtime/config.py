@@ -221,10 +221,12 @@ def _standardize_per_kind(
     legacy: dict[str, Any],
     max_position_embeddings: int,
     kinds: dict[str, dict[str, Any]],
+    legacy_keys: dict[str, dict[str, str]],
 ) -> dict[str, Any]:
     """Rope parameters per layer kind ({"full_attention": {...}, "sliding_attention": {...}}), each
     standardised, missing kinds from the spec's defaults. Flat legacy keys (`rope_theta`, `rope_scaling`
-    at the top level of older configs) describe the first kind the spec lists."""
+    at the top level of older configs) describe the first kind the spec lists; a kind's own older key
+    (`legacy_keys[kind]`, e.g. `rope_local_base_freq`) its own."""
     given = rope_parameters if rope_parameters is not None else {}
     if not isinstance(given, dict) or not all(isinstance(v, dict | None) for v in given.values()):
         raise ConfigError(
@@ -237,6 +239,11 @@ def _standardize_per_kind(
     out: dict[str, Any] = {}
     for kind, default in kinds.items():
         params = dict(given.get(kind) or {})
+        for old_key, parameter in legacy_keys.get(kind, {}).items():
+            if old_key in legacy:
+                value = legacy.pop(old_key)  # consumed either way, so it is not written back
+                if not given.get(kind):
+                    params.setdefault(parameter, value)
         if kind == first and not given.get(kind):
             params.update(legacy.pop("rope_scaling", None) or {})
             if "rope_theta" in legacy:
@@ -263,7 +270,7 @@ def standardize_rope(
     partial: float | None = None,
     original_max_position_embeddings: int | None = None,
     kinds: dict[str, dict[str, Any]] | None = None,
-    legacy_keys: dict[str, str] | None = None,
+    legacy_keys: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One `rope_parameters` dict from either config.json form.
 
@@ -271,10 +278,12 @@ def standardize_rope(
     published, carry `rope_theta` and an optional `rope_scaling` at the top level. The legacy keys are
     popped from `legacy` (the constructor's leftover kwargs) so they are not written back twice.
     """
-    if kinds is not None:
-        return _standardize_per_kind(rope_parameters, legacy, max_position_embeddings, kinds)
+    if kinds is not None:  # legacy_keys: {kind: {older key: parameter}}
+        return _standardize_per_kind(
+            rope_parameters, legacy, max_position_embeddings, kinds, legacy_keys or {}
+        )
     for old_key, parameter in (legacy_keys or {}).items():  # a family's older spelling, e.g. rotary_pct
-        if old_key in legacy:
+        if isinstance(parameter, str) and old_key in legacy:
             legacy.setdefault(parameter, legacy.pop(old_key))
     legacy_theta = legacy.pop("rope_theta", None)
     scaling = legacy.pop("rope_scaling", None)

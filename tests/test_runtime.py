@@ -223,5 +223,12 @@ def test_rope_parameters_per_layer_kind() -> None:
     out = standardize_rope(None, legacy, theta=None, max_position_embeddings=64, kinds=kinds)
     assert out["full_attention"]["rope_theta"] == 5e5 and out["full_attention"]["factor"] == 2.0
     assert not legacy  # consumed, so they are not written back to config.json
+    legacy = {"rope_theta": 5e5, "rope_local_base_freq": 2e3}  # Gemma 3 as 4.x wrote it
+    older = {"sliding_attention": {"rope_local_base_freq": "rope_theta"}}
+    out = standardize_rope(
+        None, legacy, theta=None, max_position_embeddings=64, kinds=kinds, legacy_keys=older
+    )
+    assert (out["full_attention"]["rope_theta"], out["sliding_attention"]["rope_theta"]) == (5e5, 2e3)
+    assert not legacy
     with pytest.raises(ConfigError, match="this model's are"):
         standardize_rope({"chunked_attention": {}}, {}, theta=None, max_position_embeddings=64, kinds=kinds)
