@@ -320,7 +320,7 @@ def _check_rope(call: ir.Call, nested_allowed: bool) -> None:
             _check_rope(value, nested_allowed=False)
         elif key in ROPE_LEGACY_KEYS:  # older configs' spelling of a parameter, at their top level
             if not isinstance(value, ir.String) or not value.value.isidentifier():
-                raise SpecError(f"`{key}` names a config key: a string such as \"rotary_pct\"", value.pos)
+                raise SpecError(f'`{key}` names a config key: a string such as "rotary_pct"', value.pos)
         elif key not in ("theta", "partial"):  # the base, the fraction of each head that rotates
             hint = did_you_mean(key, ["theta", "partial", *ROPE_LEGACY_KEYS])
             raise SpecError(f"unknown rope parameter `{key}`{hint}; expected `theta` or `partial`", value.pos)
