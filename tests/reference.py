@@ -178,7 +178,7 @@ def _gemma2_extra(draw: st.DrawFn, config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _gemma3_extra(draw: st.DrawFn, config: dict[str, Any]) -> dict[str, Any]:
-    extra = _gemma2_extra(draw, config)
+    extra = _gemma2_extra(draw, config) | {"use_bidirectional_attention": draw(st.booleans())}
     layers = config["num_hidden_layers"]
     extra["layer_types"] = draw(
         st.lists(st.sampled_from(["sliding_attention", "full_attention"]), min_size=layers, max_size=layers)

@@ -96,7 +96,7 @@ SPEC_BUDGETS = {
     "phi3.sf": 36,
     "gpt2.sf": 75,
     "gemma2.sf": 25,
-    "gemma3_text.sf": 19,
+    "gemma3_text.sf": 20,
     "modernbert.sf": 97,
 }
 

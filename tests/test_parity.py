@@ -246,3 +246,22 @@ def test_an_older_gpt_neox_checkpoint_loads(tmp_path: Path) -> None:
         outputs(ours, "ForCausalLM", ids, mask),
         mask,
     )
+
+
+def test_bidirectional_sliding_windows_match(tmp_path: Path) -> None:
+    """Gemma 3 with bidirectional attention: transformers halves the window, which then counts keys on
+    both sides of each query."""
+    arch = ARCHS["gemma3_text"]
+    values = {"vocab_size": 53, "hidden_size": 32, "intermediate_size": 40, "num_hidden_layers": 2}
+    values |= {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "pad_token_id": 0}
+    values |= {
+        "use_bidirectional_attention": True,
+        "sliding_window": 6,
+        "layer_types": ["sliding_attention"] * 2,
+    }
+    reference = save_hf(arch, "Model", values, tmp_path)
+    ours = arch.ours_class("Model").from_pretrained(tmp_path)
+    ids, mask = batch(53, seed=4, length=16)
+    for impl in ("eager", "sdpa"):
+        ours.set_attention(impl)
+        compare("Model", outputs(reference, "Model", ids, mask), outputs(ours, "Model", ids, mask), mask)
