@@ -36,6 +36,7 @@ def plan(model: ir.ResolvedModel) -> ModulePlan:
     doc = docstring(model_comment or [f"{model.name}, generated from its spec."], "")
     base_plan = tp_plan(ctx, ctx.backbone)
     feature_attributes, feature_methods = _features_member(attention_features(ctx))
+    gguf_attributes, gguf_methods = _gguf_members(ctx)
     pretrained = Class(
         ctx.pretrained_base,
         "PreTrainedModel",
@@ -52,8 +53,9 @@ def plan(model: ir.ResolvedModel) -> ModulePlan:
                 else []
             ),
             *feature_attributes,
+            *gguf_attributes,
         ),
-        methods=tuple(feature_methods),
+        methods=(*feature_methods, *gguf_methods),
     )
     order = [
         n for n in ctx.facts.children_first if ctx.blocks[n].role == "block" and n in ctx.facts.reachable
@@ -157,6 +159,46 @@ def _features_member(features: dict[str, list[str] | None]) -> tuple[list[Attrib
         ("what this config asks of the attention backend beyond masking",), ("@property",),
     )  # fmt: skip
     return [], [method]
+
+
+def _gguf_members(ctx: ModelContext) -> tuple[list[Attribute], list[Function]]:
+    """`gguf_architecture`, and `gguf_row_orders()` when llama.cpp's converter reorders some rows: module
+    path patterns under the backbone -> (the rows' shape in the file, the axes that give ours)."""
+    layout = ctx.model.gguf
+    if layout is None:
+        return [], []
+    attributes = [Attribute("gguf_architecture", "ClassVar[str]", f'"{layout.architecture}"')]
+    if not layout.rows:
+        return attributes, []
+    emit = ctx.config_expr("self.config")
+    body: list[Stmt] = [Line("orders = {}")]
+    for rows in layout.rows:
+        shape = ", ".join(emit(e) for e in rows.shape)
+        order = ", ".join(str(axis) for axis in rows.order)
+        body += [Line(f"# {text}") for text in ctx.comments.take(rows.pos)]
+        for block, sub in rows.targets:
+            for path in block_paths(ctx, ctx.backbone, block):
+                body.append(Line(f'orders["{path}{sub}"] = (({shape}), ({order}))'))
+    body.append(Line("return orders"))
+    comment = ctx.comments.take(layout.pos)
+    method = Function(
+        "gguf_row_orders", (), "dict[str, tuple[tuple[int, ...], tuple[int, ...]]]", tuple(body),
+        tuple(comment) or ("rows llama.cpp's converter stores in another order: (their shape there, our axes)",),
+    )  # fmt: skip
+    return attributes, [method]
+
+
+def block_paths(ctx: ModelContext, block: ir.Block, target: str, prefix: str = "") -> list[str]:
+    """Where instances of block `target` sit under `block`: `layers.*.self_attn.`."""
+    paths = []
+    for sub in block.submodules:
+        if sub.kind not in ("block", "repeat"):
+            continue
+        path = f"{prefix}{sub.name}." + ("*." if sub.kind == "repeat" else "")
+        if sub.target == target:
+            paths.append(path)
+        paths += block_paths(ctx, ctx.blocks[sub.target], target, path)
+    return paths
 
 
 def _is_none(expr: ir.Expr) -> bool:

@@ -192,6 +192,24 @@ class Parallel(Node):
     pos: Pos
 
 
+class GGUFRows(Node):
+    """`Attention.q_proj: rows(-1, head_dim // 2, 2) -> (0, 2, 1)`: the file keeps these submodules' output
+    rows in another order; viewed as `shape`, its axes taken in `order` give ours."""
+
+    targets: tuple[tuple[str, str], ...]  # (block, submodule)
+    shape: tuple[Expr, ...]
+    order: tuple[int, ...]
+    pos: Pos
+
+
+class GGUFLayout(Node):
+    """`gguf "llama" { ... }`: the llama.cpp architecture this model's GGUF files declare."""
+
+    architecture: str
+    rows: tuple[GGUFRows, ...] = ()
+    pos: Pos
+
+
 class Tie(Node):
     """`tie lm_head = model.embed_tokens if tie_word_embeddings`: share the weight of two modules."""
 
@@ -264,6 +282,7 @@ class Model(Node):
     parent: str | None = None
     parent_pos: Pos | None = None
     model_type: str | None = None
+    gguf: GGUFLayout | None = None  # not inherited: a delta is stored as another architecture, if at all
     config: ConfigSchema = ConfigSchema()
     # A delta's config items, kept apart from `config` until resolution.
     field_overrides: tuple[tuple[str, Expr, Pos], ...] = ()
@@ -304,6 +323,7 @@ class ResolvedModel(Node):
     model_type: str
     lineage: tuple[str, ...]  # this model first, then its ancestors
     config: ConfigSchema
+    gguf: GGUFLayout | None = None
     blocks: tuple[Block, ...]
     source_files: tuple[str, ...]
     spec_hash: str

@@ -63,6 +63,7 @@ class SpecSet:
         return ir.ResolvedModel(
             name=flat.name,
             model_type=flat.type_name,
+            gguf=flat.gguf,
             lineage=tuple(m.name for m in lineage),
             config=flat.config,
             blocks=flat.blocks,

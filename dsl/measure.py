@@ -20,11 +20,11 @@ _ITEMS = frozenset(
     {
         "model_type", "field_decl", "let_decl", "field_override", "field_remove", "alias", "option",
         "submodule", "tie", "parallel", "assign", "return_stmt", "override_module", "override_argument",
-        "move_head", "remove_head", "remove_module",
+        "move_head", "remove_head", "remove_module", "gguf_rows",
     }
 )  # fmt: skip
 # Declarations that hold others (and so share a line with their first item, as in `forward(x) { ... }`).
-_CONTAINERS = frozenset({"block", "backbone", "head", "override_forward"})
+_CONTAINERS = frozenset({"block", "backbone", "head", "override_forward", "gguf"})
 
 
 @dataclass(frozen=True)

@@ -287,6 +287,25 @@ class _ExpressionsToIR(Transformer):
     def model_type(self, meta, children):
         return ("model_type", str(children[0])[1:-1], self._pos(meta))
 
+    def gguf_target(self, meta, children):
+        block, sub = children
+        return (self._name(block), self._attribute(sub))
+
+    def gguf_rows(self, meta, children):
+        targets = tuple(c for c in children if isinstance(c, tuple))
+        shape = tuple(c for c in children if not isinstance(c, tuple | Token))
+        order = []
+        for token in (c for c in children if isinstance(c, Token)):
+            if not str(token).isdigit():
+                raise SpecError(f"`{token}` is not an axis; expected an integer such as 0", self._pos(token))
+            order.append(int(str(token)))
+        return ir.GGUFRows(targets=targets, shape=shape, order=tuple(order), pos=self._pos(meta))
+
+    def gguf(self, meta, children):
+        name, *rows = children
+        rows = tuple(r for r in rows if r is not None)
+        return ("gguf", ir.GGUFLayout(architecture=str(name)[1:-1], rows=rows, pos=self._pos(name)))
+
 
 @v_args(meta=True)
 class _ToIR(_ExpressionsToIR):
@@ -451,7 +470,7 @@ class _ToIR(_ExpressionsToIR):
         overrides, removals, blocks = [], [], []
         module_overrides, forward_overrides, head_removals = [], [], []
         module_removals, argument_overrides, head_moves, field_lets = [], [], [], []
-        model_type = None
+        model_type = gguf = None
         block_names: set[str] = set()
         field_names: set[str] = set()
         for member in members:
@@ -462,6 +481,10 @@ class _ToIR(_ExpressionsToIR):
                 blocks.append(member)
             elif member[0] == "model_type":
                 model_type = member[1]
+            elif member[0] == "gguf":
+                if gguf is not None:
+                    raise SpecError(f"model `{name}` declares `gguf` twice", member[1].pos)
+                gguf = member[1]
             elif member[0] == "config":
                 for item in member[1]:
                     if isinstance(item, ir.ConfigField):
@@ -494,6 +517,7 @@ class _ToIR(_ExpressionsToIR):
             parent=parent[0] if parent else None,
             parent_pos=parent[1] if parent else None,
             model_type=model_type,
+            gguf=gguf,
             config=ir.ConfigSchema(fields=tuple(fields), aliases=tuple(aliases)),
             field_overrides=tuple(overrides),
             field_removals=tuple(removals),

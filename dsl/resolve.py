@@ -153,6 +153,7 @@ def _apply(base: ir.Model, delta: ir.Model) -> ir.Model:
         update={
             "parent": None,
             "model_type": delta.model_type,  # its own, like its name: a delta is another architecture
+            "gguf": delta.gguf,
             "config": ir.ConfigSchema(fields=tuple(fields.values()), aliases=tuple(aliases.values())),
             "field_overrides": (),
             "field_removals": (),

@@ -1,42 +1,31 @@
 """GGUF checkpoints (llama.cpp's format): config, weights and tokenizer from one file.
 
-The container is read with the `gguf` package (an optional dependency, imported only here) and its
-numpy dequantisers; tensor names are mapped to Hugging Face names, undoing the Q/K row permutation that
-the HF -> GGUF conversion applies for rotary attention.
+Nothing here knows a model family. The file's `general.architecture` picks the generated package whose
+spec declares it (`gguf "llama"`); config values come from the `gguf` package's metadata keys through one
+table of Hugging Face field names; tensor names come from the `gguf` package's own `TensorNameMap`,
+applied to the model's state-dict keys. What llama.cpp's converter changed on the way in is undone by
+whoever knows it: the spec's row orders (Llama's interleaved rotary pairs, GPT-NeoX's fused rows), and
+each layer for its own storage (`from_gguf` on a layer: a Gemma norm's +1, a transposed linear, stacked
+per-head norms). The container is read with the `gguf` package (an optional dependency, imported only
+here) and dequantised with its numpy kernels where the blocks are not kept packed.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import struct
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from .checkpoint import CheckpointError
-
-# GGUF tensor names (per layer after `blk.N.`) -> Hugging Face names for Llama-family decoders.
-_LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-_GLOBAL_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
-# GGUF architectures with the Llama tensor layout above -> (model_type, whether q/k rows were permuted).
-# llama.cpp's converter permutes q/k for the Llama family (interleaved rotary), not for Qwen2 (NeoX style).
-DECODER_ARCHITECTURES = {"llama": ("llama", True), "mistral": ("mistral", True), "qwen2": ("qwen2", False)}
+from .config import ConfigError, PretrainedConfig
 
 
 @dataclass
@@ -73,11 +62,14 @@ def _count(value: Any, key: str, source: object) -> int:
     return value
 
 
-def unpermute_rotary_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """Undo llama.cpp's conversion permutation of q/k rows (interleaved pairs back to rotate-half halves)."""
-    rows = weight.shape[0]
+def reorder_rows(weight: torch.Tensor, shape: tuple[int, ...], order: tuple[int, ...]) -> torch.Tensor:
+    """Rows as a file keeps them -> ours: view the rows as `shape` (one entry may be -1), take its axes
+    in `order`. Whole rows move, so packed quantized rows reorder as well as float ones."""
+    rest = weight.shape[1:]
     return (
-        weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+        weight.reshape(*shape, *rest)
+        .permute(*order, *range(len(shape), len(shape) + len(rest)))
+        .reshape(weight.shape)
     )
 
 
@@ -138,10 +130,8 @@ def _open(path: str | os.PathLike) -> tuple[Any, str]:
     ) as err:
         raise CheckpointError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err})") from None
     arch = _field(reader, "general.architecture", source=path)
-    if arch not in DECODER_ARCHITECTURES:
-        raise CheckpointError(
-            f"{path}: general.architecture is `{arch}`; supported: {', '.join(sorted(DECODER_ARCHITECTURES))}"
-        )
+    if not isinstance(arch, str):
+        raise CheckpointError(f"{path}: general.architecture is {arch!r}; expected a name such as `llama`")
     return reader, arch
 
 
@@ -159,104 +149,376 @@ def _tokenizer_metadata(reader: Any, source: object) -> dict[str, Any]:
         "model": field("tokenizer.ggml.model"),
         "pre": field("tokenizer.ggml.pre"),
         "tokens": field("tokenizer.ggml.tokens") or [],
+        "scores": field("tokenizer.ggml.scores") or [],
         "token_types": field("tokenizer.ggml.token_type") or [],
         "merges": field("tokenizer.ggml.merges") or [],
         "bos_token_id": field("tokenizer.ggml.bos_token_id"),
         "eos_token_id": field("tokenizer.ggml.eos_token_id"),
         "pad_token_id": field("tokenizer.ggml.padding_token_id"),
-        "add_bos_token": bool(field("tokenizer.ggml.add_bos_token", False)),
+        "unk_token_id": field("tokenizer.ggml.unknown_token_id"),
+        # llama.cpp adds BOS to a SentencePiece vocabulary that does not say otherwise
+        "add_bos_token": bool(
+            field("tokenizer.ggml.add_bos_token", field("tokenizer.ggml.model") == "llama")
+        ),
+        "add_space_prefix": bool(field("tokenizer.ggml.add_space_prefix", True)),
         "chat_template": field("tokenizer.chat_template"),
     }
 
 
-def read_gguf(path: str | os.PathLike, keep_quantized: bool = False) -> GGUFFile:
-    """Read a llama-family GGUF into a Hugging Face style config dict and state dict (float32).
+# ---- which model -------------------------------------------------------------------------------------
+def architectures() -> dict[str, type[nn.Module]]:
+    """GGUF architecture -> the causal LM whose spec declares it. When several specs declare one name,
+    the one whose model_type is that name wins (a delta that kept its parent's layout does not)."""
+    from .auto import generated_packages, model_class
+
+    found: dict[str, type[nn.Module]] = {}
+    for model_type, package in sorted(generated_packages().items()):
+        classes = (getattr(package, name) for name in package.__all__)
+        arch = next((c.gguf_architecture for c in classes if hasattr(c, "gguf_architecture")), None)
+        if arch is not None and (arch not in found or model_type == arch):
+            found[arch] = model_class(model_type)
+    return found
+
+
+def _causal_lm_for(arch: str, requested: type[nn.Module] | None, path: Path) -> type[nn.Module]:
+    if requested is not None:
+        declared = getattr(requested, "gguf_architecture", None)
+        if declared != arch:
+            what = f"declares `{declared}`" if declared else "declares no gguf layout"
+            raise CheckpointError(
+                f"{path}: a `{arch}` file; {requested.__name__}'s spec {what}, so its tensors cannot be "
+                "placed (load it with `load_causal_lm`, which picks the model the file names)"
+            )
+        from .auto import model_class
+
+        return model_class(requested.config_class.model_type)
+    known = architectures()
+    if arch not in known:
+        raise CheckpointError(
+            f"{path}: general.architecture is `{arch}`; supported: {', '.join(sorted(known))} (a spec "
+            f'declares the GGUF architecture it is stored as with `gguf "{arch}"`)'
+        )
+    return known[arch]
+
+
+# ---- config ------------------------------------------------------------------------------------------
+def _config_keys(gguf: Any) -> dict[str, tuple[str, ...]]:
+    """`{arch}.` metadata keys (the gguf package's names) -> the config fields they fill, in Hugging Face's
+    spellings; the first one a spec has (as a field or alias) is used."""
+    llm, attention = gguf.Keys.LLM, gguf.Keys.Attention
+    return {
+        llm.CONTEXT_LENGTH: ("max_position_embeddings",),
+        llm.EMBEDDING_LENGTH: ("hidden_size",),
+        llm.BLOCK_COUNT: ("num_hidden_layers",),
+        llm.FEED_FORWARD_LENGTH: ("intermediate_size",),
+        llm.VOCAB_SIZE: ("vocab_size",),
+        llm.USE_PARALLEL_RESIDUAL: ("use_parallel_residual",),
+        llm.ATTN_LOGIT_SOFTCAPPING: ("attn_logit_softcapping",),
+        llm.FINAL_LOGIT_SOFTCAPPING: ("final_logit_softcapping",),
+        attention.HEAD_COUNT: ("num_attention_heads",),
+        attention.HEAD_COUNT_KV: ("num_key_value_heads",),
+        attention.KEY_LENGTH: ("head_dim",),
+        attention.LAYERNORM_RMS_EPS: ("rms_norm_eps",),
+        attention.LAYERNORM_EPS: ("layer_norm_eps", "layer_norm_epsilon", "norm_eps"),
+        attention.SLIDING_WINDOW: ("sliding_window",),
+    }
+
+
+_TOKEN_IDS = {
+    "tokenizer.ggml.bos_token_id": "bos_token_id",
+    "tokenizer.ggml.eos_token_id": "eos_token_id",
+    "tokenizer.ggml.padding_token_id": "pad_token_id",
+}
+
+
+def _spec_field(config_class: type[PretrainedConfig], names: tuple[str, ...]) -> str | None:
+    """The first of `names` this config declares, through its aliases."""
+    for name in names:
+        name = config_class.attribute_map.get(name, name)
+        if name in config_class.field_types:
+            return name
+    return None
+
+
+def _read_config(reader: Any, arch: str, config_class: type[PretrainedConfig], path: Path) -> dict[str, Any]:
+    gguf = _gguf()
+
+    def meta(key: str, default: Any = None) -> Any:
+        return _field(reader, key.format(arch=arch), default, path)
+
+    config: dict[str, Any] = {"model_type": config_class.model_type}
+    unplaced: dict[str, tuple[str, Any]] = {}  # values the spec has no field for: checked once built
+    for key, names in _config_keys(gguf).items():
+        value = meta(key)
+        if value is None:
+            continue
+        if isinstance(value, float) and value != value:
+            raise CheckpointError(f"{path}: metadata `{key.format(arch=arch)}` is NaN")
+        target = _spec_field(config_class, names)
+        if target is None:
+            unplaced[key.format(arch=arch)] = (names[0], value)
+        else:
+            config[target] = value
+    for key in (gguf.Keys.LLM.BLOCK_COUNT, gguf.Keys.LLM.EMBEDDING_LENGTH, gguf.Keys.Attention.HEAD_COUNT):
+        _count(meta(key), key.format(arch=arch), path)
+    if "vocab_size" not in config and _field(reader, "tokenizer.ggml.tokens", None, path):
+        config["vocab_size"] = len(_field(reader, "tokenizer.ggml.tokens", None, path))
+    for key, name in _TOKEN_IDS.items():
+        if name in config_class.field_types:
+            config[name] = _field(reader, key, None, path)
+    if "tie_word_embeddings" in config_class.field_types:
+        config["tie_word_embeddings"] = all(t.name != "output.weight" for t in reader.tensors)
+    pattern = meta(gguf.Keys.Attention.SLIDING_WINDOW_PATTERN)
+    if isinstance(pattern, list) and "layer_types" in config_class.field_types:
+        config["layer_types"] = ["sliding_attention" if swa else "full_attention" for swa in pattern]
+    rope_field = next((n for n, t in config_class.field_types.items() if t == "rope"), None)
+    if rope_field is not None:
+        config[rope_field] = _rope_parameters(meta, config_class, rope_field, config)
+    config["_unplaced"] = unplaced
+    return config
+
+
+def _rope_parameters(meta: Any, config_class: type[PretrainedConfig], rope_field: str, config: dict) -> dict:
+    gguf = _gguf()
+    rope = gguf.Keys.Rope
+    default = getattr(config_class(), rope_field)
+    scaled: dict[str, Any] = {"rope_type": "default"}
+    scaling = meta(rope.SCALING_TYPE)
+    if scaling in ("linear", "yarn"):
+        scaled = {"rope_type": scaling, "factor": float(meta(rope.SCALING_FACTOR))}
+        if scaling == "yarn":
+            original = meta(rope.SCALING_ORIG_CTX_LEN, config.get("max_position_embeddings"))
+            scaled["original_max_position_embeddings"] = original
+    base, base_swa = meta(rope.FREQ_BASE), meta(rope.FREQ_BASE_SWA)
+    if default and all(isinstance(v, dict) for v in default.values()):  # one table per layer kind
+        kinds = {}
+        for kind, params in default.items():
+            sliding = kind == "sliding_attention"
+            theta = base_swa if sliding else base
+            kinds[kind] = (
+                {"rope_type": "default", "rope_theta": params.get("rope_theta")} if sliding else dict(scaled)
+            )
+            if theta is not None:
+                kinds[kind]["rope_theta"] = float(theta)
+            kinds[kind].setdefault("rope_theta", params.get("rope_theta"))
+        return kinds
+    params = dict(scaled, rope_theta=float(base) if base is not None else default.get("rope_theta"))
+    dims = meta(rope.DIMENSION_COUNT)
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    head_dim = config.get("head_dim") or (hidden // heads if isinstance(hidden, int) and heads else None)
+    if isinstance(dims, int) and head_dim:
+        params["partial_rotary_factor"] = dims / head_dim
+    return params
+
+
+# ---- tensors -----------------------------------------------------------------------------------------
+def _name_map(model: nn.Module, arch: str, blocks: int) -> dict[str, str]:
+    """GGUF tensor base name (`blk.0.attn_q`) -> our module path, from the gguf package's TensorNameMap.
+    A module with no GGUF name of its own (a per-head norm's `norms.3`) belongs to the nearest
+    enclosing module that has one."""
+    gguf = _gguf()
+    enum = {name: member for member, name in gguf.MODEL_ARCH_NAMES.items()}[arch]
+    names = gguf.get_tensor_name_map(enum, blocks)
+    found: dict[str, str] = {}
+    for key in model.state_dict():
+        path = key.rpartition(".")[0]
+        while path:
+            gguf_name = names.get_name(path)
+            if gguf_name is not None:
+                found.setdefault(gguf_name, path)
+                break
+            path = path.rpartition(".")[0]
+    return found
+
+
+def _expected(model: nn.Module, names: dict[str, str]) -> set[str]:
+    """The GGUF tensors this model needs: every parameter's module, except tied copies."""
+    tied = set(getattr(model, "active_ties", lambda: [])())
+    paths = {path: base for base, path in names.items()}
+    needed = set()
+    for key in model.state_dict():
+        if key in tied:
+            continue
+        module_path, _, leaf = key.rpartition(".")
+        path = module_path
+        while path and path not in paths:
+            path = path.rpartition(".")[0]
+        if path:
+            tail = key[len(path) + 1 :]
+            needed.add(f"{paths[path]}.{tail if '.' not in tail else leaf}")
+    return needed
+
+
+# Tensors llama.cpp derives from the config and stores for its own kernels; transformers does not keep them.
+_DERIVED = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
+
+
+def _fit_flags(
+    cls: type[nn.Module], config: PretrainedConfig, present: set[str], arch: str, path: Path
+) -> tuple[PretrainedConfig, nn.Module, dict[str, str]]:
+    """Config booleans that only decide which tensors exist (biases, a norm per sublayer) are not in the
+    metadata; read them off the file's tensors: flip the ones that bring the model's tensor names
+    closer to the file's, one at a time."""
+    from .meta import build_on_meta
+
+    def attempt(candidate: PretrainedConfig) -> tuple[int, nn.Module, dict[str, str]]:
+        model = build_on_meta(cls, candidate, path)
+        names = _name_map(model, arch, _blocks(candidate))
+        return len(_expected(model, names) ^ present), model, names
+
+    best, model, names = attempt(config)
+    flags = [n for n, t in type(config).field_types.items() if t == "bool" and n != "tie_word_embeddings"]
+    while best:
+        trials = []
+        for flag in flags:
+            candidate = type(config).from_dict(config.to_dict() | {flag: not getattr(config, flag)})
+            trials.append((*attempt(candidate), candidate))
+        if not trials or min(t[0] for t in trials) >= best:
+            break
+        best, model, names, config = min(trials, key=lambda t: t[0])
+    return config, model, names
+
+
+def _blocks(config: PretrainedConfig) -> int:
+    counts = [getattr(config, n) for n in getattr(type(config), "repeat_counts", ())]
+    return max([c for c in counts if isinstance(c, int)] or [0])
+
+
+def read_gguf(
+    path: str | os.PathLike, keep_quantized: bool = False, model_class: type[nn.Module] | None = None
+) -> GGUFFile:
+    """Read a GGUF file into a Hugging Face style config dict and state dict (float32), for the model its
+    architecture names (or `model_class`, whose spec must declare that architecture).
 
     With `keep_quantized`, linear weights stored as Q8_0, Q4_0 or Q4_1 stay integer, in the layout of
     `quantization.Int8Linear` / `Int4Linear` (`weight`, `scales`, and for int4 `offsets`): no float copy.
     """
-    gguf = _gguf()
     reader, arch = _open(path)
     path = Path(path)
-    model_type, permuted = DECODER_ARCHITECTURES[arch]
-
-    def meta(key: str, default: Any = None) -> Any:
-        return _field(reader, f"{arch}.{key}", default, path)
-
-    tokens = _field(reader, "tokenizer.ggml.tokens", None, path) or []
-    heads = _count(meta("attention.head_count"), f"{arch}.attention.head_count", path)
-    kv_heads = _count(meta("attention.head_count_kv", heads), f"{arch}.attention.head_count_kv", path)
-    hidden = _count(meta("embedding_length"), f"{arch}.embedding_length", path)
-    if heads % kv_heads:
-        raise CheckpointError(
-            f"{path}: {arch}.attention.head_count ({heads}) is not a multiple of "
-            f"{arch}.attention.head_count_kv ({kv_heads}); each key/value head serves a whole group"
-        )
+    cls = _causal_lm_for(arch, model_class, path)
+    config_dict = _read_config(reader, arch, cls.config_class, path)
+    unplaced = config_dict.pop("_unplaced")
     _check_tensor_offsets(reader, path)
-    config: dict[str, Any] = {
-        "model_type": model_type,
-        "vocab_size": meta("vocab_size", len(tokens)),
-        "hidden_size": hidden,
-        "intermediate_size": meta("feed_forward_length"),
-        "num_hidden_layers": meta("block_count"),
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "head_dim": meta("attention.key_length", hidden // heads),
-        "max_position_embeddings": meta("context_length", 2048),
-        "rms_norm_eps": float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_parameters": {"rope_type": "default", "rope_theta": float(meta("rope.freq_base", 10000.0))},
-        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id", None, path),
-        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id", None, path),
-        "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id", None, path),
-    }
-    scaling = meta("rope.scaling.type")
-    if scaling in ("linear", "yarn"):
-        config["rope_parameters"] |= {"rope_type": scaling, "factor": float(meta("rope.scaling.factor"))}
-        if scaling == "yarn":
-            original = meta("rope.scaling.original_context_length", config["max_position_embeddings"])
-            config["rope_parameters"]["original_max_position_embeddings"] = original
-    window = meta("attention.sliding_window")
-    if window is not None:
-        config["sliding_window"] = window
-
+    try:
+        config = cls.config_class.from_dict(config_dict)
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: its metadata does not make a {cls.__name__} config: {err}") from None
+    _check_unplaced(config, unplaced, path)
+    present = {t.name for t in reader.tensors if t.name not in _DERIVED}
+    config, model, names = _fit_flags(cls, config, present, arch, path)
+    for name in sorted({t.name for t in reader.tensors} & set(_DERIVED)):
+        warnings.warn(f"{path}: `{name}` is derived by llama.cpp from the config; not loaded", stacklevel=2)
+    orders = _row_orders(model)
     tensors: dict[str, torch.Tensor] = {}
     for tensor in reader.tensors:
-        name = _hf_name(tensor.name)
-        if name is None:
-            raise CheckpointError(f"{path}: tensor `{tensor.name}` has no Hugging Face counterpart")
-        if keep_quantized and name.endswith("_proj.weight") and tensor.tensor_type.name in _BLOCK_LAYOUTS:
-            parts = _quantized_parts(tensor.data, tensor.tensor_type.name)
-            for suffix, part in parts.items():
-                if permuted and name.endswith(("q_proj.weight", "k_proj.weight")):
-                    part = unpermute_rotary_rows(part, heads if "q_proj" in name else kv_heads)
-                tensors[name.removesuffix("weight") + suffix] = part
+        if tensor.name in _DERIVED:
             continue
-        try:
-            array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        except NotImplementedError:
-            raise CheckpointError(
-                f"{path}: tensor `{tensor.name}` is stored as {tensor.tensor_type.name}, which cannot be dequantised"
-            ) from None
-        weight = torch.from_numpy(array.copy()).float()
-        try:
-            if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
-                weight = unpermute_rotary_rows(weight, heads)
-            elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
-                weight = unpermute_rotary_rows(weight, kv_heads)
-        except RuntimeError:  # rows that do not split into the header's heads
-            raise CheckpointError(
-                f"{path}: tensor `{tensor.name}` has shape {tuple(weight.shape)}, which does not split into "
-                f"the {heads if 'q_proj' in name else kv_heads} heads the metadata declares"
-            ) from None
-        tensors[name] = weight
-    config["tie_word_embeddings"] = "lm_head.weight" not in tensors
+        for key, value in _convert(tensor, model, names, orders, keep_quantized, path):
+            tensors[key] = value
+    config_out = config.to_dict()
+    config_out["model_type"] = cls.config_class.model_type
+    return GGUFFile(arch, config_out, tensors, _tokenizer_metadata(reader, path), str(path))
 
-    tokenizer = _tokenizer_metadata(reader, path)
-    return GGUFFile(arch, config, tensors, tokenizer, str(path))
+
+def _check_unplaced(config: PretrainedConfig, unplaced: dict[str, tuple[str, Any]], path: Path) -> None:
+    """A value the spec has no field for must be what the spec computes (GPT-2's heads all have keys)."""
+    for key, (name, value) in unplaced.items():
+        ours = getattr(config, name, None)
+        if name == "num_key_value_heads" and ours is None:
+            ours = config.num_attention_heads
+        if ours is not None and isinstance(value, int | float) and ours != value:
+            raise CheckpointError(
+                f"{path}: metadata `{key}` is {value}, but {type(config).__name__} has {name} = {ours} and "
+                "no field to set it"
+            )
+
+
+def _row_orders(model: nn.Module) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    orders = getattr(model, "gguf_row_orders", None)
+    if orders is None:
+        return {}
+    prefix = f"{model.base_model_prefix}."
+    return {prefix + pattern: order for pattern, order in orders().items()}
+
+
+def _order_for(path: str, orders: dict) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    return next((o for pattern, o in orders.items() if fnmatch.fnmatchcase(path, pattern)), None)
 
 
 # llama.cpp block layouts we keep as integers: bytes per block of 32 values.
 _BLOCK_LAYOUTS = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
+
+
+def _convert(
+    tensor: Any, model: nn.Module, names: dict[str, str], orders: dict, keep_quantized: bool, path: Path
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """One GGUF tensor -> our state-dict entries."""
+    base, _, suffix = tensor.name.rpartition(".")
+    module_path = names.get(base)
+    if module_path is None:
+        yield from _split_fused(tensor, model, names, orders, path)
+        return
+    module = model.get_submodule(module_path)
+    order = _order_for(module_path, orders)
+    kind = tensor.tensor_type.name
+    convert = getattr(module, "from_gguf", None)  # a layer that stores its values its own way
+    packable = isinstance(module, nn.Linear) and convert is None and kind in _BLOCK_LAYOUTS
+    if keep_quantized and packable and suffix == "weight":
+        for part, value in _quantized_parts(tensor.data, kind).items():
+            yield f"{module_path}.{part}", _reordered(value, order, tensor.name, path)
+        return
+    value = _reordered(_dequantize(tensor, path), order, tensor.name, path)
+    try:
+        converted = convert(suffix, value) if convert else {suffix: value}
+    except ValueError as err:
+        raise CheckpointError(
+            f"{path}: tensor `{tensor.name}` cannot be stored in `{module_path}`: {err}"
+        ) from None
+    for local, part in converted.items():
+        yield f"{module_path}.{local}", part
+
+
+def _reordered(value: torch.Tensor, order: Any, name: str, path: Path) -> torch.Tensor:
+    if order is None:
+        return value
+    try:
+        return reorder_rows(value, *order)
+    except RuntimeError:  # rows that do not split into the heads the metadata declares
+        raise CheckpointError(
+            f"{path}: tensor `{name}` has shape {tuple(value.shape)}, whose rows do not split as "
+            f"{order[0]} (the heads and sizes the metadata declares)"
+        ) from None
+
+
+def _dequantize(tensor: Any, path: Path) -> torch.Tensor:
+    gguf = _gguf()
+    try:
+        array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError:
+        raise CheckpointError(
+            f"{path}: tensor `{tensor.name}` is stored as {tensor.tensor_type.name}, which cannot be dequantised"
+        ) from None
+    return torch.from_numpy(array.copy()).float()
+
+
+def _split_fused(
+    tensor: Any, model: nn.Module, names: dict[str, str], orders: dict, path: Path
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """A fused query/key/value tensor (`attn_qkv`, older converters) for a model with three projections:
+    rows split by the projections' sizes, in that order."""
+    base, _, suffix = tensor.name.rpartition(".")
+    stem = base.removesuffix(".attn_qkv")
+    parts = [names.get(f"{stem}.{p}") for p in ("attn_q", "attn_k", "attn_v")]
+    if not base.endswith(".attn_qkv") or None in parts:
+        raise CheckpointError(f"{path}: tensor `{tensor.name}` has no counterpart in {type(model).__name__}")
+    value = _dequantize(tensor, path)
+    sizes = [model.get_submodule(p).weight.shape[0] for p in parts]
+    if value.shape[0] != sum(sizes):
+        raise CheckpointError(
+            f"{path}: tensor `{tensor.name}` has {value.shape[0]} rows; expected {' + '.join(map(str, sizes))}"
+        )
+    for part, rows in zip(parts, value.split(sizes), strict=True):
+        yield f"{part}.{suffix}", _reordered(rows.contiguous(), _order_for(part, orders), tensor.name, path)
 
 
 def _quantized_parts(raw: Any, kind: str) -> dict[str, torch.Tensor]:
@@ -270,13 +532,3 @@ def _quantized_parts(raw: Any, kind: str) -> dict[str, torch.Tensor]:
         return {"weight": blocks[..., 2:].contiguous(), "scales": scales, "offsets": -8 * scales}
     offsets = blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1).float()  # Q4_1: w = d * q + m
     return {"weight": blocks[..., 4:].contiguous(), "scales": scales, "offsets": offsets}
-
-
-def _hf_name(name: str) -> str | None:
-    stem, _, suffix = name.rpartition(".")
-    if stem.startswith("blk."):
-        _, index, part = stem.split(".", 2)
-        mapped = _LAYER_NAMES.get(part)
-        return f"model.layers.{index}.{mapped}.{suffix}" if mapped else None
-    mapped = _GLOBAL_NAMES.get(stem)
-    return f"{mapped}.{suffix}" if mapped else None

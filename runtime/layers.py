@@ -33,6 +33,10 @@ class TransposedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight.t(), self.bias)
 
+    def from_gguf(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        """GGUF keeps every linear weight (out, in)."""
+        return {name: tensor.t().contiguous() if name == "weight" else tensor}
+
     def extra_repr(self) -> str:
         return f"in_features={self.weight.shape[0]}, out_features={self.weight.shape[1]}, bias={self.bias is not None}"
 
@@ -58,6 +62,10 @@ class RMSNorm(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.weight) if self.unit_offset else nn.init.ones_(self.weight)
 
+    def from_gguf(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        """llama.cpp stores the scale itself, 1 + w, for a unit-offset norm."""
+        return {name: tensor - 1 if self.unit_offset else tensor}
+
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}" + (
             ", unit_offset=True" if self.unit_offset else ""
@@ -79,6 +87,12 @@ class PerHeadLayerNorm(nn.Module):
         if self.norms[0].bias is not None:
             y = y + torch.stack([norm.bias for norm in self.norms]).unsqueeze(1)
         return y
+
+    def from_gguf(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        """GGUF stacks the heads' parameters into one (heads, dim) tensor."""
+        if tensor.shape[0] != len(self.norms):
+            raise ValueError(f"{tuple(tensor.shape)} does not stack {len(self.norms)} heads")
+        return {f"norms.{h}.{name}": row.clone() for h, row in enumerate(tensor)}
 
 
 class Embedding(nn.Embedding):

@@ -128,7 +128,9 @@ def from_gguf(
     `dequantize=False` keeps Q8_0/Q4_0/Q4_1 linear weights as int8/int4 layers (weight-only
     quantization, see `quantization.py`) with no float round trip; other tensors are dequantised.
     """
-    checkpoint = source if isinstance(source, GGUFFile) else read_gguf(source, keep_quantized=not dequantize)
+    checkpoint = (
+        source if isinstance(source, GGUFFile) else read_gguf(source, not dequantize, model_class=cls)
+    )
     config = cls.config_class.from_dict(checkpoint.config)
     model = build_on_meta(cls, config, checkpoint.source)
     target = _dtype(dtype) if dtype is not None else None

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from specformer.runtime.gguf import unpermute_rotary_rows
+from specformer.runtime.gguf import reorder_rows
 
 
 def hf_permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -20,10 +20,11 @@ def hf_permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("heads", [1, 3, 8])
-def test_unpermute_undoes_the_conversion(heads: int) -> None:
+def test_the_llama_row_order_undoes_the_conversion(heads: int) -> None:
+    """Llama's spec says `rows(-1, head_dim // 2, 2) -> (0, 2, 1)`; that undoes convert_hf_to_gguf.py."""
     weight = torch.randn(heads * 16, 24)
     torch.testing.assert_close(
-        unpermute_rotary_rows(hf_permute(weight, heads), heads), weight, atol=0, rtol=0
+        reorder_rows(hf_permute(weight, heads), (-1, 8, 2), (0, 2, 1)), weight, atol=0, rtol=0
     )
 
 
