@@ -96,7 +96,8 @@ def test_unsupported_architecture_names_the_file(tokenizer, tmp_path: Path) -> N
     path = tmp_path / "mamba.gguf"
     _tiny_gguf(path, "mamba")
     with pytest.raises(
-        CheckpointError, match=r"mamba\.gguf: general\.architecture is `mamba`; supported: gemma, gemma2, .*llama"
+        CheckpointError,
+        match=r"mamba\.gguf: general\.architecture is `mamba`; supported: gemma, gemma2, .*llama",
     ):
         load_causal_lm(path)
     (tmp_path / "junk.gguf").write_bytes(b"GGUF\x00\x01broken")
