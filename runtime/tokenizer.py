@@ -18,8 +18,59 @@ from .files import read_json_object
 
 MAX_TOKENIZER_BYTES = 512 * 2**20  # the largest tokenizer.json read (published ones are tens of MB)
 
-# GGUF token types (llama.cpp): 3 = control, 4 = user defined; both are matched before BPE.
-_SPECIAL_TOKEN_TYPES = (3, 4)
+
+def _byte_level_bpe(meta: dict[str, Any], tokens: list[str]) -> FastTokenizer:
+    vocab = {token: i for i, token in enumerate(tokens)}
+    merges = [tuple(m.split(" ", 1)) for m in meta["merges"]]
+    backend = FastTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    # The GPT-2 byte-level split, as transformers builds GGUF tokenizers. (llama.cpp's own `pre` variants,
+    # e.g. SmolLM's digit splitting, differ on rare inputs such as spaces before a digit.)
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _sentencepiece_bpe(meta: dict[str, Any], tokens: list[str]) -> FastTokenizer:
+    """SentencePiece's BPE: spaces as `▁`, unknown characters as byte tokens (`<0x41>`)."""
+    # a token of only spaces is stored with real spaces; text reaches the model with `▁` for each
+    tokens = ["▁" * len(t) if t and not t.strip(" ") else t for t in tokens]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    scores = list(meta.get("scores") or [])
+    if meta.get("merges"):
+        merges = [tuple(m.split(" ", 1)) for m in meta["merges"]]
+    elif len(scores) == len(tokens):
+        merges = merges_from_scores(vocab, dict(zip(tokens, scores, strict=True)))
+    else:
+        raise TokenizerError(
+            f"GGUF tokenizer: a SentencePiece vocabulary of {len(tokens):,} tokens needs merges or one score "
+            f"per token; it has {len(scores):,} scores"
+        )
+    backend = FastTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True))
+    prefix = bool(meta.get("add_space_prefix", True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="first" if prefix else "never", split=False
+    )
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    backend.decoder = decoders.Sequence([*steps, decoders.Strip(" ", 1, 0)] if prefix else steps)
+    return backend
+
+
+def merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
+    """The merges a scored vocabulary implies: every split of a token into two tokens, best score first
+    (ties: the longer left part first), as transformers orders them."""
+    found = []
+    for token, score in scores.items():
+        pairs = [(token[:i], token[i:]) for i in range(1, len(token))]
+        pairs = sorted(
+            (p for p in pairs if p[0] in vocab and p[1] in vocab), key=lambda p: (vocab[p[0]], vocab[p[1]])
+        )
+        found += [(left, right, score) for left, right in pairs]
+    found.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in found]
+
+
+# `tokenizer.ggml.model` -> how its vocabulary becomes a tokenizer
+_GGUF_TOKENIZERS = {"gpt2": _byte_level_bpe, "llama": _sentencepiece_bpe}
 
 
 class Tokenizer:
@@ -52,29 +103,29 @@ class Tokenizer:
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
     def from_gguf_metadata(cls, meta: dict[str, Any]) -> Tokenizer:
-        if meta.get("model") != "gpt2":
+        """The tokenizer a GGUF file describes: byte-level BPE (`gpt2`) or SentencePiece BPE (`llama`, with
+        byte fallback and merges recovered from the token scores when the file lists none)."""
+        kind = meta.get("model")
+        if kind not in _GGUF_TOKENIZERS:
             raise TokenizerError(
-                f"GGUF tokenizer model `{meta.get('model')}` is not supported yet (supported: gpt2)"
+                f"GGUF tokenizer model `{kind}` is not supported yet (supported: {', '.join(_GGUF_TOKENIZERS)})"
             )
         tokens: list[str] = list(meta["tokens"])
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
             value = meta.get(key)
             if value is not None and not (isinstance(value, int) and 0 <= value < len(tokens)):
                 raise TokenizerError(
                     f"GGUF tokenizer: `{key}` is {value!r}; expected a token id below its {len(tokens):,} tokens"
                 )
-        vocab = {token: i for i, token in enumerate(tokens)}
-        merges = [tuple(m.split(" ", 1)) for m in meta["merges"]]
-        backend = FastTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-        # The GPT-2 byte-level split, as transformers builds GGUF tokenizers. (llama.cpp's own `pre` variants,
-        # e.g. SmolLM's digit splitting, differ on rare inputs such as spaces before a digit.)
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        backend.decoder = decoders.ByteLevel()
+        backend = _GGUF_TOKENIZERS[kind](meta, tokens)
         types = list(meta.get("token_types") or [])
-        specials = [
-            AddedToken(tokens[i], special=True) for i, t in enumerate(types) if t in _SPECIAL_TOKEN_TYPES
-        ]
-        backend.add_special_tokens(specials)
+        # control tokens are special; user-defined ones are matched whole but are ordinary text
+        backend.add_special_tokens(
+            [AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t == 3]
+        )
+        backend.add_tokens(
+            [AddedToken(tokens[i], special=False, normalized=False) for i, t in enumerate(types) if t == 4]
+        )
         return cls(
             backend,
             bos_token_id=meta.get("bos_token_id"),

@@ -50,7 +50,7 @@ def random_gguf(arch: str, qtype: str, tokenizer, folder: Path) -> Path:
     hf_config_class = transformers.LlamaConfig if arch == "llama" else transformers.Qwen2Config
     source = transformers.AutoModelForCausalLM.from_config(hf_config_class(**config))
     path = folder / f"{arch}.gguf"
-    write_gguf(path, arch, config, source.state_dict(), qtype, tokenizer)
+    write_gguf(path, arch, source, qtype, tokenizer)
     return path
 
 
@@ -81,7 +81,7 @@ def test_k_quants_match_transformers(kind: str, tokenizer, tmp_path: Path) -> No
     source = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
     raw = {"model.layers.0.mlp.down_proj.weight": (k_quant_blocks(64, 256, kind), kind)}
     path = tmp_path / "k.gguf"
-    write_gguf(path, "llama", config, source.state_dict(), "Q8_0", tokenizer, raw)
+    write_gguf(path, "llama", source, "Q8_0", tokenizer, raw)
     model, _ = load_causal_lm(path)
     reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name).eval()
     weight = model.model.layers[0].mlp.down_proj.weight

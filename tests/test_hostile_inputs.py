@@ -80,7 +80,7 @@ def make_valid_artifacts(root: Path) -> Path:
         "chat_template": "{{ messages[0]['content'] }}",
     }
     (root / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(settings))
-    write_gguf(root / "model.gguf", "llama", TINY, model.state_dict(), "F32", tokenizer)
+    write_gguf(root / "model.gguf", "llama", model, "F32", tokenizer)
     return root
 
 
