@@ -330,51 +330,53 @@ class Validator:
                 self.model.pos,
             )
 
-    def check_gguf(self) -> None:
-        layout = self.model.gguf
-        if layout is None:
-            return
-        if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", layout.architecture):
-            raise self.error(
-                f'gguf architecture "{layout.architecture}" is not a llama.cpp architecture name '
-                '(lower-case letters, digits, `_`, `-` and `.`, as in "llama" or "gptneox")',
-                layout.pos,
-            )
-        seen: set[tuple[str, str]] = set()
-        for rows in layout.rows:
-            for block_name, sub_name in rows.targets:
-                block = self.blocks.get(block_name)
-                if block is None:
-                    hint = did_you_mean(block_name, self.blocks)
-                    raise self.error(f"gguf rows name unknown block `{block_name}`{hint}", rows.pos)
-                sub = block.submodule(sub_name)
-                if sub is None:
-                    hint = did_you_mean(sub_name, [s.name for s in block.submodules])
-                    raise self.error(f"`{block_name}` has no submodule `{sub_name}`{hint}", rows.pos)
-                if sub.kind != "primitive" or sub.target != "Linear":
-                    raise self.error(
-                        f"gguf rows reorder the output rows of a Linear; `{block_name}.{sub_name}` is a "
-                        f"{sub.target}",
-                        rows.pos,
-                    )
-                if (block_name, sub_name) in seen:
-                    raise self.error(f"`{block_name}.{sub_name}` is given two gguf row orders", rows.pos)
-                seen.add((block_name, sub_name))
-            for expr in rows.shape:
-                self.check_config_expr(expr, layer_scope=False, what="a gguf row shape")
-            if len(rows.shape) < 2 or sorted(rows.order) != list(range(len(rows.shape))):
-                raise self.error(
-                    f"gguf rows: the order {rows.order} must name each of the {len(rows.shape)} axes of the "
-                    "shape once (and a shape has at least two)",
-                    rows.pos,
-                )
-
     def run(self) -> None:
         self.check_model_type()
         self.check_config()
         self.check_blocks()
         self.check_forwards()
-        self.check_gguf()
+        _check_gguf(self)
+
+
+def _check_gguf(v: Validator) -> None:
+    """`gguf "arch" { Block.sub: rows(...) -> (...) }`: a llama.cpp name, Linear targets, a permutation."""
+    layout = v.model.gguf
+    if layout is None:
+        return
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", layout.architecture):
+        raise v.error(
+            f'gguf architecture "{layout.architecture}" is not a llama.cpp architecture name '
+            '(lower-case letters, digits, `_`, `-` and `.`, as in "llama" or "gptneox")',
+            layout.pos,
+        )
+    seen: set[tuple[str, str]] = set()
+    for rows in layout.rows:
+        for block_name, sub_name in rows.targets:
+            block = v.blocks.get(block_name)
+            if block is None:
+                hint = did_you_mean(block_name, v.blocks)
+                raise v.error(f"gguf rows name unknown block `{block_name}`{hint}", rows.pos)
+            sub = block.submodule(sub_name)
+            if sub is None:
+                hint = did_you_mean(sub_name, [s.name for s in block.submodules])
+                raise v.error(f"`{block_name}` has no submodule `{sub_name}`{hint}", rows.pos)
+            if sub.kind != "primitive" or sub.target != "Linear":
+                raise v.error(
+                    f"gguf rows reorder the output rows of a Linear; `{block_name}.{sub_name}` is a "
+                    f"{sub.target}",
+                    rows.pos,
+                )
+            if (block_name, sub_name) in seen:
+                raise v.error(f"`{block_name}.{sub_name}` is given two gguf row orders", rows.pos)
+            seen.add((block_name, sub_name))
+        for expr in rows.shape:
+            v.check_config_expr(expr, layer_scope=False, what="a gguf row shape")
+        if len(rows.shape) < 2 or sorted(rows.order) != list(range(len(rows.shape))):
+            raise v.error(
+                f"gguf rows: the order {rows.order} must name each of the {len(rows.shape)} axes of the "
+                "shape once (and a shape has at least two)",
+                rows.pos,
+            )
 
 
 def _check_class_name(model: str, block: ir.Block) -> None:

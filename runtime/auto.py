@@ -2,65 +2,18 @@
 
 from __future__ import annotations
 
-import importlib
 import os
-import pkgutil
-from functools import cache
 from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar
 
 from .checkpoint import CheckpointError
-from .config import ConfigError, PretrainedConfig
+from .config import PretrainedConfig
 from .files import read_json_object
 from .hub import resolve
 from .modeling import PreTrainedModel
+from .registry import generated_packages, model_class, package_for
 from .tokenizer import Tokenizer
-
-
-@cache
-def generated_packages() -> dict[str, ModuleType]:
-    """model_type -> generated package, found by scanning `specformer.generated`."""
-    import specformer.generated as generated
-
-    found: dict[str, ModuleType] = {}
-    for info in pkgutil.iter_modules(generated.__path__):
-        if info.ispkg:
-            package = importlib.import_module(f"specformer.generated.{info.name}")
-            for name in getattr(package, "__all__", ()):
-                if name.endswith("Config"):
-                    found[getattr(package, name).model_type] = package
-    return found
-
-
-def _package(model_type: str) -> ModuleType:
-    packages = generated_packages()
-    if model_type not in packages:
-        raise ConfigError(
-            f"unknown model_type `{model_type}`; known: {', '.join(sorted(packages))} (or give the "
-            "checkpoint a spec: a model.sf beside its config.json)"
-        )
-    return packages[model_type]
-
-
-# Other class-name suffixes transformers uses for a task (GPT-2's causal LM is `GPT2LMHeadModel`).
-_OTHER_NAMES = {"ForCausalLM": ("LMHeadModel",)}
-
-
-def model_class(model_type: str, task: str = "ForCausalLM") -> type[PreTrainedModel]:
-    """The generated class for `model_type` whose name ends in `task` (`Model`, `ForCausalLM`, ...)."""
-    package = _package(model_type)
-    prefix = next(n[: -len("Config")] for n in package.__all__ if n.endswith("Config"))
-    names = [f"{prefix}{suffix}" for suffix in (task, *_OTHER_NAMES.get(task, ()))]
-    name = next((n for n in names if n in package.__all__), names[0])
-    if name not in package.__all__:
-        heads = sorted(
-            n[len(prefix) :]
-            for n in package.__all__
-            if n.startswith(prefix) and n[len(prefix) :] not in ("Config", "PreTrainedModel")
-        )
-        raise ConfigError(f"`{model_type}` has no {task} class; it has: {', '.join(heads)}")
-    return getattr(package, name)
 
 
 def _model_type(path: str | os.PathLike) -> str:
@@ -102,7 +55,7 @@ class AutoConfig:
 
 
 def config_class(model_type: str) -> type[PretrainedConfig]:
-    package = _package(model_type)
+    package = package_for(model_type)
     return getattr(package, next(n for n in package.__all__ if n.endswith("Config")))
 
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, PretrainedConfig
+from .registry import gguf_architectures, model_class
 
 
 @dataclass
@@ -166,20 +167,6 @@ def _tokenizer_metadata(reader: Any, source: object) -> dict[str, Any]:
 
 
 # ---- which model -------------------------------------------------------------------------------------
-def architectures() -> dict[str, type[nn.Module]]:
-    """GGUF architecture -> the causal LM whose spec declares it. When several specs declare one name,
-    the one whose model_type is that name wins (a delta that kept its parent's layout does not)."""
-    from .auto import generated_packages, model_class
-
-    found: dict[str, type[nn.Module]] = {}
-    for model_type, package in sorted(generated_packages().items()):
-        classes = (getattr(package, name) for name in package.__all__)
-        arch = next((c.gguf_architecture for c in classes if hasattr(c, "gguf_architecture")), None)
-        if arch is not None and (arch not in found or model_type == arch):
-            found[arch] = model_class(model_type)
-    return found
-
-
 def _causal_lm_for(arch: str, requested: type[nn.Module] | None, path: Path) -> type[nn.Module]:
     if requested is not None:
         declared = getattr(requested, "gguf_architecture", None)
@@ -189,10 +176,8 @@ def _causal_lm_for(arch: str, requested: type[nn.Module] | None, path: Path) -> 
                 f"{path}: a `{arch}` file; {requested.__name__}'s spec {what}, so its tensors cannot be "
                 "placed (load it with `load_causal_lm`, which picks the model the file names)"
             )
-        from .auto import model_class
-
         return model_class(requested.config_class.model_type)
-    known = architectures()
+    known = gguf_architectures()
     if arch not in known:
         raise CheckpointError(
             f"{path}: general.architecture is `{arch}`; supported: {', '.join(sorted(known))} (a spec "

@@ -15,7 +15,7 @@ import transformers
 from gguf_files import bpe_tokenizer, k_quant_blocks, sentencepiece_vocab, write_gguf
 
 from specformer.runtime.auto import load_causal_lm
-from specformer.runtime.gguf import architectures
+from specformer.runtime.registry import gguf_architectures as architectures
 
 BASE = {"vocab_size": 0, "max_position_embeddings": 64, "tie_word_embeddings": False}
 DECODER = BASE | {

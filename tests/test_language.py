@@ -301,3 +301,46 @@ def test_delta_errors_name_the_line(line: str, message: str | None) -> None:
     with pytest.raises(SpecError) as err:
         _resolved(text, "Bad")
     assert message in str(err.value) and "Bad.sf:" in str(err.value)
+
+
+def _llama_gguf(rows: str, arch: str = "llama") -> SpecSet:
+    specs = SpecSet()
+    text = (SPECS / "llama.sf").read_text().replace("model Llama {", "model Stored {", 1)
+    start = text.index('  gguf "llama" {')
+    end = text.index("  }\n", start) + 4
+    text = text[:start] + f'  gguf "{arch}" {{\n    {rows}\n  }}\n' + text[end:]
+    specs.add_text(text.replace('model_type = "llama"', 'model_type = "stored"'), "stored.sf")
+    return specs
+
+
+@pytest.mark.parametrize(
+    ("rows", "arch", "message"),
+    [
+        ("Attention.q_proj: rows(-1, 2) -> (0, 1)", "Llama 3", "is not a llama.cpp architecture name"),
+        (
+            "Atention.q_proj: rows(-1, 2) -> (1, 0)",
+            "llama",
+            "unknown block `Atention`; did you mean `Attention`",
+        ),
+        ("Attention.qproj: rows(-1, 2) -> (1, 0)", "llama", "`Attention` has no submodule `qproj`"),
+        ("DecoderLayer.input_layernorm: rows(-1, 2) -> (1, 0)", "llama", "rows of a Linear"),
+        ("Attention.q_proj: rows(-1, head_dim) -> (0, 0)", "llama", r"must name each of the 2 axes"),
+        ("Attention.q_proj: rows(-1, head_dims) -> (1, 0)", "llama", "unknown field `head_dims`"),
+        ("Attention.q_proj: rows(-1, 2) -> (1, 0.5)", "llama", "`0.5` is not an axis"),
+        ("Attention.q_proj, Attention.q_proj: rows(-1, 2) -> (1, 0)", "llama", "two gguf row orders"),
+    ],
+)
+def test_gguf_layouts_are_checked(rows: str, arch: str, message: str) -> None:
+    with pytest.raises(SpecError, match=message):
+        _llama_gguf(rows, arch).resolved("Stored")
+
+
+def test_gguf_layout_is_not_inherited() -> None:
+    specs = SpecSet()
+    for path in sorted(SPECS.glob("*.sf")):
+        specs.add_file(path, f"specs/{path.name}")
+    assert specs.resolved("Llama").gguf.architecture == "llama"
+    assert specs.resolved("Mistral").gguf is None  # llama.cpp stores Mistral as `llama`: Llama reads it
+    assert [r.targets for r in specs.resolved("Llama").gguf.rows] == [
+        (("Attention", "q_proj"), ("Attention", "k_proj"))
+    ]
