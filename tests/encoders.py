@@ -162,6 +162,7 @@ ENCODERS = {
                 "ForSequenceClassification",
                 "ForTokenClassification",
                 "ForQuestionAnswering",
+                "ForMultipleChoice",
             ),
             _modernbert,
             False,
