@@ -130,14 +130,19 @@ def attention_features(ctx: ModelContext) -> dict[str, list[str] | None]:
     found: dict[str, list[str] | None] = {}
     for call in (c for c in calls if c.func == "attend"):
         for key, value in call.kwargs:
-            if key != "softcap" or _is_none(value):
+            feature = ATTEND_FEATURES.get(key)
+            if feature is None or _is_none(value):
                 continue
             field = ctx.fields.get(value.id) if isinstance(value, ir.Name) else None
-            if field is None or field.computed or found.get(key, []) is None:
-                found[key] = None  # a literal or a computed value: needed whatever the config says
+            if field is None or field.computed or found.get(feature, []) is None:
+                found[feature] = None  # a tensor, literal or computed value: needed whatever the config says
             else:
-                found[key] = sorted({*found.get(key, []), value.id})
+                found[feature] = sorted({*found.get(feature, []), value.id})
     return found
+
+
+# `attend` keywords that ask a backend for more than masking -> the feature's name in the runtime
+ATTEND_FEATURES = {"softcap": "softcap", "bias": "score_bias"}
 
 
 def _features_member(features: dict[str, list[str] | None]) -> tuple[list[Attribute], list[Function]]:

@@ -141,6 +141,7 @@ class Builtin:
     count: str | None = None  # the parameter whose literal sets the count: an int, or a list's length
     needs: frozenset[str] = frozenset()  # implicit context: rope, mask, cache, input_ids
     tensor_params: int = 1  # leading positional params that are tensors; the rest are config scalars
+    tensor_keywords: frozenset[str] = frozenset()  # keyword params that take a tensor too
 
 
 BUILTINS: dict[str, Builtin] = {
@@ -179,12 +180,22 @@ BUILTINS: dict[str, Builtin] = {
                 ("dropout", 0.0),
                 ("scale", None),
                 ("softcap", None),
+                ("bias", None),
             ),
             "attend({q}, {k}, {v}, {@mask}, causal={causal}[[, window={window}]]"
-            "[[, dropout={dropout!atom} if self.training else 0.0]][[, scale={scale}]][[, softcap={softcap}]])",
+            "[[, dropout={dropout!atom} if self.training else 0.0]][[, scale={scale}]][[, softcap={softcap}]]"
+            "[[, bias={bias}]])",
             (("attention", "attend"),),
             needs=frozenset({"mask"}),  # and the cache, when it may be causal (analysis.may_be_causal)
             tensor_params=3,
+            tensor_keywords=frozenset({"bias"}),  # added to the scores: (B|1, H|1, T, S)
+        ),
+        Builtin(
+            _sig("alibi", "ALiBi's distance penalty, -slope_h * |i - j|, as an attention bias", "num_heads"),
+            "alibi_bias({num_heads}, {@mask})",
+            (("attention", "alibi_bias"),),
+            needs=frozenset({"mask"}),
+            tensor_params=0,
         ),
         Builtin(
             _sig("dropout", "dropout while training", "x", "p"),

@@ -538,7 +538,9 @@ class _ForwardScope:
                 value = bound[name]
                 if not isinstance(value, ir.Node):
                     continue
-                if i < builtin.tensor_params:
+                if name in builtin.tensor_keywords and isinstance(value, ir.Const) and value.value is None:
+                    continue
+                if i < builtin.tensor_params or name in builtin.tensor_keywords:
                     if self.tensor(value) != 1:  # type: ignore[arg-type]
                         raise self.v.error("each input must be a single tensor", value.pos)  # type: ignore[union-attr]
                 else:

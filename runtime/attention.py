@@ -9,6 +9,7 @@ geometry, once per distinct (causal, window) pair in a forward, and shared by ev
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -113,6 +114,13 @@ class AttentionMask:
             mask = mask | ~mask.any(dim=-1, keepdim=True)
         return mask
 
+    def distances(self, device: torch.device) -> torch.Tensor:
+        """(T, S) |query position - key position|, with the queries after the cached positions."""
+        past = self.past.to(device) if isinstance(self.past, torch.Tensor) else self.past
+        q_pos = (past + torch.arange(self.q_len, device=device))[:, None]
+        positions = torch.arange(self.kv_len) if self.key_positions is None else self.key_positions
+        return (q_pos - positions.to(device)[None, :]).abs()
+
     def position_ids(self, device: torch.device) -> torch.Tensor:
         """Default positions past..past+T-1, shape (1, T), as Hugging Face uses when none are given."""
         past = self.past.to(device) if isinstance(self.past, torch.Tensor) else self.past
@@ -132,10 +140,20 @@ def sdpa_attention(
     window: int | None,
     dropout: float,
     scale: float | None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """torch's fused scaled_dot_product_attention; q (B, H, T, D), k/v (B, Hkv, S, D) -> (B, H, T, D)."""
+    """torch's fused scaled_dot_product_attention; q (B, H, T, D), k/v (B, Hkv, S, D) -> (B, H, T, D).
+    A score `bias` goes in as a float mask, with -inf where the mask forbids."""
     needs_mask = mask.needs_mask(causal, window)
     gqa = q.shape[1] != k.shape[1]
+    if bias is not None:
+        allowed = mask.allowed(causal, window, q.device)
+        scores = bias.to(q.dtype)
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=scores, dropout_p=dropout, scale=scale, enable_gqa=gqa
+        )
     if not needs_mask:
         is_causal = causal and mask.q_len > 1  # a single new query may see every cached key
         return F.scaled_dot_product_attention(
@@ -157,14 +175,17 @@ def cpu_decode_attention(
     window: int | None,
     dropout: float,
     scale: float | None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """specformer's C++ kernel for one new query per sequence on the CPU (decoding: the keys split over
     the cores, a static cache's empty slots never read), SDPA for everything else."""
-    if mask.q_len == 1 and dropout == 0 and cpu_kernels.applies_compiled_too(q, k, v):
+    if bias is None and mask.q_len == 1 and dropout == 0 and cpu_kernels.applies_compiled_too(q, k, v):
         allowed = mask.allowed(causal, window, q.device) if mask.needs_mask(causal, window) else None
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         return cpu_kernels.decode_attention(q, k, v, None if allowed is None else allowed.flatten(1), scale)
-    return sdpa_attention(q, k, v, mask, causal=causal, window=window, dropout=dropout, scale=scale)
+    return sdpa_attention(
+        q, k, v, mask, causal=causal, window=window, dropout=dropout, scale=scale, bias=bias
+    )
 
 
 def eager_attention(
@@ -178,9 +199,10 @@ def eager_attention(
     dropout: float,
     scale: float | None,
     softcap: float | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The textbook computation, softmax in float32: the reference the fused backends are tested against.
-    `softcap` squashes the scores into (-softcap, softcap) before masking."""
+    `softcap` squashes the scores into (-softcap, softcap), then `bias` is added, before masking."""
     groups = q.shape[1] // k.shape[1]
     if groups > 1:  # grouped-query attention: each kv head serves `groups` query heads
         k = k.repeat_interleave(groups, dim=1)
@@ -189,6 +211,8 @@ def eager_attention(
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
+    if bias is not None:
+        scores = scores + bias
     masked = mask.needs_mask(causal, window) or (causal and mask.q_len > 1)
     allowed = mask.allowed(causal, window, q.device) if masked else None
     if allowed is not None:
@@ -209,19 +233,26 @@ def flex_attention(
     dropout: float,
     scale: float | None,
     softcap: float | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """torch's FlexAttention with a block mask, so fully masked blocks (above the causal diagonal, outside
-    the window, all padding) are skipped. Compiled on accelerators; on the CPU it runs unfused (tests)."""
+    the window, all padding) are skipped. Compiled on accelerators; on the CPU it runs unfused (tests).
+    Soft-capping and a score bias are a `score_mod`."""
     from torch.nn.attention.flex_attention import flex_attention as flex
 
     if dropout > 0:
         raise ValueError("flex_attention has no attention dropout; train with attn_implementation='sdpa'")
     block_mask = mask.block_mask(causal, window, q.device)
     score_mod = None
-    if softcap is not None:
+    if softcap is not None or bias is not None:
+        full = None if bias is None else bias.expand(q.shape[0], q.shape[1], *bias.shape[-2:])
 
-        def score_mod(score: torch.Tensor, *_: torch.Tensor) -> torch.Tensor:
-            return torch.tanh(score / softcap) * softcap
+        def score_mod(
+            score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor
+        ) -> torch.Tensor:
+            if softcap is not None:
+                score = torch.tanh(score / softcap) * softcap
+            return score if full is None else score + full[b, h, q_idx, kv_idx]
 
     run = _compiled_flex() if q.device.type != "cpu" else flex
     return run(
@@ -321,10 +352,14 @@ ATTENTION_BACKENDS: dict[str, AttentionFn] = {
 # What each backend can do beyond plain masked attention; a model lists what its spec uses
 # (`attention_features`) and a backend lacking one is refused when the model is loaded.
 BACKEND_FEATURES: dict[str, frozenset[str]] = {
-    "eager": frozenset({"softcap"}),
-    "flex_attention": frozenset({"softcap"}),
+    "eager": frozenset({"softcap", "score_bias"}),
+    "sdpa": frozenset({"score_bias"}),
+    "specformer_cpu": frozenset({"score_bias"}),
+    "flex_attention": frozenset({"softcap", "score_bias"}),
     "flash_attention_2": frozenset({"softcap"}),
 }
+# the `attend` keyword of each feature
+_FEATURE_KEYWORDS = {"softcap": "softcap", "score_bias": "bias"}
 
 
 def register_attention(name: str, fn: AttentionFn, features: frozenset[str] = frozenset()) -> None:
@@ -366,20 +401,44 @@ def attend(
     dropout: float = 0.0,
     scale: float | None = None,
     softcap: float | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """softmax(q k^T * scale + mask) v with the backend the mask carries (the model's); `softcap` squashes
-    the scores first (tanh(s / cap) * cap), where the backend can."""
+    """softmax(q k^T * scale + bias + mask) v with the backend the mask carries (the model's); `softcap`
+    squashes the scores first (tanh(s / cap) * cap), where the backend can."""
     try:
         backend = ATTENTION_BACKENDS[mask.backend]
     except KeyError:
         raise ValueError(
             f"attn_implementation `{mask.backend}` is not available; choose one of {sorted(ATTENTION_BACKENDS)}"
         ) from None
-    if softcap is None:
-        return backend(q, k, v, mask, causal=causal, window=window, dropout=dropout, scale=scale)
-    if missing_features(mask.backend, frozenset({"softcap"})):
-        raise ValueError(
-            f"attn_implementation `{mask.backend}` cannot cap attention scores (softcap); use one of "
-            f"{sorted(n for n, f in BACKEND_FEATURES.items() if 'softcap' in f)}"
-        )
-    return backend(q, k, v, mask, causal=causal, window=window, dropout=dropout, scale=scale, softcap=softcap)
+    if bias is not None:
+        bias = bias.to(q.device)
+    extras = {key: value for key, value in (("softcap", softcap), ("bias", bias)) if value is not None}
+    needed = frozenset(f for f, key in _FEATURE_KEYWORDS.items() if key in extras)
+    for feature in sorted(missing_features(mask.backend, needed)):
+        able = sorted(n for n, f in BACKEND_FEATURES.items() if feature in f)
+        raise ValueError(f"attn_implementation `{mask.backend}` cannot do {feature}; use one of {able}")
+    return backend(q, k, v, mask, causal=causal, window=window, dropout=dropout, scale=scale, **extras)
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi's per-head slopes (Press et al.): a geometric sequence from 2^(-8/n); for a head count that
+    is not a power of two, the next power's odd-numbered slopes fill the rest."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = 2 ** (-(2 ** -(math.log2(closest) - 3)))
+    slopes = base ** torch.arange(1, closest + 1, dtype=torch.float32)
+    if closest != num_heads:
+        extra = 2 ** (-(2 ** -(math.log2(2 * closest) - 3)))
+        count = min(closest, num_heads - closest)
+        slopes = torch.cat([slopes, extra ** torch.arange(1, 2 * count + 1, 2, dtype=torch.float32)])
+    return slopes
+
+
+def alibi_bias(num_heads: int, mask: AttentionMask) -> torch.Tensor:
+    """(1, H, T, S): -slope_h * |query position - key position|; under a causal mask only past keys
+    count, where it is ALiBi's slope_h * (key - query)."""
+    key = ("alibi", num_heads)
+    if key not in mask._cache:
+        distance = mask.distances(torch.device("cpu")).float()  # (T, S)
+        mask._cache[key] = -alibi_slopes(num_heads)[:, None, None] * distance
+    return mask._cache[key][None]
