@@ -28,7 +28,8 @@ class HeadPlanner:
         emit = ctx.forward_expr(head, {})
         inputs = ctx.model_inputs()
         names = [p.name for p in inputs]
-        params = [*inputs, *(Param(label, "torch.Tensor | None", "None") for label in task.labels)]
+        labels = [*task.labels, *(label for _, label, _ in task.more_losses)]
+        params = [*inputs, *(Param(label, "torch.Tensor | None", "None") for label in labels)]
         body: list[Stmt] = []
         init: list[Stmt] = [Line("super().__init__(config)")]
         attributes: list[Attribute] = []
@@ -53,7 +54,7 @@ class HeadPlanner:
             init.append(Line(f"self.{attr} = {ctx.class_name(ctx.backbone.name)}({', '.join(args)})"))
             body.append(Line(f"out = self.{attr}({', '.join([names[0], *(f'{n}={n}' for n in names[1:])])})"))
             params += [Param(name, annotation, default) for name, annotation, default in task.inputs]
-            sources = [task.hidden, "out.pooler_output"]
+            sources = [task.hidden, task.second]
             read = {n.id for e in head.forward.expressions() for n in names_in(e)}
             bound = [(p, s) for p, s in zip(head.forward.params, sources, strict=False) if p in read]
             if bound:
@@ -82,12 +83,18 @@ class HeadPlanner:
         else:
             body.append(Line(f"{', '.join(outputs)} = {result}"))
         if task.choices:
-            body.append(Line("logits = logits.view(-1, num_choices)"))
+            body += [Line(line) for line in task.reshape]
         fields = [o if "=" in o else f"{o}={o}" for o in outputs]
         if task.loss is not None:
             present = " and ".join(f"{label} is not None" for label in task.labels)
             body += [Line("loss = None"), Nested(f"if {present}:", (Line(f"loss = {task.loss}"),))]
             fields.append("loss=loss")
+        for field, label, expression in task.more_losses:
+            body += [
+                Line(f"{field} = None"),
+                Nested(f"if {label} is not None:", (Line(f"{field} = {expression}"),)),
+            ]
+            fields.append(f"{field}={field}")
         if not explicit and "past_key_values" in names:
             fields.append("past_key_values=out.past_key_values")
         body.append(Line(f"return {task.output}({', '.join(fields)})"))

@@ -234,6 +234,12 @@ BUILTINS: dict[str, Builtin] = {
             needs=frozenset({"attention_mask"}),
         ),
         Builtin(
+            _sig("token_at", "each row's position `index` (its last when index is none)", "x", "index"),
+            "token_at({x}, {index})",
+            (("losses", "token_at"),),
+            tensor_params=2,
+        ),
+        Builtin(
             _sig("last_token", "each sequence's last non-padding position", "x"),
             "last_token({x}, {@input_ids}, self.config.pad_token_id)",
             (("losses", "last_token"),),
@@ -287,6 +293,11 @@ class Task:
     hidden: str = "out.last_hidden_state"  # the backbone output the head's forward reads first
     generates: bool = False  # a causal LM: generation defaults, a fused training loss, the fused decode step
     choices: bool = False  # inputs come as (batch, choices, length) and are flattened to rows
+    second: str = "out.pooler_output"  # what the head forward's second parameter reads
+    # outputs back in (batch, choices, ...) shape, after the head forward (`choices` tasks)
+    reshape: tuple[str, ...] = ("logits = logits.view(-1, num_choices)",)
+    # further losses, each its own output field, computed when its label is given: (field, label, expression)
+    more_losses: tuple[tuple[str, str, str], ...] = ()
 
 
 TASKS: dict[str, Task] = {
@@ -347,6 +358,23 @@ TASKS: dict[str, Task] = {
             "multiple_choice_loss(logits, labels)",
             "multiple_choice_loss",
             choices=True,
+        ),
+        Task(
+            # a language model over each choice and a score per choice (GPT-2's DoubleHeads)
+            "lm_and_multiple_choice",
+            ("logits", "mc_logits"),
+            "LMAndMultipleChoiceOutput",
+            ("labels",),
+            "causal_lm_loss(logits, labels)",
+            "causal_lm_loss",
+            inputs=(("mc_token_ids", "torch.Tensor | None", "None"),),
+            choices=True,
+            second="mc_token_ids",
+            reshape=(
+                "logits = logits.unflatten(0, (-1, num_choices))",
+                "mc_logits = mc_logits.view(-1, num_choices)",
+            ),
+            more_losses=(("mc_loss", "mc_labels", "multiple_choice_loss(mc_logits, mc_labels)"),),
         ),
         Task("dense_embedding", ("pooler_output",), "DenseEmbeddingOutput"),
         Task("span_reader", ("start_logits", "end_logits", "relevance_logits"), "SpanReaderOutput"),
@@ -445,6 +473,7 @@ FORWARD_NAMES: frozenset[str] = frozenset(
     | {"num_choices"}
     | {label for t in TASKS.values() for label in t.labels}
     | {name for t in TASKS.values() for name, _, _ in t.inputs}
+    | {name for t in TASKS.values() for field, label, _ in t.more_losses for name in (field, label)}
 )
 
 # Attributes every config has (runtime/config.py): a field of one of these names would hide it.

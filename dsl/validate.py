@@ -291,9 +291,14 @@ class Validator:
             backbone = self.model.backbone
             assert backbone is not None
             outputs = self.facts.returns.get(backbone.name, 1)
+            task = TASKS.get(block.task or "")
+            names = ["last_hidden_state", "pooler_output"][:outputs]
+            if task is not None and task.second != "out.pooler_output":  # the task's own second input
+                outputs, names = 2, ["last_hidden_state", task.second]
             if not 1 <= len(forward.params) <= outputs:
-                names = ", ".join(["last_hidden_state", "pooler_output"][:outputs])
-                raise self.error(f"a head's forward takes the backbone's outputs ({names})", forward.pos)
+                raise self.error(
+                    f"a head's forward takes the backbone's outputs ({', '.join(names)})", forward.pos
+                )
         scope = _ForwardScope(self, block, set(forward.params))
         returns = 0
         for i, stmt in enumerate(forward.body):

@@ -164,6 +164,19 @@ def mean_tokens(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> to
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1)
 
 
+def token_at(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """Row i of `x` (rows, length, ...) at position index[i] (flattened, so (batch, choices) indices match
+    rows of choices); each row's last position when `index` is None."""
+    if index is None:
+        return x[:, -1]
+    index = index.reshape(-1).to(x.device)
+    if index.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"{index.shape[0]} positions for {x.shape[0]} rows; expected one per row (or choice)"
+        )
+    return x[torch.arange(x.shape[0], device=x.device), index]
+
+
 def last_token(logits: torch.Tensor, input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
     """Each sequence's logits at its rightmost non-padding token (works for left and right padding)."""
     batch = input_ids.shape[0]

@@ -58,6 +58,17 @@ class MultipleChoiceOutput:
 
 
 @dataclass
+class LMAndMultipleChoiceOutput:
+    """A language model's logits over each choice (batch, choices, length, vocab) and a score per choice."""
+
+    logits: torch.Tensor
+    mc_logits: torch.Tensor
+    loss: torch.Tensor | None = None  # the language model's
+    mc_loss: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+
+
+@dataclass
 class DenseEmbeddingOutput:
     """One vector per sequence, as DPR's question and context encoders produce."""
 

@@ -265,3 +265,32 @@ def test_bidirectional_sliding_windows_match(tmp_path: Path) -> None:
     for impl in ("eager", "sdpa"):
         ours.set_attention(impl)
         compare("Model", outputs(reference, "Model", ids, mask), outputs(ours, "Model", ids, mask), mask)
+
+
+@pytest.mark.parametrize("with_token_ids", [True, False])
+def test_gpt2_double_heads_match(with_token_ids: bool, tmp_path: Path) -> None:
+    """GPT2DoubleHeadsModel: a language model over each choice plus a score per choice read at its
+    classification token (the last one when none is given); both losses; saved, transformers loads it."""
+    import transformers
+
+    from specformer.generated.gpt2 import GPT2DoubleHeadsModel
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=53, n_embd=32, n_layer=2, n_head=4, n_positions=16)
+    reference = transformers.GPT2DoubleHeadsModel(config).eval()
+    reference.save_pretrained(tmp_path / "hf")
+    ours = GPT2DoubleHeadsModel.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, 53, (2, 3, 7))
+    inputs = {
+        "input_ids": ids,
+        "mc_token_ids": torch.tensor([[6, 4, 5], [2, 6, 6]]) if with_token_ids else None,
+        "labels": ids,
+        "mc_labels": torch.tensor([2, 0]),
+    }
+    with torch.no_grad():
+        expected, actual = reference(**inputs), ours(**inputs)
+        for name in ("logits", "mc_logits", "loss", "mc_loss"):
+            torch.testing.assert_close(getattr(actual, name), getattr(expected, name), atol=1e-5, rtol=0)
+        ours.save_pretrained(tmp_path / "ours")
+        again = transformers.GPT2DoubleHeadsModel.from_pretrained(tmp_path / "ours").eval()
+        torch.testing.assert_close(again(**inputs).mc_logits, expected.mc_logits, atol=1e-5, rtol=0)
