@@ -14,8 +14,9 @@ FOLDERS = {
     "specs": "specs",
 }
 
-packages: list[str] = []
-package_dir: dict[str, str] = {}
+# `specformer` itself: the public names, imported lazily (api/__init__.py)
+packages: list[str] = ["specformer"]
+package_dir: dict[str, str] = {"specformer": "api"}
 for name, folder in FOLDERS.items():
     root = f"specformer.{name}"
     packages.append(root)

@@ -126,7 +126,7 @@ class Validator:
                 self._check_submodule(block, sub, block.name in self.facts.layer_scoped)
             for tie in block.ties:
                 self._check_tie(block, tie)
-            self._check_parallel(block)
+            _check_parallel(self, block)
             if block.role == "head" and block.task not in TASKS:
                 hint = did_you_mean(block.task or "", TASKS)
                 raise self.error(f"unknown task `{block.task}` for head `{block.name}`{hint}", block.pos)
@@ -196,31 +196,6 @@ class Validator:
                     f"repeat count is {count!r} for the default config; expected an int in 0..{MAX_REPEAT}",
                     sub.count.pos,
                 )
-
-    def _check_parallel(self, block: ir.Block) -> None:
-        seen: set[str] = set()
-        for entry in block.parallel:
-            if entry.style not in TP_STYLES:
-                hint = did_you_mean(entry.style, TP_STYLES)
-                raise self.error(
-                    f"unknown parallel style `{entry.style}`{hint}; expected one of {', '.join(TP_STYLES)}",
-                    entry.pos,
-                )
-            for name in entry.names:
-                sub = block.submodule(name)
-                if sub is None:
-                    hint = did_you_mean(name, [s.name for s in block.submodules])
-                    raise self.error(
-                        f"`parallel` names `{name}`, which is not a submodule of `{block.name}`{hint}",
-                        entry.pos,
-                    )
-                if sub.kind != "primitive" or sub.target != "Linear":
-                    raise self.error(
-                        f"`parallel` splits Linear submodules; `{name}` is a {sub.target}", entry.pos
-                    )
-                if name in seen:
-                    raise self.error(f"`{name}` is given two parallel styles in `{block.name}`", entry.pos)
-                seen.add(name)
 
     def _check_tie(self, block: ir.Block, tie: ir.Tie) -> None:
         own = block.submodule(tie.name)
@@ -341,6 +316,30 @@ class Validator:
         self.check_blocks()
         self.check_forwards()
         _check_gguf(self)
+
+
+def _check_parallel(v: Validator, block: ir.Block) -> None:
+    seen: set[str] = set()
+    for entry in block.parallel:
+        if entry.style not in TP_STYLES:
+            hint = did_you_mean(entry.style, TP_STYLES)
+            raise v.error(
+                f"unknown parallel style `{entry.style}`{hint}; expected one of {', '.join(TP_STYLES)}",
+                entry.pos,
+            )
+        for name in entry.names:
+            sub = block.submodule(name)
+            if sub is None:
+                hint = did_you_mean(name, [s.name for s in block.submodules])
+                raise v.error(
+                    f"`parallel` names `{name}`, which is not a submodule of `{block.name}`{hint}",
+                    entry.pos,
+                )
+            if sub.kind != "primitive" or sub.target != "Linear":
+                raise v.error(f"`parallel` splits Linear submodules; `{name}` is a {sub.target}", entry.pos)
+            if name in seen:
+                raise v.error(f"`{name}` is given two parallel styles in `{block.name}`", entry.pos)
+            seen.add(name)
 
 
 def _check_gguf(v: Validator) -> None:

@@ -400,3 +400,6 @@ class AutoTokenizer:
 
             return Tokenizer.from_gguf_metadata(read_gguf_metadata(path))
         return Tokenizer.from_pretrained(path, **hub)
+
+
+PreTrainedTokenizerFast = Tokenizer  # the name transformers gives a fast tokenizer's class
