@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, NamedTuple
 
 import torch
@@ -129,6 +131,20 @@ class AttentionMask:
 
 AttentionFn = Callable[..., torch.Tensor]
 
+# Where eager attention puts each layer's weights while a caller records them (`output_attentions`).
+_RECORDED: ContextVar[list[torch.Tensor] | None] = ContextVar("specformer_recorded_attention", default=None)
+
+
+@contextmanager
+def recording_attention() -> Iterator[list[torch.Tensor]]:
+    """Collect the attention weights eager attention computes inside this block, layer by layer."""
+    weights: list[torch.Tensor] = []
+    token = _RECORDED.set(weights)
+    try:
+        yield weights
+    finally:
+        _RECORDED.reset(token)
+
 
 def sdpa_attention(
     q: torch.Tensor,
@@ -219,6 +235,9 @@ def eager_attention(
         scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     weights = F.dropout(weights, p=dropout, training=dropout > 0)
+    recording = _RECORDED.get()
+    if recording is not None:  # `output_attentions`: the caller keeps each layer's weights
+        recording.append(weights)
     return weights @ v
 
 

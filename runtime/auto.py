@@ -72,7 +72,13 @@ class _AutoModel:
         hub = {
             k: kwargs.pop(k) for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs
         }
-        directory = Path(resolve(path, **hub))
+        subfolder = kwargs.pop("subfolder", "")
+        directory = Path(resolve(path, **hub)) / subfolder
+        if kwargs.get("gguf_file") is not None:  # the file's architecture picks the model
+            from .gguf import gguf_model_type
+
+            model_type = gguf_model_type(directory / kwargs["gguf_file"])
+            return model_class(model_type, cls.task).from_pretrained(directory, **kwargs)
         model_type = _model_type(directory)
         package = _spec_package(directory, model_type)
         if package is not None:

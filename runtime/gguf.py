@@ -136,6 +136,12 @@ def _open(path: str | os.PathLike) -> tuple[Any, str]:
     return reader, arch
 
 
+def gguf_model_type(path: str | os.PathLike) -> str:
+    """The model_type of the spec that declares this file's architecture."""
+    _, arch = _open(path)
+    return _causal_lm_for(arch, None, Path(path)).config_class.model_type
+
+
 def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The tokenizer settings and chat template of a GGUF file, without reading its tensors."""
     reader, _ = _open(path)

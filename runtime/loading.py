@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from specformer.dsl.errors import did_you_mean
+
 from .checkpoint import (
     CheckpointError,
     checkpoint_files,
@@ -28,6 +30,7 @@ from .checkpoint import (
     stage_state_dict,
 )
 from .config import CONFIG_NAME, ConfigError
+from .errors import ArgumentError
 from .files import FolderSave
 from .generation.config import GENERATION_CONFIG_NAME
 from .gguf import GGUFFile, read_gguf
@@ -57,13 +60,22 @@ def from_pretrained(
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
     token: str | bool | None = None,
+    subfolder: str = "",
+    config: Any = None,
     dtype: str | torch.dtype | None = "auto",
+    torch_dtype: str | torch.dtype | None = None,
     attn_implementation: str | None = None,
+    use_flash_attention_2: bool = False,
     device_map: DeviceMap | None = None,
     max_memory: dict[str | int, int | str] | None = None,
+    low_cpu_mem_usage: bool = True,
     strict: bool = True,
     progress: bool | None = None,
     quantization_config: Any = None,
+    load_in_8bit: bool = False,
+    load_in_4bit: bool = False,
+    gguf_file: str | None = None,
+    trust_remote_code: bool | None = None,
     kernels: str = "torch",
     tp_plan: str | None = None,
     device_mesh: Any = None,
@@ -71,20 +83,46 @@ def from_pretrained(
 ) -> M:
     """Load a checkpoint folder or hub id (config.json + single or sharded safetensors, or legacy .bin).
 
-    The model is built on the meta device and the checkpoint's memory-mapped tensors are assigned in
-    place: no random initialisation is computed and thrown away, and no second copy is made.
-    `dtype="auto"` keeps the dtype the config names; `device_map` places modules ("cpu", "cuda",
-    "auto", or {module prefix: device}; "meta" leaves a module unloaded).
-    `quantization_config` (`WeightOnlyConfig` or `BitsAndBytesConfig`) quantizes the backbone's linear
-    layers as they load; a checkpoint saved quantized (its config.json says how) reloads as it was.
+    The keywords are transformers': `dtype` ("auto" keeps the dtype the config names; `torch_dtype` is its
+    older name), `config` (a config object or folder used instead of the checkpoint's), `subfolder`,
+    `gguf_file` (a GGUF file in the folder, dequantised), `device_map` ("cpu", "cuda", "auto", or {module
+    prefix: device}; "meta" leaves a module unloaded), `max_memory`, `attn_implementation` (or the older
+    `use_flash_attention_2=True`), `quantization_config` (`WeightOnlyConfig` or `BitsAndBytesConfig`;
+    `load_in_8bit`/`load_in_4bit` are bitsandbytes' shorthands), and config fields to override
+    (`num_labels=3`); any other keyword is an error naming the nearest one. `low_cpu_mem_usage` is always
+    on: the model is built on the meta device and the checkpoint's memory-mapped tensors are assigned in
+    place, with no random initialisation and no second copy. `trust_remote_code` changes nothing: no code
+    from a checkpoint ever runs (an architecture comes from a spec).
     `kernels="triton"` selects fused Triton kernels for the elementwise hot spots (`set_kernels`).
     `tp_plan="auto"` (under torchrun) splits the layers the spec marks `parallel` over `device_mesh`
     (default: every rank), each rank reading only its slice of those weights.
     """
+    del low_cpu_mem_usage, trust_remote_code  # always so; never needed
+    _check_config_overrides(cls, config_overrides)
+    if torch_dtype is not None:
+        if dtype not in (None, "auto") and _dtype(dtype) != _dtype(torch_dtype):
+            raise ArgumentError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; pass only `dtype`")
+        dtype = torch_dtype
+    if use_flash_attention_2:
+        attn_implementation = attn_implementation or "flash_attention_2"
+    quantization_config = _bnb_shorthand(quantization_config, load_in_8bit, load_in_4bit)
     directory = resolve(
         path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
     )
-    config = cls.config_class.from_pretrained(directory, **config_overrides)
+    directory = directory / subfolder if subfolder else directory
+    if gguf_file is not None:
+        if config_overrides or quantization_config is not None or config is not None:
+            raise ArgumentError(
+                "with gguf_file, the file's metadata is the config and its blocks the weights"
+            )
+        gguf_dtype = None if dtype == "auto" else dtype
+        return cls.from_gguf(
+            directory / gguf_file,
+            dtype=gguf_dtype,
+            attn_implementation=attn_implementation,
+            device_map=device_map,
+        )
+    config = _config_for(cls, directory, config, config_overrides)
     target_dtype = _dtype(config.dtype) if dtype == "auto" and config.dtype else None
     if dtype not in (None, "auto"):
         target_dtype = _dtype(dtype)  # type: ignore[arg-type]
@@ -112,6 +150,57 @@ def from_pretrained(
     if quantization_config is not None and saved is None:
         quantize(model, quantization_config)
     return model._choose_attention(attn_implementation).set_kernels(kernels).eval()
+
+
+def _check_config_overrides(cls: type[nn.Module], overrides: dict[str, Any]) -> None:
+    """Keywords left over must be config fields (or names every config has, such as `num_labels`)."""
+    config_class = cls.config_class  # type: ignore[attr-defined]
+    known = {*config_class.field_types, *config_class.attribute_map, *_CONFIG_KEYWORDS}
+    for name in overrides:
+        if name not in known:
+            hint = did_you_mean(name, [*known, *_LOAD_KEYWORDS])
+            raise ArgumentError(
+                f"from_pretrained() got an unexpected keyword argument `{name}`: neither a loading option nor "
+                f"a field of {config_class.__name__}{hint}"
+            )
+
+
+# Config attributes every model has besides its spec's fields, settable at load time.
+_CONFIG_KEYWORDS = ("num_labels", "id2label", "label2id", "problem_type", "output_hidden_states", "use_cache")
+_LOAD_KEYWORDS = (
+    "revision", "cache_dir", "local_files_only", "token", "subfolder", "config", "dtype", "torch_dtype",
+    "attn_implementation", "use_flash_attention_2", "device_map", "max_memory", "low_cpu_mem_usage",
+    "quantization_config", "load_in_8bit", "load_in_4bit", "gguf_file", "trust_remote_code", "kernels",
+    "tp_plan", "device_mesh", "strict", "progress",
+)  # fmt: skip
+
+
+def _bnb_shorthand(quantization_config: Any, load_in_8bit: bool, load_in_4bit: bool) -> Any:
+    """`load_in_8bit=True` / `load_in_4bit=True`: bitsandbytes, as transformers maps them."""
+    if not (load_in_8bit or load_in_4bit):
+        return quantization_config
+    if quantization_config is not None or (load_in_8bit and load_in_4bit):
+        raise ArgumentError("pass one of quantization_config, load_in_8bit and load_in_4bit")
+    from .quantization import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit)
+
+
+def _config_for(cls: type[nn.Module], directory: Path, config: Any, overrides: dict[str, Any]) -> Any:
+    """The checkpoint's config, or the one given (an object, or a folder or file holding one)."""
+    config_class = cls.config_class  # type: ignore[attr-defined]
+    if config is None:
+        return config_class.from_pretrained(directory, **overrides)
+    if isinstance(config, str | os.PathLike):
+        return config_class.from_pretrained(Path(config), **overrides)
+    if not isinstance(config, config_class):
+        raise ArgumentError(
+            f"config is a {type(config).__name__}; expected a {config_class.__name__} or a path"
+        )
+    config = config_class.from_dict(config.to_dict())  # a copy: the caller's object is left as it was
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
 
 
 def from_gguf(

@@ -12,6 +12,7 @@ from torch import nn
 from . import loading
 from .config import PretrainedConfig
 from .layers import Embedding, RMSNorm, TransposedLinear
+from .output_options import OPTIONS, backbone_of, call_with_options
 from .quantization import is_quantized_layer, memory_footprint
 
 M = TypeVar("M", bound="PreTrainedModel")
@@ -34,6 +35,15 @@ class PreTrainedModel(nn.Module):
         self.attn_implementation: str = config.attn_implementation or self._default_attention(
             "specformer_cpu"
         )
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.keys() & OPTIONS:  # transformers' output options, applied around the forward
+            return call_with_options(self, super().__call__, args, kwargs)
+        return super().__call__(*args, **kwargs)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding table: the backbone's first embedding."""
+        return next(m for m in backbone_of(self).modules() if isinstance(m, nn.Embedding))
 
     @property
     def attention_features(self) -> frozenset[str]:

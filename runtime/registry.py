@@ -31,8 +31,9 @@ def package_for(model_type: str) -> ModuleType:
     packages = generated_packages()
     if model_type not in packages:
         raise ConfigError(
-            f"unknown model_type `{model_type}`; known: {', '.join(sorted(packages))} (or give the "
-            "checkpoint a spec: a model.sf beside its config.json)"
+            f"unknown model_type `{model_type}`; known: {', '.join(sorted(packages))}. No code from a "
+            "checkpoint is ever run (trust_remote_code changes nothing): give it a spec instead, a model.sf "
+            "beside its config.json (see docs/language.md)"
         )
     return packages[model_type]
 
