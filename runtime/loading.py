@@ -127,6 +127,10 @@ def from_pretrained(
     if dtype not in (None, "auto"):
         target_dtype = _dtype(dtype)  # type: ignore[arg-type]
     model = build_on_meta(cls, config, directory)
+    if (directory / GENERATION_CONFIG_NAME).is_file() and model.can_generate():
+        from .generation.config import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(directory)
     files = checkpoint_files(directory)
     tensors = _with_progress(iter_tensors(files), files, progress)
     if tp_plan is not None:
@@ -355,9 +359,9 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, max_shard_size
         save.write_text(CONFIG_NAME, model.config.to_json_string())
         for name, text in specs.items():
             save.write_text(name, text)
-        generation = model.generation_defaults()
-        if generation:
-            save.write_text(GENERATION_CONFIG_NAME, json.dumps(generation, indent=2) + "\n")
+        if model.can_generate():  # the special tokens, and any decoding defaults the model carries
+            generation = model.generation_defaults() | model.generation_config.to_dict()
+            save.write_text(GENERATION_CONFIG_NAME, json.dumps(generation, indent=2, sort_keys=True) + "\n")
         # an old spec would rebuild the old architecture around the new weights
         stale = existing_weight_files(directory) | ({SPEC_FILE} if SPEC_FILE not in specs else set())
         save.commit(remove=stale)

@@ -11,6 +11,8 @@ from torch import nn
 
 from . import loading
 from .config import PretrainedConfig
+from .errors import ArgumentError
+from .generation.config import GenerationConfig
 from .layers import Embedding, RMSNorm, TransposedLinear
 from .output_options import OPTIONS, backbone_of, call_with_options
 from .quantization import is_quantized_layer, memory_footprint
@@ -207,6 +209,52 @@ class PreTrainedModel(nn.Module):
     def generation_defaults(self) -> dict[str, Any]:
         """Defaults for `generation_config.json`; only causal LMs have any."""
         return {}
+
+    # ---- generation (runtime/generation: the engine) --------------------------------------------------
+    def can_generate(self) -> bool:
+        """Whether this is a causal LM (its class defines generation defaults)."""
+        return type(self).generation_defaults is not PreTrainedModel.generation_defaults
+
+    @property
+    def generation_config(self) -> GenerationConfig:
+        """Decoding defaults: the checkpoint's generation_config.json, else the config's special tokens."""
+        if "_generation_config" not in self.__dict__:
+            self._generation_config = GenerationConfig.from_model_config(self.config)
+        return self._generation_config
+
+    @generation_config.setter
+    def generation_config(self, value: GenerationConfig) -> None:
+        self._generation_config = value
+
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        logits_processor: list[Any] | None = None,
+        stopping_criteria: list[Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """transformers' `model.generate(**tokenizer(text, return_tensors="pt"), max_new_tokens=20)`: the
+        prompt ids (positional `inputs` or `input_ids=`), `attention_mask`, GenerationConfig fields over
+        `generation_config` (default: `self.generation_config`), `past_key_values` from a previous turn,
+        `streamer`, `assistant_model`, and lists of logits processors and stopping criteria. Returns the
+        sequences, or a GenerateOutput with `return_dict_in_generate=True`."""
+        from .generation import generate
+
+        if not self.can_generate():
+            raise ArgumentError(f"{type(self).__name__} is not a causal language model; generate() needs one")
+        input_ids = kwargs.pop("input_ids", None) if inputs is None else inputs
+        if input_ids is None:
+            raise ArgumentError("generate() needs the prompt: input_ids (or inputs) of shape (batch, length)")
+        return generate(
+            self,
+            input_ids,
+            kwargs.pop("attention_mask", None),
+            generation_config=generation_config or self.generation_config,
+            logits_processor=logits_processor,
+            stopping_criteria=stopping_criteria,
+            **kwargs,
+        )
 
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:

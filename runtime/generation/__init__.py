@@ -144,6 +144,8 @@ def generate(
     prompt_lookup_num_tokens: int | None = None,
     num_assistant_tokens: int = 5,
     compile: bool | str = False,
+    logits_processor: list[Any] | None = None,
+    stopping_criteria: list[Any] | None = None,
     **settings: Any,
 ) -> torch.Tensor | GenerateOutput:
     """Continue each (left-padded) prompt; returns the sequences, or a GenerateOutput when
@@ -157,7 +159,10 @@ def generate(
     `compile=True` (with `cache_implementation="static"`) runs the one-token steps compiled: through
     specformer's fused decode step on the CPU where the model's decoder has one (nothing to compile),
     else `torch.compile` (fixed shapes, traced once, replayed for every token); `compile="inductor"`
-    always takes `torch.compile`."""
+    always takes `torch.compile`.
+    `logits_processor` and `stopping_criteria` are lists of transformers-style callables, `(input_ids,
+    scores) -> scores` run after the configured processors, and `(input_ids, scores) -> bool or (rows,)
+    bools` that end rows."""
     check_inputs(model, input_ids, attention_mask)
     base = generation_config or GenerationConfig.from_model_config(getattr(model, "config", None))
     config = base.update(**settings)
@@ -183,7 +188,7 @@ def generate(
     prompt_start = (mask != 0).int().argmax(dim=1) if bool((mask == 0).any()) else None
     if past_key_values is None and config.cache_implementation not in (None, "dynamic"):
         past_key_values = make_cache(model, config, max_length)
-    processors = build_processors(config, prompt_len, prompt_start)
+    processors = build_processors(config, prompt_len, prompt_start, max_length) + list(logits_processor or [])
     if assistant_model is not None or prompt_lookup_num_tokens:
         if config.num_beams > 1 or streamer is not None or past_key_values is not None or compile:
             raise GenerationError(
@@ -195,7 +200,7 @@ def generate(
             if assistant_model is not None
             else prompt_lookup_proposer(lookahead=prompt_lookup_num_tokens or 10)
         )
-        stop = Stop(config, max_length, tokenizer)
+        stop = Stop(config, max_length, tokenizer, stopping_criteria)
         output = speculative_decode(model, input_ids, config, processors, stop, propose, generator)
     elif config.num_beams > 1:
         if config.cache_implementation not in (None, "dynamic"):
@@ -206,18 +211,20 @@ def generate(
         rows_mask = mask.repeat_interleave(config.num_beams, dim=0)
         if prompt_start is not None:
             processors = build_processors(
-                config, prompt_len, prompt_start.repeat_interleave(config.num_beams)
-            )
+                config, prompt_len, prompt_start.repeat_interleave(config.num_beams), max_length
+            ) + list(logits_processor or [])
         output = beam_search(model, rows_ids, rows_mask, config, processors, max_length, generator)
     else:
         n = config.num_return_sequences
         if n > 1:
             input_ids, mask = input_ids.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0)
             if prompt_start is not None:
-                processors = build_processors(config, prompt_len, prompt_start.repeat_interleave(n))
+                processors = build_processors(
+                    config, prompt_len, prompt_start.repeat_interleave(n), max_length
+                ) + list(logits_processor or [])
         if streamer is not None:
             streamer.put(input_ids.cpu())
-        stop = Stop(config, max_length, tokenizer)
+        stop = Stop(config, max_length, tokenizer, stopping_criteria)
         if compile:
             decode = compiled_step(model, past_key_values, input_ids, compile)
         elif past_key_values is None or type(past_key_values) in (DynamicCache, StaticCache):

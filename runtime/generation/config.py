@@ -43,6 +43,11 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     bad_words_ids: list[list[int]] | None = None
+    sequence_bias: Any = None  # {(token ids...): bias}, or [[ids, bias], ...] as JSON keeps it
+    suppress_tokens: list[int] | None = None
+    begin_suppress_tokens: list[int] | None = None
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | list[int] | None = None
     length_penalty: float = 1.0
     num_return_sequences: int = 1
     # special tokens

@@ -7,6 +7,7 @@ GenerationConfig asks for: penalties and constraints first, then (when sampling)
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -82,6 +83,58 @@ def suppress_eos_until(length: int, eos: list[int]) -> Processor:
     return apply
 
 
+def sequence_bias(biases: dict[tuple[int, ...], float]) -> Processor:
+    """Add a bias to a sequence's last token when the tokens before it were just generated (a single
+    token's bias applies always)."""
+
+    def apply(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        bias = torch.zeros_like(scores)
+        for sequence, value in biases.items():
+            *prefix, last = sequence
+            if not prefix:
+                bias[:, last] += value
+                continue
+            if ids.shape[1] < len(prefix):
+                continue
+            tail = torch.tensor(prefix, device=ids.device)
+            bias[:, last] += (ids[:, -len(prefix) :] == tail).all(dim=1).to(scores.dtype) * value
+        return scores + bias
+
+    return apply
+
+
+def suppress(tokens: list[int], only_at: int | None = None) -> Processor:
+    """Never pick `tokens` (at sequence length `only_at` only, when given: `begin_suppress_tokens`)."""
+    index = torch.tensor(tokens)
+
+    def apply(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if only_at is not None and ids.shape[1] != only_at:
+            return scores
+        return scores.index_fill(1, index.to(scores.device), NEG_INF)
+
+    return apply
+
+
+def force_at(length: int, tokens: list[int]) -> Processor:
+    """At sequence length `length`, only `tokens` may come next (forced BOS after a one-token prompt,
+    forced EOS as the last token)."""
+    allowed = torch.tensor(tokens)
+
+    def apply(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if ids.shape[1] != length:
+            return scores
+        forced = torch.full_like(scores, NEG_INF)
+        forced[:, allowed.to(scores.device)] = 0
+        return forced
+
+    return apply
+
+
+def _biases(value: Any) -> dict[tuple[int, ...], float]:
+    items = value.items() if isinstance(value, dict) else value
+    return {tuple([ids] if isinstance(ids, int) else ids): float(bias) for ids, bias in items}
+
+
 def temperature(value: float) -> Processor:
     return lambda ids, scores: scores / value
 
@@ -138,10 +191,12 @@ def typical_p(mass: float, keep: int = 1) -> Processor:
 
 
 def build_processors(
-    config: GenerationConfig, prompt_length: int, prompt_start: torch.Tensor | None
+    config: GenerationConfig, prompt_length: int, prompt_start: torch.Tensor | None, max_length: int = 0
 ) -> list[Processor]:
     """The processors `config` asks for, in Hugging Face's order."""
     processors: list[Processor] = []
+    if config.sequence_bias:
+        processors.append(sequence_bias(_biases(config.sequence_bias)))
     if config.repetition_penalty != 1.0:
         processors.append(repetition_penalty(config.repetition_penalty, prompt_start))
     if config.no_repeat_ngram_size > 0:
@@ -153,6 +208,15 @@ def build_processors(
         processors.append(suppress_eos_until(config.min_length, eos))
     if eos and config.min_new_tokens:
         processors.append(suppress_eos_until(prompt_length + config.min_new_tokens, eos))
+    if config.forced_bos_token_id is not None:
+        processors.append(force_at(1, [config.forced_bos_token_id]))
+    if config.forced_eos_token_id is not None and max_length:
+        forced = config.forced_eos_token_id
+        processors.append(force_at(max_length - 1, [forced] if isinstance(forced, int) else list(forced)))
+    if config.suppress_tokens:
+        processors.append(suppress(config.suppress_tokens))
+    if config.begin_suppress_tokens:
+        processors.append(suppress(config.begin_suppress_tokens, only_at=prompt_length))
     if config.do_sample:
         keep = 2 if config.num_beams > 1 else 1  # beam sampling needs at least two candidates per beam
         if config.temperature != 1.0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +43,14 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
 class Stop:
     """Stopping criteria per row: end-of-sequence tokens, length, wall time, stop strings."""
 
-    def __init__(self, config: GenerationConfig, max_length: int, tokenizer: object | None) -> None:
+    def __init__(
+        self,
+        config: GenerationConfig,
+        max_length: int,
+        tokenizer: object | None,
+        criteria: list[Callable[..., Any]] | None = None,
+    ) -> None:
+        self.criteria = list(criteria or [])  # transformers-style StoppingCriteria: (ids, scores) -> bools
         self.eos = config.eos_ids()
         self.max_length = max_length
         self.deadline = None if config.max_time is None else time.monotonic() + config.max_time
@@ -52,9 +60,11 @@ class Stop:
             raise GenerationError("stop_strings need the tokenizer: generate(..., tokenizer=tokenizer)")
         self.tokenizer = tokenizer
 
-    def __call__(self, sequences: torch.Tensor) -> torch.Tensor:
+    def __call__(self, sequences: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
         """(rows,) bool: which rows are done after their last token."""
         done = torch.zeros(sequences.shape[0], dtype=torch.bool, device=sequences.device)
+        for criterion in self.criteria:
+            done |= torch.as_tensor(criterion(sequences, scores), device=done.device).bool()
         if self.eos:
             done |= torch.isin(sequences[:, -1], torch.tensor(self.eos, device=sequences.device))
         if sequences.shape[1] >= self.max_length or (
@@ -71,24 +81,29 @@ def _step(
     model: torch.nn.Module,
     tokens: torch.Tensor,
     mask: torch.Tensor,
-    cache: Cache,
-    first: bool,
+    cache: Cache | None,
     decode: Callable[..., object] | None = None,
 ) -> torch.Tensor:
-    """Logits (rows, vocab) for the next token, feeding the whole prompt first and then one token.
-    A static cache gets a mask over all its slots (fixed shape); `decode` runs the one-token steps."""
+    """Logits (rows, vocab) for the next token, feeding what the cache does not hold yet: the whole
+    prompt first (or a new chat turn after a previous turn's cache), then one token. Without a cache
+    (`use_cache=False`) the whole sequence every time. A static cache gets a mask over all its slots
+    (fixed shape); `decode` runs the one-token steps."""
     positions = positions_from_mask(mask)
-    if not first:  # fresh tensors, so a compiled step sees the same strides every time
+    if cache is None:
+        out = model(tokens, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+        return out.logits[:, -1].float()
+    seen = int(cache.get_seq_length())
+    if seen:  # fresh tensors, so a compiled step sees the same strides every time
         fresh = torch.contiguous_format
         tokens, positions = (
-            tokens[:, -1:].clone(memory_format=fresh),
-            positions[:, -1:].clone(memory_format=fresh),
+            tokens[:, seen:].clone(memory_format=fresh),
+            positions[:, seen:].clone(memory_format=fresh),
         )
     if isinstance(cache, StaticCache):
         slots = mask.new_ones(mask.shape[0], cache.max_length)
         slots[:, : mask.shape[1]] = mask
         mask = slots
-    step = decode if decode is not None and not first else model
+    step = decode if decode is not None and seen and tokens.shape[1] == 1 else model
     out = step(tokens, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
                logits_to_keep=1)  # fmt: skip
     return out.logits[:, -1].float()
@@ -107,16 +122,15 @@ def sample_or_greedy(
     on_token: Callable[[int], None] | None = None,
     decode: Callable[..., object] | None = None,
 ) -> GenerateOutput:
-    cache = cache if cache is not None else DynamicCache()
+    if config.use_cache and cache is None:
+        cache = DynamicCache()
     pad = config.pad_token_id if config.pad_token_id is not None else (config.eos_ids() or [0])[0]
     sequences = input_ids
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     scores: list[torch.Tensor] = []
     raw: list[torch.Tensor] = []
-    first = bool(cache.get_seq_length() == 0)
     while True:
-        logits = _step(model, sequences, mask, cache, first, decode)
-        first = False
+        logits = _step(model, sequences, mask, cache, decode if cache is not None else None)
         next_scores = apply_all(processors, sequences, logits)
         if config.output_scores:
             scores.append(next_scores)
@@ -134,7 +148,7 @@ def sample_or_greedy(
             streamer.put(tokens.cpu())  # type: ignore[attr-defined]
         if on_token is not None:  # a callback for the first row, as the command line streams
             on_token(int(tokens[0]))
-        unfinished &= ~stop(sequences)
+        unfinished &= ~stop(sequences, next_scores)
         if not bool(unfinished.any()):
             break
     if streamer is not None:
@@ -185,11 +199,9 @@ def beam_search(
     cache = DynamicCache()
     scores: list[torch.Tensor] = []
     cur = prompt_len
-    first = True
     while True:
         flat = running[:, :, :cur].reshape(rows, cur)
-        logits = _step(model, flat, mask, cache, first)
-        first = False
+        logits = _step(model, flat, mask, cache)
         log_probs = apply_all(processors, flat, F.log_softmax(logits, dim=-1))
         if config.output_scores:
             scores.append(log_probs)
