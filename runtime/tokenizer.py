@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import warnings
+from datetime import datetime
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,8 +16,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as FastTokenizer
 
-from .errors import TemplateError, TokenizerError
-from .files import read_json_object
+from .encoding import BatchEncoding
+from .errors import ArgumentError, TemplateError, TokenizerError
+from .files import atomic_write_text, read_json_object
 
 MAX_TOKENIZER_BYTES = 512 * 2**20  # the largest tokenizer.json read (published ones are tens of MB)
 
@@ -86,7 +90,10 @@ class Tokenizer:
         add_bos_token: bool = False,
         chat_template: str | None = None,
         padding_side: str = "right",
+        truncation_side: str = "right",
         model_max_length: int | None = None,
+        model_input_names: list[str] | None = None,
+        unk_token_id: int | None = None,
     ) -> None:
         # Padding and truncation stored in tokenizer.json would apply to every encode; we pad per batch.
         tokenizer.no_padding()
@@ -98,7 +105,10 @@ class Tokenizer:
         self.add_bos_token = add_bos_token
         self.chat_template = chat_template
         self.padding_side = padding_side
+        self.truncation_side = truncation_side
         self.model_max_length = model_max_length
+        self.model_input_names = model_input_names
+        self.unk_token_id = unk_token_id
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
@@ -136,12 +146,27 @@ class Tokenizer:
         )
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **hub: Any) -> Tokenizer:
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        padding_side: str | None = None,
+        truncation_side: str | None = None,
+        model_max_length: int | None = None,
+        subfolder: str = "",
+        **hub: Any,
+    ) -> Tokenizer:
         """A folder or hub id with `tokenizer.json` and, optionally, `tokenizer_config.json` (special
-        tokens, `padding_side`, `chat_template`) and `chat_template.jinja`."""
+        tokens, `padding_side`, `chat_template`) and `chat_template.jinja`. The keyword settings override
+        the folder's; `hub`: revision, cache_dir, local_files_only, token."""
         from .hub import resolve
 
-        folder = resolve(path, **hub)
+        unknown = sorted(set(hub) - {"revision", "cache_dir", "local_files_only", "token"})
+        if unknown:
+            raise ArgumentError(
+                f"Tokenizer.from_pretrained() got an unexpected keyword argument `{unknown[0]}`"
+            )
+        folder = resolve(path, **hub) / subfolder
         file = folder / "tokenizer.json"
         if not file.is_file():
             found = "is not a regular file" if file.exists() else "is missing"
@@ -185,22 +210,51 @@ class Tokenizer:
                 template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
             except UnicodeDecodeError as err:
                 raise TokenizerError(f"{folder / 'chat_template.jinja'}: not UTF-8 text ({err})") from None
-        padding_side = settings.get("padding_side", "right")
-        if padding_side not in ("left", "right"):
-            raise TokenizerError(
-                f"{config_file}: `padding_side` is {padding_side!r}; expected 'left' or 'right'"
-            )
-        max_length = settings.get("model_max_length")
+        sides = {}
+        for key, given in (("padding_side", padding_side), ("truncation_side", truncation_side)):
+            sides[key] = given or settings.get(key, "right")
+            if sides[key] not in ("left", "right"):
+                raise TokenizerError(f"{config_file}: `{key}` is {sides[key]!r}; expected 'left' or 'right'")
+        max_length = model_max_length or settings.get("model_max_length")
+        names = settings.get("model_input_names")
         return cls(
             backend,
             bos_token_id=token_id("bos_token"),
             eos_token_id=token_id("eos_token"),
             pad_token_id=token_id("pad_token"),
+            unk_token_id=token_id("unk_token"),
             add_bos_token=bool(settings.get("add_bos_token", False)),
             chat_template=template,
-            padding_side=padding_side,
             model_max_length=max_length if isinstance(max_length, int) and max_length < 10**9 else None,
+            model_input_names=names if isinstance(names, list) else None,
+            **sides,
         )
+
+    def save_pretrained(self, directory: str | os.PathLike) -> tuple[str, ...]:
+        """`tokenizer.json`, `tokenizer_config.json` (special tokens, sides, maximum length) and
+        `chat_template.jinja`, as transformers writes them; each written whole or not at all."""
+        folder = Path(directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        settings: dict[str, Any] = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "padding_side": self.padding_side,
+            "truncation_side": self.truncation_side,
+            "add_bos_token": self.add_bos_token,
+        }
+        for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            if getattr(self, name) is not None:
+                settings[name] = getattr(self, name)
+        if self.model_max_length is not None:
+            settings["model_max_length"] = self.model_max_length
+        if self.model_input_names is not None:
+            settings["model_input_names"] = self.model_input_names
+        written = [folder / "tokenizer.json", folder / "tokenizer_config.json"]
+        atomic_write_text(written[0], self.backend.to_str())
+        atomic_write_text(written[1], json.dumps(settings, indent=2, sort_keys=True) + "\n")
+        if self.chat_template:
+            written.append(folder / "chat_template.jinja")
+            atomic_write_text(written[2], self.chat_template)
+        return tuple(str(p) for p in written)
 
     # ---- encoding --------------------------------------------------------------------------------
     def token(self, token_id: int | None) -> str | None:
@@ -218,33 +272,38 @@ class Tokenizer:
     def __call__(
         self,
         text: str | list[str],
+        text_pair: str | list[str] | None = None,
         *,
         add_special_tokens: bool = True,
         padding: bool | str = False,
-        truncation: bool = False,
+        truncation: bool | str = False,
         max_length: int | None = None,
         padding_side: str | None = None,
         return_tensors: str | None = None,
-    ) -> dict[str, Any]:
-        """`input_ids` and `attention_mask` for one text or a batch, as Hugging Face tokenizers return them.
+        return_token_type_ids: bool | None = None,
+        return_attention_mask: bool = True,
+    ) -> BatchEncoding:
+        """`input_ids` and `attention_mask` (and `token_type_ids`) for one text, a batch, or sentence pairs
+        (`text_pair`: BERT's question/context), as transformers' tokenizers return them.
 
-        `padding`: False, True / "longest", or "max_length"; `truncation` cuts to `max_length` (or the
-        model's maximum); `return_tensors="pt"` gives (batch, length) tensors.
+        `padding`: False, True / "longest", or "max_length"; `truncation`: True / "longest_first",
+        "only_first" or "only_second", to `max_length` (or the model's maximum), counting the special
+        tokens; `return_tensors`: "pt", "np" or None (lists).
         """
         single = isinstance(text, str)
         texts = [text] if single else list(text)
+        pairs = (
+            None if text_pair is None else ([text_pair] if isinstance(text_pair, str) else list(text_pair))
+        )
+        if pairs is not None and len(pairs) != len(texts):
+            raise ValueError(f"{len(texts)} texts and {len(pairs)} text pairs; expected one pair per text")
         side = padding_side or self.padding_side
         if side not in ("left", "right"):
             raise ValueError(f"padding_side is `{side}`; expected `left` or `right`")
         if padding not in (False, True, "longest", "max_length", "do_not_pad"):
             raise ValueError(f"padding is {padding!r}; expected False, True, 'longest' or 'max_length'")
-        limit = max_length if max_length is not None else self.model_max_length
-        encoded = [self.encode(t, add_special_tokens) for t in texts]
-        if truncation:
-            if limit is None:
-                raise ValueError("truncation needs `max_length` (this tokenizer has no model_max_length)")
-            encoded = [ids[:limit] for ids in encoded]
-        width = max(map(len, encoded), default=0)
+        encoded = self._encode_all(texts, pairs, add_special_tokens, truncation, max_length)
+        width = max((len(ids) for ids, _ in encoded), default=0)
         if padding == "max_length":
             if max_length is None:
                 raise ValueError("padding='max_length' needs `max_length`")
@@ -252,26 +311,103 @@ class Tokenizer:
         pad = padding in (True, "longest", "max_length")
         if pad and self.pad_token_id is None:
             raise ValueError(
-                "padding needs a pad token, and this tokenizer has none (set tokenizer.pad_token_id)"
+                "padding needs a pad token, and this tokenizer has none (set tokenizer.pad_token, e.g. to "
+                "tokenizer.eos_token)"
             )
-        if not pad and return_tensors == "pt" and len({len(e) for e in encoded}) > 1:
+        if not pad and return_tensors is not None and len({len(ids) for ids, _ in encoded}) > 1:
             raise ValueError("texts of different lengths cannot form one tensor without padding=True")
-        ids_rows, mask_rows = [], []
-        for ids in encoded:
-            fill = [self.pad_token_id] * (width - len(ids)) if pad else []
-            ones, zeros = [1] * len(ids), [0] * len(fill)
-            ids_rows.append(fill + ids if side == "left" else ids + fill)
-            mask_rows.append(zeros + ones if side == "left" else ones + zeros)
-        if return_tensors == "pt":
-            return {
-                "input_ids": torch.tensor(ids_rows, dtype=torch.long),
-                "attention_mask": torch.tensor(mask_rows),
-            }
-        if return_tensors is not None:
-            raise ValueError(f"return_tensors={return_tensors!r}; only 'pt' is supported")
-        if single:
-            return {"input_ids": ids_rows[0], "attention_mask": mask_rows[0]}
-        return {"input_ids": ids_rows, "attention_mask": mask_rows}
+        types = return_token_type_ids if return_token_type_ids is not None else self.uses_token_types
+        rows: dict[str, list[list[int]]] = {"input_ids": [], "token_type_ids": [], "attention_mask": []}
+        for ids, type_ids in encoded:
+            fill = width - len(ids) if pad else 0
+
+            def padded(values: list[int], value: int, fill: int = fill) -> list[int]:
+                return [value] * fill + values if side == "left" else values + [value] * fill
+
+            rows["input_ids"].append(padded(ids, self.pad_token_id or 0))
+            rows["token_type_ids"].append(padded(type_ids, 0))
+            rows["attention_mask"].append(padded([1] * len(ids), 0))
+        keep = [
+            "input_ids",
+            *(["token_type_ids"] if types else []),
+            *(["attention_mask"] if return_attention_mask else []),
+        ]
+        result = BatchEncoding(
+            {k: rows[k][0] if single and return_tensors is None else rows[k] for k in keep}
+        )
+        return result.convert_to_tensors(return_tensors)
+
+    def _encode_all(
+        self,
+        texts: list[str],
+        pairs: list[str] | None,
+        add_special_tokens: bool,
+        truncation: bool | str,
+        max_length: int | None,
+    ) -> list[tuple[list[int], list[int]]]:
+        """(ids, token type ids) per text or pair; truncated by the backend, which counts the special
+        tokens its template adds."""
+        strategy = {True: "longest_first", "longest_first": "longest_first", "only_first": "only_first",
+                    "only_second": "only_second", False: None, "do_not_truncate": None}.get(truncation, "?")  # fmt: skip
+        if strategy == "?":
+            raise ValueError(
+                f"truncation is {truncation!r}; expected True, 'longest_first', 'only_first' or 'only_second'"
+            )
+        limit = max_length if max_length is not None else self.model_max_length
+        if strategy is not None and limit is None:
+            raise ValueError("truncation needs `max_length` (this tokenizer has no model_max_length)")
+        if strategy is not None:
+            self.backend.enable_truncation(limit, strategy=strategy, direction=self.truncation_side)
+        try:
+            if pairs is None:
+                found = self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
+            else:
+                found = self.backend.encode_batch(
+                    list(zip(texts, pairs, strict=True)), add_special_tokens=add_special_tokens
+                )
+        finally:
+            self.backend.no_truncation()
+        out = []
+        bos = self.bos_token_id
+        for encoding in found:
+            ids, types = list(encoding.ids), list(encoding.type_ids)
+            if add_special_tokens and self.add_bos_token and bos is not None and ids[:1] != [bos]:
+                ids, types = [bos, *ids], [0, *types]  # tokenizers without a template (GGUF)
+                if strategy is not None and len(ids) > limit:  # type: ignore[operator]
+                    ids, types = ids[:limit], types[:limit]
+            out.append((ids, types))
+        return out
+
+    @cached_property
+    def uses_token_types(self) -> bool:
+        """Whether calls return `token_type_ids` by default: the tokenizer config's `model_input_names`
+        says, or else whether the template marks a pair's second segment (BERT's does, Llama's does not)."""
+        if self.model_input_names is not None:
+            return "token_type_ids" in self.model_input_names
+        return any(self.backend.encode("a", "b").type_ids)
+
+    # ---- special tokens by text, as transformers spells them ----------------------------------------
+    def _set_token(self, name: str, token: str | None) -> None:
+        if token is None:
+            setattr(self, f"{name}_id", None)
+            return
+        found = self.backend.token_to_id(token)
+        if found is None:
+            raise TokenizerError(f"{name} {token!r} is not in the vocabulary")
+        setattr(self, f"{name}_id", found)
+
+    bos_token = property(
+        lambda self: self.token(self.bos_token_id), lambda self, t: self._set_token("bos_token", t)
+    )
+    eos_token = property(
+        lambda self: self.token(self.eos_token_id), lambda self, t: self._set_token("eos_token", t)
+    )
+    pad_token = property(
+        lambda self: self.token(self.pad_token_id), lambda self, t: self._set_token("pad_token", t)
+    )
+    unk_token = property(
+        lambda self: self.token(self.unk_token_id), lambda self, t: self._set_token("unk_token", t)
+    )
 
     def batch_encode(self, texts: list[str], *, add_special_tokens: bool = True) -> dict[str, Any]:
         """Padded (batch, length) tensors: `self(texts, padding=True, return_tensors="pt")`."""
@@ -297,27 +433,52 @@ class Tokenizer:
             raise TemplateError(message)
 
         env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)  # dated system prompts
         return env
 
     def apply_chat_template(
-        self, messages: list[dict[str, str]], *, add_generation_prompt: bool = False, tokenize: bool = True
-    ) -> str | list[int]:
+        self,
+        conversation: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        documents: list[dict[str, Any]] | None = None,
+        *,
+        add_generation_prompt: bool = False,
+        continue_final_message: bool = False,
+        tokenize: bool = True,
+        return_tensors: str | None = None,
+        return_dict: bool = False,
+        **template_kwargs: Any,
+    ) -> Any:
+        """The conversation through the chat template, as transformers renders it: `tools` and
+        `documents` reach the template, as do extra keywords (`enable_thinking=False`);
+        `continue_final_message` leaves the last message open for the model to continue; tokenized, the
+        ids as a list, a tensor (`return_tensors`), or a BatchEncoding (`return_dict=True`)."""
         if not self.chat_template:
             raise TemplateError("this tokenizer has no chat template; pass plain text instead")
+        if add_generation_prompt and continue_final_message:
+            raise TemplateError("add_generation_prompt and continue_final_message ask for opposite endings")
         try:
             template = self._template_env.from_string(self.chat_template)
             text = _bounded_render(
                 template,
-                messages=messages,
+                messages=conversation,
+                tools=tools,
+                documents=documents,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.token(self.bos_token_id) or "",
                 eos_token=self.token(self.eos_token_id) or "",
+                **template_kwargs,
             )
         except TemplateError:
             raise
         except Exception as err:  # jinja2 errors of every kind, and sandbox violations
             raise TemplateError(f"chat template failed to render: {err}") from err
-        return self.encode(text, add_special_tokens=False) if tokenize else text
+        if continue_final_message:
+            text = _open_final_message(text, conversation)
+        if not tokenize:
+            return text
+        encoded = self(text, add_special_tokens=False, return_tensors=return_tensors)
+        return encoded if return_dict else encoded["input_ids"]
 
 
 # A chat template comes with a stranger's checkpoint: its rendering is bounded in steps (lines of the
@@ -400,6 +561,17 @@ class AutoTokenizer:
 
             return Tokenizer.from_gguf_metadata(read_gguf_metadata(path))
         return Tokenizer.from_pretrained(path, **hub)
+
+
+def _open_final_message(text: str, conversation: list[dict[str, Any]]) -> str:
+    """The rendered chat cut after the final message's content, so generation continues it."""
+    content = conversation[-1].get("content") if conversation else None
+    if not isinstance(content, str) or not content.strip():
+        raise TemplateError("continue_final_message needs a final message with text content")
+    at = text.rfind(content.strip())
+    if at < 0:
+        raise TemplateError("continue_final_message: the final message's text is not in the rendered chat")
+    return text[: at + len(content.strip())]
 
 
 PreTrainedTokenizerFast = Tokenizer  # the name transformers gives a fast tokenizer's class
