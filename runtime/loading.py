@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -291,6 +292,16 @@ def load_tensors(
     else:
         unexpected += head_only
     missing = [k for k in expected if k not in loaded and k not in tied]
+    if strict and (missing or unexpected) and _another_head(model, missing + unexpected, has_backbone):
+        # the backbone of a checkpoint saved with another head (a causal LM fine-tuned into a classifier)
+        warnings.warn(
+            f"{type(model).__name__}: the checkpoint was saved as {model.config.architectures[0]}; its backbone "
+            f"is loaded and the new head's weights {missing[:6]} are freshly initialised: train them before "
+            "use",
+            UserWarning,
+            stacklevel=3,
+        )
+        strict = False
     if not strict:
         if unexpected:
             logger.warning("%s: ignoring unexpected keys %s", type(model).__name__, unexpected[:12])
@@ -319,6 +330,13 @@ def load_tensors(
         if device.type != "meta" and buffer.device != device:
             model.get_submodule(owner).register_buffer(attr, buffer.to(device), persistent=False)
     attach_device_hooks(model, plan)
+
+
+def _another_head(model: nn.Module, keys: list[str], has_backbone: bool) -> bool:
+    """Whether the keys that do not fit are all head keys, from a checkpoint saved with another head."""
+    saved = getattr(model.config, "architectures", None) or [type(model).__name__]
+    prefix = model.base_model_prefix + "."  # type: ignore[attr-defined]
+    return has_backbone and saved[0] != type(model).__name__ and not any(k.startswith(prefix) for k in keys)
 
 
 @staticmethod

@@ -39,6 +39,8 @@ class PreTrainedModel(nn.Module):
         )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if "cache" in kwargs:  # transformers 5's name for past_key_values
+            kwargs["past_key_values"] = kwargs.pop("cache")
         if kwargs.keys() & OPTIONS:  # transformers' output options, applied around the forward
             return call_with_options(self, super().__call__, args, kwargs)
         return super().__call__(*args, **kwargs)
@@ -244,6 +246,8 @@ class PreTrainedModel(nn.Module):
         if not self.can_generate():
             raise ArgumentError(f"{type(self).__name__} is not a causal language model; generate() needs one")
         input_ids = kwargs.pop("input_ids", None) if inputs is None else inputs
+        if "cache" in kwargs:  # transformers 5's name for past_key_values
+            kwargs["past_key_values"] = kwargs.pop("cache")
         if input_ids is None:
             raise ArgumentError("generate() needs the prompt: input_ids (or inputs) of shape (batch, length)")
         return generate(

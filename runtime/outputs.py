@@ -33,7 +33,14 @@ class ModelOutput:
     def get(self, key: str, default: Any = None) -> Any:
         return getattr(self, key) if key in self.keys() else default
 
+    @property
+    def cache(self) -> Cache | None:
+        """transformers 5's name for `past_key_values`."""
+        return getattr(self, "past_key_values", None)
+
     def __getitem__(self, key: str | int | slice) -> Any:
+        if key == "cache":
+            key = "past_key_values"
         if isinstance(key, str):
             if key not in self.keys():
                 raise KeyError(f"{type(self).__name__} has no {key!r} (fields set: {', '.join(self.keys())})")

@@ -73,6 +73,17 @@ def merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[
     return [(left, right) for left, right, _ in found]
 
 
+# transformers' tokenizer classes whose `model_input_names` include token_type_ids (a config's
+# `tokenizer_class` names one of its classes; the rest return input_ids and attention_mask only).
+_TOKEN_TYPE_CLASSES = frozenset(
+    {
+        "BertTokenizer", "AlbertTokenizer", "ElectraTokenizer", "DebertaTokenizer", "DebertaV2Tokenizer",
+        "XLNetTokenizer", "FunnelTokenizer", "LayoutLMTokenizer", "MobileBertTokenizer", "ConvBertTokenizer",
+        "SqueezeBertTokenizer", "RoFormerTokenizer", "DPRQuestionEncoderTokenizer",
+        "DPRContextEncoderTokenizer", "DPRReaderTokenizer",
+    }
+)  # fmt: skip
+
 # `tokenizer.ggml.model` -> how its vocabulary becomes a tokenizer
 _GGUF_TOKENIZERS = {"gpt2": _byte_level_bpe, "llama": _sentencepiece_bpe}
 
@@ -94,6 +105,7 @@ class Tokenizer:
         model_max_length: int | None = None,
         model_input_names: list[str] | None = None,
         unk_token_id: int | None = None,
+        tokenizer_class: str | None = None,
     ) -> None:
         # Padding and truncation stored in tokenizer.json would apply to every encode; we pad per batch.
         tokenizer.no_padding()
@@ -109,6 +121,7 @@ class Tokenizer:
         self.model_max_length = model_max_length
         self.model_input_names = model_input_names
         self.unk_token_id = unk_token_id
+        self.tokenizer_class = tokenizer_class
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
@@ -227,6 +240,9 @@ class Tokenizer:
             chat_template=template,
             model_max_length=max_length if isinstance(max_length, int) and max_length < 10**9 else None,
             model_input_names=names if isinstance(names, list) else None,
+            tokenizer_class=settings.get("tokenizer_class")
+            if isinstance(settings.get("tokenizer_class"), str)
+            else None,
             **sides,
         )
 
@@ -236,7 +252,7 @@ class Tokenizer:
         folder = Path(directory)
         folder.mkdir(parents=True, exist_ok=True)
         settings: dict[str, Any] = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
+            "tokenizer_class": self.tokenizer_class or "PreTrainedTokenizerFast",
             "padding_side": self.padding_side,
             "truncation_side": self.truncation_side,
             "add_bos_token": self.add_bos_token,
@@ -378,13 +394,13 @@ class Tokenizer:
             out.append((ids, types))
         return out
 
-    @cached_property
+    @property
     def uses_token_types(self) -> bool:
-        """Whether calls return `token_type_ids` by default: the tokenizer config's `model_input_names`
-        says, or else whether the template marks a pair's second segment (BERT's does, Llama's does not)."""
+        """Whether calls return `token_type_ids` by default, as transformers decides: the tokenizer config's
+        `model_input_names`, else its `tokenizer_class`'s (BERT-style classes return them, others not)."""
         if self.model_input_names is not None:
             return "token_type_ids" in self.model_input_names
-        return any(self.backend.encode("a", "b").type_ids)
+        return (self.tokenizer_class or "").removesuffix("Fast") in _TOKEN_TYPE_CLASSES
 
     # ---- special tokens by text, as transformers spells them ----------------------------------------
     def _set_token(self, name: str, token: str | None) -> None:
@@ -555,12 +571,16 @@ class AutoTokenizer:
     """The tokenizer of a checkpoint folder, hub id, or `.gguf` file."""
 
     @staticmethod
-    def from_pretrained(path: str | os.PathLike, **hub: Any) -> Tokenizer:
-        if str(path).endswith(".gguf"):
+    def from_pretrained(path: str | os.PathLike, gguf_file: str | None = None, **kwargs: Any) -> Tokenizer:
+        """`gguf_file`: a GGUF file in the folder (or `path` itself ending in .gguf) carries the tokenizer."""
+        if gguf_file is not None or str(path).endswith(".gguf"):
             from .gguf import read_gguf_metadata
 
-            return Tokenizer.from_gguf_metadata(read_gguf_metadata(path))
-        return Tokenizer.from_pretrained(path, **hub)
+            file = Path(path) / kwargs.pop("subfolder", "") / gguf_file if gguf_file is not None else path
+            tokenizer = Tokenizer.from_gguf_metadata(read_gguf_metadata(file))
+            tokenizer.padding_side = kwargs.pop("padding_side", None) or tokenizer.padding_side
+            return tokenizer
+        return Tokenizer.from_pretrained(path, **kwargs)
 
 
 def _open_final_message(text: str, conversation: list[dict[str, Any]]) -> str:

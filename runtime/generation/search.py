@@ -34,6 +34,11 @@ class GenerateOutput:
     sequences_scores: torch.Tensor | None = None
     past_key_values: Cache | None = None
 
+    @property
+    def cache(self) -> Cache | None:
+        """transformers 5's name for `past_key_values`."""
+        return self.past_key_values
+
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """Each token's position counting real tokens only (left padding does not shift the positions)."""
