@@ -66,7 +66,40 @@ _EXPORTS: dict[str, str] = {
     "SpecformerError": "runtime.errors",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "AutoConfig",
+    "AutoModel",
+    "AutoModelForCausalLM",
+    "AutoModelForMaskedLM",
+    "AutoModelForMultipleChoice",
+    "AutoModelForQuestionAnswering",
+    "AutoModelForSequenceClassification",
+    "AutoModelForTokenClassification",
+    "AutoTokenizer",
+    "BitsAndBytesConfig",
+    "DataCollatorForLanguageModeling",
+    "DataCollatorForTokenClassification",
+    "DataCollatorWithPadding",
+    "DefaultDataCollator",
+    "DynamicCache",
+    "EarlyStoppingCallback",
+    "EvalPrediction",
+    "GenerationConfig",
+    "LoraConfig",
+    "PreTrainedModel",
+    "PreTrainedTokenizerFast",
+    "PretrainedConfig",
+    "SpecformerError",
+    "StaticCache",
+    "TextIteratorStreamer",
+    "TextStreamer",
+    "Trainer",
+    "TrainerCallback",
+    "TrainingArguments",
+    "WeightOnlyConfig",
+    "get_peft_model",
+    "set_seed",
+]
 
 
 def __getattr__(name: str) -> Any:

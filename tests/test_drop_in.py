@@ -467,6 +467,14 @@ def test_a_misspelled_keyword_is_an_error_not_a_config_attribute(ckpt) -> None:
         specformer.AutoModelForCausalLM.from_pretrained(ckpt.llama, torch_dtyp=torch.bfloat16)
 
 
+def test_every_public_name_resolves() -> None:
+    assert set(specformer.__all__) == set(specformer._EXPORTS)
+    for name in specformer.__all__:
+        assert getattr(specformer, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'AutoModelForCausalLMM'"):
+        specformer.AutoModelForCausalLMM  # noqa: B018
+
+
 def test_importing_specformer_is_light() -> None:
     import subprocess
     import sys
