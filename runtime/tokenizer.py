@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import os
-import sys
-import warnings
-from datetime import datetime
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as FastTokenizer
 
+from .chat_template import render_chat
 from .encoding import BatchEncoding
 from .errors import ArgumentError, TemplateError, TokenizerError
-from .files import atomic_write_text, read_json_object
-
-MAX_TOKENIZER_BYTES = 512 * 2**20  # the largest tokenizer.json read (published ones are tens of MB)
+from .tokenizer_files import read_folder, write_folder
 
 
 def _byte_level_bpe(meta: dict[str, Any], tokens: list[str]) -> FastTokenizer:
@@ -88,6 +81,32 @@ _TOKEN_TYPE_CLASSES = frozenset(
 _GGUF_TOKENIZERS = {"gpt2": _byte_level_bpe, "llama": _sentencepiece_bpe}
 
 
+def gguf_backend(meta: dict[str, Any]) -> FastTokenizer:
+    """The fast tokenizer a GGUF file's vocabulary describes, its special token ids checked."""
+    kind = meta.get("model")
+    if kind not in _GGUF_TOKENIZERS:
+        raise TokenizerError(
+            f"GGUF tokenizer model `{kind}` is not supported yet (supported: {', '.join(_GGUF_TOKENIZERS)})"
+        )
+    tokens: list[str] = list(meta["tokens"])
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+        value = meta.get(key)
+        if value is not None and not (isinstance(value, int) and 0 <= value < len(tokens)):
+            raise TokenizerError(
+                f"GGUF tokenizer: `{key}` is {value!r}; expected a token id below its {len(tokens):,} tokens"
+            )
+    backend = _GGUF_TOKENIZERS[kind](meta, tokens)
+    types = list(meta.get("token_types") or [])
+    # control tokens are special; user-defined ones are matched whole but are ordinary text
+    backend.add_special_tokens(
+        [AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t == 3]
+    )
+    backend.add_tokens(
+        [AddedToken(tokens[i], special=False, normalized=False) for i, t in enumerate(types) if t == 4]
+    )
+    return backend
+
+
 class Tokenizer:
     """A fast tokenizer with the Hugging Face calling conventions most code relies on."""
 
@@ -130,27 +149,7 @@ class Tokenizer:
     def from_gguf_metadata(cls, meta: dict[str, Any]) -> Tokenizer:
         """The tokenizer a GGUF file describes: byte-level BPE (`gpt2`) or SentencePiece BPE (`llama`, with
         byte fallback and merges recovered from the token scores when the file lists none)."""
-        kind = meta.get("model")
-        if kind not in _GGUF_TOKENIZERS:
-            raise TokenizerError(
-                f"GGUF tokenizer model `{kind}` is not supported yet (supported: {', '.join(_GGUF_TOKENIZERS)})"
-            )
-        tokens: list[str] = list(meta["tokens"])
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
-            value = meta.get(key)
-            if value is not None and not (isinstance(value, int) and 0 <= value < len(tokens)):
-                raise TokenizerError(
-                    f"GGUF tokenizer: `{key}` is {value!r}; expected a token id below its {len(tokens):,} tokens"
-                )
-        backend = _GGUF_TOKENIZERS[kind](meta, tokens)
-        types = list(meta.get("token_types") or [])
-        # control tokens are special; user-defined ones are matched whole but are ordinary text
-        backend.add_special_tokens(
-            [AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t == 3]
-        )
-        backend.add_tokens(
-            [AddedToken(tokens[i], special=False, normalized=False) for i, t in enumerate(types) if t == 4]
-        )
+        backend = gguf_backend(meta)
         return cls(
             backend,
             bos_token_id=meta.get("bos_token_id"),
@@ -182,98 +181,14 @@ class Tokenizer:
                 f"Tokenizer.from_pretrained() got an unexpected keyword argument `{unknown[0]}`"
             )
         folder = resolve(path, **hub) / subfolder
-        file = folder / "tokenizer.json"
-        if not file.is_file():
-            found = "is not a regular file" if file.exists() else "is missing"
-            raise TokenizerError(f"{file} {found} (only fast tokenizers, tokenizer.json, are supported)")
-        if file.stat().st_size > MAX_TOKENIZER_BYTES:
-            raise TokenizerError(
-                f"{file}: {file.stat().st_size:,} bytes; tokenizer files are expected under {MAX_TOKENIZER_BYTES:,}"
-            )
-        try:
-            backend = FastTokenizer.from_file(str(file))
-        except Exception as err:  # the tokenizers library raises its own plain Exception
-            raise TokenizerError(f"{file}: not a valid tokenizer.json ({err}); it may be truncated") from err
-        settings: dict[str, Any] = {}
-        config_file = folder / "tokenizer_config.json"
-        if config_file.is_file():
-            settings = read_json_object(config_file, TokenizerError)
-
-        def token_id(name: str) -> int | None:
-            token = settings.get(name)
-            if isinstance(token, dict):
-                token = token.get("content")
-            if token is not None and not isinstance(token, str):
-                raise TokenizerError(f"{config_file}: `{name}` is {token!r}; expected a token's text")
-            found = backend.token_to_id(token) if token is not None else None
-            if token is not None and found is None:
-                warnings.warn(
-                    f"{config_file}: `{name}` {token!r} is not in the vocabulary; ignored", stacklevel=3
-                )
-            return found
-
-        template = settings.get("chat_template")
-        if isinstance(template, list):  # several named templates: use the default one
-            named = [t for t in template if isinstance(t, dict) and isinstance(t.get("template"), str)]
-            template = next((t["template"] for t in named if t.get("name") == "default"), None)
-        if template is not None and not isinstance(template, str):
-            raise TokenizerError(
-                f"{config_file}: `chat_template` is {type(template).__name__}; expected text"
-            )
-        if (folder / "chat_template.jinja").is_file():
-            try:
-                template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-            except UnicodeDecodeError as err:
-                raise TokenizerError(f"{folder / 'chat_template.jinja'}: not UTF-8 text ({err})") from None
-        sides = {}
-        for key, given in (("padding_side", padding_side), ("truncation_side", truncation_side)):
-            sides[key] = given or settings.get(key, "right")
-            if sides[key] not in ("left", "right"):
-                raise TokenizerError(f"{config_file}: `{key}` is {sides[key]!r}; expected 'left' or 'right'")
-        max_length = model_max_length or settings.get("model_max_length")
-        names = settings.get("model_input_names")
-        return cls(
-            backend,
-            bos_token_id=token_id("bos_token"),
-            eos_token_id=token_id("eos_token"),
-            pad_token_id=token_id("pad_token"),
-            unk_token_id=token_id("unk_token"),
-            mask_token_id=token_id("mask_token"),
-            add_bos_token=bool(settings.get("add_bos_token", False)),
-            chat_template=template,
-            model_max_length=max_length if isinstance(max_length, int) and max_length < 10**9 else None,
-            model_input_names=names if isinstance(names, list) else None,
-            tokenizer_class=settings.get("tokenizer_class")
-            if isinstance(settings.get("tokenizer_class"), str)
-            else None,
-            **sides,
-        )
+        overrides = {"padding_side": padding_side, "truncation_side": truncation_side,
+                     "model_max_length": model_max_length}  # fmt: skip
+        return cls(**read_folder(folder, {k: v for k, v in overrides.items() if v is not None}))
 
     def save_pretrained(self, directory: str | os.PathLike) -> tuple[str, ...]:
         """`tokenizer.json`, `tokenizer_config.json` (special tokens, sides, maximum length) and
         `chat_template.jinja`, as transformers writes them; each written whole or not at all."""
-        folder = Path(directory)
-        folder.mkdir(parents=True, exist_ok=True)
-        settings: dict[str, Any] = {
-            "tokenizer_class": self.tokenizer_class or "PreTrainedTokenizerFast",
-            "padding_side": self.padding_side,
-            "truncation_side": self.truncation_side,
-            "add_bos_token": self.add_bos_token,
-        }
-        for name in ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token"):
-            if getattr(self, name) is not None:
-                settings[name] = getattr(self, name)
-        if self.model_max_length is not None:
-            settings["model_max_length"] = self.model_max_length
-        if self.model_input_names is not None:
-            settings["model_input_names"] = self.model_input_names
-        written = [folder / "tokenizer.json", folder / "tokenizer_config.json"]
-        atomic_write_text(written[0], self.backend.to_str())
-        atomic_write_text(written[1], json.dumps(settings, indent=2, sort_keys=True) + "\n")
-        if self.chat_template:
-            written.append(folder / "chat_template.jinja")
-            atomic_write_text(written[2], self.chat_template)
-        return tuple(str(p) for p in written)
+        return write_folder(self, Path(directory))
 
     # ---- encoding --------------------------------------------------------------------------------
     def token(self, token_id: int | None) -> str | None:
@@ -446,18 +361,6 @@ class Tokenizer:
         return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in rows]
 
     # ---- chat ------------------------------------------------------------------------------------
-    @cached_property
-    def _template_env(self) -> ImmutableSandboxedEnvironment:
-        # Templates come with checkpoints: render them sandboxed, as Hugging Face does.
-        env = _BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=False)
-
-        def raise_exception(message: str) -> None:
-            raise TemplateError(message)
-
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)  # dated system prompts
-        return env
-
     def apply_chat_template(
         self,
         conversation: list[dict[str, Any]],
@@ -477,100 +380,21 @@ class Tokenizer:
         ids as a list, a tensor (`return_tensors`), or a BatchEncoding (`return_dict=True`)."""
         if not self.chat_template:
             raise TemplateError("this tokenizer has no chat template; pass plain text instead")
-        if add_generation_prompt and continue_final_message:
-            raise TemplateError("add_generation_prompt and continue_final_message ask for opposite endings")
-        try:
-            template = self._template_env.from_string(self.chat_template)
-            text = _bounded_render(
-                template,
-                messages=conversation,
-                tools=tools,
-                documents=documents,
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.token(self.bos_token_id) or "",
-                eos_token=self.token(self.eos_token_id) or "",
-                **template_kwargs,
-            )
-        except TemplateError:
-            raise
-        except Exception as err:  # jinja2 errors of every kind, and sandbox violations
-            raise TemplateError(f"chat template failed to render: {err}") from err
-        if continue_final_message:
-            text = _open_final_message(text, conversation)
+        text = render_chat(
+            self.chat_template,
+            conversation,
+            tools=tools,
+            documents=documents,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            bos_token=self.token(self.bos_token_id) or "",
+            eos_token=self.token(self.eos_token_id) or "",
+            **template_kwargs,
+        )
         if not tokenize:
             return text
         encoded = self(text, add_special_tokens=False, return_tensors=return_tensors)
         return encoded if return_dict else encoded["input_ids"]
-
-
-# A chat template comes with a stranger's checkpoint: its rendering is bounded in steps (lines of the
-# compiled template run, loop iterations included) and in output, so nested loops fail at once.
-MAX_TEMPLATE_STEPS = 1_000_000
-MAX_TEMPLATE_OUTPUT = 10_000_000
-
-
-class _BoundedEnvironment(ImmutableSandboxedEnvironment):
-    """The sandbox, with `*` and `**` refused where they would build a huge value in one operation."""
-
-    intercepted_binops = frozenset({"*", "**"})
-
-    def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
-        # jinja's default renders a blocked attribute as an empty string; a template reaching for
-        # internals is refused outright instead
-        raise TemplateError(
-            f"chat template reads `{attribute}` of a {type(obj).__name__}, which templates may not"
-        )
-
-    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        if operator == "*":
-            for value, times in ((left, right), (right, left)):
-                if (
-                    isinstance(value, str | list | tuple)
-                    and isinstance(times, int)
-                    and len(value) * times > MAX_TEMPLATE_OUTPUT
-                ):
-                    raise TemplateError(
-                        f"chat template builds a value of more than {MAX_TEMPLATE_OUTPUT:,} items"
-                    )
-        if (
-            operator == "**"
-            and isinstance(right, int)
-            and isinstance(left, int)
-            and abs(left) > 1
-            and right > 4096
-        ):
-            raise TemplateError("chat template raises a number to a power too large to compute")
-        return super().call_binop(context, operator, left, right)
-
-
-def _bounded_render(template: Any, **context: Any) -> str:
-    steps = 0
-
-    def count(frame: Any, event: str, arg: Any) -> Any:
-        nonlocal steps
-        if event == "line":
-            steps += 1
-            if steps > MAX_TEMPLATE_STEPS:
-                raise TemplateError(f"chat template takes more than {MAX_TEMPLATE_STEPS:,} steps to render")
-        return count
-
-    def trace(frame: Any, event: str, arg: Any) -> Any:
-        # only the template's own compiled code is counted (and slowed), not jinja's or Python's
-        return count if frame.f_code.co_filename == "<template>" else None
-
-    parts: list[str] = []
-    size = 0
-    previous = sys.gettrace()
-    sys.settrace(trace)
-    try:
-        for part in template.generate(**context):
-            size += len(part)
-            if size > MAX_TEMPLATE_OUTPUT:
-                raise TemplateError(f"chat template renders more than {MAX_TEMPLATE_OUTPUT:,} characters")
-            parts.append(part)
-    finally:
-        sys.settrace(previous)
-    return "".join(parts)
 
 
 class AutoTokenizer:
@@ -587,17 +411,6 @@ class AutoTokenizer:
             tokenizer.padding_side = kwargs.pop("padding_side", None) or tokenizer.padding_side
             return tokenizer
         return Tokenizer.from_pretrained(path, **kwargs)
-
-
-def _open_final_message(text: str, conversation: list[dict[str, Any]]) -> str:
-    """The rendered chat cut after the final message's content, so generation continues it."""
-    content = conversation[-1].get("content") if conversation else None
-    if not isinstance(content, str) or not content.strip():
-        raise TemplateError("continue_final_message needs a final message with text content")
-    at = text.rfind(content.strip())
-    if at < 0:
-        raise TemplateError("continue_final_message: the final message's text is not in the rendered chat")
-    return text[: at + len(content.strip())]
 
 
 PreTrainedTokenizerFast = Tokenizer  # the name transformers gives a fast tokenizer's class
