@@ -73,9 +73,14 @@ class TextGenerationPipeline(Pipeline):
         from .generation.config import GenerationConfig
 
         chosen, plain = self.model.generation_config, GenerationConfig()
-        for key, value in self.DEFAULTS.items():
-            if key not in generate and getattr(chosen, key) == getattr(plain, key):
-                generate[key] = value
+        defaults = {
+            k: v
+            for k, v in self.DEFAULTS.items()
+            if k not in generate and getattr(chosen, k) == getattr(plain, k)
+        }
+        if not generate.get("do_sample", defaults.get("do_sample", chosen.do_sample)):
+            defaults.pop("temperature", None)  # a sampling setting, meaningless for greedy decoding
+        generate |= defaults
         if self.tokenizer.pad_token_id is not None:
             generate.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         chat = _is_chat(inputs)

@@ -481,6 +481,29 @@ def chat_pipeline(lib, ckpt):
     return pipe(CHAT, max_new_tokens=6, do_sample=False), pipe(prefilled, max_new_tokens=3, do_sample=False)
 
 
+class Collect:
+    """A streamer as generate() feeds one: the prompt first, then each new token."""
+
+    def __init__(self) -> None:
+        self.seen: list[list[int]] = []
+        self.ended = False
+
+    def put(self, value: torch.Tensor) -> None:
+        self.seen.append(value.flatten().tolist())
+
+    def end(self) -> None:
+        self.ended = True
+
+
+@snippet
+def streaming_pipeline(lib, ckpt):
+    streamer = Collect()
+    out = lib.pipeline("text-generation", model=ckpt.llama)(
+        "hello", max_new_tokens=4, do_sample=False, streamer=streamer
+    )
+    return out, streamer.seen, streamer.ended
+
+
 @snippet
 def fill_mask_pipeline(lib, ckpt):
     _needs_minilm(ckpt)
