@@ -618,3 +618,39 @@ def test_importing_specformer_is_light() -> None:
 
     code = "import sys, specformer; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+OUTPUT_FAMILIES = {
+    "gemma": (transformers.GemmaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                       num_attention_heads=2, num_key_value_heads=2, head_dim=8), "AutoModelForCausalLM"),
+    "gpt2": (transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=3, n_head=2, bos_token_id=0, eos_token_id=0),
+             "AutoModelForCausalLM"),
+    "bert": (transformers.BertConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                     num_attention_heads=2), "AutoModel"),
+    "distilbert": (transformers.DistilBertConfig(vocab_size=50, dim=16, hidden_dim=32, n_layers=3, n_heads=2),
+                   "AutoModelForSequenceClassification"),
+    "modernbert": (transformers.ModernBertConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                                 num_attention_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                                 cls_token_id=1, sep_token_id=2), "AutoModelForMaskedLM"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", list(OUTPUT_FAMILIES))
+def test_output_options_on_every_kind_of_model(family: str, tmp_path: Path) -> None:
+    """Hidden states (the embeddings, each layer, the backbone's result), attention weights, tuples and
+    embeddings given directly, on decoders and encoders, as transformers returns them."""
+    config, auto = OUTPUT_FAMILIES[family]
+    torch.manual_seed(0)
+    reference = getattr(transformers, auto).from_config(config, attn_implementation="eager").eval()
+    reference.save_pretrained(tmp_path)
+    ours = getattr(specformer, auto).from_pretrained(tmp_path, attn_implementation="eager").eval()
+    ids = torch.randint(3, 50, (2, 6))
+    with torch.no_grad():
+        expected = reference(ids, output_hidden_states=True, output_attentions=True)
+        actual = ours(ids, output_hidden_states=True, output_attentions=True)
+        same(list(actual.hidden_states), list(expected.hidden_states), "hidden_states")
+        same(list(actual.attentions), list(expected.attentions), "attentions")
+        embeds = reference.get_input_embeddings()(ids)
+        key = "logits" if "logits" in expected else "last_hidden_state"
+        same(ours(inputs_embeds=embeds)[key], reference(inputs_embeds=embeds)[key], "inputs_embeds")
+        same(ours(ids, return_dict=False)[0], expected[key], "return_dict=False")
