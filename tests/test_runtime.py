@@ -140,10 +140,18 @@ def test_backbone_and_head_checkpoints_load_into_each_other(tmp_path: Path) -> N
     backbone = LlamaModel.from_pretrained(tmp_path / "head")  # the head's lm_head is dropped
     torch.testing.assert_close(backbone.norm.weight, model.model.norm.weight)
     model.model.save_pretrained(tmp_path / "backbone")
-    with pytest.raises(CheckpointError, match=r"missing keys: lm_head\.weight"):
-        LlamaForCausalLM.from_pretrained(tmp_path / "backbone")
-    head = LlamaForCausalLM.from_pretrained(tmp_path / "backbone", strict=False)
+    # as transformers does: the backbone loads, the head the checkpoint never had starts fresh, with a word
+    with pytest.warns(
+        UserWarning, match=r"saved as LlamaModel.*\['lm_head\.weight'\] are freshly initialised"
+    ):
+        head = LlamaForCausalLM.from_pretrained(tmp_path / "backbone")
     torch.testing.assert_close(head.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    assert not head.lm_head.weight.is_meta and torch.isfinite(head.lm_head.weight).all()
+    (tmp_path / "head" / "model.safetensors").unlink()  # a causal LM checkpoint missing its own head:
+    model.model.save_pretrained(tmp_path / "weights-only")
+    (tmp_path / "weights-only" / "model.safetensors").rename(tmp_path / "head" / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing keys: lm_head\.weight"):  # still an error
+        LlamaForCausalLM.from_pretrained(tmp_path / "head")
 
 
 def test_mismatched_checkpoint_reports_every_problem(tmp_path: Path) -> None:
