@@ -309,3 +309,45 @@ def test_the_avx2_build_passes_these_tests_too(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:]
     assert list(tmp_path.glob("kernels/*.so"))  # built for AVX2 there, not taken from the usual cache
+
+
+@given(
+    bits=st.sampled_from([8, 4]),
+    rows=st.integers(1, 8),
+    shape=st.sampled_from([(32, 8), (96, 40), (576, 193), (1536, 64)]),
+    group=st.sampled_from([32, None]),
+    bias=st.booleans(),
+    dtype=DTYPES,
+    seed=st.integers(0, 99),
+)
+def test_packed_linear_matches_the_dequantised_matmul(bits, rows, shape, group, bias, dtype, seed) -> None:
+    """Random int8 / packed int4 blocks with random scales and offsets (what a GGUF file holds), against
+    F.linear on the dequantised weight; per-channel int8 groups take the scalar path."""
+    from specformer.runtime.quantization import Int4Linear, Int8Linear
+
+    torch.manual_seed(seed)
+    in_features, out_features = shape
+    if bits == 4:
+        layer = Int4Linear(in_features, out_features, 32, bias, dtype)
+        layer.weight.data = torch.randint(0, 256, layer.weight.shape, dtype=torch.uint8)
+        layer.offsets.data = (torch.randn(layer.offsets.shape) * 0.1).to(dtype)
+    else:
+        layer = Int8Linear(in_features, out_features, group, bias, dtype)
+        layer.weight.data = torch.randint(-127, 128, layer.weight.shape, dtype=torch.int8)
+    layer.scales.data = (torch.rand(layer.scales.shape) * 0.01).to(dtype)
+    if bias:
+        layer.bias.data = torch.randn(out_features).to(dtype)
+    x = torch.randn(rows, in_features).to(dtype)
+    with torch.no_grad():
+        float_layer = type(layer)(in_features, out_features, layer.group_size, bias)  # dequantised in float32
+        float_layer.load_state_dict(
+            {k: v.float() if v.is_floating_point() else v for k, v in layer.state_dict().items()}
+        )
+        expected = torch.nn.functional.linear(
+            x.float(), float_layer.dequantize(), None if not bias else layer.bias.float()
+        )
+        actual = cpu_kernels.packed_linear(
+            x, layer.weight, layer.scales, getattr(layer, "offsets", None), layer.bias, bits
+        )
+        assert torch.equal(layer(x), actual)  # the layer's eager forward is the kernel
+    torch.testing.assert_close(actual.float(), expected, **tolerance(dtype))

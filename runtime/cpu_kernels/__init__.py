@@ -39,7 +39,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode.cpp")
-HEADERS = ("kernels.h", "decode_step.h")  # included by SOURCE: one translation unit
+HEADERS = ("kernels.h", "decode_step.h", "packed_gemv.h")  # included by SOURCE: one translation unit
 # torch's vectorised types take their width from these macros. torch registers most of its CPU kernels
 # (sum, silu, ...) for AVX2 only, also on AVX512 machines; built for AVX2 too, our reductions add in
 # the same order and our exp is the same function, so results match torch's bit for bit.
@@ -71,6 +71,19 @@ def applies_compiled_too(*tensors: torch.Tensor) -> bool:
     if torch.is_grad_enabled() or not _loaded:
         return False
     return all(t.is_cpu and t.dtype in _DTYPES and type(t) in _PLAIN for t in tensors)
+
+
+def packed_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bits: int,
+) -> torch.Tensor:
+    """x @ W.T + bias for a few rows of x, W packed as int8 (`bits=8`) or two 4-bit values a byte with
+    per-group scales and offsets (`bits=4`), each weight widened in registers: no float copy of W."""
+    return torch.ops.specformer_cpu.packed_linear(x, weight, scales, offsets, bias, bits)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -11,6 +11,7 @@
 
 #include "decode_step.h"
 #include "kernels.h"
+#include "packed_gemv.h"
 
 namespace specformer {
 
@@ -207,6 +208,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 
 TORCH_LIBRARY(specformer_cpu, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("packed_linear(Tensor x, Tensor weight, Tensor scales, Tensor? offsets, Tensor? bias, int bits) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
   m.def("rotary(Tensor q, Tensor k, Tensor cos, Tensor signed_sin) -> (Tensor, Tensor)");
@@ -219,6 +221,7 @@ TORCH_LIBRARY(specformer_cpu, m) {
 
 TORCH_LIBRARY_IMPL(specformer_cpu, CPU, m) {
   m.impl("linear", specformer::linear);
+  m.impl("packed_linear", specformer::packed_linear);
   m.impl("rms_norm", specformer::rms_norm);
   m.impl("silu_mul", specformer::silu_mul);
   m.impl("rotary", specformer::rotary);

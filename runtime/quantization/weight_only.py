@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import cpu_kernels
 from .modules import quantizable_linears, remember_quantization, replace_modules
 
 # Under torch.compile, rows at or below this use the multiply-and-sum form (decoding), which inductor
@@ -105,6 +106,8 @@ class Int8Linear(nn.Module):
         return (grouped * self.scales[..., None]).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _packed_kernel(x, self.in_features, self.bias):
+            return cpu_kernels.packed_linear(x, self.weight, self.scales, None, self.bias, 8)
         if x.numel() // self.in_features > _MATVEC_ROWS or not torch.compiler.is_compiling():
             return F.linear(x, self.dequantize().to(x.dtype), self.bias)
         # Widening through int32 lets inductor vectorise the conversion; one reduction over the whole row.
@@ -174,6 +177,8 @@ class Int4Linear(nn.Module):
         return (q * self.scales[..., None] + self.offsets[..., None]).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _packed_kernel(x, self.in_features, self.bias):
+            return cpu_kernels.packed_linear(x, self.weight, self.scales, self.offsets, self.bias, 4)
         if x.numel() // self.in_features > _MATVEC_ROWS or not torch.compiler.is_compiling():
             return F.linear(x, self.dequantize().to(x.dtype), self.bias)
         xg = x.unflatten(-1, (-1, 2, self.group_size // 2)).unsqueeze(-4)  # (..., 1, groups, 2, half)
@@ -184,6 +189,19 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, group_size={self.group_size}, bias={self.bias is not None}"
+
+
+def _packed_kernel(x: torch.Tensor, in_features: int, bias: torch.Tensor | None) -> bool:
+    """Eager decoding on the CPU: the C++ kernel reads the packed weights directly (a few rows only; a
+    prompt's many rows go to a dequantised matmul, which reuses each weight across them)."""
+    rows = x.numel() // max(in_features, 1)
+    if rows > _KERNEL_ROWS or (bias is not None and bias.dtype != x.dtype):
+        return False
+    return cpu_kernels.applies(x)
+
+
+# Rows up to which the packed C++ kernel runs (eager): a GEMV per row re-reads the weights from cache.
+_KERNEL_ROWS = 8
 
 
 def _check_groups(in_features: int, group_size: int, kind: str) -> None:

@@ -1,0 +1,176 @@
+#pragma once
+// ---- linear for a few rows over packed integer weights (decoding a quantized model) ------------------
+// The layouts are llama.cpp's blocks as quantization/weight_only.py keeps them: int8 weights with one
+// float scale per group (Q8_0: groups of 32), or 4-bit weights two to a byte, the first half of a group
+// in the low nibbles and the second half in the high ones, with a scale and an offset per group
+// (w = q * scale + offset: Q4_0 has offset -8 * scale, Q4_1 its own minimum).
+//
+// Decoding is bound by reading the weights, and these are 4x (int8) or ~7x (int4) smaller than float32.
+// Each weight is widened to float32 in registers and multiplied with the float activations: the same
+// arithmetic as the dequantised layer up to the order of the sums, with no activation rounding. For
+// int4, dot(q, x) * scale + offset * sum(x) per group: the offsets cost one product per group, with the
+// sums of x over each group computed once per call.
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <vector>
+
+#if defined(SPECFORMER_AVX512)
+#include <immintrin.h>
+#endif
+
+namespace specformer {
+
+#if defined(SPECFORMER_AVX512)
+// 16 int8 weights -> floats
+SPECFORMER_TARGET inline __m512 widen_i8(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+// 16 packed bytes -> the 16 low nibbles and the 16 high nibbles, as floats
+SPECFORMER_TARGET inline void widen_u4(const uint8_t* p, __m512* low, __m512* high) {
+  const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  *low = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15)));
+  *high = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
+}
+
+// acc[m] += sum_g scale[g] * dot(W_g, x[m]_g) for one int8 row; group a multiple of 16.
+SPECFORMER_TARGET inline void row_i8(const int8_t* w, const float* scales, int64_t K, int64_t group, const float* xf,
+                                     int64_t M, float* acc) {
+  for (int64_t m = 0; m < M; ++m) {
+    __m512 total = _mm512_setzero_ps();
+    const float* x = xf + m * K;
+    for (int64_t g = 0; g * group < K; ++g) {
+      __m512 part = _mm512_setzero_ps();
+      for (int64_t k = g * group; k < (g + 1) * group; k += 16)
+        part = _mm512_fmadd_ps(widen_i8(w + k), _mm512_loadu_ps(x + k), part);
+      total = _mm512_fmadd_ps(part, _mm512_set1_ps(scales[g]), total);
+    }
+    acc[m] = _mm512_reduce_add_ps(total);
+  }
+}
+
+// acc[m] = sum_g scale[g] * dot(q_g, x[m]_g) + offset[g] * xsum[m, g] for one int4 row; group of 32.
+SPECFORMER_TARGET inline void row_u4(const uint8_t* w, const float* scales, const float* offsets, int64_t K,
+                                     const float* xf, const float* xsum, int64_t M, float* acc) {
+  const int64_t groups = K / 32;
+  for (int64_t m = 0; m < M; ++m) {
+    __m512 total = _mm512_setzero_ps();
+    const float* x = xf + m * K;
+    float shift = 0.f;
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512 low, high;
+      widen_u4(w + g * 16, &low, &high);
+      const __m512 part = _mm512_fmadd_ps(high, _mm512_loadu_ps(x + g * 32 + 16),
+                                          _mm512_mul_ps(low, _mm512_loadu_ps(x + g * 32)));
+      total = _mm512_fmadd_ps(part, _mm512_set1_ps(scales[g]), total);
+      shift += offsets[g] * xsum[m * groups + g];
+    }
+    acc[m] = _mm512_reduce_add_ps(total) + shift;
+  }
+}
+#endif
+
+inline void row_i8_scalar(const int8_t* w, const float* scales, int64_t K, int64_t group, const float* xf, int64_t M,
+                          float* acc) {
+  for (int64_t m = 0; m < M; ++m) {
+    float total = 0.f;
+    for (int64_t g = 0; g * group < K; ++g) {
+      float part = 0.f;
+      for (int64_t k = g * group; k < (g + 1) * group; ++k) part += float(w[k]) * xf[m * K + k];
+      total += part * scales[g];
+    }
+    acc[m] = total;
+  }
+}
+
+inline void row_u4_scalar(const uint8_t* w, const float* scales, const float* offsets, int64_t K, int64_t group,
+                          const float* xf, const float* xsum, int64_t M, float* acc) {
+  const int64_t groups = K / group, half = group / 2;
+  for (int64_t m = 0; m < M; ++m) {
+    float total = 0.f;
+    for (int64_t g = 0; g < groups; ++g) {
+      float part = 0.f;
+      for (int64_t j = 0; j < half; ++j) {
+        const uint8_t byte = w[g * half + j];
+        part += float(byte & 15) * xf[m * K + g * group + j] + float(byte >> 4) * xf[m * K + g * group + half + j];
+      }
+      total += part * scales[g] + offsets[g] * xsum[m * groups + g];
+    }
+    acc[m] = total;
+  }
+}
+
+// y = x W^T + b for packed W; bits 8 (weight int8 (N, K)) or 4 (weight uint8 (N, K/2), offsets given).
+template <typename T>
+at::Tensor packed_linear_impl(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& scales_in,
+                              const std::optional<at::Tensor>& offsets_in, const std::optional<at::Tensor>& bias,
+                              int64_t bits) {
+  const at::Tensor x = input.contiguous();
+  require<T>(x, "x");
+  TORCH_CHECK(bits == 8 || bits == 4, "bits is ", bits, "; expected 8 or 4");
+  TORCH_CHECK(weight.is_contiguous() && scales_in.dim() == 2, "packed weight and scales must be contiguous");
+  const int64_t N = weight.size(0), groups = scales_in.size(1);
+  const int64_t K = x.size(-1), M = K == 0 ? 0 : x.numel() / K;
+  TORCH_CHECK(groups > 0 && K % groups == 0, "scales ", scales_in.sizes(), " do not group ", K, " inputs");
+  const int64_t group = K / groups;
+  TORCH_CHECK(weight.numel() == N * K * bits / 8, "weight ", weight.sizes(), " does not hold ", N, " x ", K,
+              " values of ", bits, " bits");
+  TORCH_CHECK(bits == 8 || offsets_in.has_value(), "int4 weights need their offsets");
+  const at::Tensor scales = scales_in.to(at::kFloat).contiguous();
+  const at::Tensor offsets = bits == 4 ? offsets_in->to(at::kFloat).contiguous() : at::Tensor();
+  std::vector<float> xf(M * K), xsum(M * groups, 0.f);
+  const T* xp = x.const_data_ptr<T>();
+  for (int64_t i = 0; i < M * K; ++i) xf[i] = float(xp[i]);
+  if (bits == 4)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) xsum[m * groups + k / group] += xf[m * K + k];
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = N;
+  at::Tensor out = at::empty(sizes, x.options());
+  T* yp = out.data_ptr<T>();
+  const float* sp = scales.const_data_ptr<float>();
+  const float* op = bits == 4 ? offsets.const_data_ptr<float>() : nullptr;
+  at::Tensor bias_c;
+  if (bias.has_value()) {
+    bias_c = bias->contiguous();
+    require<T>(bias_c, "bias");
+    TORCH_CHECK(bias_c.numel() == N, "bias has ", bias_c.numel(), " elements; expected ", N);
+  }
+  const T* b = bias.has_value() ? bias_c.const_data_ptr<T>() : nullptr;
+  const int64_t row_bytes = K * bits / 8;
+  const auto* wp = static_cast<const uint8_t*>(weight.const_data_ptr());
+#if defined(SPECFORMER_AVX512)
+  const bool vector = bits == 8 ? group % 16 == 0 : group == 32;
+#else
+  const bool vector = false;
+#endif
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(row_bytes, 1)), [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(M);
+    for (int64_t n = begin; n < end; ++n) {
+      const uint8_t* w = wp + n * row_bytes;
+#if defined(SPECFORMER_AVX512)
+      if (vector && bits == 8)
+        row_i8(reinterpret_cast<const int8_t*>(w), sp + n * groups, K, group, xf.data(), M, acc.data());
+      else if (vector)
+        row_u4(w, sp + n * groups, op + n * groups, K, xf.data(), xsum.data(), M, acc.data());
+      else
+#endif
+      if (bits == 8)
+        row_i8_scalar(reinterpret_cast<const int8_t*>(w), sp + n * groups, K, group, xf.data(), M, acc.data());
+      else
+        row_u4_scalar(w, sp + n * groups, op + n * groups, K, group, xf.data(), xsum.data(), M, acc.data());
+      for (int64_t m = 0; m < M; ++m) yp[m * N + n] = round_to<T>(acc[m] + (b ? float(b[n]) : 0.f));
+    }
+  });
+  (void)vector;
+  return out;
+}
+
+inline at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
+                                const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& bias,
+                                int64_t bits) {
+  if (x.scalar_type() == at::kBFloat16) return packed_linear_impl<c10::BFloat16>(x, weight, scales, offsets, bias, bits);
+  return packed_linear_impl<float>(x, weight, scales, offsets, bias, bits);
+}
+
+}  // namespace specformer
