@@ -164,11 +164,12 @@ def default_model_path() -> Path:
 
 
 def load_causal_lm(path: str | os.PathLike, **kwargs: Any) -> tuple[PreTrainedModel, Tokenizer]:
-    """A causal LM and its tokenizer from a `.gguf` file, a Hugging Face folder or a hub id."""
+    """A causal LM and its tokenizer from a `.gguf` file (its quantized blocks kept packed unless
+    `dequantize=True` or a `dtype` is given), a Hugging Face folder or a hub id."""
     if str(path).endswith(".gguf"):
         from .gguf import read_gguf
 
-        checkpoint = read_gguf(path)
+        checkpoint = read_gguf(path, keep_quantized=not kwargs.pop("dequantize", "dtype" in kwargs))
         model = model_class(checkpoint.config["model_type"]).from_gguf(checkpoint, **kwargs)
         return model, Tokenizer.from_gguf_metadata(checkpoint.tokenizer)
     folder = resolve(path)

@@ -406,9 +406,29 @@ def read_gguf(
             continue
         for key, value in _convert(tensor, model, names, orders, keep_quantized, path):
             tensors[key] = value
+    if keep_quantized:
+        tensors |= _packed_tied_outputs(reader, model, names)
     config_out = config.to_dict()
     config_out["model_type"] = cls.config_class.model_type
     return GGUFFile(arch, config_out, tensors, _tokenizer_metadata(reader, path), str(path))
+
+
+def _packed_tied_outputs(reader: Any, model: nn.Module, names: dict[str, str]) -> dict[str, torch.Tensor]:
+    """An output projection tied to the token embedding, kept in the embedding's packed blocks, as
+    llama.cpp computes it: decoding reads the file's 8 or 4 bits per weight for the largest matrix of a
+    small model, not a float copy (the lookup table stays float)."""
+    tensors = {t.name: t for t in reader.tensors}
+    gguf_names = {path: base for base, path in names.items()}
+    packed = {}
+    for tied, source in model.tied_weights().items():  # e.g. lm_head.weight <- model.embed_tokens.weight
+        module, source_module = tied.rpartition(".")[0], source.rpartition(".")[0]
+        tensor = tensors.get(f"{gguf_names.get(source_module)}.weight")
+        if tensor is None or tensor.tensor_type.name not in _BLOCK_LAYOUTS:
+            continue
+        if isinstance(model.get_submodule(module), nn.Linear):
+            for part, value in _quantized_parts(tensor.data, tensor.tensor_type.name).items():
+                packed[f"{module}.{part}"] = value
+    return packed
 
 
 def _check_unplaced(config: PretrainedConfig, unplaced: dict[str, tuple[str, Any]], path: Path) -> None:

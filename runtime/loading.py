@@ -117,11 +117,12 @@ def from_pretrained(
                 "with gguf_file, the file's metadata is the config and its blocks the weights"
             )
         gguf_dtype = None if dtype == "auto" else dtype
-        return cls.from_gguf(
+        return cls.from_gguf(  # dequantised, as transformers loads GGUF files
             directory / gguf_file,
             dtype=gguf_dtype,
             attn_implementation=attn_implementation,
             device_map=device_map,
+            dequantize=True,
         )
     config = _config_for(cls, directory, config, config_overrides)
     target_dtype = _dtype(config.dtype) if dtype == "auto" and config.dtype else None
@@ -215,13 +216,17 @@ def from_gguf(
     dtype: str | torch.dtype | None = None,
     attn_implementation: str | None = None,
     device_map: DeviceMap | None = None,
-    dequantize: bool = True,
+    dequantize: bool | None = None,
 ) -> M:
-    """Load a llama.cpp GGUF file, or one already read, dequantised to `dtype` (float32 by default).
+    """Load a llama.cpp GGUF file, or one already read.
 
-    `dequantize=False` keeps Q8_0/Q4_0/Q4_1 linear weights as int8/int4 layers (weight-only
-    quantization, see `quantization.py`) with no float round trip; other tensors are dequantised.
+    Linear weights stored as Q8_0, Q4_0 or Q4_1 stay packed by default, as int8/int4 layers
+    (weight-only quantization, `quantization/weight_only.py`) with no float round trip, and so does a
+    tied output projection; the C++ kernels decode from them directly. Other tensors are dequantised to
+    `dtype` (float32 by default). `dequantize=True`, or a `dtype`, asks for floats throughout.
     """
+    if dequantize is None:
+        dequantize = dtype is not None
     checkpoint = (
         source if isinstance(source, GGUFFile) else read_gguf(source, not dequantize, model_class=cls)
     )

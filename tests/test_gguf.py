@@ -36,7 +36,7 @@ def smollm2():
         path = default_model_path()
     except FileNotFoundError as err:
         pytest.skip(str(err))
-    model, tokenizer = load_causal_lm(path)
+    model, tokenizer = load_causal_lm(path, dequantize=True)  # floats, as transformers loads the file
     return path, model, tokenizer
 
 
@@ -210,3 +210,21 @@ def test_smollm2_quantized_cache_keeps_the_greedy_tokens(smollm2, options: dict)
     quantized = generate(model, prompt, cache_implementation="quantized", cache_config=options, **settings)
     agreement = (quantized[0, prompt.shape[1] :] == exact).float().mean().item()
     assert agreement >= 0.95, agreement
+
+
+@pytest.mark.slow
+def test_packed_smollm2_decodes_the_dequantised_model_s_tokens(smollm2) -> None:
+    """Loaded packed (the default: Q4_1 linears and the Q8_0 tied output projection read by the C++
+    kernels), greedy decoding gives the dequantised model's 64 tokens."""
+    from specformer.runtime.auto import load_causal_lm
+    from specformer.runtime.quantization import Int4Linear, Int8Linear
+
+    path, dense, tokenizer = smollm2
+    packed, _ = load_causal_lm(path)
+    assert isinstance(packed.model.layers[0].mlp.up_proj, Int4Linear)
+    assert isinstance(packed.lm_head, Int8Linear)  # tied to the embedding, in the file's Q8_0
+    assert packed.get_memory_footprint() < dense.get_memory_footprint() / 2
+    ids = torch.tensor([tokenizer.apply_chat_template([{"role": "user", "content": "Tell me about Paris."}],
+                                                      add_generation_prompt=True)])  # fmt: skip
+    settings = {"max_new_tokens": 64, "do_sample": False, "eos_token_id": None}
+    assert packed.generate(ids, **settings).tolist() == dense.generate(ids, **settings).tolist()

@@ -111,7 +111,7 @@ def test_quantized_blocks_load_without_dequantising(arch: str, qtype: str, token
     from specformer.runtime.quantization import Int4Linear, Int8Linear
 
     path = random_gguf(arch, qtype, tokenizer, tmp_path)
-    dense = load_causal_lm(path)[0]
+    dense = load_causal_lm(path, dequantize=True)[0]
     packed = type(dense).from_gguf(path, dequantize=False)
     kind = Int8Linear if qtype == "Q8_0" else Int4Linear
     assert isinstance(packed.model.layers[0].self_attn.q_proj, kind)

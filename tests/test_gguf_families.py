@@ -138,7 +138,7 @@ def test_packed_blocks_keep_the_family_layouts(arch: str, qtype: str, tokenizer,
 
     path = tmp_path / f"{arch}.gguf"
     write_gguf(path, arch, source_model(arch, tokenizer.get_vocab_size()), qtype, tokenizer)
-    dense = load_causal_lm(path)[0]
+    dense = load_causal_lm(path, dequantize=True)[0]
     packed = type(dense).from_gguf(path, dequantize=False)
     assert any(isinstance(m, Int8Linear | Int4Linear) for m in packed.modules())
     ids = torch.tensor([[5, 17, 42, 99, 7, 3]])

@@ -1,0 +1,122 @@
+"""llama.cpp itself as the anchor for CPU inference: the same GGUF file decoded by llama.cpp (through the
+`llama-cpp-python` package, a bench-only extra: `pip install llama-cpp-python`, which compiles llama.cpp)
+and by specformer, with the same threads, rounds alternating between the two sides. Prints prefill and
+decode tokens/s per storage type and specformer's ratio to llama.cpp (above 1: faster).
+
+Files: SmolLM2-135M-Instruct as shipped (Q4_1), and copies written here in other types with the `gguf`
+package's own quantizers (Q8_0, Q4_0, F32, BF16); the gguf package cannot write K-quants.
+
+    python bench/llamacpp.py --threads 2 --types Q4_1 Q8_0 Q4_0 F32 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def requantize(source: Path, kind: str, target: Path) -> Path:
+    """The same model in another storage type: 2-D weights dequantised and quantised again as `kind`."""
+    import gguf
+
+    reader = gguf.GGUFReader(source)
+    writer = gguf.GGUFWriter(str(target), reader.fields["general.architecture"].contents())
+    for key, entry in reader.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
+            continue
+        sub = entry.types[-1] if entry.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, entry.contents(), entry.types[0], sub_type=sub)
+    qtype = gguf.GGMLQuantizationType[kind]
+    for tensor in reader.tensors:
+        data = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+        block = gguf.GGML_QUANT_SIZES[qtype][0]
+        if data.ndim == 2 and data.shape[-1] % block == 0 and kind not in ("F32",):
+            writer.add_tensor(tensor.name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(tensor.name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target
+
+
+def llamacpp_round(path: Path, prompt: list[int], tokens: int, threads: int) -> tuple[float, float]:
+    from llama_cpp import Llama
+
+    llm = Llama(str(path), n_threads=threads, n_threads_batch=threads, n_ctx=1024, verbose=False)
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(prompt)
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(tokens):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        llm.eval([token])
+    decode = time.perf_counter() - start
+    return len(prompt) / prefill, tokens / decode
+
+
+def specformer_round(model: torch.nn.Module, prompt: list[int], tokens: int) -> tuple[float, float]:
+    from specformer.runtime.cache import DynamicCache
+
+    ids = torch.tensor([prompt])
+    cache = DynamicCache()
+    with torch.no_grad():
+        start = time.perf_counter()
+        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(tokens):
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            out = model(token, past_key_values=cache, use_cache=True)
+        decode = time.perf_counter() - start
+    return len(prompt) / prefill, tokens / decode
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=64, help="decoded tokens per round")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--types", nargs="+", default=["Q4_1", "Q8_0", "Q4_0", "F32"])
+    args = parser.parse_args()
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        sys.exit("bench/llamacpp.py needs llama.cpp: pip install llama-cpp-python")
+    from specformer.generated.llama import LlamaForCausalLM
+    from specformer.runtime.auto import default_model_path
+
+    torch.set_num_threads(args.threads)
+    shipped = Path(default_model_path())
+    prompt = list(np.random.default_rng(0).integers(100, 20000, args.prompt_tokens))
+    prompt = [int(t) for t in prompt]
+    folder = Path(tempfile.mkdtemp(prefix="specformer-llamacpp-"))
+    print(f"{'type':6} {'side':11} {'prefill tok/s':>14} {'decode tok/s':>13}")
+    for kind in args.types:
+        path = shipped if kind == "Q4_1" else requantize(shipped, kind, folder / f"smollm2.{kind}.gguf")
+        model = LlamaForCausalLM.from_gguf(path, dequantize=kind in ("F32", "F16", "BF16")).eval()
+        ours, theirs = [], []
+        for _ in range(args.rounds):  # alternating, so drifts in machine load hit both sides alike
+            theirs.append(llamacpp_round(path, prompt, args.tokens, args.threads))
+            ours.append(specformer_round(model, prompt, args.tokens))
+        for side, runs in (("llama.cpp", theirs), ("specformer", ours)):
+            prefill = statistics.median(r[0] for r in runs)
+            decode = statistics.median(r[1] for r in runs)
+            print(f"{kind:6} {side:11} {prefill:14.1f} {decode:13.1f}")
+        ratio_prefill = statistics.median(o[0] / t[0] for o, t in zip(ours, theirs, strict=True))
+        ratio_decode = statistics.median(o[1] / t[1] for o, t in zip(ours, theirs, strict=True))
+        print(f"{kind:6} {'ratio':11} {ratio_prefill:13.2f}x {ratio_decode:12.2f}x")
+
+
+if __name__ == "__main__":
+    main()
