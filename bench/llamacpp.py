@@ -65,20 +65,18 @@ def llamacpp_round(path: Path, prompt: list[int], tokens: int, threads: int) -> 
 
 
 def specformer_round(model: torch.nn.Module, prompt: list[int], tokens: int) -> tuple[float, float]:
-    from specformer.runtime.cache import DynamicCache
-
-    ids = torch.tensor([prompt])
-    cache = DynamicCache()
-    with torch.no_grad():
-        start = time.perf_counter()
-        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        for _ in range(tokens):
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
-            out = model(token, past_key_values=cache, use_cache=True)
-        decode = time.perf_counter() - start
-    return len(prompt) / prefill, tokens / decode
+    """generate(), as users decode: the prompt in one forward, then one-token steps (through the fused
+    C++ step where the model has one); the first token's arrival splits prefill from decoding."""
+    arrivals: list[float] = []
+    start = time.perf_counter()
+    model.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=tokens + 1,
+        do_sample=False,
+        eos_token_id=None,
+        on_token=lambda _: arrivals.append(time.perf_counter()),
+    )
+    return len(prompt) / (arrivals[0] - start), tokens / (arrivals[-1] - arrivals[0])
 
 
 def main() -> None:

@@ -295,9 +295,12 @@ def _reply(model, tokenizer, ids: list[int], args: argparse.Namespace) -> list[i
 
     generated: list[int] = []
     shown = ""
+    first_at = 0.0
 
     def show(token: int) -> None:
-        nonlocal shown
+        nonlocal shown, first_at
+        if not generated:
+            first_at = time.perf_counter()  # the prompt has been read: prefill ends here
         generated.append(token)
         text = tokenizer.decode(generated, skip_special_tokens=True)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
@@ -315,9 +318,12 @@ def _reply(model, tokenizer, ids: list[int], args: argparse.Namespace) -> list[i
         generator=torch.Generator().manual_seed(args.seed),
         **(sampling if args.temperature > 0 else {}),
     )
-    elapsed = time.perf_counter() - start
+    end = time.perf_counter()
+    prefill = len(ids) / max(first_at - start, 1e-9)
+    decode = (len(generated) - 1) / max(end - first_at, 1e-9)
     print(
-        f"\n[{len(generated)} tokens in {elapsed:.2f}s, {len(generated) / max(elapsed, 1e-9):.1f} tokens/s]"
+        f"\n[{len(ids)} prompt tokens at {prefill:.1f} tokens/s, then {len(generated)} tokens in "
+        f"{end - start:.2f}s: {decode:.1f} tokens/s decoding]"
     )
     return generated
 

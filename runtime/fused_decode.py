@@ -30,6 +30,7 @@ from .cache import DynamicCache, StaticCache
 from .kernels import DECODE_ROWS
 from .layers import Activation, RMSNorm, is_plain_linear
 from .outputs import CausalLMOutput
+from .quantization.weight_only import QUANTIZED_LINEARS, Int4Linear
 from .rope import RotaryEmbedding
 
 # The gated activations the kernel computes, by the name a config gives them.
@@ -142,10 +143,13 @@ class FusedDecoder:
             tensors = {"input_norm": layer.input_norm.weight, "post_norm": layer.post_norm.weight}
             for name in ("q", "k", "v", "o", "gate", "up", "down"):
                 linear = getattr(layer, name)
-                tensors[name] = linear.weight
+                tensors |= _matrix(name, linear)
                 if linear.bias is not None:
                     tensors[f"{name}_bias"] = linear.bias
             self.layers.append(tensors)
+        parts = _matrix("head", layout.head)
+        self.head = parts.pop("head")
+        self.head_parts = parts  # the scales (and offsets) of a packed output projection
         self.windows = [layer.window for layer in layout.layers]
 
     def __call__(
@@ -171,7 +175,7 @@ class FusedDecoder:
             x,
             self.layers,
             self.layout.norm.weight,
-            self.layout.head.weight,
+            self.head,
             keys,
             values,
             [allowed[w] for w in self.windows],
@@ -182,8 +186,27 @@ class FusedDecoder:
             self.scale,
             self.unit_offset,
             self.activation,
+            self.head_parts,
         )
         return CausalLMOutput(logits=logits[:, None])
+
+
+def _matrix(name: str, linear: nn.Module) -> dict[str, torch.Tensor]:
+    """A projection's tensors by the kernel's names: the weight, or packed blocks with float32 scales
+    (and offsets) beside them."""
+    if not isinstance(linear, QUANTIZED_LINEARS):
+        return {name: linear.weight}
+    packed = {name: linear.weight.flatten(1), f"{name}_scales": linear.scales.float().contiguous()}
+    if isinstance(linear, Int4Linear):
+        packed[f"{name}_offsets"] = linear.offsets.float().contiguous()
+    return packed
+
+
+def _projection(module: nn.Module) -> bool:
+    """A linear layer the step can read: plain, or packed weight-only int8/int4 (GGUF blocks)."""
+    if isinstance(module, QUANTIZED_LINEARS):
+        return module.weight.is_contiguous()
+    return is_plain_linear(module) and module.weight.is_contiguous()
 
 
 def fused_decoder(model: nn.Module, batch: int) -> FusedDecoder | None:
@@ -196,18 +219,21 @@ def fused_decoder(model: nn.Module, batch: int) -> FusedDecoder | None:
     layout = decoder_layout(model)
     assert layout is not None
     dtype = layout.norm.weight.dtype
-    tensors = [layout.embed.weight, layout.norm.weight, layout.head.weight]
+    tensors = [layout.embed.weight, layout.norm.weight]  # the floats, all in the model's dtype
     norms = [layout.norm]
     activations: set[str | None] = set()
     for layer in layout.layers:
         linears = (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down)
-        if not all(is_plain_linear(m) and m.weight.is_contiguous() for m in linears):
-            return None  # quantized, LoRA, tensor-parallel...
+        if not all(_projection(m) for m in linears):
+            return None  # LoRA, bitsandbytes, tensor-parallel...
         if not (isinstance(layer.act, Activation) and layer.act.kernel == "torch"):
             return None
         activations.add(_GATES.get(layer.act.name))
-        tensors += [m.weight for m in linears] + [m.bias for m in linears if m.bias is not None]
+        tensors += [m.weight for m in linears if not isinstance(m, QUANTIZED_LINEARS)]
+        tensors += [m.bias for m in linears if m.bias is not None]
         norms += [layer.input_norm, layer.post_norm]
+    if not isinstance(layout.head, QUANTIZED_LINEARS):
+        tensors.append(layout.head.weight)
     if not all(type(n) is RMSNorm and n.kernel == "torch" for n in norms) or len(activations) != 1:
         return None
     (activation,) = activations
@@ -217,7 +243,8 @@ def fused_decoder(model: nn.Module, batch: int) -> FusedDecoder | None:
         or not isinstance(layout.embed, nn.Embedding)
         or getattr(layout.embed, "sinusoidal", False)
         or layout.embed.max_norm is not None
-        or not is_plain_linear(layout.head)
+        or not _projection(layout.head)
+        or getattr(layout.head, "bias", None) is not None
     ):
         return None
     rotary = layout.rotary

@@ -207,7 +207,7 @@ def test_bad_input_names_what_does_not_fit() -> None:
         torch.ops.specformer_cpu.decode_step(
             torch.zeros(1, 32), layers, step_.layout.norm.weight, step_.layout.head.weight, keys, keys,
             [torch.ones(1, 8, dtype=torch.bool)], torch.zeros(1, 8), torch.zeros(1, 8), 0, 1e-6, 0.35, False,
-            activation,
+            activation, {},
         )  # fmt: skip
 
     step_ = step_for(model, StaticCache(8))
@@ -222,5 +222,42 @@ def test_bad_input_names_what_does_not_fit() -> None:
             step(good_keys, [{k: v for k, v in step_.layers[0].items() if k != "gate"}])
         with pytest.raises(RuntimeError, match="layer 0 has an unknown tensor `q_bais`"):
             step(good_keys, [{**step_.layers[0], "q_bais": torch.zeros(32)}])
+        packed_q = torch.zeros(32, 32, dtype=torch.int8)
+        with pytest.raises(RuntimeError, match="layer 0's packed q has no `q_scales`"):
+            step(good_keys, [{**step_.layers[0], "q": packed_q}])
+        with pytest.raises(RuntimeError, match=r"q_scales must be float32 \(32, groups\)"):
+            step(good_keys, [{**step_.layers[0], "q": packed_q, "q_scales": torch.zeros(31, 1)}])
+        with pytest.raises(RuntimeError, match="int4 q needs float32 `q_offsets`"):
+            step(
+                good_keys,
+                [
+                    {
+                        **step_.layers[0],
+                        "q": torch.zeros(32, 16, dtype=torch.uint8),
+                        "q_scales": torch.zeros(32, 1),
+                    }
+                ],
+            )
         with pytest.raises(RuntimeError, match="activation `relu`; expected silu or gelu_tanh"):
             step(good_keys, step_.layers, "relu")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_weights_decode_fused(bits: int, dtype: torch.dtype) -> None:
+    """Weight-only int8/int4 layers (GGUF's Q8_0 and Q4 blocks), the output projection packed too: the
+    fused step reads the blocks and gives the op-by-op model's tokens and logits."""
+    from specformer.runtime.quantization import Int4Linear, Int8Linear, WeightOnlyConfig, quantize
+
+    torch.manual_seed(bits)
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    model = LlamaForCausalLM(config).to(dtype).eval()
+    quantize(model, WeightOnlyConfig(bits=bits, group_size=32, modules_to_convert=["lm_head"]))
+    kind = Int8Linear if bits == 8 else Int4Linear
+    assert isinstance(model.model.layers[0].self_attn.q_proj, kind) and isinstance(model.lm_head, kind)
+    prompt = torch.randint(0, 96, (2, 5))
+    assert isinstance(step_for(model, StaticCache(32)), FusedDecoder)
+    assert_fused_decodes_as_op_by_op(
+        model, prompt, torch.ones_like(prompt), 1e-4 if dtype == torch.float32 else 2e-2
+    )

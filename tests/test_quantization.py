@@ -111,10 +111,11 @@ def test_gguf_q4_blocks_load_as_int4_without_a_float_copy() -> None:
         path = default_model_path()
     except FileNotFoundError as err:
         pytest.skip(str(err))
-    dense = LlamaForCausalLM.from_gguf(path)
+    dense = LlamaForCausalLM.from_gguf(path, dequantize=True)
     packed = LlamaForCausalLM.from_gguf(path, dequantize=False)
     assert isinstance(packed.model.layers[0].mlp.up_proj, Int4Linear)  # the file's Q4_1 blocks
-    assert packed.get_memory_footprint() < 0.4 * dense.get_memory_footprint()
+    # the Q4_1 layers, and the tied output projection in its Q8_0 blocks beside the float lookup table
+    assert packed.get_memory_footprint() < 0.45 * dense.get_memory_footprint()
     ids = torch.tensor([[1, 504, 3458, 282, 4114, 314, 9876, 288]])
     torch.testing.assert_close(logits(packed, ids), logits(dense, ids), atol=1e-4, rtol=0)
     expected = generate(dense, ids, max_new_tokens=16, eos_token_id=None)

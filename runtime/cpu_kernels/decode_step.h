@@ -3,6 +3,7 @@
 #pragma once
 
 #include "kernels.h"
+#include "packed_gemv.h"
 
 #include <string>
 
@@ -16,8 +17,27 @@ namespace specformer {
 // The small per-token work (norms of one row, rotary of one position, the attention merge) is done by
 // every thread on its own copy rather than shared behind another barrier. Each phase rounds to the
 // model's dtype where the op-by-op model does, with the kernels above, so bfloat16 follows it closely.
+// A projection's weights: dense in the model's dtype, or packed integer blocks (a quantized model's).
+template <typename T> struct Matrix {
+  const T* dense = nullptr;
+  Packed packed;
+};
+
+// y[m, n0:n1] = x[m] W[n0:n1]^T + b for either kind of matrix; `xsum` is room for x's group sums.
+template <typename T>
+void gemv_matrix(const Matrix<T>& w, const T* bias, int64_t K, const float* xf, int64_t M, T* y, int64_t y_stride,
+                 int64_t n0, int64_t n1, float* acc, float* xsum) {
+  if (w.dense != nullptr) return gemv_share(w.dense, bias, K, xf, M, y, y_stride, n0, n1, acc);
+  if (w.packed.bits == 4) group_sums(xf, M, K, w.packed.group, xsum);
+  for (int64_t n = n0; n < n1; ++n) {
+    packed_row(w.packed, n, K, xf, xsum, M, acc);
+    for (int64_t m = 0; m < M; ++m) y[m * y_stride + n] = round_to<T>(acc[m] + (bias ? float(bias[n]) : 0.f));
+  }
+}
+
 template <typename T> struct LayerWeights {
-  const T *input_norm, *q, *k, *v, *o, *post_norm, *gate, *up, *down;
+  const T *input_norm, *post_norm;
+  Matrix<T> q, k, v, o, gate, up, down;
   const T *q_bias, *k_bias, *v_bias, *o_bias, *gate_bias, *up_bias, *down_bias;
   T *keys, *values;
   const bool* allowed;  // (B|1, S): which cache slots each row's query may see
@@ -75,10 +95,38 @@ inline void check_names(const Layer& layer, int64_t l) {
   for (const auto& item : layer) {
     const std::string& key = item.key();
     bool known = false;
-    for (const char* name : kWeightNames) known = known || key == name;
+    for (const char* name : kWeightNames)
+      known = known || key == name || key == std::string(name) + "_scales" || key == std::string(name) + "_offsets";
     for (const char* name : kBiasNames) known = known || key == name;
     TORCH_CHECK(known, "decode_step: layer ", l, " has an unknown tensor `", key, "`");
   }
+}
+
+// A packed (N, K) matrix from its weight (int8 (N, K) or uint8 holding N * K / 2 bytes) and the
+// `<name>_scales` (and, for int4, `<name>_offsets`) float32 tensors beside it, each checked.
+inline Packed packed_matrix(const Layer& layer, int64_t l, const std::string& name, const at::Tensor& t, int64_t N,
+                            int64_t K) {
+  Packed p;
+  p.bits = t.scalar_type() == at::kChar ? 8 : 4;
+  TORCH_CHECK(t.is_contiguous() && t.size(0) == N && t.numel() == N * K * p.bits / 8, "decode_step: layer ", l, "'s ",
+              name, " packed weight has shape ", t.sizes(), "; expected ", N, " rows of ", K, " values");
+  const auto scales = layer.find(name + "_scales");
+  TORCH_CHECK(scales != layer.end(), "decode_step: layer ", l, "'s packed ", name, " has no `", name, "_scales`");
+  const at::Tensor& s = scales->value();
+  TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.dim() == 2 && s.size(0) == N && s.size(1) > 0 &&
+                  K % s.size(1) == 0,
+              "decode_step: layer ", l, "'s ", name, "_scales must be float32 (", N, ", groups), got ", s.sizes());
+  p.w = t.const_data_ptr();
+  p.scales = s.const_data_ptr<float>();
+  p.group = K / s.size(1);
+  if (p.bits == 4) {
+    const auto offsets = layer.find(name + "_offsets");
+    TORCH_CHECK(offsets != layer.end() && offsets->value().sizes() == s.sizes() &&
+                    offsets->value().scalar_type() == at::kFloat && offsets->value().is_contiguous(),
+                "decode_step: layer ", l, "'s int4 ", name, " needs float32 `", name, "_offsets` shaped like its scales");
+    p.offsets = offsets->value().const_data_ptr<float>();
+  }
+  return p;
 }
 
 // Every layer's pointers, after checking each tensor's dtype, shape and layout against the step's.
@@ -93,16 +141,20 @@ std::vector<LayerWeights<T>> layer_weights(const StepShape& z, const c10::List<L
   for (int64_t l = 0; l < z.L; ++l) {
     const Layer layer = given.get(l);
     check_names(layer, l);
-    const T* w[kPerLayer];
+    Matrix<T> w[kPerLayer];
     for (int64_t i = 0; i < kPerLayer; ++i) {
       const at::Tensor& t = weight(layer, l, kWeightNames[i]);
+      if (shapes[i][1] != 0 && (t.scalar_type() == at::kChar || t.scalar_type() == at::kByte)) {
+        w[i].packed = packed_matrix(layer, l, kWeightNames[i], t, shapes[i][0], shapes[i][1]);
+        continue;
+      }
       require<T>(t, kWeightNames[i]);
       const bool fits = shapes[i][1] == 0 ? t.numel() == shapes[i][0]
                                           : t.dim() == 2 && t.size(0) == shapes[i][0] && t.size(1) == shapes[i][1];
       TORCH_CHECK(fits && t.is_contiguous(), "decode_step: layer ", l, "'s ", kWeightNames[i], " weight has shape ",
                   t.sizes(), "; expected (", shapes[i][0], shapes[i][1] ? ", " + std::to_string(shapes[i][1]) : "",
                   "), contiguous");
-      w[i] = t.const_data_ptr<T>();
+      w[i].dense = t.const_data_ptr<T>();
     }
     const T* b[kBiases];
     for (int64_t i = 0; i < kBiases; ++i) {
@@ -128,7 +180,7 @@ std::vector<LayerWeights<T>> layer_weights(const StepShape& z, const c10::List<L
                     mask.stride(1) == 1 && (mask.size(0) == 1 || mask.size(0) == z.M),
                 "decode_step: layer ", l, " mask must be a (batch or 1, ", slot + 1, " to ", z.S,
                 ") bool mask over the cache's slots, got ", mask.sizes());
-    layers[l] = {w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8],
+    layers[l] = {w[0].dense, w[5].dense, w[1], w[2], w[3], w[4], w[6], w[7], w[8],
                  b[0], b[1], b[2], b[3], b[4], b[5], b[6],
                  keys[l].data_ptr<T>(), values[l].data_ptr<T>(), mask.const_data_ptr<bool>(),
                  mask.size(0) == 1 ? 0 : mask.stride(0)};
@@ -138,7 +190,7 @@ std::vector<LayerWeights<T>> layer_weights(const StepShape& z, const c10::List<L
 
 template <typename T>
 at::Tensor decode_step_impl(const at::Tensor& hidden, const c10::List<Layer>& given, const at::Tensor& final_norm,
-                            const at::Tensor& head, const std::vector<at::Tensor>& keys,
+                            const at::Tensor& head, const Layer& head_parts, const std::vector<at::Tensor>& keys,
                             const std::vector<at::Tensor>& values, const std::vector<at::Tensor>& allowed,
                             const at::Tensor& cos, const at::Tensor& signed_sin, int64_t slot, double eps_,
                             double scale_, bool unit_offset, bool gelu) {
@@ -166,9 +218,16 @@ at::Tensor decode_step_impl(const at::Tensor& hidden, const c10::List<Layer>& gi
   const std::vector<LayerWeights<T>> layers =
       layer_weights<T>({L, M, H, Hkv, S, D, Nq, Nkv, I, Hq, G, V}, given, keys, values, allowed, slot);
   require<T>(final_norm, "norm");
-  require<T>(head, "lm_head");
-  TORCH_CHECK(final_norm.numel() == H && head.dim() == 2 && head.size(1) == H && head.is_contiguous(),
-              "decode_step: final norm ", final_norm.sizes(), " or lm_head ", head.sizes(), " does not fit ", H);
+  TORCH_CHECK(final_norm.numel() == H, "decode_step: final norm ", final_norm.sizes(), " does not fit ", H);
+  Matrix<T> head_matrix;
+  if (head.scalar_type() == at::kChar || head.scalar_type() == at::kByte) {  // an output projection kept packed
+    head_matrix.packed = packed_matrix(head_parts, -1, "head", head, V, H);
+  } else {
+    require<T>(head, "lm_head");
+    TORCH_CHECK(head.dim() == 2 && head.size(1) == H && head.is_contiguous(), "decode_step: lm_head ", head.sizes(),
+                " does not fit ", H);
+    head_matrix.dense = head.const_data_ptr<T>();
+  }
 
   at::Tensor x = x0.clone();  // the residual stream, updated in place layer by layer
   at::Tensor logits = at::empty({M, V}, x0.options());
@@ -189,7 +248,7 @@ at::Tensor decode_step_impl(const at::Tensor& hidden, const c10::List<Layer>& gi
 #pragma omp parallel num_threads(threads)
   {
     const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-    std::vector<float> xf(M * std::max({H, I, Nq})), upcast(H), acc(kRows * M);
+    std::vector<float> xf(M * std::max({H, I, Nq})), upcast(H), acc(kRows * M), xsum(M * std::max({H, I, Nq}));
     std::vector<float> qf(G * D), scores(G * chunk), row(D), merged(D);
     std::vector<T> y(M * Nq), rotated(D);
     for (int64_t l = 0; l < L; ++l) {
@@ -197,10 +256,10 @@ at::Tensor decode_step_impl(const at::Tensor& hidden, const c10::List<Layer>& gi
       // q, k, v of the normalised residual
       norm_rows(xp, w.input_norm, unit_offset, M, H, eps, xf.data(), upcast.data());
       auto [q0, q1] = share(Nq, t, nt);
-      gemv_share(w.q, w.q_bias, H, xf.data(), M, qkv.data(), q_stride, q0, q1, acc.data());
+      gemv_matrix(w.q, w.q_bias, H, xf.data(), M, qkv.data(), q_stride, q0, q1, acc.data(), xsum.data());
       auto [k0, k1] = share(Nkv, t, nt);
-      gemv_share(w.k, w.k_bias, H, xf.data(), M, qkv.data() + Nq, q_stride, k0, k1, acc.data());
-      gemv_share(w.v, w.v_bias, H, xf.data(), M, qkv.data() + Nq + Nkv, q_stride, k0, k1, acc.data());
+      gemv_matrix(w.k, w.k_bias, H, xf.data(), M, qkv.data() + Nq, q_stride, k0, k1, acc.data(), xsum.data());
+      gemv_matrix(w.v, w.v_bias, H, xf.data(), M, qkv.data() + Nq + Nkv, q_stride, k0, k1, acc.data(), xsum.data());
 #pragma omp barrier
       // the new position's rotated key and its value into the cache
       for (int64_t bh = t; bh < kv_heads; bh += nt) {
@@ -233,30 +292,30 @@ at::Tensor decode_step_impl(const at::Tensor& hidden, const c10::List<Layer>& gi
           merge_partials(part, bh, j, splits, G, D, merged.data(), y.data() + (bh / Hkv) * Nq + (bh % Hkv * G + j) * D);
       for (int64_t i = 0; i < M * Nq; ++i) xf[i] = float(y[i]);
       auto [h0, h1] = share(H, t, nt);
-      gemv_share(w.o, w.o_bias, Nq, xf.data(), M, projected.data(), H, h0, h1, acc.data());
+      gemv_matrix(w.o, w.o_bias, Nq, xf.data(), M, projected.data(), H, h0, h1, acc.data(), xsum.data());
       for (int64_t m = 0; m < M; ++m)  // the residual, for the rows this thread owns
         for (int64_t n = h0; n < h1; ++n) xp[m * H + n] = round_to<T>(float(xp[m * H + n]) + float(projected[m * H + n]));
 #pragma omp barrier
       // the gated MLP
       norm_rows(xp, w.post_norm, unit_offset, M, H, eps, xf.data(), upcast.data());
       auto [i0, i1] = share(I, t, nt);
-      gemv_share(w.gate, w.gate_bias, H, xf.data(), M, gate.data(), I, i0, i1, acc.data());
-      gemv_share(w.up, w.up_bias, H, xf.data(), M, up.data(), I, i0, i1, acc.data());
+      gemv_matrix(w.gate, w.gate_bias, H, xf.data(), M, gate.data(), I, i0, i1, acc.data(), xsum.data());
+      gemv_matrix(w.up, w.up_bias, H, xf.data(), M, up.data(), I, i0, i1, acc.data(), xsum.data());
       for (int64_t m = 0; m < M; ++m) {
         T* g = gate.data() + m * I;
         gelu ? gelu_tanh_mul_range(g, up.data() + m * I, g, i0, i1) : silu_mul_range(g, up.data() + m * I, g, i0, i1);
       }
 #pragma omp barrier
       for (int64_t i = 0; i < M * I; ++i) xf[i] = float(gate[i]);
-      gemv_share(w.down, w.down_bias, I, xf.data(), M, projected.data(), H, h0, h1, acc.data());
+      gemv_matrix(w.down, w.down_bias, I, xf.data(), M, projected.data(), H, h0, h1, acc.data(), xsum.data());
       for (int64_t m = 0; m < M; ++m)
         for (int64_t n = h0; n < h1; ++n) xp[m * H + n] = round_to<T>(float(xp[m * H + n]) + float(projected[m * H + n]));
 #pragma omp barrier
     }
     norm_rows(xp, final_norm.const_data_ptr<T>(), unit_offset, M, H, eps, xf.data(), upcast.data());
     auto [v0, v1] = share(V, t, nt);
-    gemv_share(head.const_data_ptr<T>(), static_cast<const T*>(nullptr), H, xf.data(), M, logits.data_ptr<T>(), V,
-               v0, v1, acc.data());
+    gemv_matrix(head_matrix, static_cast<const T*>(nullptr), H, xf.data(), M, logits.data_ptr<T>(), V, v0, v1,
+                acc.data(), xsum.data());
   }
   return logits;
 }
@@ -265,15 +324,15 @@ inline at::Tensor decode_step(const at::Tensor& hidden, const c10::List<Layer>& 
                               const at::Tensor& head, const std::vector<at::Tensor>& keys,
                               const std::vector<at::Tensor>& values, const std::vector<at::Tensor>& allowed,
                               const at::Tensor& cos, const at::Tensor& signed_sin, int64_t slot, double eps, double scale,
-                              bool unit_offset, c10::string_view activation) {
+                              bool unit_offset, c10::string_view activation, const Layer& head_parts) {
   TORCH_CHECK(activation == "silu" || activation == "gelu_tanh", "decode_step: activation `", activation,
               "`; expected silu or gelu_tanh");
   const bool gelu = activation == "gelu_tanh";
   if (hidden.scalar_type() == at::kBFloat16)
-    return decode_step_impl<c10::BFloat16>(hidden, layers, final_norm, head, keys, values, allowed, cos, signed_sin,
-                                           slot, eps, scale, unit_offset, gelu);
-  return decode_step_impl<float>(hidden, layers, final_norm, head, keys, values, allowed, cos, signed_sin, slot, eps,
-                                 scale, unit_offset, gelu);
+    return decode_step_impl<c10::BFloat16>(hidden, layers, final_norm, head, head_parts, keys, values, allowed, cos,
+                                           signed_sin, slot, eps, scale, unit_offset, gelu);
+  return decode_step_impl<float>(hidden, layers, final_norm, head, head_parts, keys, values, allowed, cos, signed_sin,
+                                 slot, eps, scale, unit_offset, gelu);
 }
 
 }  // namespace specformer

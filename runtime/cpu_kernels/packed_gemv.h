@@ -10,6 +10,8 @@
 // arithmetic as the dequantised layer up to the order of the sums, with no activation rounding. For
 // int4, dot(q, x) * scale + offset * sum(x) per group: the offsets cost one product per group, with the
 // sums of x over each group computed once per call.
+#include "kernels.h"
+
 #include <ATen/Parallel.h>
 
 #include <cstdint>
@@ -98,6 +100,39 @@ inline void row_u4_scalar(const uint8_t* w, const float* scales, const float* of
     }
     acc[m] = total;
   }
+}
+
+// A weight matrix of the fused decode step: dense in the model's dtype (bits 0), or packed as above.
+struct Packed {
+  const void* w = nullptr;
+  const float* scales = nullptr;   // (N, K / group)
+  const float* offsets = nullptr;  // int4 only
+  int64_t bits = 0, group = 0;
+};
+
+// acc[m] for one packed row n of K inputs, through the vector kernels where the group allows.
+inline void packed_row(const Packed& p, int64_t n, int64_t K, const float* xf, const float* xsum, int64_t M, float* acc) {
+  const int64_t groups = K / p.group;
+  const auto* bytes = static_cast<const uint8_t*>(p.w) + n * K * p.bits / 8;
+  const float* scales = p.scales + n * groups;
+#if defined(SPECFORMER_AVX512)
+  if (p.bits == 8 && p.group % 16 == 0)
+    return row_i8(reinterpret_cast<const int8_t*>(bytes), scales, K, p.group, xf, M, acc);
+  if (p.bits == 4 && p.group == 32) return row_u4(bytes, scales, p.offsets + n * groups, K, xf, xsum, M, acc);
+#endif
+  if (p.bits == 8) return row_i8_scalar(reinterpret_cast<const int8_t*>(bytes), scales, K, p.group, xf, M, acc);
+  row_u4_scalar(bytes, scales, p.offsets + n * groups, K, p.group, xf, xsum, M, acc);
+}
+
+// Sums of x over each group, once per input: what int4 offsets multiply.
+inline void group_sums(const float* xf, int64_t M, int64_t K, int64_t group, float* xsum) {
+  const int64_t groups = K / group;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < groups; ++g) {
+      float s = 0.f;
+      for (int64_t k = g * group; k < (g + 1) * group; ++k) s += xf[m * K + k];
+      xsum[m * groups + g] = s;
+    }
 }
 
 // y = x W^T + b for packed W; bits 8 (weight int8 (N, K)) or 4 (weight uint8 (N, K/2), offsets given).
