@@ -26,6 +26,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, PretrainedConfig
+from .gguf_container import GGUFContainer
 from .registry import gguf_architectures, model_class
 
 
@@ -113,13 +114,13 @@ def _check_tensor_offsets(reader: Any, path: Path) -> None:
 
 
 def _open(path: str | os.PathLike) -> tuple[Any, str]:
-    gguf = _gguf()
+    _gguf()  # the block types and dequantisers come from the gguf package: say so now if it is missing
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such GGUF file")
     _check_header(path)
     try:
-        reader = gguf.GGUFReader(path)
+        reader = GGUFContainer(path)
     except (
         ValueError,
         OSError,
