@@ -351,3 +351,25 @@ def test_packed_linear_matches_the_dequantised_matmul(bits, rows, shape, group, 
         )
         assert torch.equal(layer(x), actual)  # the layer's eager forward is the kernel
     torch.testing.assert_close(actual.float(), expected, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_packed_gives_the_layers_weight(bits: int, dtype: torch.dtype) -> None:
+    """A prompt's rows multiply the weight dequantised in one C++ pass: bit for bit the layer's own."""
+    from specformer.runtime.quantization import Int4Linear, Int8Linear
+
+    torch.manual_seed(bits)
+    layer = (Int4Linear(96, 40, 32) if bits == 4 else Int8Linear(96, 40, 32)).to(dtype)
+    if bits == 4:
+        layer.weight.data = torch.randint(0, 256, layer.weight.shape, dtype=torch.uint8)
+        layer.offsets.data = torch.randn(layer.offsets.shape).to(dtype)
+    else:
+        layer.weight.data = torch.randint(-127, 128, layer.weight.shape, dtype=torch.int8)
+    layer.scales.data = torch.rand(layer.scales.shape).to(dtype)
+    offsets = getattr(layer, "offsets", None)
+    fast = cpu_kernels.dequantize_packed(layer.weight, layer.scales, offsets, bits, torch.float32)
+    torch.testing.assert_close(fast, layer.float().dequantize(), atol=0, rtol=0)
+    x = torch.randn(3, 20, 96)  # 60 rows: the prompt path
+    with torch.no_grad():
+        torch.testing.assert_close(layer.float()(x), x @ fast.T, atol=1e-5, rtol=1e-5)

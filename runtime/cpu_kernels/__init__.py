@@ -86,6 +86,13 @@ def packed_linear(
     return torch.ops.specformer_cpu.packed_linear(x, weight, scales, offsets, bias, bits)
 
 
+def dequantize_packed(
+    weight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, bits: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """The float (N, K) weight of a packed int8/int4 matrix, in one parallel pass."""
+    return torch.ops.specformer_cpu.dequantize_packed(weight, scales, offsets, bits, dtype)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ weight.T + bias for a few rows of x, streaming weight once (float32 accumulation)."""
     return torch.ops.specformer_cpu.linear(x, weight, bias)

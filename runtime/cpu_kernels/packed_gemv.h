@@ -201,6 +201,49 @@ at::Tensor packed_linear_impl(const at::Tensor& input, const at::Tensor& weight,
   return out;
 }
 
+// The float weight of a packed matrix (N, K) in `dtype`: for a prompt's many rows, where a dense GEMM that
+// reuses each weight across rows beats a GEMV per row. One pass, split over rows.
+inline at::Tensor dequantize_packed(const at::Tensor& weight, const at::Tensor& scales_in,
+                                    const std::optional<at::Tensor>& offsets_in, int64_t bits, at::ScalarType dtype) {
+  TORCH_CHECK(bits == 8 || bits == 4, "bits is ", bits, "; expected 8 or 4");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dequantize_packed: float32 or bfloat16 only");
+  const int64_t N = weight.size(0), groups = scales_in.size(1), K = weight.numel() / std::max<int64_t>(N, 1) * 8 / bits;
+  TORCH_CHECK(weight.is_contiguous() && scales_in.size(0) == N && groups > 0 && K % groups == 0,
+              "weight ", weight.sizes(), " and scales ", scales_in.sizes(), " do not describe one matrix");
+  TORCH_CHECK(bits == 8 || offsets_in.has_value(), "int4 weights need their offsets");
+  const int64_t group = K / groups, half = group / 2;
+  const at::Tensor scales = scales_in.to(at::kFloat).contiguous();
+  const at::Tensor offsets = bits == 4 ? offsets_in->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor out = at::empty({N, K}, weight.options().dtype(dtype));
+  const auto* wp = static_cast<const uint8_t*>(weight.const_data_ptr());
+  const float* sp = scales.const_data_ptr<float>();
+  const float* op = bits == 4 ? offsets.const_data_ptr<float>() : nullptr;
+  auto fill = [&](auto* y) {
+    at::parallel_for(0, N, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        for (int64_t g = 0; g < groups; ++g) {
+          const float d = sp[n * groups + g];
+          auto* row = y + n * K + g * group;
+          if (bits == 8) {
+            const auto* q = reinterpret_cast<const int8_t*>(wp) + n * K + g * group;
+            for (int64_t j = 0; j < group; ++j) row[j] = float(q[j]) * d;
+          } else {
+            const float m = op[n * groups + g];
+            const uint8_t* q = wp + (n * K + g * group) / 2;
+            for (int64_t j = 0; j < half; ++j) {
+              row[j] = float(q[j] & 15) * d + m;
+              row[half + j] = float(q[j] >> 4) * d + m;
+            }
+          }
+        }
+      }
+    });
+  };
+  if (dtype == at::kFloat) fill(out.data_ptr<float>());
+  else fill(out.data_ptr<c10::BFloat16>());
+  return out;
+}
+
 inline at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
                                 const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& bias,
                                 int64_t bits) {

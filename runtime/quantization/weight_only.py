@@ -108,6 +108,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _packed_kernel(x, self.in_features, self.bias):
             return cpu_kernels.packed_linear(x, self.weight, self.scales, None, self.bias, 8)
+        if _dequantize_kernel(x):  # a prompt: one fast dequantising pass, then a dense GEMM
+            weight = cpu_kernels.dequantize_packed(self.weight, self.scales, None, 8, x.dtype)
+            return F.linear(x, weight, self.bias)
         if x.numel() // self.in_features > _MATVEC_ROWS or not torch.compiler.is_compiling():
             return F.linear(x, self.dequantize().to(x.dtype), self.bias)
         # Widening through int32 lets inductor vectorise the conversion; one reduction over the whole row.
@@ -179,6 +182,9 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _packed_kernel(x, self.in_features, self.bias):
             return cpu_kernels.packed_linear(x, self.weight, self.scales, self.offsets, self.bias, 4)
+        if _dequantize_kernel(x):  # a prompt: one fast dequantising pass, then a dense GEMM
+            weight = cpu_kernels.dequantize_packed(self.weight, self.scales, self.offsets, 4, x.dtype)
+            return F.linear(x, weight, self.bias)
         if x.numel() // self.in_features > _MATVEC_ROWS or not torch.compiler.is_compiling():
             return F.linear(x, self.dequantize().to(x.dtype), self.bias)
         xg = x.unflatten(-1, (-1, 2, self.group_size // 2)).unsqueeze(-4)  # (..., 1, groups, 2, half)
@@ -198,6 +204,10 @@ def _packed_kernel(x: torch.Tensor, in_features: int, bias: torch.Tensor | None)
     if rows > _KERNEL_ROWS or (bias is not None and bias.dtype != x.dtype):
         return False
     return cpu_kernels.applies(x)
+
+
+def _dequantize_kernel(x: torch.Tensor) -> bool:
+    return not torch.compiler.is_compiling() and cpu_kernels.applies(x)
 
 
 # Rows up to which the packed C++ kernel runs (eager): a GEMV per row re-reads the weights from cache.
