@@ -6,9 +6,10 @@
 // (w = q * scale + offset: Q4_0 has offset -8 * scale, Q4_1 its own minimum).
 //
 // Decoding is bound by reading the weights, and these are 4x (int8) or ~7x (int4) smaller than float32.
-// Each weight is dequantised to float32 in registers (q * scale, plus the offset for int4) and multiplied
-// with the float activations: the dequantised layer's arithmetic up to the order of the sums, with no
-// activation rounding. (The scalar fallback takes dot(q, x) * scale + offset * sum(x) per group.)
+// Each weight is widened to float32 in registers and multiplied with the float activations: the same
+// arithmetic as the dequantised layer up to the order of the sums, with no activation rounding. For
+// int4, dot(q, x) * scale + offset * sum(x) per group: the offsets cost one product per group, with the
+// sums of x over each group computed once per call.
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
@@ -34,40 +35,39 @@ SPECFORMER_TARGET inline void widen_u4(const uint8_t* p, __m512* low, __m512* hi
   *high = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
 }
 
-// acc[m] = x[m] . (W row dequantised in registers) for one int8 row; group a multiple of 16. Four
-// accumulators take the groups in turn, so consecutive groups' multiply-adds do not wait on each other
-// (one chain would bound a row by the FMA latency, not by reading it).
+// acc[m] += sum_g scale[g] * dot(W_g, x[m]_g) for one int8 row; group a multiple of 16.
 SPECFORMER_TARGET inline void row_i8(const int8_t* w, const float* scales, int64_t K, int64_t group, const float* xf,
                                      int64_t M, float* acc) {
   for (int64_t m = 0; m < M; ++m) {
-    __m512 totals[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    __m512 total = _mm512_setzero_ps();
     const float* x = xf + m * K;
     for (int64_t g = 0; g * group < K; ++g) {
-      const __m512 scale = _mm512_set1_ps(scales[g]);
-      __m512& total = totals[g & 3];
+      __m512 part = _mm512_setzero_ps();
       for (int64_t k = g * group; k < (g + 1) * group; k += 16)
-        total = _mm512_fmadd_ps(_mm512_mul_ps(widen_i8(w + k), scale), _mm512_loadu_ps(x + k), total);
+        part = _mm512_fmadd_ps(widen_i8(w + k), _mm512_loadu_ps(x + k), part);
+      total = _mm512_fmadd_ps(part, _mm512_set1_ps(scales[g]), total);
     }
-    acc[m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(totals[0], totals[1]), _mm512_add_ps(totals[2], totals[3])));
+    acc[m] = _mm512_reduce_add_ps(total);
   }
 }
 
-// acc[m] = x[m] . (q * scale + offset, per group of 32) for one int4 row, dequantised in registers.
+// acc[m] = sum_g scale[g] * dot(q_g, x[m]_g) + offset[g] * xsum[m, g] for one int4 row; group of 32.
 SPECFORMER_TARGET inline void row_u4(const uint8_t* w, const float* scales, const float* offsets, int64_t K,
-                                     const float* xf, const float* /*xsum*/, int64_t M, float* acc) {
+                                     const float* xf, const float* xsum, int64_t M, float* acc) {
   const int64_t groups = K / 32;
   for (int64_t m = 0; m < M; ++m) {
-    __m512 totals[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    __m512 total = _mm512_setzero_ps();
     const float* x = xf + m * K;
+    float shift = 0.f;
     for (int64_t g = 0; g < groups; ++g) {
       __m512 low, high;
       widen_u4(w + g * 16, &low, &high);
-      const __m512 scale = _mm512_set1_ps(scales[g]), offset = _mm512_set1_ps(offsets[g]);
-      __m512& total = totals[g & 3];
-      total = _mm512_fmadd_ps(_mm512_fmadd_ps(low, scale, offset), _mm512_loadu_ps(x + g * 32), total);
-      total = _mm512_fmadd_ps(_mm512_fmadd_ps(high, scale, offset), _mm512_loadu_ps(x + g * 32 + 16), total);
+      const __m512 part = _mm512_fmadd_ps(high, _mm512_loadu_ps(x + g * 32 + 16),
+                                          _mm512_mul_ps(low, _mm512_loadu_ps(x + g * 32)));
+      total = _mm512_fmadd_ps(part, _mm512_set1_ps(scales[g]), total);
+      shift += offsets[g] * xsum[m * groups + g];
     }
-    acc[m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(totals[0], totals[1]), _mm512_add_ps(totals[2], totals[3])));
+    acc[m] = _mm512_reduce_add_ps(total) + shift;
   }
 }
 #endif
