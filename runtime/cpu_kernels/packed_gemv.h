@@ -39,15 +39,28 @@ SPECFORMER_TARGET inline void widen_u4(const uint8_t* p, __m512* low, __m512* hi
 SPECFORMER_TARGET inline void row_i8(const int8_t* w, const float* scales, int64_t K, int64_t group, const float* xf,
                                      int64_t M, float* acc) {
   for (int64_t m = 0; m < M; ++m) {
-    __m512 total = _mm512_setzero_ps();
+    __m512 total = _mm512_setzero_ps(), other = _mm512_setzero_ps();
     const float* x = xf + m * K;
-    for (int64_t g = 0; g * group < K; ++g) {
+    const int64_t groups = K / group;
+    int64_t g = 0;
+    if (group == 32) {  // Q8_0: two groups a step, on two independent chains
+      for (; g + 2 <= groups; g += 2) {
+        const int64_t k = g * 32;
+        const __m512 a = _mm512_fmadd_ps(widen_i8(w + k + 16), _mm512_loadu_ps(x + k + 16),
+                                         _mm512_mul_ps(widen_i8(w + k), _mm512_loadu_ps(x + k)));
+        const __m512 b = _mm512_fmadd_ps(widen_i8(w + k + 48), _mm512_loadu_ps(x + k + 48),
+                                         _mm512_mul_ps(widen_i8(w + k + 32), _mm512_loadu_ps(x + k + 32)));
+        total = _mm512_fmadd_ps(a, _mm512_set1_ps(scales[g]), total);
+        other = _mm512_fmadd_ps(b, _mm512_set1_ps(scales[g + 1]), other);
+      }
+    }
+    for (; g < groups; ++g) {
       __m512 part = _mm512_setzero_ps();
       for (int64_t k = g * group; k < (g + 1) * group; k += 16)
         part = _mm512_fmadd_ps(widen_i8(w + k), _mm512_loadu_ps(x + k), part);
       total = _mm512_fmadd_ps(part, _mm512_set1_ps(scales[g]), total);
     }
-    acc[m] = _mm512_reduce_add_ps(total);
+    acc[m] = _mm512_reduce_add_ps(_mm512_add_ps(total, other));
   }
 }
 
@@ -56,10 +69,23 @@ SPECFORMER_TARGET inline void row_u4(const uint8_t* w, const float* scales, cons
                                      const float* xf, const float* xsum, int64_t M, float* acc) {
   const int64_t groups = K / 32;
   for (int64_t m = 0; m < M; ++m) {
-    __m512 total = _mm512_setzero_ps();
+    __m512 total = _mm512_setzero_ps(), other = _mm512_setzero_ps();
     const float* x = xf + m * K;
     float shift = 0.f;
-    for (int64_t g = 0; g < groups; ++g) {
+    int64_t g = 0;
+    for (; g + 2 <= groups; g += 2) {  // two groups a step, on two independent chains
+      __m512 low, high, low2, high2;
+      widen_u4(w + g * 16, &low, &high);
+      widen_u4(w + g * 16 + 16, &low2, &high2);
+      const __m512 a = _mm512_fmadd_ps(high, _mm512_loadu_ps(x + g * 32 + 16),
+                                       _mm512_mul_ps(low, _mm512_loadu_ps(x + g * 32)));
+      const __m512 b = _mm512_fmadd_ps(high2, _mm512_loadu_ps(x + g * 32 + 48),
+                                       _mm512_mul_ps(low2, _mm512_loadu_ps(x + g * 32 + 32)));
+      total = _mm512_fmadd_ps(a, _mm512_set1_ps(scales[g]), total);
+      other = _mm512_fmadd_ps(b, _mm512_set1_ps(scales[g + 1]), other);
+      shift += offsets[g] * xsum[m * groups + g] + offsets[g + 1] * xsum[m * groups + g + 1];
+    }
+    for (; g < groups; ++g) {
       __m512 low, high;
       widen_u4(w + g * 16, &low, &high);
       const __m512 part = _mm512_fmadd_ps(high, _mm512_loadu_ps(x + g * 32 + 16),
@@ -67,7 +93,7 @@ SPECFORMER_TARGET inline void row_u4(const uint8_t* w, const float* scales, cons
       total = _mm512_fmadd_ps(part, _mm512_set1_ps(scales[g]), total);
       shift += offsets[g] * xsum[m * groups + g];
     }
-    acc[m] = _mm512_reduce_add_ps(total) + shift;
+    acc[m] = _mm512_reduce_add_ps(_mm512_add_ps(total, other)) + shift;
   }
 }
 #endif
