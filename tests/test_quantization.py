@@ -117,6 +117,8 @@ def test_gguf_q4_blocks_load_as_int4_without_a_float_copy() -> None:
     # the Q4_1 layers, and the tied output projection in its Q8_0 blocks beside the float lookup table
     assert packed.get_memory_footprint() < 0.45 * dense.get_memory_footprint()
     ids = torch.tensor([[1, 504, 3458, 282, 4114, 314, 9876, 288]])
-    torch.testing.assert_close(logits(packed, ids), logits(dense, ids), atol=1e-4, rtol=0)
+    # the packed kernels add each row's products in another order (two chains of groups): float32
+    # rounding over ~1500-term sums, on logits of magnitude ~20
+    torch.testing.assert_close(logits(packed, ids), logits(dense, ids), atol=5e-4, rtol=1e-5)
     expected = generate(dense, ids, max_new_tokens=16, eos_token_id=None)
     assert generate(packed, ids, max_new_tokens=16, eos_token_id=None).tolist() == expected.tolist()
