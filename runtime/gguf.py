@@ -6,8 +6,9 @@ table of Hugging Face field names; tensor names come from the `gguf` package's o
 applied to the model's state-dict keys. What llama.cpp's converter changed on the way in is undone by
 whoever knows it: the spec's row orders (Llama's interleaved rotary pairs, GPT-NeoX's fused rows), and
 each layer for its own storage (`from_gguf` on a layer: a Gemma norm's +1, a transposed linear, stacked
-per-head norms). The container is read with the `gguf` package (an optional dependency, imported only
-here) and dequantised with its numpy kernels where the blocks are not kept packed.
+per-head norms). The container is read in one pass by `gguf_container.py`; the `gguf` package (an
+optional dependency, imported only when a file is read) supplies the block types, the name tables and the
+numpy dequantisers for blocks that are not kept packed (Q8_0/Q4_0/Q4_1 linears stay packed by default).
 """
 
 from __future__ import annotations
