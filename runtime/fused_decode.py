@@ -131,9 +131,10 @@ def decoder_layout(model: nn.Module) -> DecoderLayout | None:
 class FusedDecoder:
     """Callable like the model for one-token steps over a static or dynamic cache: the next token's logits."""
 
-    def __init__(self, layout: DecoderLayout, activation: str) -> None:
+    def __init__(self, layout: DecoderLayout, activation: str, int8_activations: bool) -> None:
         self.layout = layout
         self.activation = activation
+        self.int8_activations = int8_activations
         self.unit_offset = layout.norm.unit_offset
         self.scale = layout.head_dim**-0.5
         self.eps = layout.norm.eps
@@ -187,6 +188,7 @@ class FusedDecoder:
             self.unit_offset,
             self.activation,
             self.head_parts,
+            self.int8_activations,
         )
         return CausalLMOutput(logits=logits[:, None])
 
@@ -222,10 +224,12 @@ def fused_decoder(model: nn.Module, batch: int) -> FusedDecoder | None:
     tensors = [layout.embed.weight, layout.norm.weight]  # the floats, all in the model's dtype
     norms = [layout.norm]
     activations: set[str | None] = set()
+    packed = [layout.head] if isinstance(layout.head, QUANTIZED_LINEARS) else []
     for layer in layout.layers:
         linears = (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down)
         if not all(_projection(m) for m in linears):
             return None  # LoRA, bitsandbytes, tensor-parallel...
+        packed += [m for m in linears if isinstance(m, QUANTIZED_LINEARS)]
         if not (isinstance(layer.act, Activation) and layer.act.kernel == "torch"):
             return None
         activations.add(_GATES.get(layer.act.name))
@@ -256,7 +260,10 @@ def fused_decoder(model: nn.Module, batch: int) -> FusedDecoder | None:
         return None  # partial rotary
     if not (cpu_kernels.applies(*tensors) and all(t.dtype == dtype for t in tensors)):
         return None
-    return FusedDecoder(layout, activation)
+    arithmetic = {m.activations for m in packed}
+    if len(arithmetic) > 1:
+        return None  # one step, one arithmetic: layers asking for both decode op by op
+    return FusedDecoder(layout, activation, arithmetic == {"int8"})
 
 
 def _hooked(model: nn.Module) -> bool:

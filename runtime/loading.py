@@ -217,13 +217,17 @@ def from_gguf(
     attn_implementation: str | None = None,
     device_map: DeviceMap | None = None,
     dequantize: bool | None = None,
+    activations: str = "int8",
 ) -> M:
     """Load a llama.cpp GGUF file, or one already read.
 
     Linear weights stored as Q8_0, Q4_0 or Q4_1 stay packed by default, as int8/int4 layers
     (weight-only quantization, `quantization/weight_only.py`) with no float round trip, and so does a
-    tied output projection; the C++ kernels decode from them directly. Other tensors are dequantised to
-    `dtype` (float32 by default). `dequantize=True`, or a `dtype`, asks for floats throughout.
+    tied output projection; the C++ kernels decode from them directly, with llama.cpp's arithmetic by
+    default (`activations="int8"`: activations rounded to int8 per block of 32, integer dot products) or
+    with each weight widened to float (`activations="float"`: the dequantised model's numbers up to the
+    order of the sums). Other tensors are dequantised to `dtype` (float32 by default). `dequantize=True`,
+    or a `dtype`, asks for floats throughout.
     """
     if dequantize is None:
         dequantize = dtype is not None
@@ -236,7 +240,7 @@ def from_gguf(
     layers = quantized_layers(checkpoint.tensors)
     if layers:
         bits = {b for b, _ in layers.values()}
-        prepare_weight_only(model, WeightOnlyConfig(bits=min(bits)), layers)
+        prepare_weight_only(model, WeightOnlyConfig(bits=min(bits), activations=activations), layers)
     plan = resolve_device_map(model, device_map)
     model.load_tensors(checkpoint.tensors.items(), checkpoint.source, dtype=target, placement=plan)
     return model._choose_attention(attn_implementation).eval()

@@ -353,6 +353,68 @@ def test_packed_linear_matches_the_dequantised_matmul(bits, rows, shape, group, 
     torch.testing.assert_close(actual.float(), expected, **tolerance(dtype))
 
 
+def _int8_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x as the integer kernels see it: rounded to int8 per block of 32 (scale max|x| / 127, round half
+    to even of x times the scale's inverse), dequantised."""
+    blocks = x.float().unflatten(-1, (-1, 32))
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    inverse = torch.where(scale != 0, 1 / scale, torch.zeros_like(scale))
+    return (torch.round(blocks * inverse) * scale).flatten(-2)
+
+
+@given(
+    bits=st.sampled_from([8, 4]),
+    rows=st.integers(1, 8),
+    shape=st.sampled_from([(32, 8), (96, 40), (160, 7), (576, 193), (1536, 64)]),
+    per_channel=st.booleans(),
+    bias=st.booleans(),
+    dtype=DTYPES,
+    seed=st.integers(0, 99),
+)
+def test_integer_dot_products_match_int8_rounded_activations(
+    bits, rows, shape, per_channel, bias, dtype, seed
+):
+    """`int8_activations`: x rounded to int8 per block of 32 and integer dot products (llama.cpp's
+    arithmetic), against float math on the rounded x and the dequantised weights. The shapes cover whole
+    groups of four blocks, tails of one to three, and per-channel int8 scales."""
+    from specformer.runtime.quantization import Int4Linear, Int8Linear
+
+    torch.manual_seed(seed)
+    in_features, out_features = shape
+    if bits == 4:
+        layer = Int4Linear(in_features, out_features, 32, bias, dtype, activations="int8")
+        layer.weight.data = torch.randint(0, 256, layer.weight.shape, dtype=torch.uint8)
+        layer.offsets.data = (torch.randn(layer.offsets.shape) * 0.1).to(dtype)
+    else:
+        group = in_features if per_channel else 32
+        layer = Int8Linear(in_features, out_features, group, bias, dtype, activations="int8")
+        layer.weight.data = torch.randint(-127, 128, layer.weight.shape, dtype=torch.int8)
+    layer.scales.data = (torch.rand(layer.scales.shape) * 0.01).to(dtype)
+    if bias:
+        layer.bias.data = torch.randn(out_features).to(dtype)
+    x = torch.randn(rows, in_features).to(dtype)
+    x[0, :32] = 0  # a block of zeros has scale 0
+    scales = layer.scales.float().repeat_interleave(layer.group_size, 1)
+    if bits == 4:
+        q = torch.cat(layer._nibbles(torch.float32), -1).flatten(1)
+        offsets = layer.offsets.float().repeat_interleave(32, 1)
+        products = [(_int8_blocks(x), q * scales + offsets)]
+    else:
+        products = [(_int8_blocks(x), layer.weight.float() * scales)]
+    expected = sum(a @ w.T for a, w in products) + (layer.bias.float() if bias else 0)
+    # float32 sums of up to 1536 products in another order: a few units of rounding of their magnitudes
+    magnitude = sum(a.abs() @ w.abs().T for a, w in products)
+    with torch.no_grad():
+        actual = cpu_kernels.packed_linear(
+            x, layer.weight, layer.scales, getattr(layer, "offsets", None), layer.bias, bits, True
+        )
+        assert torch.equal(layer(x), actual)  # the layer's eager forward is the kernel
+    if dtype == torch.float32:
+        assert ((actual - expected).abs() <= 1e-5 + 4e-7 * magnitude).all()
+    else:
+        torch.testing.assert_close(actual.float(), expected, **tolerance(dtype))
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dequantize_packed_gives_the_layers_weight(bits: int, dtype: torch.dtype) -> None:

@@ -244,20 +244,24 @@ def test_bad_input_names_what_does_not_fit() -> None:
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_weights_decode_fused(bits: int, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("activations", ["float", "int8"])
+def test_packed_weights_decode_fused(bits: int, dtype: torch.dtype, activations: str) -> None:
     """Weight-only int8/int4 layers (GGUF's Q8_0 and Q4 blocks), the output projection packed too: the
-    fused step reads the blocks and gives the op-by-op model's tokens and logits."""
+    fused step reads the blocks and gives the op-by-op model's tokens and logits, in either arithmetic
+    (the down projection's 160 inputs are a group of four blocks and a tail of one)."""
     from specformer.runtime.quantization import Int4Linear, Int8Linear, WeightOnlyConfig, quantize
 
     torch.manual_seed(bits)
-    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
     model = LlamaForCausalLM(config).to(dtype).eval()
-    quantize(model, WeightOnlyConfig(bits=bits, group_size=32, modules_to_convert=["lm_head"]))
+    settings = WeightOnlyConfig(bits, 32, modules_to_convert=["lm_head"], activations=activations)
+    quantize(model, settings)
     kind = Int8Linear if bits == 8 else Int4Linear
     assert isinstance(model.model.layers[0].self_attn.q_proj, kind) and isinstance(model.lm_head, kind)
     prompt = torch.randint(0, 96, (2, 5))
-    assert isinstance(step_for(model, StaticCache(32)), FusedDecoder)
+    fused = step_for(model, StaticCache(32))
+    assert isinstance(fused, FusedDecoder) and fused.int8_activations == (activations == "int8")
     assert_fused_decodes_as_op_by_op(
         model, prompt, torch.ones_like(prompt), 1e-4 if dtype == torch.float32 else 2e-2
     )

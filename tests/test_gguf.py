@@ -170,7 +170,9 @@ def test_run_command_answers(smollm2) -> None:
 def test_chat_command_keeps_the_conversation(smollm2) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "specformer.codegen.cli", "chat", "--max-new-tokens", "8"],
-        input="What is the capital of France?\nThanks!\n\n",
+        # a question SmolLM2 answers by a clear margin (its first token's logit leads by 1.4): "What is
+        # the capital of France?" is a near tie (0.08) that llama.cpp's arithmetic answers in French
+        input="Name the capital of France.\nThanks!\n\n",
         capture_output=True,
         text=True,
     )
@@ -214,17 +216,28 @@ def test_smollm2_quantized_cache_keeps_the_greedy_tokens(smollm2, options: dict)
 
 @pytest.mark.slow
 def test_packed_smollm2_decodes_the_dequantised_model_s_tokens(smollm2) -> None:
-    """Loaded packed (the default: Q4_1 linears and the Q8_0 tied output projection read by the C++
-    kernels), greedy decoding gives the dequantised model's 64 tokens."""
+    """Loaded packed (Q4_1 linears and the Q8_0 tied output projection read by the C++ kernels), greedy
+    decoding with float activations gives the dequantised model's 64 tokens. With int8 activations (the
+    default, llama.cpp's arithmetic) the rounding moves logits by ~1e-2, and near-ties go either way: on
+    this prompt the first 31 tokens agree (measured; llama.cpp's own decoding of the file leaves the
+    dequantised model's tokens after 5 to 32 tokens on five prompts, see docs/runtime.md)."""
     from specformer.runtime.auto import load_causal_lm
     from specformer.runtime.quantization import Int4Linear, Int8Linear
 
     path, dense, tokenizer = smollm2
-    packed, _ = load_causal_lm(path)
-    assert isinstance(packed.model.layers[0].mlp.up_proj, Int4Linear)
-    assert isinstance(packed.lm_head, Int8Linear)  # tied to the embedding, in the file's Q8_0
-    assert packed.get_memory_footprint() < dense.get_memory_footprint() / 2
     ids = torch.tensor([tokenizer.apply_chat_template([{"role": "user", "content": "Tell me about Paris."}],
                                                       add_generation_prompt=True)])  # fmt: skip
     settings = {"max_new_tokens": 64, "do_sample": False, "eos_token_id": None}
-    assert packed.generate(ids, **settings).tolist() == dense.generate(ids, **settings).tolist()
+    expected = dense.generate(ids, **settings)
+    exact, _ = load_causal_lm(path, activations="float")
+    assert isinstance(exact.model.layers[0].mlp.up_proj, Int4Linear)
+    assert isinstance(exact.lm_head, Int8Linear)  # tied to the embedding, in the file's Q8_0
+    assert exact.get_memory_footprint() < dense.get_memory_footprint() / 2
+    assert exact.generate(ids, **settings).tolist() == expected.tolist()
+    fast, _ = load_causal_lm(path)
+    assert fast.lm_head.activations == "int8"
+    prompt = ids.shape[1]
+    assert (
+        fast.generate(ids, **settings)[0, prompt : prompt + 24].tolist()
+        == expected[0, prompt : prompt + 24].tolist()
+    )

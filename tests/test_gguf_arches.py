@@ -58,7 +58,7 @@ def random_gguf(arch: str, qtype: str, tokenizer, folder: Path) -> Path:
 def test_gguf_matches_transformers(arch: str, qtype: str, tokenizer, tmp_path: Path) -> None:
     path = random_gguf(arch, qtype, tokenizer, tmp_path)
 
-    model, ours_tokenizer = load_causal_lm(path)
+    model, ours_tokenizer = load_causal_lm(path, activations="float")  # the file's numbers, as transformers
     reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name).eval()
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
     assert type(model).__name__.lower().startswith(arch)
@@ -82,7 +82,7 @@ def test_k_quants_match_transformers(kind: str, tokenizer, tmp_path: Path) -> No
     raw = {"model.layers.0.mlp.down_proj.weight": (k_quant_blocks(64, 256, kind), kind)}
     path = tmp_path / "k.gguf"
     write_gguf(path, "llama", source, "Q8_0", tokenizer, raw)
-    model, _ = load_causal_lm(path)
+    model, _ = load_causal_lm(path, activations="float")
     reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name).eval()
     weight = model.model.layers[0].mlp.down_proj.weight
     torch.testing.assert_close(weight, reference.model.layers[0].mlp.down_proj.weight, atol=0, rtol=0)
@@ -106,19 +106,36 @@ def test_unsupported_architecture_names_the_file(tokenizer, tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize(("arch", "qtype"), [("llama", "Q8_0"), ("llama", "Q4_0"), ("qwen2", "Q4_1")])
-def test_quantized_blocks_load_without_dequantising(arch: str, qtype: str, tokenizer, tmp_path: Path) -> None:
-    """Q8_0/Q4_0/Q4_1 linears become int8/int4 layers holding the file's blocks (q/k rows un-permuted)."""
+@pytest.mark.parametrize("activations", ["float", "int8"])
+def test_quantized_blocks_load_without_dequantising(
+    arch: str, qtype: str, activations: str, tokenizer, tmp_path: Path
+) -> None:
+    """Q8_0/Q4_0/Q4_1 linears become int8/int4 layers holding the file's blocks (q/k rows un-permuted).
+    With float activations they compute the dequantised model's numbers; with int8 ones (the default,
+    llama.cpp's arithmetic) the dequantised model's on inputs rounded to int8 per block of 32."""
     from specformer.runtime.quantization import Int4Linear, Int8Linear
 
     path = random_gguf(arch, qtype, tokenizer, tmp_path)
     dense = load_causal_lm(path, dequantize=True)[0]
-    packed = type(dense).from_gguf(path, dequantize=False)
+    packed = type(dense).from_gguf(path, activations=activations)
     kind = Int8Linear if qtype == "Q8_0" else Int4Linear
     assert isinstance(packed.model.layers[0].self_attn.q_proj, kind)
     assert packed.get_memory_footprint() < dense.get_memory_footprint()
+    if activations == "int8":
+        for name, module in packed.named_modules():
+            if isinstance(module, Int8Linear | Int4Linear):
+                dense.get_submodule(name).register_forward_pre_hook(lambda _, args: (int8_blocks(args[0]),))
     ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
     with torch.no_grad():
         torch.testing.assert_close(packed(ids).logits, dense(ids).logits, atol=1e-5, rtol=0)
+
+
+def int8_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to int8 per block of 32 (scale max|x| / 127, half to even), dequantised."""
+    blocks = x.unflatten(-1, (-1, 32))
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    inverse = torch.where(scale != 0, 1 / scale, torch.zeros_like(scale))
+    return (torch.round(blocks * inverse) * scale).flatten(-2)
 
 
 def _tiny_gguf(path: Path, arch: str = "llama") -> bytes:

@@ -133,13 +133,13 @@ def test_family_loads_from_gguf(arch: str, tokenizer, tmp_path: Path) -> None:
 @pytest.mark.parametrize(("arch", "qtype"), [("gptneox", "Q8_0"), ("gemma2", "Q4_0"), ("stablelm", "Q4_1")])
 def test_packed_blocks_keep_the_family_layouts(arch: str, qtype: str, tokenizer, tmp_path: Path) -> None:
     """Kept packed, reordered rows (GPT-NeoX's fused ones) move as whole blocks: the same numbers as
-    the dequantised load."""
+    the dequantised load (float activations)."""
     from specformer.runtime.quantization import Int4Linear, Int8Linear
 
     path = tmp_path / f"{arch}.gguf"
     write_gguf(path, arch, source_model(arch, tokenizer.get_vocab_size()), qtype, tokenizer)
     dense = load_causal_lm(path, dequantize=True)[0]
-    packed = type(dense).from_gguf(path, dequantize=False)
+    packed = type(dense).from_gguf(path, activations="float")
     assert any(isinstance(m, Int8Linear | Int4Linear) for m in packed.modules())
     ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
     with torch.no_grad():
@@ -162,7 +162,7 @@ def test_other_block_types_dequantise_as_transformers_does(kind: str, tokenizer,
         }
     path = tmp_path / "mixed.gguf"
     write_gguf(path, "qwen3", source, "F32" if raw else kind, tokenizer, raw)
-    model = load_causal_lm(path)[0]
+    model = load_causal_lm(path, activations="float")[0]
     reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name).eval()
     weight = model.model.layers[0].mlp.down_proj.weight
     torch.testing.assert_close(weight, reference.model.layers[0].mlp.down_proj.weight, atol=0, rtol=0)
@@ -180,7 +180,7 @@ def test_sentencepiece_vocabulary_matches_transformers(tmp_path: Path) -> None:
     ).eval()
     path = tmp_path / "spm.gguf"
     write_gguf(path, "llama", source, "Q8_0", vocab)
-    model, ours = load_causal_lm(path)
+    model, ours = load_causal_lm(path, activations="float")
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
     for text in [
         "hello world, the quick brown fox",

@@ -112,7 +112,7 @@ def test_gguf_q4_blocks_load_as_int4_without_a_float_copy() -> None:
     except FileNotFoundError as err:
         pytest.skip(str(err))
     dense = LlamaForCausalLM.from_gguf(path, dequantize=True)
-    packed = LlamaForCausalLM.from_gguf(path, dequantize=False)
+    packed = LlamaForCausalLM.from_gguf(path, activations="float")
     assert isinstance(packed.model.layers[0].mlp.up_proj, Int4Linear)  # the file's Q4_1 blocks
     # the Q4_1 layers, and the tied output projection in its Q8_0 blocks beside the float lookup table
     assert packed.get_memory_footprint() < 0.45 * dense.get_memory_footprint()

@@ -39,7 +39,12 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode.cpp")
-HEADERS = ("kernels.h", "decode_step.h", "packed_gemv.h")  # included by SOURCE: one translation unit
+HEADERS = (
+    "kernels.h",
+    "decode_step.h",
+    "packed_gemv.h",
+    "int8_dot.h",
+)  # included by SOURCE: one translation unit
 # torch's vectorised types take their width from these macros. torch registers most of its CPU kernels
 # (sum, silu, ...) for AVX2 only, also on AVX512 machines; built for AVX2 too, our reductions add in
 # the same order and our exp is the same function, so results match torch's bit for bit.
@@ -80,10 +85,13 @@ def packed_linear(
     offsets: torch.Tensor | None,
     bias: torch.Tensor | None,
     bits: int,
+    int8_activations: bool = False,
 ) -> torch.Tensor:
     """x @ W.T + bias for a few rows of x, W packed as int8 (`bits=8`) or two 4-bit values a byte with
-    per-group scales and offsets (`bits=4`), each weight widened in registers: no float copy of W."""
-    return torch.ops.specformer_cpu.packed_linear(x, weight, scales, offsets, bias, bits)
+    per-group scales and offsets (`bits=4`): no float copy of W. Each weight is widened in registers, or
+    with `int8_activations` x is rounded to int8 per block of 32 and the products are integer dot
+    products, as llama.cpp computes them (groups of 32 for int4, multiples of 32 for int8)."""
+    return torch.ops.specformer_cpu.packed_linear(x, weight, scales, offsets, bias, bits, int8_activations)
 
 
 def dequantize_packed(

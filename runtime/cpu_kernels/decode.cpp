@@ -208,7 +208,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 
 TORCH_LIBRARY(specformer_cpu, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
-  m.def("packed_linear(Tensor x, Tensor weight, Tensor scales, Tensor? offsets, Tensor? bias, int bits) -> Tensor");
+  m.def("packed_linear(Tensor x, Tensor weight, Tensor scales, Tensor? offsets, Tensor? bias, int bits, "
+        "bool int8_activations=False) -> Tensor");
   m.def("dequantize_packed(Tensor weight, Tensor scales, Tensor? offsets, int bits, ScalarType dtype) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
@@ -217,7 +218,7 @@ TORCH_LIBRARY(specformer_cpu, m) {
   m.def(
       "decode_step(Tensor hidden, Dict(str, Tensor)[] layers, Tensor final_norm, Tensor head, Tensor(a!)[] keys, "
       "Tensor(b!)[] values, Tensor[] allowed, Tensor cos, Tensor signed_sin, int slot, float eps, float scale, "
-      "bool unit_offset, str activation, Dict(str, Tensor) head_parts) -> Tensor");
+      "bool unit_offset, str activation, Dict(str, Tensor) head_parts, bool int8_activations=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(specformer_cpu, CPU, m) {

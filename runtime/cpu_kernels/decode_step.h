@@ -23,16 +23,24 @@ template <typename T> struct Matrix {
   Packed packed;
 };
 
-// y[m, n0:n1] = x[m] W[n0:n1]^T + b for either kind of matrix; `xsum` is room for x's group sums.
+// y[m, n0:n1] = x[m] W[n0:n1]^T + b for either kind of matrix; `xsum` is room for x's group sums,
+// `quantized` x's int8 forms (reset whenever xf changes).
 template <typename T>
 void gemv_matrix(const Matrix<T>& w, const T* bias, int64_t K, const float* xf, int64_t M, T* y, int64_t y_stride,
-                 int64_t n0, int64_t n1, float* acc, float* xsum) {
+                 int64_t n0, int64_t n1, float* acc, float* xsum, QuantizedInput& quantized) {
   if (w.dense != nullptr) return gemv_share(w.dense, bias, K, xf, M, y, y_stride, n0, n1, acc);
-  if (w.packed.bits == 4) group_sums(xf, M, K, w.packed.group, xsum);
+  const QuantizedRows* rows = w.packed.integer(K) ? &quantized.get(xf, M, K, w.packed.bits == 4) : nullptr;
+  if (w.packed.bits == 4 && rows == nullptr) group_sums(xf, M, K, w.packed.group, xsum);
   for (int64_t n = n0; n < n1; ++n) {
-    packed_row(w.packed, n, K, xf, xsum, M, acc);
+    packed_row(w.packed, n, K, xf, xsum, M, acc, rows);
     for (int64_t m = 0; m < M; ++m) y[m * y_stride + n] = round_to<T>(acc[m] + (bias ? float(bias[n]) : 0.f));
   }
+}
+
+// x[m, n0:n1] += y[m, n0:n1], rounded to T: the residual, for the rows this thread computed.
+template <typename T> void add_rows(T* x, const T* y, int64_t M, int64_t H, int64_t n0, int64_t n1) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = n0; n < n1; ++n) x[m * H + n] = round_to<T>(float(x[m * H + n]) + float(y[m * H + n]));
 }
 
 template <typename T> struct LayerWeights {
@@ -44,11 +52,14 @@ template <typename T> struct LayerWeights {
   int64_t allowed_batch_stride;
 };
 
-// This thread's rows of an N-row matrix: whole kRows blocks, split evenly.
+// This thread's rows of an N-row matrix: whole kRows blocks, split evenly. (Handing out small chunks
+// from a shared counter, so a core the machine slows down takes fewer, measured slower on SmolLM2:
+// each chunk restarts the hardware prefetcher and the counter's cache line moves between cores.)
 inline std::pair<int64_t, int64_t> share(int64_t N, int64_t thread, int64_t threads) {
   const int64_t blocks = (N + kRows - 1) / kRows;
   return {std::min(N, blocks * thread / threads * kRows), std::min(N, blocks * (thread + 1) / threads * kRows)};
 }
+
 
 // RMSNorm of M rows of x into float32, rounded to T where the model's norm rounds: Llama's (x * w,
 // normalised in float32 and rounded before the scale) as rms_norm_impl, or Gemma's unit-offset one
@@ -105,8 +116,9 @@ inline void check_names(const Layer& layer, int64_t l) {
 // A packed (N, K) matrix from its weight (int8 (N, K) or uint8 holding N * K / 2 bytes) and the
 // `<name>_scales` (and, for int4, `<name>_offsets`) float32 tensors beside it, each checked.
 inline Packed packed_matrix(const Layer& layer, int64_t l, const std::string& name, const at::Tensor& t, int64_t N,
-                            int64_t K) {
+                            int64_t K, bool int8_activations) {
   Packed p;
+  p.int8_activations = int8_activations;
   p.bits = t.scalar_type() == at::kChar ? 8 : 4;
   TORCH_CHECK(t.is_contiguous() && t.size(0) == N && t.numel() == N * K * p.bits / 8, "decode_step: layer ", l, "'s ",
               name, " packed weight has shape ", t.sizes(), "; expected ", N, " rows of ", K, " values");
@@ -133,7 +145,8 @@ inline Packed packed_matrix(const Layer& layer, int64_t l, const std::string& na
 template <typename T>
 std::vector<LayerWeights<T>> layer_weights(const StepShape& z, const c10::List<Layer>& given,
                                            const std::vector<at::Tensor>& keys, const std::vector<at::Tensor>& values,
-                                           const std::vector<at::Tensor>& allowed, int64_t slot) {
+                                           const std::vector<at::Tensor>& allowed, int64_t slot,
+                                           bool int8_activations) {
   std::vector<LayerWeights<T>> layers(z.L);
   const int64_t shapes[kPerLayer][2] = {{z.H, 0},    {z.Nq, z.H}, {z.Nkv, z.H}, {z.Nkv, z.H}, {z.H, z.Nq},
                                         {z.H, 0},    {z.I, z.H},  {z.I, z.H},   {z.H, z.I}};
@@ -145,7 +158,7 @@ std::vector<LayerWeights<T>> layer_weights(const StepShape& z, const c10::List<L
     for (int64_t i = 0; i < kPerLayer; ++i) {
       const at::Tensor& t = weight(layer, l, kWeightNames[i]);
       if (shapes[i][1] != 0 && (t.scalar_type() == at::kChar || t.scalar_type() == at::kByte)) {
-        w[i].packed = packed_matrix(layer, l, kWeightNames[i], t, shapes[i][0], shapes[i][1]);
+        w[i].packed = packed_matrix(layer, l, kWeightNames[i], t, shapes[i][0], shapes[i][1], int8_activations);
         continue;
       }
       require<T>(t, kWeightNames[i]);
@@ -193,7 +206,7 @@ at::Tensor decode_step_impl(const at::Tensor& hidden, const c10::List<Layer>& gi
                             const at::Tensor& head, const Layer& head_parts, const std::vector<at::Tensor>& keys,
                             const std::vector<at::Tensor>& values, const std::vector<at::Tensor>& allowed,
                             const at::Tensor& cos, const at::Tensor& signed_sin, int64_t slot, double eps_,
-                            double scale_, bool unit_offset, bool gelu) {
+                            double scale_, bool unit_offset, bool gelu, bool int8_activations) {
   const int64_t L = int64_t(keys.size());
   TORCH_CHECK(L > 0 && int64_t(given.size()) == L && int64_t(values.size()) == L && int64_t(allowed.size()) == L,
               "decode_step: ", given.size(), " layers, ", keys.size(), " keys, ", values.size(), " values and ",
@@ -216,12 +229,13 @@ at::Tensor decode_step_impl(const at::Tensor& hidden, const c10::List<Layer>& gi
   require<T>(cos, "cos");
   require<T>(signed_sin, "signed_sin");
   const std::vector<LayerWeights<T>> layers =
-      layer_weights<T>({L, M, H, Hkv, S, D, Nq, Nkv, I, Hq, G, V}, given, keys, values, allowed, slot);
+      layer_weights<T>({L, M, H, Hkv, S, D, Nq, Nkv, I, Hq, G, V}, given, keys, values, allowed, slot,
+                       int8_activations);
   require<T>(final_norm, "norm");
   TORCH_CHECK(final_norm.numel() == H, "decode_step: final norm ", final_norm.sizes(), " does not fit ", H);
   Matrix<T> head_matrix;
   if (head.scalar_type() == at::kChar || head.scalar_type() == at::kByte) {  // an output projection kept packed
-    head_matrix.packed = packed_matrix(head_parts, -1, "head", head, V, H);
+    head_matrix.packed = packed_matrix(head_parts, -1, "head", head, V, H, int8_activations);
   } else {
     require<T>(head, "lm_head");
     TORCH_CHECK(head.dim() == 2 && head.size(1) == H && head.is_contiguous(), "decode_step: lm_head ", head.sizes(),
@@ -251,15 +265,19 @@ at::Tensor decode_step_impl(const at::Tensor& hidden, const c10::List<Layer>& gi
     std::vector<float> xf(M * std::max({H, I, Nq})), upcast(H), acc(kRows * M), xsum(M * std::max({H, I, Nq}));
     std::vector<float> qf(G * D), scores(G * chunk), row(D), merged(D);
     std::vector<T> y(M * Nq), rotated(D);
+    QuantizedInput quantized;
     for (int64_t l = 0; l < L; ++l) {
       const LayerWeights<T>& w = layers[l];
       // q, k, v of the normalised residual
       norm_rows(xp, w.input_norm, unit_offset, M, H, eps, xf.data(), upcast.data());
+      quantized.reset();
       auto [q0, q1] = share(Nq, t, nt);
-      gemv_matrix(w.q, w.q_bias, H, xf.data(), M, qkv.data(), q_stride, q0, q1, acc.data(), xsum.data());
+      gemv_matrix(w.q, w.q_bias, H, xf.data(), M, qkv.data(), q_stride, q0, q1, acc.data(), xsum.data(), quantized);
       auto [k0, k1] = share(Nkv, t, nt);
-      gemv_matrix(w.k, w.k_bias, H, xf.data(), M, qkv.data() + Nq, q_stride, k0, k1, acc.data(), xsum.data());
-      gemv_matrix(w.v, w.v_bias, H, xf.data(), M, qkv.data() + Nq + Nkv, q_stride, k0, k1, acc.data(), xsum.data());
+      gemv_matrix(w.k, w.k_bias, H, xf.data(), M, qkv.data() + Nq, q_stride, k0, k1, acc.data(), xsum.data(),
+                  quantized);
+      gemv_matrix(w.v, w.v_bias, H, xf.data(), M, qkv.data() + Nq + Nkv, q_stride, k0, k1, acc.data(), xsum.data(),
+                  quantized);
 #pragma omp barrier
       // the new position's rotated key and its value into the cache
       for (int64_t bh = t; bh < kv_heads; bh += nt) {
@@ -291,31 +309,34 @@ at::Tensor decode_step_impl(const at::Tensor& hidden, const c10::List<Layer>& gi
         for (int64_t j = 0; j < G; ++j)
           merge_partials(part, bh, j, splits, G, D, merged.data(), y.data() + (bh / Hkv) * Nq + (bh % Hkv * G + j) * D);
       for (int64_t i = 0; i < M * Nq; ++i) xf[i] = float(y[i]);
+      quantized.reset();
       auto [h0, h1] = share(H, t, nt);
-      gemv_matrix(w.o, w.o_bias, Nq, xf.data(), M, projected.data(), H, h0, h1, acc.data(), xsum.data());
-      for (int64_t m = 0; m < M; ++m)  // the residual, for the rows this thread owns
-        for (int64_t n = h0; n < h1; ++n) xp[m * H + n] = round_to<T>(float(xp[m * H + n]) + float(projected[m * H + n]));
+      gemv_matrix(w.o, w.o_bias, Nq, xf.data(), M, projected.data(), H, h0, h1, acc.data(), xsum.data(), quantized);
+      add_rows(xp, projected.data(), M, H, h0, h1);  // the residual, for the rows this thread owns
 #pragma omp barrier
       // the gated MLP
       norm_rows(xp, w.post_norm, unit_offset, M, H, eps, xf.data(), upcast.data());
+      quantized.reset();
       auto [i0, i1] = share(I, t, nt);
-      gemv_matrix(w.gate, w.gate_bias, H, xf.data(), M, gate.data(), I, i0, i1, acc.data(), xsum.data());
-      gemv_matrix(w.up, w.up_bias, H, xf.data(), M, up.data(), I, i0, i1, acc.data(), xsum.data());
+      gemv_matrix(w.gate, w.gate_bias, H, xf.data(), M, gate.data(), I, i0, i1, acc.data(), xsum.data(), quantized);
+      gemv_matrix(w.up, w.up_bias, H, xf.data(), M, up.data(), I, i0, i1, acc.data(), xsum.data(), quantized);
       for (int64_t m = 0; m < M; ++m) {
         T* g = gate.data() + m * I;
         gelu ? gelu_tanh_mul_range(g, up.data() + m * I, g, i0, i1) : silu_mul_range(g, up.data() + m * I, g, i0, i1);
       }
 #pragma omp barrier
       for (int64_t i = 0; i < M * I; ++i) xf[i] = float(gate[i]);
-      gemv_matrix(w.down, w.down_bias, I, xf.data(), M, projected.data(), H, h0, h1, acc.data(), xsum.data());
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t n = h0; n < h1; ++n) xp[m * H + n] = round_to<T>(float(xp[m * H + n]) + float(projected[m * H + n]));
+      quantized.reset();
+      gemv_matrix(w.down, w.down_bias, I, xf.data(), M, projected.data(), H, h0, h1, acc.data(), xsum.data(),
+                  quantized);
+      add_rows(xp, projected.data(), M, H, h0, h1);
 #pragma omp barrier
     }
     norm_rows(xp, final_norm.const_data_ptr<T>(), unit_offset, M, H, eps, xf.data(), upcast.data());
+    quantized.reset();
     auto [v0, v1] = share(V, t, nt);
     gemv_matrix(head_matrix, static_cast<const T*>(nullptr), H, xf.data(), M, logits.data_ptr<T>(), V, v0, v1,
-                acc.data(), xsum.data());
+                acc.data(), xsum.data(), quantized);
   }
   return logits;
 }
@@ -324,15 +345,16 @@ inline at::Tensor decode_step(const at::Tensor& hidden, const c10::List<Layer>& 
                               const at::Tensor& head, const std::vector<at::Tensor>& keys,
                               const std::vector<at::Tensor>& values, const std::vector<at::Tensor>& allowed,
                               const at::Tensor& cos, const at::Tensor& signed_sin, int64_t slot, double eps, double scale,
-                              bool unit_offset, c10::string_view activation, const Layer& head_parts) {
+                              bool unit_offset, c10::string_view activation, const Layer& head_parts,
+                              bool int8_activations) {
   TORCH_CHECK(activation == "silu" || activation == "gelu_tanh", "decode_step: activation `", activation,
               "`; expected silu or gelu_tanh");
   const bool gelu = activation == "gelu_tanh";
   if (hidden.scalar_type() == at::kBFloat16)
     return decode_step_impl<c10::BFloat16>(hidden, layers, final_norm, head, head_parts, keys, values, allowed, cos,
-                                           signed_sin, slot, eps, scale, unit_offset, gelu);
+                                           signed_sin, slot, eps, scale, unit_offset, gelu, int8_activations);
   return decode_step_impl<float>(hidden, layers, final_norm, head, head_parts, keys, values, allowed, cos, signed_sin,
-                                 slot, eps, scale, unit_offset, gelu);
+                                 slot, eps, scale, unit_offset, gelu, int8_activations);
 }
 
 }  // namespace specformer

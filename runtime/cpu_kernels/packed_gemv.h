@@ -10,6 +10,7 @@
 // arithmetic as the dequantised layer up to the order of the sums, with no activation rounding. For
 // int4, dot(q, x) * scale + offset * sum(x) per group: the offsets cost one product per group, with the
 // sums of x over each group computed once per call.
+#include "int8_dot.h"
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
@@ -134,13 +135,32 @@ struct Packed {
   const float* scales = nullptr;   // (N, K / group)
   const float* offsets = nullptr;  // int4 only
   int64_t bits = 0, group = 0;
+  bool int8_activations = false;  // asked for integer dot products (int8_dot.h)
+
+  // Whether rows of K inputs take the integer path: asked for, and groups it covers (int8 rows:
+  // multiples of 32; int4: 32, llama.cpp's Q4 blocks). Other groups widen the weights to float.
+  bool integer(int64_t K) const {
+    return int8_activations && K % kBlock == 0 && (bits == 8 ? group % kBlock == 0 : group == kBlock);
+  }
 };
 
-// acc[m] for one packed row n of K inputs, through the vector kernels where the group allows.
-inline void packed_row(const Packed& p, int64_t n, int64_t K, const float* xf, const float* xsum, int64_t M, float* acc) {
+// acc[m] for one packed row n of K inputs: integer dot products with `quantized` (x rounded as
+// `p.integer(K)` asks, else null), or the weights widened to float, through the vector kernels where
+// the group allows.
+inline void packed_row(const Packed& p, int64_t n, int64_t K, const float* xf, const float* xsum, int64_t M, float* acc,
+                       const QuantizedRows* quantized) {
   const int64_t groups = K / p.group;
   const auto* bytes = static_cast<const uint8_t*>(p.w) + n * K * p.bits / 8;
   const float* scales = p.scales + n * groups;
+  if (quantized != nullptr) {
+    const auto* int8_row = reinterpret_cast<const int8_t*>(bytes);
+#if defined(SPECFORMER_AVX512)
+    if (has_vnni() && p.bits == 8) return row_i8_q8(int8_row, scales, K, p.group, *quantized, M, acc);
+    if (has_vnni()) return row_u4_q8(bytes, scales, p.offsets + n * groups, K, *quantized, M, acc);
+#endif
+    if (p.bits == 8) return row_i8_q8_scalar(int8_row, scales, K, p.group, *quantized, M, acc);
+    return row_u4_q8_scalar(bytes, scales, p.offsets + n * groups, K, *quantized, M, acc);
+  }
 #if defined(SPECFORMER_AVX512)
   if (p.bits == 8 && p.group % 16 == 0)
     return row_i8(reinterpret_cast<const int8_t*>(bytes), scales, K, p.group, xf, M, acc);
@@ -165,7 +185,7 @@ inline void group_sums(const float* xf, int64_t M, int64_t K, int64_t group, flo
 template <typename T>
 at::Tensor packed_linear_impl(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& scales_in,
                               const std::optional<at::Tensor>& offsets_in, const std::optional<at::Tensor>& bias,
-                              int64_t bits) {
+                              int64_t bits, bool int8_activations) {
   const at::Tensor x = input.contiguous();
   require<T>(x, "x");
   TORCH_CHECK(bits == 8 || bits == 4, "bits is ", bits, "; expected 8 or 4");
@@ -173,24 +193,28 @@ at::Tensor packed_linear_impl(const at::Tensor& input, const at::Tensor& weight,
   const int64_t N = weight.size(0), groups = scales_in.size(1);
   const int64_t K = x.size(-1), M = K == 0 ? 0 : x.numel() / K;
   TORCH_CHECK(groups > 0 && K % groups == 0, "scales ", scales_in.sizes(), " do not group ", K, " inputs");
-  const int64_t group = K / groups;
   TORCH_CHECK(weight.numel() == N * K * bits / 8, "weight ", weight.sizes(), " does not hold ", N, " x ", K,
               " values of ", bits, " bits");
   TORCH_CHECK(bits == 8 || offsets_in.has_value(), "int4 weights need their offsets");
   const at::Tensor scales = scales_in.to(at::kFloat).contiguous();
   const at::Tensor offsets = bits == 4 ? offsets_in->to(at::kFloat).contiguous() : at::Tensor();
+  Packed p;
+  p.w = weight.const_data_ptr();
+  p.scales = scales.const_data_ptr<float>();
+  p.offsets = bits == 4 ? offsets.const_data_ptr<float>() : nullptr;
+  p.bits = bits;
+  p.group = K / groups;
+  p.int8_activations = int8_activations;
   std::vector<float> xf(M * K), xsum(M * groups, 0.f);
   const T* xp = x.const_data_ptr<T>();
   for (int64_t i = 0; i < M * K; ++i) xf[i] = float(xp[i]);
-  if (bits == 4)
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; ++k) xsum[m * groups + k / group] += xf[m * K + k];
+  QuantizedRows quantized;
+  if (p.integer(K)) quantize_rows(xf.data(), M, K, bits == 4, &quantized);
+  else if (bits == 4) group_sums(xf.data(), M, K, p.group, xsum.data());
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = N;
   at::Tensor out = at::empty(sizes, x.options());
   T* yp = out.data_ptr<T>();
-  const float* sp = scales.const_data_ptr<float>();
-  const float* op = bits == 4 ? offsets.const_data_ptr<float>() : nullptr;
   at::Tensor bias_c;
   if (bias.has_value()) {
     bias_c = bias->contiguous();
@@ -199,31 +223,13 @@ at::Tensor packed_linear_impl(const at::Tensor& input, const at::Tensor& weight,
   }
   const T* b = bias.has_value() ? bias_c.const_data_ptr<T>() : nullptr;
   const int64_t row_bytes = K * bits / 8;
-  const auto* wp = static_cast<const uint8_t*>(weight.const_data_ptr());
-#if defined(SPECFORMER_AVX512)
-  const bool vector = bits == 8 ? group % 16 == 0 : group == 32;
-#else
-  const bool vector = false;
-#endif
   at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(row_bytes, 1)), [&](int64_t begin, int64_t end) {
     std::vector<float> acc(M);
     for (int64_t n = begin; n < end; ++n) {
-      const uint8_t* w = wp + n * row_bytes;
-#if defined(SPECFORMER_AVX512)
-      if (vector && bits == 8)
-        row_i8(reinterpret_cast<const int8_t*>(w), sp + n * groups, K, group, xf.data(), M, acc.data());
-      else if (vector)
-        row_u4(w, sp + n * groups, op + n * groups, K, xf.data(), xsum.data(), M, acc.data());
-      else
-#endif
-      if (bits == 8)
-        row_i8_scalar(reinterpret_cast<const int8_t*>(w), sp + n * groups, K, group, xf.data(), M, acc.data());
-      else
-        row_u4_scalar(w, sp + n * groups, op + n * groups, K, group, xf.data(), xsum.data(), M, acc.data());
+      packed_row(p, n, K, xf.data(), xsum.data(), M, acc.data(), p.integer(K) ? &quantized : nullptr);
       for (int64_t m = 0; m < M; ++m) yp[m * N + n] = round_to<T>(acc[m] + (b ? float(b[n]) : 0.f));
     }
   });
-  (void)vector;
   return out;
 }
 
@@ -272,9 +278,10 @@ inline at::Tensor dequantize_packed(const at::Tensor& weight, const at::Tensor& 
 
 inline at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
                                 const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& bias,
-                                int64_t bits) {
-  if (x.scalar_type() == at::kBFloat16) return packed_linear_impl<c10::BFloat16>(x, weight, scales, offsets, bias, bits);
-  return packed_linear_impl<float>(x, weight, scales, offsets, bias, bits);
+                                int64_t bits, bool int8_activations) {
+  if (x.scalar_type() == at::kBFloat16)
+    return packed_linear_impl<c10::BFloat16>(x, weight, scales, offsets, bias, bits, int8_activations);
+  return packed_linear_impl<float>(x, weight, scales, offsets, bias, bits, int8_activations);
 }
 
 }  // namespace specformer

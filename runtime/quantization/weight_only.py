@@ -42,11 +42,16 @@ class WeightOnlyConfig:
     group_size: int | None = None  # None: per output channel for int8, 32 for int4
     modules_to_not_convert: list[str] = field(default_factory=list)
     modules_to_convert: list[str] = field(default_factory=list)  # heads to quantize too, e.g. lm_head
+    # How the CPU kernels multiply: "float" widens each weight (the dequantised layer's numbers up to the
+    # order of the sums); "int8" rounds activations to int8 per block of 32 and takes integer dot
+    # products, as llama.cpp does (faster; the activations' rounding changes the numbers slightly).
+    activations: str = "float"
     quant_method: str = "weight_only"
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
             raise ValueError(f"WeightOnlyConfig: bits={self.bits}; expected 8 or 4")
+        _check_activations(self.activations)
         if self.group_size is None and self.bits == 4:
             self.group_size = 32
         if self.group_size is not None and (self.group_size < 2 or self.group_size % 2):
@@ -72,11 +77,13 @@ class Int8Linear(nn.Module):
         bias: bool = False,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        activations: str = "float",
     ) -> None:
         super().__init__()
         group_size = group_size or in_features
         _check_groups(in_features, group_size, "int8")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.activations = _check_activations(activations)
         groups = in_features // group_size
         self.weight = nn.Parameter(
             torch.empty(out_features, in_features, dtype=torch.int8, device=device), requires_grad=False
@@ -87,11 +94,19 @@ class Int8Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int | None = None) -> Int8Linear:
+    def from_linear(
+        cls, linear: nn.Linear, group_size: int | None = None, activations: str = "float"
+    ) -> Int8Linear:
         weight = linear.weight.detach()
         group_size = group_size or weight.shape[1]
         module = cls(
-            weight.shape[1], weight.shape[0], group_size, linear.bias is not None, weight.dtype, weight.device
+            weight.shape[1],
+            weight.shape[0],
+            group_size,
+            linear.bias is not None,
+            weight.dtype,
+            weight.device,
+            activations,
         )
         grouped = weight.float().unflatten(1, (-1, group_size))
         scales = grouped.abs().amax(-1).clamp(min=1e-12) / 127
@@ -107,7 +122,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _packed_kernel(x, self.in_features, self.bias):
-            return cpu_kernels.packed_linear(x, self.weight, self.scales, None, self.bias, 8)
+            integer = self.activations == "int8"
+            return cpu_kernels.packed_linear(x, self.weight, self.scales, None, self.bias, 8, integer)
         if _dequantize_kernel(x):  # a prompt: one fast dequantising pass, then a dense GEMM
             weight = cpu_kernels.dequantize_packed(self.weight, self.scales, None, 8, x.dtype)
             return F.linear(x, weight, self.bias)
@@ -122,7 +138,10 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, group_size={self.group_size}, bias={self.bias is not None}"
+        return (
+            f"{self.in_features}, {self.out_features}, group_size={self.group_size}, "
+            f"bias={self.bias is not None}, activations={self.activations}"
+        )
 
 
 class Int4Linear(nn.Module):
@@ -136,10 +155,12 @@ class Int4Linear(nn.Module):
         bias: bool = False,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        activations: str = "float",
     ) -> None:
         super().__init__()
         _check_groups(in_features, group_size, "int4")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.activations = _check_activations(activations)
         groups = in_features // group_size
         self.weight = nn.Parameter(
             torch.empty(out_features, groups, group_size // 2, dtype=torch.uint8, device=device),
@@ -154,10 +175,16 @@ class Int4Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int = 32) -> Int4Linear:
+    def from_linear(cls, linear: nn.Linear, group_size: int = 32, activations: str = "float") -> Int4Linear:
         weight = linear.weight.detach()
         module = cls(
-            weight.shape[1], weight.shape[0], group_size, linear.bias is not None, weight.dtype, weight.device
+            weight.shape[1],
+            weight.shape[0],
+            group_size,
+            linear.bias is not None,
+            weight.dtype,
+            weight.device,
+            activations,
         )
         grouped = weight.float().unflatten(1, (-1, group_size))
         low, high = grouped.amin(-1), grouped.amax(-1)
@@ -181,7 +208,8 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _packed_kernel(x, self.in_features, self.bias):
-            return cpu_kernels.packed_linear(x, self.weight, self.scales, self.offsets, self.bias, 4)
+            integer = self.activations == "int8"
+            return cpu_kernels.packed_linear(x, self.weight, self.scales, self.offsets, self.bias, 4, integer)
         if _dequantize_kernel(x):  # a prompt: one fast dequantising pass, then a dense GEMM
             weight = cpu_kernels.dequantize_packed(self.weight, self.scales, self.offsets, 4, x.dtype)
             return F.linear(x, weight, self.bias)
@@ -194,7 +222,10 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, group_size={self.group_size}, bias={self.bias is not None}"
+        return (
+            f"{self.in_features}, {self.out_features}, group_size={self.group_size}, "
+            f"bias={self.bias is not None}, activations={self.activations}"
+        )
 
 
 def _packed_kernel(x: torch.Tensor, in_features: int, bias: torch.Tensor | None) -> bool:
@@ -214,6 +245,12 @@ def _dequantize_kernel(x: torch.Tensor) -> bool:
 _KERNEL_ROWS = 8
 
 
+def _check_activations(activations: str) -> str:
+    if activations not in ("float", "int8"):
+        raise ValueError(f"activations={activations!r}; expected 'float' or 'int8'")
+    return activations
+
+
 def _check_groups(in_features: int, group_size: int, kind: str) -> None:
     if in_features % group_size:
         raise ValueError(
@@ -229,10 +266,13 @@ def quantize_weight_only(model: nn.Module, config: WeightOnlyConfig) -> nn.Modul
     """Replace the backbone's linear layers by int8/int4 ones, in place, one layer at a time (the float
     weight of a layer is freed as soon as its quantized copy exists). Returns `model`."""
     names = quantizable_linears(model, config.modules_to_not_convert, config.modules_to_convert)
-    if config.bits == 8:
-        replace_modules(model, names, lambda _, old: Int8Linear.from_linear(old, config.group_size))
-    else:
-        replace_modules(model, names, lambda _, old: Int4Linear.from_linear(old, config.group_size or 32))
+
+    def make(_: str, old: nn.Linear) -> nn.Module:
+        if config.bits == 8:
+            return Int8Linear.from_linear(old, config.group_size, config.activations)
+        return Int4Linear.from_linear(old, config.group_size or 32, config.activations)
+
+    replace_modules(model, names, make)
     remember_quantization(model, config.to_dict())
     return model
 
@@ -261,6 +301,7 @@ def prepare_weight_only(
             old.bias is not None,
             dtype,
             device,
+            config.activations,
         )
         return kind(*args)
 

@@ -1,0 +1,260 @@
+#pragma once
+// ---- packed rows times int8 activations: integer dot products (llama.cpp's arithmetic) ---------------
+// Widening every 4-bit weight to float32 costs more instructions than reading it: decoding a Q4 model
+// that way is bound by the core, not by memory. llama.cpp instead rounds the activations to int8 per
+// block of 32 (a float scale each, as its Q8_0 blocks) and multiplies integers: AVX-512 VNNI's `vpdpbusd`
+// sums four u8 x s8 products into each int32 lane, 64 weights an instruction, exactly. Each block's
+// integer sum is then scaled by its weight scale times its activation scale. The activations' rounding
+// (a relative error of up to 1/254 of each block's largest value) is the only change from the float path:
+// the integer sums are exact. int4 offsets (Q4_0's -8 * scale, Q4_1's minimum) multiply the sum of the
+// rounded x over the group, as llama.cpp's Q8_1 blocks carry it: the product is then exactly that of the
+// dequantised weights and the rounded activations. (With the exact sum of x instead, the rounding errors
+// are weighted by q * scale, all of one sign, rather than by the weights, and stop cancelling: SmolLM2
+// answered a question in French.)
+//
+// Layouts: an int8 row is read in its natural order, so its activations are too. An int4 group of 32
+// keeps values 0..15 in the low nibbles of its 16 bytes and 16..31 in the high ones; four groups (64
+// bytes) are one 512-bit load whose low nibbles are the four groups' first halves. The activations for
+// int4 rows are stored in that order (per four blocks: the four first halves, then the four second
+// halves), so one load of weights meets one load of activations; blocks past the last four stay natural.
+#include "kernels.h"
+
+#include <cstdint>
+#include <vector>
+
+namespace specformer {
+
+constexpr int64_t kBlock = 32;  // activation block: llama.cpp's Q8_0
+
+// x rounded to int8 per block of 32 with a float scale each, in the order one kind of row reads it.
+struct QuantizedRows {
+  std::vector<int8_t> q;  // M * K
+  std::vector<float> d;   // M * K / 32
+  std::vector<float> sums;  // M * K / 32: d times the sum of the block's q (what int4 offsets multiply)
+  bool nibble_order = false;
+};
+
+// Where the i-th value of a row sits in the nibble order (see above); `blocks` blocks per row.
+inline int64_t nibble_position(int64_t i, int64_t blocks) {
+  const int64_t b = i / kBlock, j = i % kBlock, chunk = b / 4;
+  if ((chunk + 1) * 4 > blocks) return i;  // a tail block: natural order
+  return chunk * 4 * kBlock + (j / 16) * 64 + (b % 4) * 16 + j % 16;
+}
+
+#if defined(SPECFORMER_AVX512)
+#define SPECFORMER_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+
+// One block's 32 values rounded: the first 16 to `low`, the last 16 to `high`; its scale into `d` and
+// the sum of its rounded values into `sum`.
+SPECFORMER_VNNI inline void quantize_block(const float* x, int8_t* low, int8_t* high, float* d, int32_t* sum) {
+  const __m512 a = _mm512_loadu_ps(x), b = _mm512_loadu_ps(x + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+  *d = amax / 127.f;
+  const __m512 inverse = _mm512_set1_ps(*d != 0.f ? 1.f / *d : 0.f);
+  // round to nearest even (the default rounding mode); |x| * inverse <= 127, so no saturation happens
+  const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inverse)), qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inverse));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(low), _mm512_cvtsepi32_epi8(qa));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(high), _mm512_cvtsepi32_epi8(qb));
+  *sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+}
+#else
+inline void quantize_block(const float* x, int8_t* low, int8_t* high, float* d, int32_t* sum) {
+  float amax = 0.f;
+  for (int64_t j = 0; j < kBlock; ++j) amax = std::max(amax, std::fabs(x[j]));
+  *d = amax / 127.f;
+  const float inverse = *d != 0.f ? 1.f / *d : 0.f;
+  *sum = 0;
+  for (int64_t j = 0; j < 16; ++j) {
+    low[j] = int8_t(std::nearbyint(x[j] * inverse));
+    high[j] = int8_t(std::nearbyint(x[16 + j] * inverse));
+    *sum += low[j] + high[j];
+  }
+}
+#endif
+
+// d = max|x| / 127 per block, q = round-half-even(x / d) (as x * (1 / d)); a block of zeros has d = 0.
+inline void quantize_rows(const float* xf, int64_t M, int64_t K, bool nibble_order, QuantizedRows* out) {
+  const int64_t blocks = K / kBlock;
+  out->q.resize(M * K);
+  out->d.resize(M * blocks);
+  out->sums.resize(M * blocks);
+  out->nibble_order = nibble_order;
+  for (int64_t m = 0; m < M; ++m) {
+    int8_t* q = out->q.data() + m * K;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t low = nibble_order ? nibble_position(b * kBlock, blocks) : b * kBlock;
+      const int64_t high = nibble_order ? nibble_position(b * kBlock + 16, blocks) : b * kBlock + 16;
+      int32_t sum = 0;
+      quantize_block(xf + m * K + b * kBlock, q + low, q + high, &out->d[m * blocks + b], &sum);
+      out->sums[m * blocks + b] = out->d[m * blocks + b] * float(sum);
+    }
+  }
+}
+
+// The quantized forms of one input, made when a row first asks for them: the fused step's q, k and v
+// (or gate and up) read the same input; `reset` when the input changes.
+class QuantizedInput {
+ public:
+  const QuantizedRows& get(const float* xf, int64_t M, int64_t K, bool nibble_order) {
+    if (!fresh_[nibble_order]) quantize_rows(xf, M, K, nibble_order, &rows_[nibble_order]);
+    fresh_[nibble_order] = true;
+    return rows_[nibble_order];
+  }
+  void reset() { fresh_[0] = fresh_[1] = false; }
+
+ private:
+  QuantizedRows rows_[2];
+  bool fresh_[2] = {false, false};
+};
+
+// The weight scale of activation block b: groups of `group` inputs (a multiple of 32) share one.
+inline float weight_scale(const float* scales, int64_t group, int64_t b) { return scales[b * kBlock / group]; }
+
+inline void row_i8_q8_scalar(const int8_t* w, const float* scales, int64_t K, int64_t group, const QuantizedRows& x,
+                             int64_t M, float* acc) {
+  const int64_t blocks = K / kBlock;
+  for (int64_t m = 0; m < M; ++m) {
+    float total = 0.f;
+    for (int64_t b = 0; b < blocks; ++b) {
+      int32_t dot = 0;
+      for (int64_t j = 0; j < kBlock; ++j) dot += int32_t(w[b * kBlock + j]) * int32_t(x.q[m * K + b * kBlock + j]);
+      total += float(dot) * (weight_scale(scales, group, b) * x.d[m * blocks + b]);
+    }
+    acc[m] = total;
+  }
+}
+
+inline void row_u4_q8_scalar(const uint8_t* w, const float* scales, const float* offsets, int64_t K,
+                             const QuantizedRows& x, int64_t M, float* acc) {
+  const int64_t blocks = K / kBlock;
+  for (int64_t m = 0; m < M; ++m) {
+    float total = 0.f, shift = 0.f;
+    for (int64_t b = 0; b < blocks; ++b) {
+      int32_t dot = 0;
+      for (int64_t j = 0; j < 16; ++j) {
+        const uint8_t byte = w[b * 16 + j];
+        const int64_t low = b * kBlock + j, high = low + 16;
+        const int8_t* q = x.q.data() + m * K;
+        dot += int32_t(byte & 15) * q[x.nibble_order ? nibble_position(low, blocks) : low] +
+               int32_t(byte >> 4) * q[x.nibble_order ? nibble_position(high, blocks) : high];
+      }
+      total += float(dot) * (scales[b] * x.d[m * blocks + b]);
+      shift += offsets[b] * x.sums[m * blocks + b];
+    }
+    acc[m] = total + shift;
+  }
+}
+
+#if defined(SPECFORMER_AVX512)
+inline bool has_vnni() {
+  static const bool yes = __builtin_cpu_supports("avx512vnni");
+  return yes;
+}
+
+// 16 lanes from 4 floats: lanes 4i..4i+3 hold v[i], the scale of the block whose int32 sums they hold.
+SPECFORMER_VNNI inline __m512 spread4(__m128 v) {
+  return _mm512_permutexvar_ps(_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
+                               _mm512_castps128_ps512(v));
+}
+
+// Block scales times activation scales for blocks b..b+3.
+SPECFORMER_VNNI inline __m128 scales4(const float* scales, int64_t group, const float* d, int64_t b) {
+  const __m128 w = group == kBlock ? _mm_loadu_ps(scales + b)
+                                   : _mm_setr_ps(weight_scale(scales, group, b), weight_scale(scales, group, b + 1),
+                                                 weight_scale(scales, group, b + 2), weight_scale(scales, group, b + 3));
+  return _mm_mul_ps(w, _mm_loadu_ps(d + b));
+}
+
+SPECFORMER_VNNI inline int32_t hsum_epi32(__m128i v) {
+  v = _mm_add_epi32(v, _mm_shuffle_epi32(v, _MM_SHUFFLE(1, 0, 3, 2)));
+  v = _mm_add_epi32(v, _mm_shuffle_epi32(v, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(v);
+}
+
+// s8 x s8 as VNNI's u8 x s8: |w| times x with w's sign moved onto it.
+SPECFORMER_VNNI inline __m512i dot_i8(__m512i sum, __m512i w, __m512i x) {
+  const __m512i signed_x = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
+  return _mm512_dpbusd_epi32(sum, _mm512_abs_epi8(w), signed_x);
+}
+
+// acc[m] = sum_b (w_b . q_b) * scale_b * d_b for one int8 row; group a multiple of 32.
+SPECFORMER_VNNI inline void row_i8_q8(const int8_t* w, const float* scales, int64_t K, int64_t group,
+                                      const QuantizedRows& x, int64_t M, float* acc) {
+  const int64_t blocks = K / kBlock;
+  const __m512i low_pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  const __m512i high_pair = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2);
+  for (int64_t m = 0; m < M; ++m) {
+    const int8_t* q = x.q.data() + m * K;
+    const float* d = x.d.data() + m * blocks;
+    __m512 total = _mm512_setzero_ps(), other = _mm512_setzero_ps();
+    int64_t b = 0;
+    for (; b + 4 <= blocks; b += 4) {  // four blocks, two a 512-bit load, on two chains
+      const __m512i first = dot_i8(_mm512_setzero_si512(), _mm512_loadu_si512(w + b * kBlock),
+                                   _mm512_loadu_si512(q + b * kBlock));
+      const __m512i second = dot_i8(_mm512_setzero_si512(), _mm512_loadu_si512(w + b * kBlock + 64),
+                                    _mm512_loadu_si512(q + b * kBlock + 64));
+      const __m512 s = _mm512_castps128_ps512(scales4(scales, group, d, b));
+      total = _mm512_fmadd_ps(_mm512_cvtepi32_ps(first), _mm512_permutexvar_ps(low_pair, s), total);
+      other = _mm512_fmadd_ps(_mm512_cvtepi32_ps(second), _mm512_permutexvar_ps(high_pair, s), other);
+    }
+    float tail = 0.f;
+    for (; b < blocks; ++b) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * kBlock));
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * kBlock));
+      const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
+      const int32_t sum = hsum_epi32(_mm_add_epi32(_mm256_castsi256_si128(dot), _mm256_extracti128_si256(dot, 1)));
+      tail += float(sum) * (weight_scale(scales, group, b) * d[b]);
+    }
+    acc[m] = _mm512_reduce_add_ps(_mm512_add_ps(total, other)) + tail;
+  }
+}
+
+// Four int4 blocks (64 bytes) times their 128 activations in nibble order, each block's sum scaled.
+SPECFORMER_VNNI inline __m512 four_u4(const uint8_t* w, const int8_t* q, __m128 scale) {
+  const __m512i nibble = _mm512_set1_epi8(15), v = _mm512_loadu_si512(w);
+  __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v, nibble), _mm512_loadu_si512(q));
+  dot = _mm512_dpbusd_epi32(dot, _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble), _mm512_loadu_si512(q + 64));
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(dot), spread4(scale));
+}
+
+// acc[m] = sum_b (q_b . x_b) * scale_b * d_b + offset_b * d_b * sum(x_b) for one int4 row of groups of 32,
+// activations in nibble order.
+SPECFORMER_VNNI inline void row_u4_q8(const uint8_t* w, const float* scales, const float* offsets, int64_t K,
+                                      const QuantizedRows& x, int64_t M, float* acc) {
+  const int64_t blocks = K / kBlock;
+  for (int64_t m = 0; m < M; ++m) {
+    const int8_t* q = x.q.data() + m * K;
+    const float* d = x.d.data() + m * blocks;
+    const float* sums = x.sums.data() + m * blocks;
+    __m512 total = _mm512_setzero_ps(), other = _mm512_setzero_ps();
+    int64_t b = 0;
+    for (; b + 8 <= blocks; b += 8) {
+      total = _mm512_add_ps(total, four_u4(w + b * 16, q + b * kBlock, scales4(scales, kBlock, d, b)));
+      other = _mm512_add_ps(other, four_u4(w + b * 16 + 64, q + b * kBlock + 128, scales4(scales, kBlock, d, b + 4)));
+    }
+    for (; b + 4 <= blocks; b += 4)
+      total = _mm512_add_ps(total, four_u4(w + b * 16, q + b * kBlock, scales4(scales, kBlock, d, b)));
+    float tail = 0.f;
+    for (; b < blocks; ++b) {  // natural order: the block's first 16 activations, then its last 16
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * 16));
+      const __m128i mask = _mm_set1_epi8(15);
+      __m128i dot = _mm_dpbusd_epi32(_mm_setzero_si128(), _mm_and_si128(v, mask),
+                                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * kBlock)));
+      dot = _mm_dpbusd_epi32(dot, _mm_and_si128(_mm_srli_epi16(v, 4), mask),
+                             _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * kBlock + 16)));
+      tail += float(hsum_epi32(dot)) * (scales[b] * d[b]);
+    }
+    __m512 shift = _mm512_setzero_ps();  // the offsets' share: one product per group
+    int64_t g = 0;
+    for (; g + 16 <= blocks; g += 16)
+      shift = _mm512_fmadd_ps(_mm512_loadu_ps(offsets + g), _mm512_loadu_ps(sums + g), shift);
+    const __mmask16 rest = __mmask16((1u << (blocks - g)) - 1);
+    shift = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(rest, offsets + g), _mm512_maskz_loadu_ps(rest, sums + g), shift);
+    acc[m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(total, other), shift)) + tail;
+  }
+}
+#else
+inline bool has_vnni() { return false; }
+#endif
+
+}  // namespace specformer
