@@ -262,6 +262,10 @@ def test_packed_weights_decode_fused(bits: int, dtype: torch.dtype, activations:
     prompt = torch.randint(0, 96, (2, 5))
     fused = step_for(model, StaticCache(32))
     assert isinstance(fused, FusedDecoder) and fused.int8_activations == (activations == "int8")
+    # Rounding to int8 is a step function: where the two sides' float32 inputs differ in the last bit
+    # at a rounding boundary, one activation moves by a step (1/127 of its block's largest value). On
+    # this model one of twelve steps does, by 1.8e-3; all others agree to 1.2e-7.
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
     assert_fused_decodes_as_op_by_op(
-        model, prompt, torch.ones_like(prompt), 1e-4 if dtype == torch.float32 else 2e-2
+        model, prompt, torch.ones_like(prompt), 1e-2 if activations == "int8" else tolerance
     )
