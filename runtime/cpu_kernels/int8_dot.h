@@ -16,7 +16,8 @@
 // keeps values 0..15 in the low nibbles of its 16 bytes and 16..31 in the high ones; four groups (64
 // bytes) are one 512-bit load whose low nibbles are the four groups' first halves. The activations for
 // int4 rows are stored in that order (per four blocks: the four first halves, then the four second
-// halves), so one load of weights meets one load of activations; blocks past the last four stay natural.
+// halves), so one load of weights meets one load of activations. Rows of activations are padded with
+// zeros to a multiple of four blocks, and a row's last, partial four are read with masked loads.
 #include "kernels.h"
 
 #include <cstdint>
@@ -26,19 +27,22 @@ namespace specformer {
 
 constexpr int64_t kBlock = 32;  // activation block: llama.cpp's Q8_0
 
-// x rounded to int8 per block of 32 with a float scale each, in the order one kind of row reads it.
+// x rounded to int8 per block of 32 with a float scale each, in the order one kind of row reads it;
+// each row padded with zero blocks to a multiple of four.
 struct QuantizedRows {
-  std::vector<int8_t> q;  // M * K
-  std::vector<float> d;   // M * K / 32
-  std::vector<float> sums;  // M * K / 32: d times the sum of the block's q (what int4 offsets multiply)
+  std::vector<int8_t> q;    // M rows of `blocks` * 32
+  std::vector<float> d;     // M rows of `blocks`
+  std::vector<float> sums;  // M rows of `blocks`: d times the sum of the block's q (what int4 offsets multiply)
+  int64_t blocks = 0;       // per row, padded
   bool nibble_order = false;
+
+  const int8_t* row(int64_t m) const { return q.data() + m * blocks * kBlock; }
 };
 
-// Where the i-th value of a row sits in the nibble order (see above); `blocks` blocks per row.
-inline int64_t nibble_position(int64_t i, int64_t blocks) {
-  const int64_t b = i / kBlock, j = i % kBlock, chunk = b / 4;
-  if ((chunk + 1) * 4 > blocks) return i;  // a tail block: natural order
-  return chunk * 4 * kBlock + (j / 16) * 64 + (b % 4) * 16 + j % 16;
+// Where the i-th value of a row sits in the nibble order (see above).
+inline int64_t nibble_position(int64_t i) {
+  const int64_t b = i / kBlock, j = i % kBlock;
+  return b / 4 * 4 * kBlock + (j / 16) * 64 + (b % 4) * 16 + j % 16;
 }
 
 #if defined(SPECFORMER_AVX512)
@@ -74,19 +78,21 @@ inline void quantize_block(const float* x, int8_t* low, int8_t* high, float* d, 
 
 // d = max|x| / 127 per block, q = round-half-even(x / d) (as x * (1 / d)); a block of zeros has d = 0.
 inline void quantize_rows(const float* xf, int64_t M, int64_t K, bool nibble_order, QuantizedRows* out) {
-  const int64_t blocks = K / kBlock;
-  out->q.resize(M * K);
-  out->d.resize(M * blocks);
-  out->sums.resize(M * blocks);
+  const int64_t blocks = K / kBlock, padded = (blocks + 3) / 4 * 4;
+  out->q.assign(M * padded * kBlock, 0);
+  out->d.assign(M * padded, 0.f);
+  out->sums.assign(M * padded, 0.f);
+  out->blocks = padded;
   out->nibble_order = nibble_order;
   for (int64_t m = 0; m < M; ++m) {
-    int8_t* q = out->q.data() + m * K;
+    int8_t* q = out->q.data() + m * padded * kBlock;
     for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t low = nibble_order ? nibble_position(b * kBlock, blocks) : b * kBlock;
-      const int64_t high = nibble_order ? nibble_position(b * kBlock + 16, blocks) : b * kBlock + 16;
+      const int64_t low = nibble_order ? nibble_position(b * kBlock) : b * kBlock;
+      const int64_t high = nibble_order ? nibble_position(b * kBlock + 16) : b * kBlock + 16;
       int32_t sum = 0;
-      quantize_block(xf + m * K + b * kBlock, q + low, q + high, &out->d[m * blocks + b], &sum);
-      out->sums[m * blocks + b] = out->d[m * blocks + b] * float(sum);
+      float& d = out->d[m * padded + b];
+      quantize_block(xf + m * K + b * kBlock, q + low, q + high, &d, &sum);
+      out->sums[m * padded + b] = d * float(sum);
     }
   }
 }
@@ -117,8 +123,8 @@ inline void row_i8_q8_scalar(const int8_t* w, const float* scales, int64_t K, in
     float total = 0.f;
     for (int64_t b = 0; b < blocks; ++b) {
       int32_t dot = 0;
-      for (int64_t j = 0; j < kBlock; ++j) dot += int32_t(w[b * kBlock + j]) * int32_t(x.q[m * K + b * kBlock + j]);
-      total += float(dot) * (weight_scale(scales, group, b) * x.d[m * blocks + b]);
+      for (int64_t j = 0; j < kBlock; ++j) dot += int32_t(w[b * kBlock + j]) * int32_t(x.row(m)[b * kBlock + j]);
+      total += float(dot) * (weight_scale(scales, group, b) * x.d[m * x.blocks + b]);
     }
     acc[m] = total;
   }
@@ -128,18 +134,18 @@ inline void row_u4_q8_scalar(const uint8_t* w, const float* scales, const float*
                              const QuantizedRows& x, int64_t M, float* acc) {
   const int64_t blocks = K / kBlock;
   for (int64_t m = 0; m < M; ++m) {
+    const int8_t* q = x.row(m);
     float total = 0.f, shift = 0.f;
     for (int64_t b = 0; b < blocks; ++b) {
       int32_t dot = 0;
       for (int64_t j = 0; j < 16; ++j) {
         const uint8_t byte = w[b * 16 + j];
         const int64_t low = b * kBlock + j, high = low + 16;
-        const int8_t* q = x.q.data() + m * K;
-        dot += int32_t(byte & 15) * q[x.nibble_order ? nibble_position(low, blocks) : low] +
-               int32_t(byte >> 4) * q[x.nibble_order ? nibble_position(high, blocks) : high];
+        dot += int32_t(byte & 15) * q[x.nibble_order ? nibble_position(low) : low] +
+               int32_t(byte >> 4) * q[x.nibble_order ? nibble_position(high) : high];
       }
-      total += float(dot) * (scales[b] * x.d[m * blocks + b]);
-      shift += offsets[b] * x.sums[m * blocks + b];
+      total += float(dot) * (scales[b] * x.d[m * x.blocks + b]);
+      shift += offsets[b] * x.sums[m * x.blocks + b];
     }
     acc[m] = total + shift;
   }
@@ -157,101 +163,123 @@ SPECFORMER_VNNI inline __m512 spread4(__m128 v) {
                                _mm512_castps128_ps512(v));
 }
 
-// Block scales times activation scales for blocks b..b+3.
-SPECFORMER_VNNI inline __m128 scales4(const float* scales, int64_t group, const float* d, int64_t b) {
-  const __m128 w = group == kBlock ? _mm_loadu_ps(scales + b)
-                                   : _mm_setr_ps(weight_scale(scales, group, b), weight_scale(scales, group, b + 1),
-                                                 weight_scale(scales, group, b + 2), weight_scale(scales, group, b + 3));
-  return _mm_mul_ps(w, _mm_loadu_ps(d + b));
+// The weight scales of blocks b..b+count-1 (count <= 4; the others zero).
+SPECFORMER_VNNI inline __m128 weight_scales4(const float* scales, int64_t group, int64_t b, int64_t count) {
+  if (group == kBlock) return _mm_maskz_loadu_ps(__mmask8((1 << count) - 1), scales + b);
+  float s[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int64_t i = 0; i < count; ++i) s[i] = weight_scale(scales, group, b + i);
+  return _mm_loadu_ps(s);
 }
 
-SPECFORMER_VNNI inline int32_t hsum_epi32(__m128i v) {
-  v = _mm_add_epi32(v, _mm_shuffle_epi32(v, _MM_SHUFFLE(1, 0, 3, 2)));
-  v = _mm_add_epi32(v, _mm_shuffle_epi32(v, _MM_SHUFFLE(2, 3, 0, 1)));
-  return _mm_cvtsi128_si32(v);
+// The first `bytes` (<= 64) bytes at p.
+SPECFORMER_VNNI inline __m512i load_bytes(const void* p, int64_t bytes) {
+  return _mm512_maskz_loadu_epi8(bytes >= 64 ? ~__mmask64(0) : (__mmask64(1) << bytes) - 1, p);
 }
 
 // s8 x s8 as VNNI's u8 x s8: |w| times x with w's sign moved onto it.
-SPECFORMER_VNNI inline __m512i dot_i8(__m512i sum, __m512i w, __m512i x) {
+SPECFORMER_VNNI inline __m512i dot_i8(__m512i w, __m512i x) {
   const __m512i signed_x = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
-  return _mm512_dpbusd_epi32(sum, _mm512_abs_epi8(w), signed_x);
+  return _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), signed_x);
 }
 
-// acc[m] = sum_b (w_b . q_b) * scale_b * d_b for one int8 row; group a multiple of 32.
-SPECFORMER_VNNI inline void row_i8_q8(const int8_t* w, const float* scales, int64_t K, int64_t group,
-                                      const QuantizedRows& x, int64_t M, float* acc) {
-  const int64_t blocks = K / kBlock;
+// A row times TM rows of activations at once (m0..m0+TM-1): each weight load and widening is shared
+// by the TM dot products, which is what makes a prompt's many rows cheaper per row than decoding's one.
+// Four blocks a step, the last step masked; two accumulators per activation row keep the float adds
+// off one dependency chain.
+//
+// Blocks b..b+count-1 of an int8 row (groups a multiple of 32) against TM rows' activations, into sum.
+template <int TM>
+SPECFORMER_VNNI __attribute__((always_inline)) inline void four_i8(const int8_t* w, const float* scales,
+                                                                   int64_t group, const QuantizedRows& x,
+                                                                   int64_t m0, int64_t b, int64_t count,
+                                                                   __m512 (&sum)[TM]) {
   const __m512i low_pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
   const __m512i high_pair = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2);
-  for (int64_t m = 0; m < M; ++m) {
-    const int8_t* q = x.q.data() + m * K;
-    const float* d = x.d.data() + m * blocks;
-    __m512 total = _mm512_setzero_ps(), other = _mm512_setzero_ps();
-    int64_t b = 0;
-    for (; b + 4 <= blocks; b += 4) {  // four blocks, two a 512-bit load, on two chains
-      const __m512i first = dot_i8(_mm512_setzero_si512(), _mm512_loadu_si512(w + b * kBlock),
-                                   _mm512_loadu_si512(q + b * kBlock));
-      const __m512i second = dot_i8(_mm512_setzero_si512(), _mm512_loadu_si512(w + b * kBlock + 64),
-                                    _mm512_loadu_si512(q + b * kBlock + 64));
-      const __m512 s = _mm512_castps128_ps512(scales4(scales, group, d, b));
-      total = _mm512_fmadd_ps(_mm512_cvtepi32_ps(first), _mm512_permutexvar_ps(low_pair, s), total);
-      other = _mm512_fmadd_ps(_mm512_cvtepi32_ps(second), _mm512_permutexvar_ps(high_pair, s), other);
-    }
-    float tail = 0.f;
-    for (; b < blocks; ++b) {
-      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * kBlock));
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * kBlock));
-      const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
-      const int32_t sum = hsum_epi32(_mm_add_epi32(_mm256_castsi256_si128(dot), _mm256_extracti128_si256(dot, 1)));
-      tail += float(sum) * (weight_scale(scales, group, b) * d[b]);
-    }
-    acc[m] = _mm512_reduce_add_ps(_mm512_add_ps(total, other)) + tail;
+  const __m512i first = load_bytes(w + b * kBlock, std::min<int64_t>(64, count * kBlock));
+  const __m512i second = load_bytes(w + b * kBlock + 64, std::max<int64_t>(0, count * kBlock - 64));
+  const __m128 w_scales = weight_scales4(scales, group, b, count);
+  for (int i = 0; i < TM; ++i) {
+    const int8_t* q = x.row(m0 + i) + b * kBlock;
+    const __m512 s = _mm512_castps128_ps512(_mm_mul_ps(w_scales, _mm_loadu_ps(x.d.data() + (m0 + i) * x.blocks + b)));
+    const __m512 a = _mm512_cvtepi32_ps(dot_i8(first, _mm512_loadu_si512(q)));
+    const __m512 c = _mm512_cvtepi32_ps(dot_i8(second, _mm512_loadu_si512(q + 64)));
+    sum[i] = _mm512_fmadd_ps(c, _mm512_permutexvar_ps(high_pair, s),
+                             _mm512_fmadd_ps(a, _mm512_permutexvar_ps(low_pair, s), sum[i]));
   }
 }
 
-// Four int4 blocks (64 bytes) times their 128 activations in nibble order, each block's sum scaled.
-SPECFORMER_VNNI inline __m512 four_u4(const uint8_t* w, const int8_t* q, __m128 scale) {
-  const __m512i nibble = _mm512_set1_epi8(15), v = _mm512_loadu_si512(w);
-  __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v, nibble), _mm512_loadu_si512(q));
-  dot = _mm512_dpbusd_epi32(dot, _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble), _mm512_loadu_si512(q + 64));
-  return _mm512_mul_ps(_mm512_cvtepi32_ps(dot), spread4(scale));
+// Blocks b..b+count-1 of an int4 row (64 bytes of weights for four) against TM rows' activations in
+// nibble order, into sum.
+template <int TM>
+SPECFORMER_VNNI __attribute__((always_inline)) inline void four_u4(const uint8_t* w, const float* scales,
+                                                                   const QuantizedRows& x, int64_t m0, int64_t b,
+                                                                   int64_t count, __m512 (&sum)[TM]) {
+  const __m512i nibble = _mm512_set1_epi8(15), v = load_bytes(w + b * 16, count * 16);
+  const __m512i low = _mm512_and_si512(v, nibble), high = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+  const __m128 w_scales = weight_scales4(scales, kBlock, b, count);
+  for (int i = 0; i < TM; ++i) {
+    const int8_t* q = x.row(m0 + i) + b * kBlock;
+    __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), low, _mm512_loadu_si512(q));
+    dot = _mm512_dpbusd_epi32(dot, high, _mm512_loadu_si512(q + 64));
+    const __m512 s = spread4(_mm_mul_ps(w_scales, _mm_loadu_ps(x.d.data() + (m0 + i) * x.blocks + b)));
+    sum[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, sum[i]);
+  }
 }
 
-// acc[m] = sum_b (q_b . x_b) * scale_b * d_b + offset_b * d_b * sum(x_b) for one int4 row of groups of 32,
-// activations in nibble order.
-SPECFORMER_VNNI inline void row_u4_q8(const uint8_t* w, const float* scales, const float* offsets, int64_t K,
-                                      const QuantizedRows& x, int64_t M, float* acc) {
+// acc[i] = sum_b (w_b . q_b) * scale_b * d_b over an int8 row.
+template <int TM>
+SPECFORMER_VNNI inline void tile_i8_q8(const int8_t* w, const float* scales, int64_t K, int64_t group,
+                                       const QuantizedRows& x, int64_t m0, float* acc) {
   const int64_t blocks = K / kBlock;
-  for (int64_t m = 0; m < M; ++m) {
-    const int8_t* q = x.q.data() + m * K;
-    const float* d = x.d.data() + m * blocks;
-    const float* sums = x.sums.data() + m * blocks;
-    __m512 total = _mm512_setzero_ps(), other = _mm512_setzero_ps();
-    int64_t b = 0;
-    for (; b + 8 <= blocks; b += 8) {
-      total = _mm512_add_ps(total, four_u4(w + b * 16, q + b * kBlock, scales4(scales, kBlock, d, b)));
-      other = _mm512_add_ps(other, four_u4(w + b * 16 + 64, q + b * kBlock + 128, scales4(scales, kBlock, d, b + 4)));
-    }
-    for (; b + 4 <= blocks; b += 4)
-      total = _mm512_add_ps(total, four_u4(w + b * 16, q + b * kBlock, scales4(scales, kBlock, d, b)));
-    float tail = 0.f;
-    for (; b < blocks; ++b) {  // natural order: the block's first 16 activations, then its last 16
-      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * 16));
-      const __m128i mask = _mm_set1_epi8(15);
-      __m128i dot = _mm_dpbusd_epi32(_mm_setzero_si128(), _mm_and_si128(v, mask),
-                                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * kBlock)));
-      dot = _mm_dpbusd_epi32(dot, _mm_and_si128(_mm_srli_epi16(v, 4), mask),
-                             _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * kBlock + 16)));
-      tail += float(hsum_epi32(dot)) * (scales[b] * d[b]);
-    }
+  __m512 total[TM], other[TM];
+  for (int i = 0; i < TM; ++i) total[i] = other[i] = _mm512_setzero_ps();
+  int64_t b = 0;
+  for (; b + 8 <= blocks; b += 8) {
+    four_i8<TM>(w, scales, group, x, m0, b, 4, total);
+    four_i8<TM>(w, scales, group, x, m0, b + 4, 4, other);
+  }
+  for (; b < blocks; b += 4) four_i8<TM>(w, scales, group, x, m0, b, std::min<int64_t>(4, blocks - b), total);
+  for (int i = 0; i < TM; ++i) acc[i] = _mm512_reduce_add_ps(_mm512_add_ps(total[i], other[i]));
+}
+
+// acc[i] = sum_b (q_b . x_b) * scale_b * d_b + offset_b * d_b * sum(x_b) over an int4 row of groups of 32.
+template <int TM>
+SPECFORMER_VNNI inline void tile_u4_q8(const uint8_t* w, const float* scales, const float* offsets, int64_t K,
+                                       const QuantizedRows& x, int64_t m0, float* acc) {
+  const int64_t blocks = K / kBlock;
+  __m512 total[TM], other[TM];
+  for (int i = 0; i < TM; ++i) total[i] = other[i] = _mm512_setzero_ps();
+  int64_t b = 0;
+  for (; b + 8 <= blocks; b += 8) {
+    four_u4<TM>(w, scales, x, m0, b, 4, total);
+    four_u4<TM>(w, scales, x, m0, b + 4, 4, other);
+  }
+  for (; b < blocks; b += 4) four_u4<TM>(w, scales, x, m0, b, std::min<int64_t>(4, blocks - b), total);
+  for (int i = 0; i < TM; ++i) {
+    const float* sums = x.sums.data() + (m0 + i) * x.blocks;
     __m512 shift = _mm512_setzero_ps();  // the offsets' share: one product per group
     int64_t g = 0;
     for (; g + 16 <= blocks; g += 16)
       shift = _mm512_fmadd_ps(_mm512_loadu_ps(offsets + g), _mm512_loadu_ps(sums + g), shift);
     const __mmask16 rest = __mmask16((1u << (blocks - g)) - 1);
     shift = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(rest, offsets + g), _mm512_maskz_loadu_ps(rest, sums + g), shift);
-    acc[m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(total, other), shift)) + tail;
+    acc[i] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(total[i], other[i]), shift));
   }
+}
+
+// acc[m] for m < M: one packed row against every activation row, four at a time.
+SPECFORMER_VNNI inline void row_i8_q8(const int8_t* w, const float* scales, int64_t K, int64_t group,
+                                      const QuantizedRows& x, int64_t M, float* acc) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) tile_i8_q8<4>(w, scales, K, group, x, m, acc + m);
+  for (; m < M; ++m) tile_i8_q8<1>(w, scales, K, group, x, m, acc + m);
+}
+
+SPECFORMER_VNNI inline void row_u4_q8(const uint8_t* w, const float* scales, const float* offsets, int64_t K,
+                                      const QuantizedRows& x, int64_t M, float* acc) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) tile_u4_q8<4>(w, scales, offsets, K, x, m, acc + m);
+  for (; m < M; ++m) tile_u4_q8<1>(w, scales, offsets, K, x, m, acc + m);
 }
 #else
 inline bool has_vnni() { return false; }

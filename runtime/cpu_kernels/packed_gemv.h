@@ -36,6 +36,18 @@ SPECFORMER_TARGET inline void widen_u4(const uint8_t* p, __m512* low, __m512* hi
   *high = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
 }
 
+// One int4 group of 2 * half values as floats q * d + m, sixteen bytes at a time (their low nibbles,
+// then their high ones); multiplied and added separately, as the dequantised layer's float ops round.
+SPECFORMER_TARGET inline void dequantize_u4_group(const uint8_t* bytes, int64_t half, float d, float m, float* out) {
+  const __m512 scale = _mm512_set1_ps(d), offset = _mm512_set1_ps(m);
+  for (int64_t j = 0; j < half; j += 16) {
+    __m512 low, high;
+    widen_u4(bytes + j, &low, &high);
+    _mm512_storeu_ps(out + j, _mm512_add_ps(_mm512_mul_ps(low, scale), offset));
+    _mm512_storeu_ps(out + half + j, _mm512_add_ps(_mm512_mul_ps(high, scale), offset));
+  }
+}
+
 // acc[m] += sum_g scale[g] * dot(W_g, x[m]_g) for one int8 row; group a multiple of 16.
 SPECFORMER_TARGET inline void row_i8(const int8_t* w, const float* scales, int64_t K, int64_t group, const float* xf,
                                      int64_t M, float* acc) {
@@ -233,8 +245,42 @@ at::Tensor packed_linear_impl(const at::Tensor& input, const at::Tensor& weight,
   return out;
 }
 
-// The float weight of a packed matrix (N, K) in `dtype`: for a prompt's many rows, where a dense GEMM that
-// reuses each weight across rows beats a GEMV per row. One pass, split over rows.
+// Rows n0..n1 of a packed matrix dequantised into `out` (row stride K): w = q * scale (+ offset).
+template <typename T>
+void dequantize_rows(const Packed& p, int64_t K, int64_t n0, int64_t n1, T* out) {
+  const int64_t groups = K / p.group, half = p.group / 2;
+  for (int64_t n = n0; n < n1; ++n) {
+    T* row = out + (n - n0) * K;
+    const float* scales = p.scales + n * groups;
+    if (p.bits == 8) {
+      const auto* q = static_cast<const int8_t*>(p.w) + n * K;
+      for (int64_t g = 0; g < groups; ++g)
+        for (int64_t j = g * p.group; j < (g + 1) * p.group; ++j) row[j] = T(float(q[j]) * scales[g]);
+      continue;
+    }
+    const uint8_t* q = static_cast<const uint8_t*>(p.w) + n * K / 2;
+    const float* offsets = p.offsets + n * groups;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float d = scales[g], m = offsets[g];
+      const uint8_t* bytes = q + g * half;
+      T* values = row + g * p.group;
+#if defined(SPECFORMER_AVX512)
+      if constexpr (std::is_same_v<T, float>) {
+        if (half % 16 == 0) {
+          dequantize_u4_group(bytes, half, d, m, values);
+          continue;
+        }
+      }
+#endif
+      for (int64_t j = 0; j < half; ++j) {
+        values[j] = T(float(bytes[j] & 15) * d + m);
+        values[half + j] = T(float(bytes[j] >> 4) * d + m);
+      }
+    }
+  }
+}
+
+// The float weight of a packed matrix (N, K) in `dtype`, in one pass split over rows.
 inline at::Tensor dequantize_packed(const at::Tensor& weight, const at::Tensor& scales_in,
                                     const std::optional<at::Tensor>& offsets_in, int64_t bits, at::ScalarType dtype) {
   TORCH_CHECK(bits == 8 || bits == 4, "bits is ", bits, "; expected 8 or 4");
@@ -243,32 +289,14 @@ inline at::Tensor dequantize_packed(const at::Tensor& weight, const at::Tensor& 
   TORCH_CHECK(weight.is_contiguous() && scales_in.size(0) == N && groups > 0 && K % groups == 0,
               "weight ", weight.sizes(), " and scales ", scales_in.sizes(), " do not describe one matrix");
   TORCH_CHECK(bits == 8 || offsets_in.has_value(), "int4 weights need their offsets");
-  const int64_t group = K / groups, half = group / 2;
   const at::Tensor scales = scales_in.to(at::kFloat).contiguous();
   const at::Tensor offsets = bits == 4 ? offsets_in->to(at::kFloat).contiguous() : at::Tensor();
+  const Packed p{weight.const_data_ptr(), scales.const_data_ptr<float>(),
+                 bits == 4 ? offsets.const_data_ptr<float>() : nullptr, bits, K / groups};
   at::Tensor out = at::empty({N, K}, weight.options().dtype(dtype));
-  const auto* wp = static_cast<const uint8_t*>(weight.const_data_ptr());
-  const float* sp = scales.const_data_ptr<float>();
-  const float* op = bits == 4 ? offsets.const_data_ptr<float>() : nullptr;
   auto fill = [&](auto* y) {
     at::parallel_for(0, N, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {
-        for (int64_t g = 0; g < groups; ++g) {
-          const float d = sp[n * groups + g];
-          auto* row = y + n * K + g * group;
-          if (bits == 8) {
-            const auto* q = reinterpret_cast<const int8_t*>(wp) + n * K + g * group;
-            for (int64_t j = 0; j < group; ++j) row[j] = float(q[j]) * d;
-          } else {
-            const float m = op[n * groups + g];
-            const uint8_t* q = wp + (n * K + g * group) / 2;
-            for (int64_t j = 0; j < half; ++j) {
-              row[j] = float(q[j] & 15) * d + m;
-              row[half + j] = float(q[j] >> 4) * d + m;
-            }
-          }
-        }
-      }
+      dequantize_rows(p, K, begin, end, y + begin * K);
     });
   };
   if (dtype == at::kFloat) fill(out.data_ptr<float>());

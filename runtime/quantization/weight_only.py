@@ -1,13 +1,15 @@
 """Weight-only quantization in plain torch: int8 and int4 linear layers, group-wise scales.
 
 A quantized layer stores integer weights and per-group scales (int4 also per-group offsets, so
-w = q * scale + offset covers both symmetric and min/max schemes); activations stay in float. For one or
-a few rows (decoding) under `torch.compile` the product is written as multiply-and-sum over the
-integer weights, which inductor fuses into one pass reading the small weights: that is where the speed
-is (`bench/quant.py` prints it against fp32). Otherwise (a prompt, or eager mode) the weight is
-dequantised and a dense matmul runs, so eager quantized decoding saves memory, not time: decode with
-`generate(..., cache_implementation="static", compile=True)`. PyTorch's packed kernels
-(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) were slower than fp32 on CPUs, so they are not used.
+w = q * scale + offset covers both symmetric and min/max schemes). On the CPU, eager, the C++ kernels
+(`cpu_kernels`) read the packed weights directly for a few rows (decoding): each weight widened to float
+(`activations="float"`: the dequantised layer's numbers up to the order of the sums), or, with
+`activations="int8"`, activations rounded to int8 per block of 32 and integer dot products (llama.cpp's
+arithmetic; what GGUF loads use). A prompt's many rows dequantise the weight in one pass and run torch's
+GEMM, which measured faster than integer dot products for them. Under `torch.compile`, a few rows are
+written as multiply-and-sum over the integer weights, which inductor fuses into one pass. PyTorch's packed
+kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) were slower than fp32 on CPUs, so they
+are not used.
 
 The layouts match llama.cpp's blocks so GGUF Q8_0, Q4_0 and Q4_1 weights load without a float round trip:
 int4 packs each group of `group_size` values as `group_size / 2` bytes, the first half of the group in
@@ -121,7 +123,7 @@ class Int8Linear(nn.Module):
         return (grouped * self.scales[..., None]).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _packed_kernel(x, self.in_features, self.bias):
+        if _packed_kernel(self, x):
             integer = self.activations == "int8"
             return cpu_kernels.packed_linear(x, self.weight, self.scales, None, self.bias, 8, integer)
         if _dequantize_kernel(x):  # a prompt: one fast dequantising pass, then a dense GEMM
@@ -207,7 +209,7 @@ class Int4Linear(nn.Module):
         return (q * self.scales[..., None] + self.offsets[..., None]).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _packed_kernel(x, self.in_features, self.bias):
+        if _packed_kernel(self, x):
             integer = self.activations == "int8"
             return cpu_kernels.packed_linear(x, self.weight, self.scales, self.offsets, self.bias, 4, integer)
         if _dequantize_kernel(x):  # a prompt: one fast dequantising pass, then a dense GEMM
@@ -228,11 +230,11 @@ class Int4Linear(nn.Module):
         )
 
 
-def _packed_kernel(x: torch.Tensor, in_features: int, bias: torch.Tensor | None) -> bool:
-    """Eager decoding on the CPU: the C++ kernel reads the packed weights directly (a few rows only; a
-    prompt's many rows go to a dequantised matmul, which reuses each weight across them)."""
-    rows = x.numel() // max(in_features, 1)
-    if rows > _KERNEL_ROWS or (bias is not None and bias.dtype != x.dtype):
+def _packed_kernel(layer: Int8Linear | Int4Linear, x: torch.Tensor) -> bool:
+    """Eager decoding on the CPU: the C++ kernel reads the packed weights directly, for up to a few
+    rows; more go to a dequantised matmul, which reuses each weight across them."""
+    rows = x.numel() // max(layer.in_features, 1)
+    if rows > _KERNEL_ROWS[layer.activations] or (layer.bias is not None and layer.bias.dtype != x.dtype):
         return False
     return cpu_kernels.applies(x)
 
@@ -241,8 +243,10 @@ def _dequantize_kernel(x: torch.Tensor) -> bool:
     return not torch.compiler.is_compiling() and cpu_kernels.applies(x)
 
 
-# Rows up to which the packed C++ kernel runs (eager): a GEMV per row re-reads the weights from cache.
-_KERNEL_ROWS = 8
+# Rows up to which the packed C++ kernel runs (eager), measured against dequantising + torch's GEMM on
+# SmolLM2's matrices: widening each weight to float costs the same again for every row, so 8; integer
+# dot products share each weight load among four rows and win up to ~64 rows, so 32.
+_KERNEL_ROWS = {"float": 8, "int8": 32}
 
 
 def _check_activations(activations: str) -> str:
