@@ -4,9 +4,10 @@ and by specformer, with the same threads, rounds alternating between the two sid
 decode tokens/s per storage type and specformer's ratio to llama.cpp (above 1: faster).
 
 Files: SmolLM2-135M-Instruct as shipped (Q4_1), and copies written here in other types with the `gguf`
-package's own quantizers (Q8_0, Q4_0, F32, BF16); the gguf package cannot write K-quants.
+package's own quantizers (Q8_0, Q4_0, F32, BF16) or, for the K-quant mix Q4_K_M (which gguf cannot
+write), with llama.cpp's own quantizer from the F32 copy.
 
-    python bench/llamacpp.py --threads 2 --types Q4_1 Q8_0 Q4_0 F32 --rounds 3
+    python bench/llamacpp.py --threads 2 --types Q4_1 Q8_0 Q4_0 Q4_K_M F32 --rounds 3
 """
 
 from __future__ import annotations
@@ -48,6 +49,17 @@ def requantize(source: Path, kind: str, target: Path) -> Path:
     return target
 
 
+def llamacpp_quantize(source: Path, kind: str, target: Path) -> Path:
+    """`kind` (Q4_K_M) written by llama.cpp's quantizer (llama-quantize) from a float file."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind}")
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params) != 0:
+        sys.exit(f"llama.cpp could not quantize {source} to {kind}")
+    return target
+
+
 def llamacpp_round(path: Path, prompt: list[int], tokens: int, threads: int) -> tuple[float, float]:
     from llama_cpp import Llama
 
@@ -85,7 +97,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="decoded tokens per round")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--types", nargs="+", default=["Q4_1", "Q8_0", "Q4_0", "F32"])
+    parser.add_argument("--types", nargs="+", default=["Q4_1", "Q8_0", "Q4_0", "Q4_K_M", "F32"])
     args = parser.parse_args()
     try:
         import llama_cpp  # noqa: F401
@@ -101,7 +113,14 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="specformer-llamacpp-"))
     print(f"{'type':6} {'side':11} {'prefill tok/s':>14} {'decode tok/s':>13}")
     for kind in args.types:
-        path = shipped if kind == "Q4_1" else requantize(shipped, kind, folder / f"smollm2.{kind}.gguf")
+        path = folder / f"smollm2.{kind}.gguf"
+        if kind == "Q4_1":
+            path = shipped
+        elif kind.endswith(("_K_M", "_K_S")):
+            f32 = folder / "smollm2.F32.gguf"
+            path = llamacpp_quantize(f32 if f32.exists() else requantize(shipped, "F32", f32), kind, path)
+        else:
+            path = requantize(shipped, kind, path)
         model = LlamaForCausalLM.from_gguf(path, dequantize=kind in ("F32", "F16", "BF16")).eval()
         ours, theirs = [], []
         for _ in range(args.rounds):  # alternating, so drifts in machine load hit both sides alike

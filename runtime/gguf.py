@@ -8,7 +8,8 @@ whoever knows it: the spec's row orders (Llama's interleaved rotary pairs, GPT-N
 each layer for its own storage (`from_gguf` on a layer: a Gemma norm's +1, a transposed linear, stacked
 per-head norms). The container is read in one pass by `gguf_container.py`; the `gguf` package (an
 optional dependency, imported only when a file is read) supplies the block types, the name tables and the
-numpy dequantisers for blocks that are not kept packed (Q8_0/Q4_0/Q4_1 linears stay packed by default).
+numpy dequantisers for blocks that are not kept packed (Q8_0/Q4_0/Q4_1/Q5_0/Q4_K/Q6_K linears stay packed by
+default).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -383,7 +385,7 @@ def read_gguf(
     """Read a GGUF file into a Hugging Face style config dict and state dict (float32), for the model its
     architecture names (or `model_class`, whose spec must declare that architecture).
 
-    With `keep_quantized`, linear weights stored as Q8_0, Q4_0 or Q4_1 stay integer, in the layout of
+    With `keep_quantized`, linear weights stored as Q8_0, Q4_0, Q4_1, Q5_0, Q4_K or Q6_K stay integer, in the layout of
     `quantization.Int8Linear` / `Int4Linear` (`weight`, `scales`, and for int4 `offsets`): no float copy.
     """
     reader, arch = _open(path)
@@ -459,7 +461,7 @@ def _order_for(path: str, orders: dict) -> tuple[tuple[int, ...], tuple[int, ...
 
 
 # llama.cpp block layouts we keep as integers: bytes per block of 32 values.
-_BLOCK_LAYOUTS = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
+_BLOCK_LAYOUTS = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q4_K": 144, "Q6_K": 210}
 
 
 def _convert(
@@ -535,7 +537,11 @@ def _split_fused(
 
 
 def _quantized_parts(raw: Any, kind: str) -> dict[str, torch.Tensor]:
-    """Split a Q8_0/Q4_0/Q4_1 tensor's raw (rows, blocks * bytes) data into weight, scales and offsets."""
+    """Split a packed tensor's raw (rows, blocks * bytes) data into the weight, scales and offsets of
+    an int8/int4 layer (`quantization/weight_only.py`): Q8_0/Q4_0/Q4_1 as they are; Q5_0 and the
+    K-quants Q4_K and Q6_K unpacked into the same per-group form."""
+    if kind in _UNPACKED:
+        return _UNPACKED[kind](np.asarray(raw).reshape(raw.shape[0], -1, _BLOCK_LAYOUTS[kind]))
     data = torch.from_numpy(raw.copy())
     blocks = data.reshape(data.shape[0], -1, _BLOCK_LAYOUTS[kind])  # (rows, blocks, bytes)
     scales = blocks[..., :2].contiguous().view(torch.float16).squeeze(-1).float()
@@ -545,3 +551,73 @@ def _quantized_parts(raw: Any, kind: str) -> dict[str, torch.Tensor]:
         return {"weight": blocks[..., 2:].contiguous(), "scales": scales, "offsets": -8 * scales}
     offsets = blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1).float()  # Q4_1: w = d * q + m
     return {"weight": blocks[..., 4:].contiguous(), "scales": scales, "offsets": offsets}
+
+
+def _half(blocks: np.ndarray, start: int) -> np.ndarray:
+    """The float16 at byte `start` of every block, as float32."""
+    return np.ascontiguousarray(blocks[..., start : start + 2]).view(np.float16)[..., 0].astype(np.float32)
+
+
+def _q4_k_parts(blocks: np.ndarray) -> dict[str, torch.Tensor]:
+    """Q4_K super-blocks of 256 (d, dmin, twelve bytes of 6-bit scales and mins, 128 bytes of nibbles) as
+    int4 groups of 32: w = q * d * scale_j - dmin * min_j, ggml's `dequantize_row_q4_K`, exactly."""
+    d, dmin = _half(blocks, 0), _half(blocks, 2)
+    packed = blocks[..., 4:16].astype(np.uint8)
+    shape = blocks.shape[:2]
+    scales, mins = np.empty((*shape, 8), np.uint8), np.empty((*shape, 8), np.uint8)
+    scales[..., :4], mins[..., :4] = packed[..., 0:4] & 63, packed[..., 4:8] & 63  # ggml's get_scale_min_k4
+    scales[..., 4:] = (packed[..., 8:12] & 15) | ((packed[..., 0:4] >> 6) << 4)
+    mins[..., 4:] = (packed[..., 8:12] >> 4) | ((packed[..., 4:8] >> 6) << 4)
+    nibbles = blocks[..., 16:].reshape(*shape, 4, 32)  # sub-blocks 2p and 2p+1 share 32 bytes
+    values = np.stack([nibbles & 15, nibbles >> 4], axis=3).reshape(*shape, 8, 32)
+    weight = values[..., :16] | (
+        values[..., 16:] << 4
+    )  # our layout: a group's halves in low and high nibbles
+    rows = blocks.shape[0]
+    return {
+        "weight": torch.from_numpy(np.ascontiguousarray(weight.reshape(rows, -1, 16))),
+        "scales": torch.from_numpy((d[..., None] * scales.astype(np.float32)).reshape(rows, -1)),
+        "offsets": torch.from_numpy((-(dmin[..., None] * mins.astype(np.float32))).reshape(rows, -1)),
+    }
+
+
+def _q6_k_parts(blocks: np.ndarray) -> dict[str, torch.Tensor]:
+    """Q6_K super-blocks of 256 (128 bytes of low nibbles, 64 of high bit pairs, sixteen int8 scales, d)
+    as int8 groups of 16: w = d * scale_j * (q - 32), ggml's `dequantize_row_q6_K`, exactly."""
+    rows, count = blocks.shape[:2]
+    low = blocks[..., :128].reshape(rows, count, 2, 2, 32)  # (half of 128, first/second 32 bytes, l)
+    high = blocks[..., 128:192].reshape(rows, count, 2, 32)
+    scales = np.ascontiguousarray(blocks[..., 192:208]).view(np.int8).astype(np.float32)
+    d = _half(blocks, 208)
+    quarters = [  # y[l + 32 * i] within each half of 128 values, for i = 0..3
+        (low[..., 0, :] & 15) | ((high & 3) << 4),
+        (low[..., 1, :] & 15) | (((high >> 2) & 3) << 4),
+        (low[..., 0, :] >> 4) | (((high >> 4) & 3) << 4),
+        (low[..., 1, :] >> 4) | (((high >> 6) & 3) << 4),
+    ]
+    q = np.stack(quarters, axis=3).astype(np.int16) - 32  # (rows, count, half, quarter, 32)
+    return {
+        "weight": torch.from_numpy(q.astype(np.int8).reshape(rows, -1)),
+        "scales": torch.from_numpy((d[..., None] * scales).reshape(rows, -1)),
+    }
+
+
+def _q5_0_parts(blocks: np.ndarray) -> dict[str, torch.Tensor]:
+    """Q5_0 blocks of 32 (d, four bytes of fifth bits, sixteen of nibbles) as int8 groups of 32:
+    w = d * (q - 16), ggml's `dequantize_row_q5_0`, exactly. (Stored wider than the file, 36 bytes a
+    block for 22, so they take the int8 kernels: llama.cpp's Q4_K_M falls back to Q5_0 for matrices
+    whose width is not a multiple of 256, most of a small model's.)"""
+    rows = blocks.shape[0]
+    fifth = np.ascontiguousarray(blocks[..., 2:6]).view("<u4")[..., 0]  # bit j: value j's fifth bit
+    bits = (fifth[..., None] >> np.arange(32, dtype=np.uint32)) & 1
+    nibbles = blocks[..., 6:22]
+    low = np.concatenate([nibbles & 15, nibbles >> 4], axis=-1).astype(np.int16)
+    q = (low | (bits.astype(np.int16) << 4)) - 16
+    return {
+        "weight": torch.from_numpy(q.astype(np.int8).reshape(rows, -1)),
+        "scales": torch.from_numpy(_half(blocks, 0)),
+    }
+
+
+# Packed types that need unpacking into the int8/int4 layers' form
+_UNPACKED = {"Q4_K": _q4_k_parts, "Q6_K": _q6_k_parts, "Q5_0": _q5_0_parts}

@@ -64,7 +64,7 @@ def permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def k_quant_blocks(rows: int, cols: int, qtype: str, seed: int = 0) -> np.ndarray:
-    """Random K-quant bytes (gguf can read but not write these) with small, finite block scales."""
+    """Random K-quant (or Q5_0) bytes (gguf can read but not write these) with small, finite block scales."""
     kind = gguf.GGMLQuantizationType[qtype]
     block_values, block_bytes = gguf.GGML_QUANT_SIZES[kind]
     rng = np.random.default_rng(seed)
@@ -73,6 +73,8 @@ def k_quant_blocks(rows: int, cols: int, qtype: str, seed: int = 0) -> np.ndarra
     if qtype in ("Q4_K", "Q5_K"):  # d and dmin lead the block
         data[..., 0:2] = scale
         data[..., 2:4] = scale
+    elif qtype == "Q5_0":  # d leads the block
+        data[..., 0:2] = scale
     elif qtype == "Q2_K":  # 16 bytes of scales, 64 of quants, then d and dmin
         data[..., -4:-2] = scale
         data[..., -2:] = scale

@@ -218,10 +218,12 @@ def test_smollm2_quantized_cache_keeps_the_greedy_tokens(smollm2, options: dict)
 def test_packed_smollm2_decodes_the_dequantised_model_s_tokens(smollm2) -> None:
     """Loaded packed (Q4_1 linears and the Q8_0 tied output projection read by the C++ kernels), greedy
     decoding with float activations gives the dequantised model's 64 tokens. With int8 activations (the
-    default, llama.cpp's arithmetic) the rounding moves logits by ~1e-2, and near-ties go either way: on
-    this prompt the first 31 tokens agree (measured; llama.cpp's own decoding of the file leaves the
-    dequantised model's tokens after 5 to 32 tokens on five prompts, see docs/runtime.md)."""
+    default, llama.cpp's arithmetic) the rounding moves logits by ~1e-2 and near-ties can go either way:
+    fed the dequantised model's 64 tokens one at a time, its greedy choice agrees at least 60 times
+    (llama.cpp's own decoding of this file agrees on 97.8% of such positions over five prompts, see
+    docs/runtime.md)."""
     from specformer.runtime.auto import load_causal_lm
+    from specformer.runtime.cache import DynamicCache
     from specformer.runtime.quantization import Int4Linear, Int8Linear
 
     path, dense, tokenizer = smollm2
@@ -236,8 +238,10 @@ def test_packed_smollm2_decodes_the_dequantised_model_s_tokens(smollm2) -> None:
     assert exact.generate(ids, **settings).tolist() == expected.tolist()
     fast, _ = load_causal_lm(path)
     assert fast.lm_head.activations == "int8"
-    prompt = ids.shape[1]
-    assert (
-        fast.generate(ids, **settings)[0, prompt : prompt + 24].tolist()
-        == expected[0, prompt : prompt + 24].tolist()
-    )
+    cache, agree = DynamicCache(), 0
+    with torch.no_grad():
+        logits = fast(ids, past_key_values=cache, use_cache=True).logits
+        for token in expected[0, ids.shape[1] :]:  # one row at a time: the int8 kernels
+            agree += int(logits[0, -1].argmax() == token)
+            logits = fast(token.view(1, 1), past_key_values=cache, use_cache=True).logits
+    assert agree >= 60, agree

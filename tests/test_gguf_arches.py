@@ -75,16 +75,25 @@ def test_gguf_matches_transformers(arch: str, qtype: str, tokenizer, tmp_path: P
     )
 
 
-@pytest.mark.parametrize("kind", ["Q4_K", "Q5_K", "Q6_K"])
-def test_k_quants_match_transformers(kind: str, tokenizer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["Q4_K", "Q5_K", "Q6_K", "Q5_0"])
+@pytest.mark.parametrize("dequantize", [False, True])
+def test_k_quants_match_transformers(kind: str, dequantize: bool, tokenizer, tmp_path: Path) -> None:
+    """Q4_K, Q6_K and Q5_0 (the types of a Q4_K_M file) load packed by default (int4 groups of 32, int8
+    groups of 16 and 32), Q5_K dequantised: either way the weights equal transformers' dequantised ones
+    bit for bit."""
+    from specformer.runtime.quantization import Int4Linear, Int8Linear
+
     config = CONFIG | {"vocab_size": tokenizer.get_vocab_size(), "intermediate_size": 256}
     source = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
     raw = {"model.layers.0.mlp.down_proj.weight": (k_quant_blocks(64, 256, kind), kind)}
     path = tmp_path / "k.gguf"
     write_gguf(path, "llama", source, "Q8_0", tokenizer, raw)
-    model, _ = load_causal_lm(path, activations="float")
+    model, _ = load_causal_lm(path, activations="float", dequantize=dequantize)
     reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name).eval()
-    weight = model.model.layers[0].mlp.down_proj.weight
+    layer = model.model.layers[0].mlp.down_proj
+    packed = {"Q4_K": Int4Linear, "Q6_K": Int8Linear, "Q5_0": Int8Linear}.get(kind)
+    assert isinstance(layer, packed) if packed and not dequantize else isinstance(layer, torch.nn.Linear)
+    weight = layer.dequantize() if isinstance(layer, Int4Linear | Int8Linear) else layer.weight
     torch.testing.assert_close(weight, reference.model.layers[0].mlp.down_proj.weight, atol=0, rtol=0)
     assert weight.abs().max() > 0 and torch.isfinite(weight).all()
     ids = torch.arange(1, 9)[None]
