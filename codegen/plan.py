@@ -54,6 +54,7 @@ def plan(model: ir.ResolvedModel) -> ModulePlan:
             ),
             *feature_attributes,
             *gguf_attributes,
+            *_stored_names_member(ctx),
         ),
         methods=(*feature_methods, *gguf_methods),
     )
@@ -164,6 +165,17 @@ def _features_member(features: dict[str, list[str] | None]) -> tuple[list[Attrib
         ("what this config asks of the attention backend beyond masking",), ("@property",),
     )  # fmt: skip
     return [], [method]
+
+
+def _stored_names_member(ctx: ModelContext) -> list[Attribute]:
+    """`stored_names`: key prefixes older checkpoints use under the backbone -> the model's own."""
+    entries = []
+    for stored in ctx.model.stored_names:
+        for path in block_paths(ctx, ctx.backbone, stored.block):
+            entries.append((f"{path}{stored.stored}.", f"{path}{stored.name}."))
+    if not entries:
+        return []
+    return [Attribute("stored_names", "ClassVar[dict[str, str]]", entries=tuple(entries))]
 
 
 def _gguf_members(ctx: ModelContext) -> tuple[list[Attribute], list[Function]]:

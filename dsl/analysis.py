@@ -19,7 +19,7 @@ from types import MappingProxyType
 from . import ir
 from .errors import SpecError, did_you_mean
 from .interpret import evaluate
-from .library import ACTIVATIONS, BUILTINS, ROPE_LEGACY_KEYS
+from .library import ACTIVATIONS, BUILTINS, PRIMITIVES, ROPE_LEGACY_KEYS
 
 # Implicit context a block's forward can need, in the order it is passed.
 CONTEXT = ("rope", "mask", "cache")
@@ -214,7 +214,9 @@ class _Analysis:
             return 1
         sub = subs.get(expr.func)
         if sub is not None:
-            return returns.get(sub.target, 1) if sub.kind == "block" else 1
+            if sub.kind == "primitive":
+                return PRIMITIVES[sub.target].returns if sub.target in PRIMITIVES else 1
+            return returns.get(sub.target, 1)
         builtin = BUILTINS.get(expr.func)
         if builtin is not None and builtin.count is not None:
             index = builtin.signature.names.index(builtin.count)

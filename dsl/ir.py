@@ -210,6 +210,16 @@ class GGUFLayout(Node):
     pos: Pos
 
 
+class StoredName(Node):
+    """`stored DecoderLayer.mlp as "block_sparse_moe"`: older checkpoints keep `mlp` of every DecoderLayer
+    under that name; loading renames their keys."""
+
+    block: str
+    name: str
+    stored: str
+    pos: Pos
+
+
 class Tie(Node):
     """`tie lm_head = model.embed_tokens if tie_word_embeddings`: share the weight of two modules."""
 
@@ -283,6 +293,7 @@ class Model(Node):
     parent_pos: Pos | None = None
     model_type: str | None = None
     gguf: GGUFLayout | None = None  # not inherited: a delta is stored as another architecture, if at all
+    stored_names: tuple[StoredName, ...] = ()  # inherited, and a delta's added
     config: ConfigSchema = ConfigSchema()
     # A delta's config items, kept apart from `config` until resolution.
     field_overrides: tuple[tuple[str, Expr, Pos], ...] = ()
@@ -324,6 +335,7 @@ class ResolvedModel(Node):
     lineage: tuple[str, ...]  # this model first, then its ancestors
     config: ConfigSchema
     gguf: GGUFLayout | None = None
+    stored_names: tuple[StoredName, ...] = ()
     blocks: tuple[Block, ...]
     source_files: tuple[str, ...]
     spec_hash: str

@@ -49,6 +49,8 @@ class Primitive:
     module: str | None  # the specformer.runtime module it comes from; None: torch.nn (`nn.X`)
     positional: int  # leading arguments passed positionally; the rest by name, when not the default
     sizes: tuple[str, ...] = ()  # parameters that are sizes: positive for the default config
+    inputs: int = 1  # tensors its forward takes
+    returns: int = 1  # tensors its forward returns
 
 
 PRIMITIVES: dict[str, Primitive] = {
@@ -126,6 +128,39 @@ PRIMITIVES: dict[str, Primitive] = {
         ),
         Primitive(
             _sig("Dropout", "zero activations with probability p while training", "p"), "nn.Dropout", None, 1
+        ),
+        Primitive(
+            _sig(
+                "Router",
+                "each token's top_k experts and their weights: softmax(x W^T), the top_k kept, optionally "
+                "rescaled to sum to one; `weights, chosen = router(x)`",
+                "in_features",
+                "num_experts",
+                "top_k",
+                ("normalize", False),
+            ),
+            "Router",
+            "moe",
+            3,
+            ("in_features", "num_experts", "top_k"),
+            returns=2,
+        ),
+        Primitive(
+            _sig(
+                "Experts",
+                "num_experts gated MLPs down(act(gate(x)) * up(x)) stacked as 3-D tensors; "
+                "`experts(x, chosen, weights)` runs each token's chosen ones, summed with their weights",
+                "num_experts",
+                "hidden_size",
+                "intermediate_size",
+                ("act", "silu"),
+                ("per_expert", ("gate_proj", "up_proj", "down_proj")),
+            ),
+            "Experts",
+            "moe",
+            3,
+            ("num_experts", "hidden_size", "intermediate_size"),
+            inputs=3,
         ),
     )
 }

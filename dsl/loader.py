@@ -64,6 +64,7 @@ class SpecSet:
             name=flat.name,
             model_type=flat.type_name,
             gguf=flat.gguf,
+            stored_names=flat.stored_names,
             lineage=tuple(m.name for m in lineage),
             config=flat.config,
             blocks=flat.blocks,

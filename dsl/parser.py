@@ -301,6 +301,14 @@ class _ExpressionsToIR(Transformer):
             order.append(int(str(token)))
         return ir.GGUFRows(targets=targets, shape=shape, order=tuple(order), pos=self._pos(meta))
 
+    def stored(self, meta, children):
+        block, name, stored = children
+        text = str(stored)[1:-1]
+        if not text.isidentifier():
+            raise SpecError(f"stored name {stored} is not an identifier", self._pos(stored))
+        return ("stored", ir.StoredName(block=self._name(block), name=self._attribute(name), stored=text,
+                                        pos=self._pos(block)))  # fmt: skip
+
     def gguf(self, meta, children):
         name, *rows = children
         rows = tuple(r for r in rows if r is not None)
@@ -471,6 +479,7 @@ class _ToIR(_ExpressionsToIR):
         module_overrides, forward_overrides, head_removals = [], [], []
         module_removals, argument_overrides, head_moves, field_lets = [], [], [], []
         model_type = gguf = None
+        stored_names: list[ir.StoredName] = []
         block_names: set[str] = set()
         field_names: set[str] = set()
         for member in members:
@@ -485,6 +494,8 @@ class _ToIR(_ExpressionsToIR):
                 if gguf is not None:
                     raise SpecError(f"model `{name}` declares `gguf` twice", member[1].pos)
                 gguf = member[1]
+            elif member[0] == "stored":
+                stored_names.append(member[1])
             elif member[0] == "config":
                 for item in member[1]:
                     if isinstance(item, ir.ConfigField):
@@ -518,6 +529,7 @@ class _ToIR(_ExpressionsToIR):
             parent_pos=parent[1] if parent else None,
             model_type=model_type,
             gguf=gguf,
+            stored_names=tuple(stored_names),
             config=ir.ConfigSchema(fields=tuple(fields), aliases=tuple(aliases)),
             field_overrides=tuple(overrides),
             field_removals=tuple(removals),

@@ -154,6 +154,7 @@ def _apply(base: ir.Model, delta: ir.Model) -> ir.Model:
             "parent": None,
             "model_type": delta.model_type,  # its own, like its name: a delta is another architecture
             "gguf": delta.gguf,
+            "stored_names": (*base.stored_names, *delta.stored_names),
             "config": ir.ConfigSchema(fields=tuple(fields.values()), aliases=tuple(aliases.values())),
             "field_overrides": (),
             "field_removals": (),

@@ -316,6 +316,7 @@ class Validator:
         self.check_blocks()
         self.check_forwards()
         _check_gguf(self)
+        _check_stored_names(self)
 
 
 def _check_parallel(v: Validator, block: ir.Block) -> None:
@@ -340,6 +341,19 @@ def _check_parallel(v: Validator, block: ir.Block) -> None:
             if name in seen:
                 raise v.error(f"`{name}` is given two parallel styles in `{block.name}`", entry.pos)
             seen.add(name)
+
+
+def _check_stored_names(v: Validator) -> None:
+    """`stored Block.sub as "name"`: a submodule of a block, stored under a name it does not have."""
+    for entry in v.model.stored_names:
+        block = v.blocks.get(entry.block)
+        if block is None:
+            raise v.error(f"unknown block `{entry.block}`{did_you_mean(entry.block, v.blocks)}", entry.pos)
+        if block.submodule(entry.name) is None:
+            hint = did_you_mean(entry.name, [s.name for s in block.submodules])
+            raise v.error(f"`{entry.block}` has no submodule `{entry.name}`{hint}", entry.pos)
+        if block.submodule(entry.stored) is not None:
+            raise v.error(f"`{entry.block}` already has a submodule `{entry.stored}`", entry.pos)
 
 
 def _check_gguf(v: Validator) -> None:
@@ -594,6 +608,8 @@ class _ForwardScope:
         if call.kwargs:
             raise self.v.error("submodules take tensors as positional arguments only", call.pos)
         expected, returns = 1, 1
+        if sub.kind == "primitive":
+            expected, returns = PRIMITIVES[sub.target].inputs, PRIMITIVES[sub.target].returns
         if sub.kind == "block":
             callee = self.v.blocks[sub.target]
             assert callee.forward is not None

@@ -10,6 +10,7 @@
 #   specformer.generated.gpt_neox
 #   specformer.generated.llama
 #   specformer.generated.mistral
+#   specformer.generated.mixtral
 #   specformer.generated.modernbert
 #   specformer.generated.olmo2
 #   specformer.generated.phi

@@ -22,6 +22,7 @@ from torch import nn
 
 from specformer.dsl.errors import did_you_mean
 
+from . import checkpoint_layout
 from .checkpoint import (
     CheckpointError,
     checkpoint_files,
@@ -269,7 +270,7 @@ def load_tensors(
     head_only: list[str] = []  # a head checkpoint's own weights, when loading just its backbone
     from_head_checkpoint = False
     mismatched: list[str] = []
-    for key, tensor in tensors:
+    for key, tensor in checkpoint_layout.normalize(model, tensors):
         name = key
         if name not in expected:
             # A backbone checkpoint loaded into a head model, or a head checkpoint into a backbone.

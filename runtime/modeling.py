@@ -14,6 +14,7 @@ from .config import PretrainedConfig
 from .errors import ArgumentError
 from .generation.config import GenerationConfig
 from .layers import Embedding, RMSNorm, TransposedLinear
+from .moe import Experts
 from .output_options import OPTIONS, backbone_of, call_with_options
 from .quantization import is_quantized_layer, memory_footprint
 
@@ -142,6 +143,8 @@ class PreTrainedModel(nn.Module):
                 module.weight.data[module.padding_idx].zero_()
         elif isinstance(module, RMSNorm | nn.LayerNorm):
             module.reset_parameters()
+        elif isinstance(module, Experts):
+            module.init_weights(std)
 
     # ---- introspection ---------------------------------------------------------------------------
     @property

@@ -19,6 +19,7 @@ import specformer.generated.gpt2 as sf_gpt2
 import specformer.generated.gpt_neox as sf_gpt_neox
 import specformer.generated.llama as sf_llama
 import specformer.generated.mistral as sf_mistral
+import specformer.generated.mixtral as sf_mixtral
 import specformer.generated.olmo2 as sf_olmo2
 import specformer.generated.phi as sf_phi
 import specformer.generated.phi3 as sf_phi3
@@ -82,6 +83,14 @@ def _gemma_extra(draw: st.DrawFn, config: dict[str, Any]) -> dict[str, Any]:
 def _mistral_extra(draw: st.DrawFn, config: dict[str, Any]) -> dict[str, Any]:
     # windows shorter than the test sequences, so the window really cuts
     return {"sliding_window": draw(st.sampled_from([None, 3, 8])), "head_dim": config["head_dim"]}
+
+
+def _mixtral_extra(draw: st.DrawFn, config: dict[str, Any]) -> dict[str, Any]:
+    experts = draw(st.sampled_from([1, 3, 8]))
+    return _mistral_extra(draw, config) | {
+        "num_local_experts": experts,
+        "num_experts_per_tok": draw(st.sampled_from([k for k in (1, 2, 8) if k <= experts])),
+    }
 
 
 def _qwen2_extra(draw: st.DrawFn, config: dict[str, Any]) -> dict[str, Any]:
@@ -214,6 +223,7 @@ ARCHS = {
             rope_per_kind=True,
         ),
         Arch("mistral", "Mistral", sf_mistral, "Mistral", DECODER_HEADS, _mistral_extra),
+        Arch("mixtral", "Mixtral", sf_mixtral, "Mixtral", DECODER_HEADS, _mixtral_extra),
         Arch("qwen2", "Qwen2", sf_qwen2, "Qwen2", DECODER_HEADS, _qwen2_extra),
         Arch("qwen3", "Qwen3", sf_qwen3, "Qwen3", DECODER_HEADS, _qwen3_extra),
         Arch("olmo2", "Olmo2", sf_olmo2, "Olmo2", DECODER_HEADS[:2], _olmo2_extra),

@@ -98,6 +98,7 @@ SPEC_BUDGETS = {
     "gemma2.sf": 26,
     "gemma3_text.sf": 21,
     "modernbert.sf": 103,
+    "mixtral.sf": 14,
 }
 
 

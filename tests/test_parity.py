@@ -77,8 +77,12 @@ def test_hf_checkpoint_loads_and_matches(arch: Arch, data: st.DataObject, tmp_pa
     reference = save_hf(arch, task, values, folder)
     ours = arch.ours_class(task).from_pretrained(folder)
 
-    # the keys transformers writes (5.x renames some on save: GPT-NeoX's lm_head is `embed_out`)
-    assert set(ours.state_dict()) - set(ours.active_ties()) == saved_keys(folder)
+    # the keys transformers writes (5.x renames some on save: GPT-NeoX's lm_head is `embed_out`), or,
+    # where it converts an older layout as it loads (Mixtral's experts, stored one by one, stacked in
+    # memory), the keys it holds
+    held = set(reference.state_dict()) - {k for k in reference.state_dict() if k.endswith("lm_head.weight")
+                                          and reference.config.tie_word_embeddings}  # fmt: skip
+    assert set(ours.state_dict()) - set(ours.active_ties()) in (saved_keys(folder), held)
     # Longer than max_position_embeddings (32) sometimes, so dynamic and longrope rescale.
     length = data.draw(st.sampled_from([11, 40]), label="length")
     ids, mask = batch(values["vocab_size"], seed=len(values), length=length)
