@@ -42,7 +42,8 @@ class PreTrainedModel(nn.Module):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if "cache" in kwargs:  # transformers 5's name for past_key_values
             kwargs["past_key_values"] = kwargs.pop("cache")
-        if kwargs.keys() & OPTIONS:  # transformers' output options, applied around the forward
+        if kwargs.keys() & OPTIONS or getattr(self.config, "output_router_logits", False):
+            # transformers' output options, applied around the forward
             return call_with_options(self, super().__call__, args, kwargs)
         return super().__call__(*args, **kwargs)
 

@@ -13,8 +13,11 @@ import torch
 from torch import nn
 
 from .errors import ArgumentError
+from .moe import Router, load_balancing_loss
 
-OPTIONS = frozenset({"output_hidden_states", "output_attentions", "return_dict", "inputs_embeds"})
+OPTIONS = frozenset(
+    {"output_hidden_states", "output_attentions", "output_router_logits", "return_dict", "inputs_embeds"}
+)
 
 
 def backbone_of(model: nn.Module) -> nn.Module:
@@ -38,6 +41,12 @@ def call_with_options(model: nn.Module, call: Callable[..., Any], args: tuple, k
     attentions = bool(kwargs.pop("output_attentions", None))
     return_dict = kwargs.pop("return_dict", None)
     embeds = kwargs.pop("inputs_embeds", None)
+    routing = kwargs.pop("output_router_logits", None)
+    routers = (
+        _routers(model)
+        if routing or (routing is None and getattr(config, "output_router_logits", False))
+        else []
+    )
     if attentions and model.attn_implementation != "eager":  # type: ignore[attr-defined]
         raise ArgumentError(
             f"output_attentions needs attn_implementation='eager': `{model.attn_implementation}` never forms "  # type: ignore[attr-defined]
@@ -46,7 +55,10 @@ def call_with_options(model: nn.Module, call: Callable[..., Any], args: tuple, k
     hooks = []
     states: list[torch.Tensor] = []
     final: list[torch.Tensor] = []
+    logits: list[torch.Tensor] = []
     try:
+        for router in routers:
+            router.recorded = logits
         if embeds is not None:
             _feed_embeddings(model, embeds, args, kwargs, hooks)
         if hidden:
@@ -62,11 +74,35 @@ def call_with_options(model: nn.Module, call: Callable[..., Any], args: tuple, k
     finally:
         for hook in hooks:
             hook.remove()
+        for router in routers:
+            router.recorded = None
     if hidden:  # the stack's input, each layer's output but the last, then the backbone's result
         out.hidden_states = (*states, final[-1])
     if attentions:
         out.attentions = tuple(weights)
+    if routers:
+        _add_router_outputs(model, out, tuple(logits), routers[0].top_k, kwargs)
     return out.to_tuple() if return_dict is False else out
+
+
+def _routers(model: nn.Module) -> list[Router]:
+    """The model's routers, unless an outer call is already recording them (a head calling its backbone)."""
+    found = [m for m in model.modules() if isinstance(m, Router)]
+    return [] if any(r.recorded is not None for r in found) else found
+
+
+def _add_router_outputs(
+    model: nn.Module, out: Any, logits: tuple[torch.Tensor, ...], top_k: int, kwargs: dict[str, Any]
+) -> None:
+    """`router_logits`, and for a causal LM the load-balancing loss (`aux_loss`), added to the loss times
+    `router_aux_loss_coef` when there are labels, as transformers does."""
+    out.router_logits = logits
+    if not hasattr(out, "aux_loss") or not logits:
+        return
+    out.aux_loss = load_balancing_loss(logits, top_k, kwargs.get("attention_mask"))
+    if out.loss is not None:
+        coefficient = getattr(model.config, "router_aux_loss_coef", 0.0)  # type: ignore[attr-defined]
+        out.loss = out.loss + coefficient * out.aux_loss.to(out.loss.device)
 
 
 def _feed_embeddings(model: nn.Module, embeds: torch.Tensor, args: tuple, kwargs: dict, hooks: list) -> None:

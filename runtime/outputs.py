@@ -64,15 +64,18 @@ class BaseModelOutput(ModelOutput):
     past_key_values: Cache | None = None
     hidden_states: Tensors | None = None  # the embeddings' output, then each layer's (`output_hidden_states`)
     attentions: Tensors | None = None
+    router_logits: Tensors | None = None  # each routing layer's (tokens, experts) (`output_router_logits`)
 
 
 @dataclass(eq=False)
 class CausalLMOutput(ModelOutput):
     loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None  # a mixture of experts' load-balancing loss, included in `loss`
     logits: torch.Tensor | None = None  # None from a training step with labels: only the loss is computed
     past_key_values: Cache | None = None
     hidden_states: Tensors | None = None
     attentions: Tensors | None = None
+    router_logits: Tensors | None = None
 
 
 @dataclass(eq=False)
