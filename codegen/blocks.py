@@ -60,7 +60,8 @@ class BlockPlanner:
                     args.append(f"{name}={expr(given[name])}")
             built = f"{primitive.constructor}({', '.join(args)})"
         if sub.condition is not None:
-            return f"{built} if {expr(sub.condition)} else None"
+            otherwise = "None" if sub.otherwise is None else self.construct(sub.otherwise, options)
+            return f"{built} if {expr(sub.condition)} else {otherwise}"
         return built
 
     def init_body(self, block: ir.Block) -> list[Stmt]:

@@ -167,7 +167,7 @@ def plain_projection(head: ir.Block) -> tuple[str, str] | None:
 def tp_plan(ctx: ModelContext, block: ir.Block, prefix: str = "") -> dict[str, str]:
     """Module path patterns (`layers.*.self_attn.q_proj`) -> parallel style, from `parallel` lines."""
     plan = {f"{prefix}{name}": entry.style for entry in block.parallel for name in entry.names}
-    for sub in block.submodules:
+    for sub in (c for s in block.submodules for c in s.choices()):
         if sub.kind == "block":
             plan |= tp_plan(ctx, ctx.blocks[sub.target], f"{prefix}{sub.name}.")
         elif sub.kind == "repeat":

@@ -208,7 +208,7 @@ def _gguf_members(ctx: ModelContext) -> tuple[list[Attribute], list[Function]]:
 def block_paths(ctx: ModelContext, block: ir.Block, target: str, prefix: str = "") -> list[str]:
     """Where instances of block `target` sit under `block`: `layers.*.self_attn.`."""
     paths = []
-    for sub in block.submodules:
+    for sub in (c for s in block.submodules for c in s.choices()):
         if sub.kind not in ("block", "repeat"):
             continue
         path = f"{prefix}{sub.name}." + ("*." if sub.kind == "repeat" else "")

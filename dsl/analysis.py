@@ -142,7 +142,7 @@ class _Analysis:
         if len(backbones) != 1:
             raise SpecError(f"model `{self.model.name}` needs exactly one backbone", self.model.pos)
         for block in self.model.blocks:
-            for sub in block.submodules:
+            for sub in (c for s in block.submodules for c in s.choices()):
                 if sub.kind != "primitive" and sub.target not in self.blocks:
                     hint = did_you_mean(sub.target, self.blocks)
                     raise SpecError(f"unknown block `{sub.target}`{hint}", sub.pos)
@@ -153,7 +153,7 @@ class _Analysis:
         dependency_order(self.blocks, self.held, cycle)
 
     def held(self, name: str) -> list[str]:
-        return [s.target for s in self.blocks[name].submodules if s.kind != "primitive"]
+        return [c.target for s in self.blocks[name].submodules for c in s.choices() if c.kind != "primitive"]
 
     def layer_scoped(self) -> set[str]:
         scoped: set[str] = set()
@@ -161,7 +161,7 @@ class _Analysis:
         def mark(name: str) -> None:
             if name not in scoped:
                 scoped.add(name)
-                for sub in self.blocks[name].submodules:
+                for sub in (c for s in self.blocks[name].submodules for c in s.choices()):
                     if sub.kind == "block":
                         mark(sub.target)
 
@@ -173,9 +173,10 @@ class _Analysis:
 
     def holds_backbone(self, name: str) -> bool:
         return any(
-            self.blocks[s.target].role == "backbone" or self.holds_backbone(s.target)
+            self.blocks[c.target].role == "backbone" or self.holds_backbone(c.target)
             for s in self.blocks[name].submodules
-            if s.kind == "block"
+            for c in s.choices()
+            if c.kind == "block"
         )
 
     def children_first(self, backbone: str) -> list[str]:
@@ -270,13 +271,14 @@ class _Analysis:
             )
             if own_cache or any(n.id == "layer_idx" for n in forward.free_names()):
                 kept.add(name)
-            in_init = [e for s in block.submodules for e in (*s.args, *(v for _, v in s.kwargs))]
+            choices = [c for s in block.submodules for c in s.choices()]
+            in_init = [e for s in choices for e in (*s.args, *(v for _, v in s.kwargs))]
             in_init += [s.condition for s in block.submodules if s.condition is not None]
             if (
                 name in kept
                 or any(self.reads_layer(e, layer_lets) for e in in_init)
                 or any(n.id in layer_lets for n in forward.free_names())  # a per-layer value, set when built
-                or any(s.kind == "block" and s.target in built for s in block.submodules)
+                or any(s.kind == "block" and s.target in built for s in choices)
             ):
                 built.add(name)
         return built, kept

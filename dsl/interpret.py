@@ -27,6 +27,8 @@ _BINOPS: dict[str, Callable[[object, object], object]] = {
     "<=": operator.le,
     ">": operator.gt,
     ">=": operator.ge,
+    "in": lambda item, items: operator.contains(items, item),
+    "not in": lambda item, items: not operator.contains(items, item),
 }
 
 

@@ -69,7 +69,7 @@ class Unary(Node):
 
 class BinOp(Node):
     kind: Literal["binop"] = "binop"
-    op: Literal["+", "-", "*", "/", "//", "%", "**", "and", "or", "==", "!=", "<", "<=", ">", ">="]
+    op: Literal["+", "-", "*", "/", "//", "%", "**", "and", "or", "==", "!=", "<", "<=", ">", ">=", "in", "not in"]
     left: Expr
     right: Expr
     pos: Pos
@@ -169,7 +169,12 @@ class Submodule(Node):
     kwargs: tuple[tuple[str, Expr], ...] = ()
     count: Expr | None = None
     condition: Expr | None = None  # the submodule exists only when this config expression holds
+    otherwise: Submodule | None = None  # ... else it is this one (same name): `A if cond else B`
     pos: Pos
+
+    def choices(self) -> tuple[Submodule, ...]:
+        """What this submodule may be built as: itself, and its `else` alternative."""
+        return (self,) if self.otherwise is None else (self, self.otherwise)
 
 
 class ArgumentOverride(Node):

@@ -208,7 +208,8 @@ class _ExpressionsToIR(Transformer):
         return ir.BinOp(op=str(op), left=left, right=right, pos=self._pos(op))
 
     def compare(self, meta, children):
-        return self.binop(meta, children)
+        left, op, right = children
+        return ir.BinOp(op=" ".join(str(op).split()), left=left, right=right, pos=self._pos(op))
 
     def pow(self, meta, children):
         return ir.BinOp(op="**", left=children[0], right=children[2], pos=self._pos(children[1]))
@@ -334,8 +335,11 @@ class _ToIR(_ExpressionsToIR):
         count, target = children
         return ("repeat", str(target), (), (), count, self._pos(target))
 
-    def _submodule(self, name: Token, spec: tuple, condition: ir.Expr | None) -> ir.Submodule:
+    def _submodule(
+        self, name: Token, spec: tuple, condition: ir.Expr | None, otherwise: tuple | None = None
+    ) -> ir.Submodule:
         kind, target, args, kwargs, count, pos = spec
+        alternative = self._submodule(name, otherwise, None) if otherwise is not None else None
         return ir.Submodule(
             name=self._attribute(name),
             kind=kind,
@@ -344,6 +348,7 @@ class _ToIR(_ExpressionsToIR):
             kwargs=kwargs,
             count=count,
             condition=condition,
+            otherwise=alternative,
             pos=pos,
         )
 
@@ -353,7 +358,7 @@ class _ToIR(_ExpressionsToIR):
         return check_attribute(str(token), self._pos(token))
 
     def submodule(self, meta, children):
-        return self._submodule(children[0], children[1], children[2])
+        return self._submodule(*children)
 
     def dotted(self, meta, children):
         return tuple(self._attribute(c) for c in children)
@@ -438,8 +443,8 @@ class _ToIR(_ExpressionsToIR):
         return self._block(meta, "head", name, items, task=str(task), attr=attr, backbone_args=args)
 
     def override_module(self, meta, children):
-        block, name, spec, condition = children
-        return ("override_module", str(block), self._submodule(name, spec, condition))
+        block, name, spec, condition, otherwise = children
+        return ("override_module", str(block), self._submodule(name, spec, condition, otherwise))
 
     def override_argument(self, meta, children):
         block, target, argument, value = children

@@ -124,6 +124,8 @@ class Validator:
                 self._check_backbone_args(block.backbone_args, block.pos)
             for sub in block.submodules:
                 self._check_submodule(block, sub, block.name in self.facts.layer_scoped)
+                if sub.otherwise is not None:
+                    self._check_choice(block, sub)
             for tie in block.ties:
                 self._check_tie(block, tie)
             _check_parallel(self, block)
@@ -196,6 +198,30 @@ class Validator:
                     f"repeat count is {count!r} for the default config; expected an int in 0..{MAX_REPEAT}",
                     sub.count.pos,
                 )
+
+    def _check_choice(self, block: ir.Block, sub: ir.Submodule) -> None:
+        """`name = A if cond else B`: two modules of the same kind, called the same way."""
+        other = sub.otherwise
+        assert other is not None
+        self._check_submodule(block, other, block.name in self.facts.layer_scoped)
+        if "repeat" in (sub.kind, other.kind) or "backbone" in (self._role(sub), self._role(other)):
+            raise self.error("`if ... else` chooses between two blocks or primitives", sub.pos)
+        if self._signature(sub) != self._signature(other):
+            raise self.error(
+                f"`{sub.target}` and `{other.target}` are called differently ({self._signature(sub)} vs "
+                f"{self._signature(other)} tensors in, out): `if ... else` needs the same",
+                other.pos,
+            )
+
+    def _role(self, sub: ir.Submodule) -> str:
+        return self.blocks[sub.target].role if sub.kind == "block" else sub.kind
+
+    def _signature(self, sub: ir.Submodule) -> tuple[int, int]:
+        if sub.kind == "primitive":
+            return PRIMITIVES[sub.target].inputs, PRIMITIVES[sub.target].returns
+        forward = self.blocks[sub.target].forward
+        assert forward is not None
+        return len(forward.params), self.facts.returns[sub.target]
 
     def _check_tie(self, block: ir.Block, tie: ir.Tie) -> None:
         own = block.submodule(tie.name)
@@ -600,7 +626,11 @@ class _ForwardScope:
             )
         if sub.kind == "primitive" and sub.target == "Rotary":
             raise self.v.error("the rotary tables are applied with `rotary(q, k)` in attention", call.pos)
-        if sub.condition is not None and not any(ir.same_expr(sub.condition, g) for g in self.guards):
+        if (
+            sub.condition is not None
+            and sub.otherwise is None
+            and not any(ir.same_expr(sub.condition, g) for g in self.guards)
+        ):
             raise self.v.error(
                 f"`{sub.name}` exists only if its condition holds: call it as `{sub.name}(x) if <condition> else ...`",
                 call.pos,

@@ -16,6 +16,7 @@
 #   specformer.generated.phi
 #   specformer.generated.phi3
 #   specformer.generated.qwen2
+#   specformer.generated.qwen2_moe
 #   specformer.generated.qwen3
 #   specformer.generated.stablelm
 """Architectures generated from `specs/`; each subpackage imports only torch and the runtime."""

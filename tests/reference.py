@@ -24,6 +24,7 @@ import specformer.generated.olmo2 as sf_olmo2
 import specformer.generated.phi as sf_phi
 import specformer.generated.phi3 as sf_phi3
 import specformer.generated.qwen2 as sf_qwen2
+import specformer.generated.qwen2_moe as sf_qwen2_moe
 import specformer.generated.qwen3 as sf_qwen3
 import specformer.generated.stablelm as sf_stablelm
 
@@ -100,6 +101,32 @@ def _qwen2_extra(draw: st.DrawFn, config: dict[str, Any]) -> dict[str, Any]:
         "sliding_window": draw(st.sampled_from([3, 8])),
         "max_window_layers": draw(st.integers(0, layers)),
     }
+
+
+def _moe_extra(draw: st.DrawFn, config: dict[str, Any]) -> dict[str, Any]:
+    """Experts of their own size, top-1/2/8 with and without renormalisation, dense layers mixed in by
+    list and by step."""
+    layers = config["num_hidden_layers"]
+    experts = draw(st.sampled_from([1, 3, 8]))
+    return {
+        "num_experts": experts,
+        "num_experts_per_tok": draw(st.sampled_from([k for k in (1, 2, 8) if k <= experts])),
+        "moe_intermediate_size": draw(st.sampled_from([16, 24])),
+        "norm_topk_prob": draw(st.booleans()),
+        "mlp_only_layers": draw(st.lists(st.integers(0, layers - 1), max_size=2, unique=True)),
+        "decoder_sparse_step": draw(st.sampled_from([1, 2])),
+    }
+
+
+def _qwen2_moe_extra(draw: st.DrawFn, config: dict[str, Any]) -> dict[str, Any]:
+    return (
+        _qwen2_extra(draw, config)
+        | _moe_extra(draw, config)
+        | {
+            "qkv_bias": draw(st.booleans()),
+            "shared_expert_intermediate_size": draw(st.sampled_from([16, 40])),
+        }
+    )
 
 
 def _qwen3_extra(draw: st.DrawFn, config: dict[str, Any]) -> dict[str, Any]:
@@ -226,6 +253,7 @@ ARCHS = {
         Arch("mixtral", "Mixtral", sf_mixtral, "Mixtral", DECODER_HEADS, _mixtral_extra),
         Arch("qwen2", "Qwen2", sf_qwen2, "Qwen2", DECODER_HEADS, _qwen2_extra),
         Arch("qwen3", "Qwen3", sf_qwen3, "Qwen3", DECODER_HEADS, _qwen3_extra),
+        Arch("qwen2_moe", "Qwen2Moe", sf_qwen2_moe, "Qwen2Moe", DECODER_HEADS, _qwen2_moe_extra),
         Arch("olmo2", "Olmo2", sf_olmo2, "Olmo2", DECODER_HEADS[:2], _olmo2_extra),
         Arch("gpt_neox", "GPTNeoX", sf_gpt_neox, "GPTNeoX", DECODER_HEADS, _gpt_neox_extra, LLAMA_ONLY),
         Arch("phi", "Phi", sf_phi, "Phi", DECODER_HEADS[:4], _phi_extra, ("rms_norm_eps",)),
