@@ -20,6 +20,12 @@ def is_literal(field: ir.ConfigField) -> bool:
     return field.default is not None and not list(names_in(field.default))
 
 
+def shared_default(field: ir.ConfigField) -> bool:
+    """A literal default Python would share between calls (a list): the parameter defaults to None and
+    the constructor builds a fresh one."""
+    return isinstance(field.default, ir.ListExpr)
+
+
 def _no_call(node: ir.Call) -> str:
     raise SpecError("calls are not allowed in a config expression", node.pos)
 
@@ -67,7 +73,7 @@ def plan_config(
         if f.default is None:
             params.append(Param(f.name, f"{py}{optional}"))
             plain.append(f"self.{f.name} = {f.name}")
-        elif f.type.name == "rope" or not is_literal(f):
+        elif f.type.name == "rope" or not is_literal(f) or shared_default(f):
             annotation = f"{'dict' if f.type.name == 'rope' else py}{'' if py == 'Any' else ' | None'}"
             params.append(Param(f.name, annotation, "None"))
         else:
@@ -75,7 +81,11 @@ def plan_config(
             plain.append(f"self.{f.name} = {f.name}")
     for name in order:  # derived defaults, each after the fields it reads
         f = fields[name]
-        if f.computed or f.default is None or (f.type.name != "rope" and is_literal(f)):
+        if (
+            f.computed
+            or f.default is None
+            or (f.type.name != "rope" and is_literal(f) and not shared_default(f))
+        ):
             continue
         if f.type.name == "rope" and _per_kind(f.default):
             kinds = json.dumps(model.facts.defaults[f.name])  # {kind: parameters}: str and number leaves

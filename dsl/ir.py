@@ -69,7 +69,9 @@ class Unary(Node):
 
 class BinOp(Node):
     kind: Literal["binop"] = "binop"
-    op: Literal["+", "-", "*", "/", "//", "%", "**", "and", "or", "==", "!=", "<", "<=", ">", ">=", "in", "not in"]
+    op: Literal[
+        "+", "-", "*", "/", "//", "%", "**", "and", "or", "==", "!=", "<", "<=", ">", ">=", "in", "not in"
+    ]
     left: Expr
     right: Expr
     pos: Pos
