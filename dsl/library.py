@@ -240,6 +240,10 @@ BUILTINS: dict[str, Builtin] = {
             _sig("softcap", "tanh(x / cap) * cap: squashes x into (-cap, cap)", "x", "cap"),
             "torch.tanh({x!atom} / {cap!atom}) * {cap!atom}",
         ),
+        Builtin(
+            _sig("clip", "clamp x into [-bound, bound]", "x", "bound"),
+            "{x!atom}.clamp(-{bound!atom}, {bound!atom})",
+        ),
         Builtin(_sig("first_token", "x[:, 0]: the first position of each sequence", "x"), "{x!atom}[:, 0]"),
         Builtin(
             _sig("split_last", "split the last dim into n tensors, dropping it", "x", "n"),

@@ -13,10 +13,12 @@
 #   specformer.generated.mixtral
 #   specformer.generated.modernbert
 #   specformer.generated.olmo2
+#   specformer.generated.olmoe
 #   specformer.generated.phi
 #   specformer.generated.phi3
 #   specformer.generated.qwen2
 #   specformer.generated.qwen2_moe
 #   specformer.generated.qwen3
+#   specformer.generated.qwen3_moe
 #   specformer.generated.stablelm
 """Architectures generated from `specs/`; each subpackage imports only torch and the runtime."""

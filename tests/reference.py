@@ -21,11 +21,13 @@ import specformer.generated.llama as sf_llama
 import specformer.generated.mistral as sf_mistral
 import specformer.generated.mixtral as sf_mixtral
 import specformer.generated.olmo2 as sf_olmo2
+import specformer.generated.olmoe as sf_olmoe
 import specformer.generated.phi as sf_phi
 import specformer.generated.phi3 as sf_phi3
 import specformer.generated.qwen2 as sf_qwen2
 import specformer.generated.qwen2_moe as sf_qwen2_moe
 import specformer.generated.qwen3 as sf_qwen3
+import specformer.generated.qwen3_moe as sf_qwen3_moe
 import specformer.generated.stablelm as sf_stablelm
 
 DECODER_HEADS = (
@@ -127,6 +129,25 @@ def _qwen2_moe_extra(draw: st.DrawFn, config: dict[str, Any]) -> dict[str, Any]:
             "shared_expert_intermediate_size": draw(st.sampled_from([16, 40])),
         }
     )
+
+
+def _qwen3_moe_extra(draw: st.DrawFn, config: dict[str, Any]) -> dict[str, Any]:
+    return _moe_extra(draw, config) | {
+        "use_sliding_window": draw(st.booleans()),
+        "sliding_window": draw(st.sampled_from([3, 8])),
+        "attention_bias": draw(st.booleans()),
+    }
+
+
+def _olmoe_extra(draw: st.DrawFn, config: dict[str, Any]) -> dict[str, Any]:
+    experts = draw(st.sampled_from([1, 3, 8]))
+    return {
+        "attention_bias": draw(st.booleans()),
+        "clip_qkv": draw(st.sampled_from([None, 0.05, 8.0])),  # 0.05: the clip really bites
+        "num_experts": experts,
+        "num_experts_per_tok": draw(st.sampled_from([k for k in (1, 2, 8) if k <= experts])),
+        "norm_topk_prob": draw(st.booleans()),
+    }
 
 
 def _qwen3_extra(draw: st.DrawFn, config: dict[str, Any]) -> dict[str, Any]:
@@ -254,6 +275,8 @@ ARCHS = {
         Arch("qwen2", "Qwen2", sf_qwen2, "Qwen2", DECODER_HEADS, _qwen2_extra),
         Arch("qwen3", "Qwen3", sf_qwen3, "Qwen3", DECODER_HEADS, _qwen3_extra),
         Arch("qwen2_moe", "Qwen2Moe", sf_qwen2_moe, "Qwen2Moe", DECODER_HEADS, _qwen2_moe_extra),
+        Arch("qwen3_moe", "Qwen3Moe", sf_qwen3_moe, "Qwen3Moe", DECODER_HEADS, _qwen3_moe_extra),
+        Arch("olmoe", "Olmoe", sf_olmoe, "Olmoe", DECODER_HEADS[:2], _olmoe_extra),
         Arch("olmo2", "Olmo2", sf_olmo2, "Olmo2", DECODER_HEADS[:2], _olmo2_extra),
         Arch("gpt_neox", "GPTNeoX", sf_gpt_neox, "GPTNeoX", DECODER_HEADS, _gpt_neox_extra, LLAMA_ONLY),
         Arch("phi", "Phi", sf_phi, "Phi", DECODER_HEADS[:4], _phi_extra, ("rms_norm_eps",)),

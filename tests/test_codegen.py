@@ -100,6 +100,8 @@ SPEC_BUDGETS = {
     "modernbert.sf": 103,
     "mixtral.sf": 14,
     "qwen2_moe.sf": 34,
+    "qwen3_moe.sf": 26,
+    "olmoe.sf": 39,
 }
 
 
