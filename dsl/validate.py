@@ -125,7 +125,7 @@ class Validator:
             for sub in block.submodules:
                 self._check_submodule(block, sub, block.name in self.facts.layer_scoped)
                 if sub.otherwise is not None:
-                    self._check_choice(block, sub)
+                    _check_choice(self, block, sub)
             for tie in block.ties:
                 self._check_tie(block, tie)
             _check_parallel(self, block)
@@ -198,30 +198,6 @@ class Validator:
                     f"repeat count is {count!r} for the default config; expected an int in 0..{MAX_REPEAT}",
                     sub.count.pos,
                 )
-
-    def _check_choice(self, block: ir.Block, sub: ir.Submodule) -> None:
-        """`name = A if cond else B`: two modules of the same kind, called the same way."""
-        other = sub.otherwise
-        assert other is not None
-        self._check_submodule(block, other, block.name in self.facts.layer_scoped)
-        if "repeat" in (sub.kind, other.kind) or "backbone" in (self._role(sub), self._role(other)):
-            raise self.error("`if ... else` chooses between two blocks or primitives", sub.pos)
-        if self._signature(sub) != self._signature(other):
-            raise self.error(
-                f"`{sub.target}` and `{other.target}` are called differently ({self._signature(sub)} vs "
-                f"{self._signature(other)} tensors in, out): `if ... else` needs the same",
-                other.pos,
-            )
-
-    def _role(self, sub: ir.Submodule) -> str:
-        return self.blocks[sub.target].role if sub.kind == "block" else sub.kind
-
-    def _signature(self, sub: ir.Submodule) -> tuple[int, int]:
-        if sub.kind == "primitive":
-            return PRIMITIVES[sub.target].inputs, PRIMITIVES[sub.target].returns
-        forward = self.blocks[sub.target].forward
-        assert forward is not None
-        return len(forward.params), self.facts.returns[sub.target]
 
     def _check_tie(self, block: ir.Block, tie: ir.Tie) -> None:
         own = block.submodule(tie.name)
@@ -367,6 +343,31 @@ def _check_parallel(v: Validator, block: ir.Block) -> None:
             if name in seen:
                 raise v.error(f"`{name}` is given two parallel styles in `{block.name}`", entry.pos)
             seen.add(name)
+
+
+def _check_choice(v: Validator, block: ir.Block, sub: ir.Submodule) -> None:
+    """`name = A if cond else B`: two modules of the same kind, called the same way."""
+    other = sub.otherwise
+    assert other is not None
+    v._check_submodule(block, other, block.name in v.facts.layer_scoped)
+    roles = [v.blocks[s.target].role if s.kind == "block" else s.kind for s in (sub, other)]
+    if "repeat" in roles or "backbone" in roles:
+        raise v.error("`if ... else` chooses between two blocks or primitives", sub.pos)
+    if _signature(v, sub) != _signature(v, other):
+        raise v.error(
+            f"`{sub.target}` and `{other.target}` are called differently ({_signature(v, sub)} vs "
+            f"{_signature(v, other)} tensors in, out): `if ... else` needs the same",
+            other.pos,
+        )
+
+
+def _signature(v: Validator, sub: ir.Submodule) -> tuple[int, int]:
+    """(tensors in, tensors out) of a submodule's forward."""
+    if sub.kind == "primitive":
+        return PRIMITIVES[sub.target].inputs, PRIMITIVES[sub.target].returns
+    forward = v.blocks[sub.target].forward
+    assert forward is not None
+    return len(forward.params), v.facts.returns[sub.target]
 
 
 def _check_stored_names(v: Validator) -> None:

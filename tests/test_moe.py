@@ -111,3 +111,26 @@ def test_stored_names_are_checked() -> None:
             specs.add_text(f"model Delta extends Llama {{\n  {line}\n}}\n", "delta.sf")
             specs.resolved("Delta")
         assert "delta.sf:2:" in str(error.value)
+
+
+def test_module_choices_are_checked() -> None:
+    from specformer.dsl.loader import SpecSet
+
+    base = (Path(__file__).parents[1] / "specs" / "llama.sf").read_text()
+    for line, message in (
+        (
+            "DecoderLayer.mlp = MLP if layer_idx in [0] else Router(hidden_size, 4, top_k = 2)",
+            r"`MLP` and `Router` are called differently \(\(1, 1\) vs \(1, 2\) tensors in, out\)",
+        ),
+        (
+            "DecoderLayer.mlp = MLP if layer_idx > 0 else repeat(2, MLP)",
+            r"`if \.\.\. else` chooses between two blocks",
+        ),
+        ("DecoderLayer.mlp = MLP if layer_idx > 0 else MLPs", r"unknown block `MLPs`; did you mean `MLP`"),
+    ):
+        specs = SpecSet()
+        specs.add_text(base, "llama.sf")
+        with pytest.raises(SpecError, match=message) as error:
+            specs.add_text(f"model Delta extends Llama {{\n  {line}\n}}\n", "delta.sf")
+            specs.resolved("Delta")
+        assert "delta.sf:2:" in str(error.value)
