@@ -34,7 +34,7 @@ _SHADOWED = FORWARD_NAMES | runtime_names().keys()
 
 # How `parallel` may split a Linear: by output rows, by input columns, by rows with the output gathered
 # on every rank (an lm_head), or not at all.
-TP_STYLES = ("colwise", "rowwise", "gather", "replicate")
+TP_STYLES = ("colwise", "rowwise", "gather", "replicate", "experts")
 
 
 class Validator:
@@ -338,8 +338,12 @@ def _check_parallel(v: Validator, block: ir.Block) -> None:
                     f"`parallel` names `{name}`, which is not a submodule of `{block.name}`{hint}",
                     entry.pos,
                 )
-            if sub.kind != "primitive" or sub.target != "Linear":
-                raise v.error(f"`parallel` splits Linear submodules; `{name}` is a {sub.target}", entry.pos)
+            splits = "Experts" if entry.style == "experts" else "Linear"
+            if sub.kind != "primitive" or sub.target != splits:
+                raise v.error(
+                    f"`parallel ...: {entry.style}` splits {splits} submodules; `{name}` is a {sub.target}",
+                    entry.pos,
+                )
             if name in seen:
                 raise v.error(f"`{name}` is given two parallel styles in `{block.name}`", entry.pos)
             seen.add(name)

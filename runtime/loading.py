@@ -143,7 +143,8 @@ def from_pretrained(
 
         mesh = device_mesh if device_mesh is not None else default_mesh()
         parallelize(model, mesh)
-        tensors = list(shard_tensors(model, tensors, target_dtype))  # split weights assigned now
+        # split weights assigned now, older layouts (experts stored one by one) read first
+        tensors = list(shard_tensors(model, checkpoint_layout.normalize(model, tensors), target_dtype))
         device_map = (
             "cpu" if mesh.device_type == "cpu" else f"{mesh.device_type}:{torch.cuda.current_device()}"
         )

@@ -19,7 +19,7 @@ from torch import nn
 
 logger = logging.getLogger("specformer")
 
-STYLES = ("colwise", "rowwise", "gather", "replicate")
+STYLES = ("colwise", "rowwise", "gather", "replicate", "experts")
 
 
 def full_tp_plan(model: nn.Module) -> dict[str, str]:
@@ -74,12 +74,28 @@ def parallelize(model: nn.Module, mesh: Any) -> dict[str, str]:
     for name, style in planned_modules(model, full_tp_plan(model)).items():
         if style == "replicate":
             continue
+        if style == "experts":  # expert parallelism: whole experts per rank, outputs summed
+            _keep_experts(model.get_submodule(name), name, mesh)
+            chosen[name] = style
+            continue
         if name in tied_owners:
             logger.info("tensor parallel: %s shares its weight with another module; kept replicated", name)
             continue
         chosen[name] = style
-    parallelize_module(model, mesh, {name: styles[style]() for name, style in chosen.items()})
+    split = {name: styles[style]() for name, style in chosen.items() if style in styles}
+    parallelize_module(model, mesh, split)
     return chosen
+
+
+def _keep_experts(module: nn.Module, name: str, mesh: Any) -> None:
+    world, rank = mesh.size(), mesh.get_local_rank()
+    if module.num_experts % world:
+        raise ValueError(
+            f"expert parallelism over {world} ranks: `{name}` has {module.num_experts} experts, not divisible "
+            f"by {world}; use a world size that divides it"
+        )
+    count = module.num_experts // world
+    module.keep_experts(rank * count, count, mesh.get_group())
 
 
 def default_mesh() -> Any:
@@ -106,7 +122,18 @@ def shard_tensors(
     from torch.distributed.tensor import DTensor, Shard
 
     sharded = {name: p for name, p in model.named_parameters() if isinstance(p, DTensor)}
+    experts = {  # expert-parallel stacks: this rank's experts are a slice of the first dimension
+        f"{path}.{part}": module
+        for path, module in model.named_modules()
+        if getattr(module, "group", None) is not None and hasattr(module, "first_expert")
+        for part in ("gate_up_proj", "down_proj")
+    }
     for key, tensor in tensors:
+        stack = experts.get(key)
+        if stack is not None:
+            local = tensor.narrow(0, stack.first_expert, stack.local_experts).to(dtype=dtype or tensor.dtype)
+            setattr(stack, key.rpartition(".")[2], nn.Parameter(local.contiguous()))
+            continue
         param = sharded.get(key)
         if param is None:
             yield key, tensor

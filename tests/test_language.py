@@ -194,7 +194,9 @@ model Odd {
 """
     specs = SpecSet()
     specs.add_text(text, "odd.sf")
-    with pytest.raises(SpecError, match="`parallel` splits Linear submodules; `norm` is a RMSNorm"):
+    with pytest.raises(
+        SpecError, match=r"`parallel \.\.\.: colwise` splits Linear submodules; `norm` is a RMSNorm"
+    ):
         specs.resolved("Odd")
 
 

@@ -134,3 +134,27 @@ def test_module_choices_are_checked() -> None:
             specs.add_text(f"model Delta extends Llama {{\n  {line}\n}}\n", "delta.sf")
             specs.resolved("Delta")
         assert "delta.sf:2:" in str(error.value)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_greedy_and_beam_tokens_match_transformers(arch: str, tmp_path: Path) -> None:
+    from specformer.runtime.generation import generate
+    from tests.reference import ARCHS, hf_config
+
+    family = ARCHS[arch]
+    torch.manual_seed(3)
+    values = dict(vocab_size=97, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, num_experts_per_tok=2, pad_token_id=0)  # fmt: skip
+    values |= {"num_local_experts": 4} if arch == "mixtral" else {"num_experts": 4, "moe_intermediate_size": 24,
+                                                                  "shared_expert_intermediate_size": 16,
+                                                                  "mlp_only_layers": [1]}  # fmt: skip
+    reference = family.hf_class("ForCausalLM")(hf_config(family, values)).eval()
+    reference.save_pretrained(tmp_path)
+    ours = family.ours_class("ForCausalLM").from_pretrained(tmp_path).eval()
+    prompt = torch.tensor([[0, 0, 5, 17, 42], [3, 9, 27, 81, 4]])
+    mask = (prompt != 0).long()
+    for settings in ({"max_new_tokens": 10}, {"max_new_tokens": 8, "num_beams": 3}):
+        expected = reference.generate(
+            prompt, attention_mask=mask, do_sample=False, pad_token_id=0, **settings
+        )
+        assert generate(ours, prompt, mask, **settings).tolist() == expected.tolist(), settings

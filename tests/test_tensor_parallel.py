@@ -112,3 +112,45 @@ def test_auto_plan_needs_a_process_group(tmp_path: Path) -> None:
                                  num_attention_heads=2)).save_pretrained(tmp_path)  # fmt: skip
     with pytest.raises(RuntimeError, match="launch with `torchrun"):
         LlamaForCausalLM.from_pretrained(tmp_path, tp_plan="auto")
+
+
+def _moe_rank(rank: int, world: int, folder: str, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from specformer.generated.mixtral import MixtralForCausalLM
+
+        model = MixtralForCausalLM.from_pretrained(folder, tp_plan="auto")
+        experts = model.model.layers[0].mlp.experts
+        with torch.no_grad():
+            logits = model(IDS).logits
+        tokens = generate(model, IDS, max_new_tokens=5, eos_token_id=None)
+        shapes = {"gate_up_proj": tuple(experts.gate_up_proj.shape), "first": experts.first_expert}
+        torch.save({"logits": logits, "tokens": tokens, "shapes": shapes}, Path(folder) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def test_experts_split_over_two_ranks_match_one_process(tmp_path: Path) -> None:
+    """Expert parallelism (`parallel experts: experts`): each rank holds half the experts, read from a
+    checkpoint that stores them one by one (transformers' save), and attention is split as usual."""
+    import transformers
+
+    from specformer.generated.mixtral import MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)  # fmt: skip
+    transformers.MixtralForCausalLM(config).eval().save_pretrained(tmp_path)
+    reference = MixtralForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        expected = reference(IDS).logits
+    expected_tokens = generate(reference, IDS, max_new_tokens=5, eos_token_id=None)
+    mp.spawn(_moe_rank, args=(2, str(tmp_path), free_port()), nprocs=2)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        torch.testing.assert_close(result["logits"], expected, atol=1e-5, rtol=0)
+        assert result["tokens"].tolist() == expected_tokens.tolist()
+        assert result["shapes"] == {"gate_up_proj": (2, 96, 32), "first": 2 * rank}
