@@ -71,6 +71,7 @@ class Experts(nn.Module):
         self.act_fn = activation(act)
         # expert parallelism (`keep_experts`): this rank's experts, and the group that sums the outputs
         self.first_expert, self.local_experts, self.group = 0, num_experts, None
+        self.adapter: nn.Module | None = None  # low-rank updates of each expert (LoRA), when training them
 
     def keep_experts(self, first: int, count: int, group: Any) -> None:
         """Hold experts first..first + count - 1 only (expert parallelism): each rank runs its experts on
@@ -105,8 +106,8 @@ class Experts(nn.Module):
                 start += count
                 continue  # an expert no token chose, or another rank's: its weights are not read here
             tokens = token_of[start : start + count]
-            gate, up = _linear(rows[tokens], self.gate_up_proj[local]).chunk(2, dim=-1)
-            y = _linear(self.act_fn(gate) * up, self.down_proj[local])
+            gate, up = _linear(rows[tokens], self.weight("gate_up_proj", local)).chunk(2, dim=-1)
+            y = _linear(self.act_fn(gate) * up, self.weight("down_proj", local))
             out.index_add_(0, tokens, (y * scale[start : start + count]).to(out.dtype))
             start += count
         if self.group is not None:
@@ -114,6 +115,11 @@ class Experts(nn.Module):
 
             dist.all_reduce(out, group=self.group)
         return out.view(shape)
+
+    def weight(self, name: str, expert: int) -> torch.Tensor:
+        """One expert's `gate_up_proj` or `down_proj` matrix, with its adapter's update when there is one."""
+        base = getattr(self, name)[expert]
+        return base if self.adapter is None else base + self.adapter.delta(name, expert).to(base.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_experts}, {self.hidden_size}, {self.intermediate_size}"

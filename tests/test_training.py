@@ -424,3 +424,40 @@ def test_every_optimizer_trains(optim: str, tmp_path: Path) -> None:
     assert curve[-1] < curve[0], (optim, curve)
     groups = trainer.optimizer.param_groups
     assert {g["weight_decay"] for g in groups} == {0.01, 0.0}  # no decay on norms and biases
+
+
+def small_mixtral(seed: int = 0) -> torch.nn.Module:
+    from specformer.generated.mixtral import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    config = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                           output_router_logits=True, router_aux_loss_coef=0.02)  # fmt: skip
+    return MixtralForCausalLM(config)
+
+
+def test_lora_on_experts_fine_tunes_a_mixture_of_experts(tmp_path: Path) -> None:
+    """The Trainer on a mixture of experts, its loss with the load-balancing term: LoRA on the attention
+    projections and on every expert (a low-rank update per expert), saved, reloaded and merged."""
+    model = get_peft_model(
+        small_mixtral(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "experts"])
+    )
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert "model.layers.0.mlp.experts.adapter.gate_up_proj_A" in trainable
+    assert all(".lora_" in n or ".adapter." in n for n in trainable)
+    args = quiet_args(tmp_path, max_steps=15, per_device_train_batch_size=8, learning_rate=1e-2)
+    trainer = Trainer(model, args, DataCollatorForLanguageModeling(mlm=False), train_dataset=counting_data())
+    trainer.train()
+    assert losses(trainer)[-1] < losses(trainer)[0]
+    adapter = model.model.layers[0].mlp.experts.adapter
+    assert adapter.gate_up_proj_B.abs().sum() > 0 and adapter.down_proj_B.abs().sum() > 0  # experts learnt
+    trainer.save_model(str(tmp_path / "adapter"))
+    ids = torch.tensor([counting_data()[3]["input_ids"]])
+    model.eval()
+    with torch.no_grad():
+        adapted = model(ids).logits
+        reloaded = load_adapter(small_mixtral(), tmp_path / "adapter").eval()
+        torch.testing.assert_close(reloaded(ids).logits, adapted, atol=1e-6, rtol=0)
+        merged = merge_and_unload(model)
+        assert not any("lora" in n or "adapter" in n for n in merged.state_dict())
+        torch.testing.assert_close(merged(ids).logits, adapted, atol=1e-5, rtol=0)

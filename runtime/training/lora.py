@@ -21,6 +21,7 @@ from torch import nn
 
 from ..files import atomic_path, atomic_write_text
 from ..layers import is_plain_linear
+from ..moe import Experts
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -71,17 +72,40 @@ class LoraLinear(nn.Module):
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
 
+class ExpertsLora(nn.Module):
+    """Low-rank updates of every expert of an `Experts` stack: expert e's matrix W_e + (alpha / r) B_e A_e,
+    for its gate_up_proj and down_proj. B starts at zero, so training starts from the base model."""
+
+    def __init__(self, experts: Experts, config: LoraConfig) -> None:
+        super().__init__()
+        self.scaling = config.scaling
+        device = experts.gate_up_proj.device
+        for name in ("gate_up_proj", "down_proj"):
+            count, out_features, in_features = getattr(experts, name).shape
+            a = nn.Parameter(torch.empty(count, config.r, in_features, device=device))
+            for matrix in a.data:
+                nn.init.kaiming_uniform_(matrix, a=math.sqrt(5))
+            self.register_parameter(f"{name}_A", a)
+            self.register_parameter(
+                f"{name}_B", nn.Parameter(torch.zeros(count, out_features, config.r, device=device))
+            )
+
+    def delta(self, name: str, expert: int) -> torch.Tensor:
+        return (getattr(self, f"{name}_B")[expert] @ getattr(self, f"{name}_A")[expert]) * self.scaling
+
+
 def _targets(model: nn.Module, names: list[str]) -> list[str]:
     found = [
         name
         for name, module in model.named_modules()
         if any(name == t or name.endswith("." + t) for t in names)
-        and hasattr(module, "in_features")
+        and (hasattr(module, "in_features") or isinstance(module, Experts))
         and not isinstance(module, LoraLinear)
     ]
     if not found:
         raise ValueError(
-            f"LoraConfig.target_modules {names} match no layer with in/out features in {type(model).__name__}"
+            f"LoraConfig.target_modules {names} match no layer with in/out features (or expert stack) in "
+            f"{type(model).__name__}"
         )
     return found
 
@@ -93,7 +117,11 @@ def get_peft_model(model: nn.Module, config: LoraConfig) -> nn.Module:
     for name in _targets(model, config.target_modules):
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name)
-        setattr(owner, attr, LoraLinear(getattr(owner, attr), config))
+        target = getattr(owner, attr)
+        if isinstance(target, Experts):  # each expert's matrices get their own low-rank update
+            target.adapter = ExpertsLora(target, config)
+            continue
+        setattr(owner, attr, LoraLinear(target, config))
     model.lora_config = config  # type: ignore[assignment]
     return model
 
@@ -102,13 +130,27 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Adapter weights only, under PEFT's keys (`base_model.model.<layer>.lora_A.weight`)."""
+def expert_adapters(model: nn.Module) -> dict[str, ExpertsLora]:
     return {
+        name: m.adapter
+        for name, m in model.named_modules()
+        if isinstance(m, Experts) and m.adapter is not None
+    }
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter weights only, under PEFT's keys (`base_model.model.<layer>.lora_A.weight`); an expert
+    stack's as `base_model.model.<stack>.<gate_up_proj|down_proj>_<A|B>` (one matrix per expert)."""
+    state = {
         f"base_model.model.{name}.{part}.weight": getattr(layer, part).weight.detach().contiguous()
         for name, layer in lora_layers(model).items()
         for part in ("lora_A", "lora_B")
     }
+    for name, adapter in expert_adapters(model).items():
+        state |= {
+            f"base_model.model.{name}.{key}": p.detach().contiguous() for key, p in adapter.named_parameters()
+        }
+    return state
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
@@ -135,6 +177,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     for name, layer in lora_layers(model).items():
         for part in ("lora_A", "lora_B"):
             getattr(layer, part).weight.data.copy_(state[f"base_model.model.{name}.{part}.weight"])
+    for name, adapter in expert_adapters(model).items():
+        for key, param in adapter.named_parameters():
+            param.data.copy_(state[f"base_model.model.{name}.{key}"])
     return model
 
 
@@ -150,6 +195,12 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         base.weight += layer.delta_weight().to(base.weight.dtype)
         owner_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(owner_name), attr, base)
+    for name, adapter in expert_adapters(model).items():
+        experts = model.get_submodule(name)
+        for part in ("gate_up_proj", "down_proj"):
+            stack = getattr(experts, part)
+            stack += torch.stack([adapter.delta(part, e) for e in range(stack.shape[0])]).to(stack.dtype)
+        experts.adapter = None
     for param in model.parameters():
         param.requires_grad_(True)
     model.__dict__.pop("lora_config", None)
