@@ -95,28 +95,29 @@ def test_router_keeps_the_top_k_and_normalizes() -> None:
     torch.testing.assert_close(weights, (probs[[1, 3]] / probs[[1, 3]].sum())[None])
 
 
-def test_stored_names_are_checked() -> None:
+def assert_delta_fails(line: str, message: str) -> None:
+    """A one-line delta of Llama fails with `message`, pointing at its line."""
     from specformer.dsl.loader import SpecSet
 
-    base = (Path(__file__).parents[1] / "specs" / "llama.sf").read_text()
+    specs = SpecSet()
+    specs.add_text((Path(__file__).parents[1] / "specs" / "llama.sf").read_text(), "llama.sf")
+    with pytest.raises(SpecError, match=message) as error:
+        specs.add_text(f"model Delta extends Llama {{\n  {line}\n}}\n", "delta.sf")
+        specs.resolved("Delta")
+    assert "delta.sf:2:" in str(error.value)
+
+
+def test_stored_names_are_checked() -> None:
     for line, message in (
         ('stored DecoderLayr.mlp as "moe"', r"unknown block `DecoderLayr`; did you mean `DecoderLayer`"),
         ('stored DecoderLayer.ml as "moe"', r"`DecoderLayer` has no submodule `ml`; did you mean `mlp`"),
         ('stored DecoderLayer.mlp as "self_attn"', r"`DecoderLayer` already has a submodule `self_attn`"),
         ('stored DecoderLayer.mlp as "1moe"', r'stored name "1moe" is not an identifier'),
     ):
-        specs = SpecSet()
-        specs.add_text(base, "llama.sf")
-        with pytest.raises(SpecError, match=message) as error:
-            specs.add_text(f"model Delta extends Llama {{\n  {line}\n}}\n", "delta.sf")
-            specs.resolved("Delta")
-        assert "delta.sf:2:" in str(error.value)
+        assert_delta_fails(line, message)
 
 
 def test_module_choices_are_checked() -> None:
-    from specformer.dsl.loader import SpecSet
-
-    base = (Path(__file__).parents[1] / "specs" / "llama.sf").read_text()
     for line, message in (
         (
             "DecoderLayer.mlp = MLP if layer_idx in [0] else Router(hidden_size, 4, top_k = 2)",
@@ -128,12 +129,7 @@ def test_module_choices_are_checked() -> None:
         ),
         ("DecoderLayer.mlp = MLP if layer_idx > 0 else MLPs", r"unknown block `MLPs`; did you mean `MLP`"),
     ):
-        specs = SpecSet()
-        specs.add_text(base, "llama.sf")
-        with pytest.raises(SpecError, match=message) as error:
-            specs.add_text(f"model Delta extends Llama {{\n  {line}\n}}\n", "delta.sf")
-            specs.resolved("Delta")
-        assert "delta.sf:2:" in str(error.value)
+        assert_delta_fails(line, message)
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])

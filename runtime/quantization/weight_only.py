@@ -101,15 +101,7 @@ class Int8Linear(nn.Module):
     ) -> Int8Linear:
         weight = linear.weight.detach()
         group_size = group_size or weight.shape[1]
-        module = cls(
-            weight.shape[1],
-            weight.shape[0],
-            group_size,
-            linear.bias is not None,
-            weight.dtype,
-            weight.device,
-            activations,
-        )
+        module = _shaped_like(cls, linear, group_size, activations)
         grouped = weight.float().unflatten(1, (-1, group_size))
         scales = grouped.abs().amax(-1).clamp(min=1e-12) / 127
         module.weight.data = (grouped / scales[..., None]).round().clamp(-127, 127).to(torch.int8).flatten(1)
@@ -179,15 +171,7 @@ class Int4Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 32, activations: str = "float") -> Int4Linear:
         weight = linear.weight.detach()
-        module = cls(
-            weight.shape[1],
-            weight.shape[0],
-            group_size,
-            linear.bias is not None,
-            weight.dtype,
-            weight.device,
-            activations,
-        )
+        module = _shaped_like(cls, linear, group_size, activations)
         grouped = weight.float().unflatten(1, (-1, group_size))
         low, high = grouped.amin(-1), grouped.amax(-1)
         scales = ((high - low) / 15).clamp(min=1e-12)
@@ -247,6 +231,13 @@ def _dequantize_kernel(x: torch.Tensor) -> bool:
 # SmolLM2's matrices: widening each weight to float costs the same again for every row, so 8; integer
 # dot products share each weight load among four rows and win up to ~64 rows, so 32.
 _KERNEL_ROWS = {"float": 8, "int8": 32}
+
+
+def _shaped_like(cls: type[nn.Module], linear: nn.Linear, group_size: int, activations: str) -> Any:
+    """An empty quantized layer of `linear`'s sizes, dtype and device."""
+    weight = linear.weight
+    bias = linear.bias is not None
+    return cls(weight.shape[1], weight.shape[0], group_size, bias, weight.dtype, weight.device, activations)
 
 
 def _check_activations(activations: str) -> str:
