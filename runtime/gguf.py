@@ -30,6 +30,7 @@ from torch import nn
 from .checkpoint import CheckpointError
 from .config import ConfigError, PretrainedConfig
 from .gguf_container import GGUFContainer
+from .moe import Experts
 from .registry import gguf_architectures, model_class
 
 
@@ -216,6 +217,11 @@ def _config_keys(gguf: Any) -> dict[str, tuple[str, ...]]:
         attention.LAYERNORM_RMS_EPS: ("rms_norm_eps",),
         attention.LAYERNORM_EPS: ("layer_norm_eps", "layer_norm_epsilon", "norm_eps"),
         attention.SLIDING_WINDOW: ("sliding_window",),
+        llm.EXPERT_COUNT: ("num_experts", "num_local_experts"),
+        llm.EXPERT_USED_COUNT: ("num_experts_per_tok",),
+        llm.EXPERT_FEED_FORWARD_LENGTH: ("moe_intermediate_size",),
+        llm.EXPERT_SHARED_FEED_FORWARD_LENGTH: ("shared_expert_intermediate_size",),
+        llm.EXPERT_WEIGHTS_NORM: ("norm_topk_prob",),
     }
 
 
@@ -326,6 +332,23 @@ def _name_map(model: nn.Module, arch: str, blocks: int) -> dict[str, str]:
     return found
 
 
+def _expert_bases(model: nn.Module, arch: str, blocks: int) -> dict[str, tuple[str, str]]:
+    """GGUF base names of expert stacks (`blk.0.ffn_gate_exps`, llama.cpp's (E, out, in) tensors of every
+    expert's projection) -> (our `Experts` path, "gate" | "up" | "down"), named as the gguf package names
+    each expert's projection (`mlp.experts.gate_proj`)."""
+    gguf = _gguf()
+    enum = {name: member for member, name in gguf.MODEL_ARCH_NAMES.items()}[arch]
+    names = gguf.get_tensor_name_map(enum, blocks)
+    found = {}
+    for path, module in model.named_modules():
+        if isinstance(module, Experts):
+            for part, stored in zip(("gate", "up", "down"), module.per_expert, strict=True):
+                base = names.get_name(f"{path}.{stored}")
+                if base is not None:
+                    found[base] = (path, part)
+    return found
+
+
 def _expected(model: nn.Module, names: dict[str, str]) -> set[str]:
     """The GGUF tensors this model needs: every parameter's module, except tied copies."""
     tied = set(getattr(model, "active_ties", lambda: [])())
@@ -359,7 +382,10 @@ def _fit_flags(
     def attempt(candidate: PretrainedConfig) -> tuple[int, nn.Module, dict[str, str]]:
         model = build_on_meta(cls, candidate, path)
         names = _name_map(model, arch, _blocks(candidate))
-        return len(_expected(model, names) ^ present), model, names
+        expected = _expected(model, names) | {
+            f"{b}.weight" for b in _expert_bases(model, arch, _blocks(candidate))
+        }
+        return len(expected ^ present), model, names
 
     best, model, names = attempt(config)
     flags = [n for n, t in type(config).field_types.items() if t == "bool" and n != "tie_word_embeddings"]
@@ -404,9 +430,21 @@ def read_gguf(
     for name in sorted({t.name for t in reader.tensors} & set(_DERIVED)):
         warnings.warn(f"{path}: `{name}` is derived by llama.cpp from the config; not loaded", stacklevel=2)
     orders = _row_orders(model)
+    experts = _expert_bases(model, arch, _blocks(config))
+    halves: dict[str, dict[str, torch.Tensor]] = {}  # an expert stack's gate and up, until both are read
     tensors: dict[str, torch.Tensor] = {}
     for tensor in reader.tensors:
         if tensor.name in _DERIVED:
+            continue
+        if tensor.name.rpartition(".")[0] in experts:
+            stack, part = experts[tensor.name.rpartition(".")[0]]
+            halves.setdefault(stack, {})[part] = _dequantize(tensor, path)
+            if part == "down":
+                tensors[f"{stack}.down_proj"] = halves[stack].pop(part)
+            elif {"gate", "up"} <= halves[stack].keys():  # stacked as the model keeps them: (E, 2I, H)
+                tensors[f"{stack}.gate_up_proj"] = torch.cat(
+                    [halves[stack].pop("gate"), halves[stack].pop("up")], 1
+                )
             continue
         for key, value in _convert(tensor, model, names, orders, keep_quantized, path):
             tensors[key] = value
@@ -483,6 +521,8 @@ def _convert(
             yield f"{module_path}.{part}", _reordered(value, order, tensor.name, path)
         return
     value = _reordered(_dequantize(tensor, path), order, tensor.name, path)
+    if isinstance(module, nn.Linear) and suffix == "weight" and value.shape == (module.in_features,):
+        value = value[None]  # llama.cpp keeps a one-row matrix (a shared expert's gate) as a vector
     try:
         converted = convert(suffix, value) if convert else {suffix: value}
     except ValueError as err:

@@ -125,6 +125,15 @@ def _write_metadata(writer: gguf.GGUFWriter, arch: str, config: Any) -> None:
         writer.add_final_logit_softcapping(config.final_logit_softcapping)
     if arch == "gptneox":
         writer.add_parallel_residual(config.use_parallel_residual)
+    experts = _hparam(config, "num_experts", "num_local_experts")
+    if experts:  # Qwen2MoeModel / Qwen3MoeModel.set_gguf_parameters
+        writer.add_expert_count(experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+        if getattr(config, "shared_expert_intermediate_size", None):
+            writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
+        if getattr(config, "norm_topk_prob", False):
+            writer.add_expert_weights_norm(True)
     writer.add_vocab_size(config.vocab_size)
 
 
@@ -146,6 +155,19 @@ def _converted(arch: str, config: Any, state: dict[str, torch.Tensor]) -> dict[s
             heads = config.num_attention_heads
             grouped = tensor.reshape(heads, 3, -1, *tensor.shape[1:])
             tensor = torch.cat([grouped[:, i].reshape(-1, *tensor.shape[1:]) for i in range(3)])
+        if name.endswith(".experts.gate_up_proj"):  # one (E, I, H) tensor each for gate and up, as the
+            stem = name.removesuffix(".gate_up_proj")  # converter merges per-expert checkpoints
+            gate, up = tensor.chunk(2, dim=1)
+            out[f"{stem}.gate_proj.weight"], out[f"{stem}.up_proj.weight"] = (
+                gate.contiguous(),
+                up.contiguous(),
+            )
+            continue
+        if name.endswith(".experts.down_proj"):
+            out[f"{name}.weight"] = tensor
+            continue
+        if name.endswith("shared_expert_gate.weight"):
+            tensor = tensor.squeeze(0)  # a one-row matrix, stored as a vector
         if arch == "stablelm" and "layernorm.norms." in name:  # _stack_qk_norm
             stem, _, rest = name.partition(".norms.")
             head, _, leaf = rest.partition(".")

@@ -99,8 +99,8 @@ SPEC_BUDGETS = {
     "gemma3_text.sf": 21,
     "modernbert.sf": 103,
     "mixtral.sf": 15,
-    "qwen2_moe.sf": 35,
-    "qwen3_moe.sf": 27,
+    "qwen2_moe.sf": 36,
+    "qwen3_moe.sf": 28,
     "olmoe.sf": 40,
 }
 

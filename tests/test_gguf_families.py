@@ -82,9 +82,14 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "stablelm-qk-norms": ("StableLmConfig", DECODER | {"num_key_value_heads": 4, "qk_layernorm": True}),
     "olmo2": ("Olmo2Config", DECODER),
     "gemma": ("GemmaConfig", DECODER | {"head_dim": 16, "tie_word_embeddings": True}),
+    # mixtures of experts: llama.cpp's (E, out, in) expert tensors, gate and up apart, stacked on load;
+    # transformers reads no expert sizes from GGUF: its defaults (1408 and 5632; 768) they are
+    "qwen2moe": ("Qwen2MoeConfig", DECODER | {"num_experts": 4, "num_experts_per_tok": 2}),
+    "qwen3moe": ("Qwen3MoeConfig", DECODER | {"num_experts": 4, "num_experts_per_tok": 2}),
 }
 # Architectures transformers itself reads from GGUF (its GGUF_SUPPORTED_ARCHITECTURES).
-TRANSFORMERS_READS = ("qwen3", "gemma2", "gemma3", "phi3", "gpt2", "stablelm")
+# (qwen3moe too, but its outputs there differ from the source model's by ~0.1)
+TRANSFORMERS_READS = ("qwen3", "gemma2", "gemma3", "phi3", "gpt2", "stablelm", "qwen2moe")
 
 
 @pytest.fixture(scope="module")

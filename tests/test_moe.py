@@ -134,8 +134,9 @@ def test_module_choices_are_checked() -> None:
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
 def test_greedy_and_beam_tokens_match_transformers(arch: str, tmp_path: Path) -> None:
-    from specformer.runtime.generation import generate
     from reference import ARCHS, hf_config
+
+    from specformer.runtime.generation import generate
 
     family = ARCHS[arch]
     torch.manual_seed(3)
