@@ -48,6 +48,20 @@ def normalize(
         yield from parts.items()
 
 
+def stored_paths(model: nn.Module, path: str) -> list[str]:
+    """`path` (a module of `model`) as older checkpoints name it, when a spec says so: the model's own name
+    first (`model.layers.0.mlp.experts`, then `model.layers.0.block_sparse_moe.experts`)."""
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    lead = prefix if path.startswith(prefix) else ""
+    local = path[len(lead) :] + "."
+    found = [path]
+    for old, new in getattr(model, "stored_names", {}).items():
+        renamed = _renamed(local, [(_pattern(new), old)])
+        if renamed != local:
+            found.append(lead + renamed.removesuffix("."))
+    return found
+
+
 def _pattern(path: str) -> re.Pattern[str]:
     """`layers.*.block_sparse_moe.` as a regular expression: `*` is a layer's index."""
     return re.compile(re.escape(path).replace(r"\*", r"(\d+)"))

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError
+from .checkpoint_layout import stored_paths
 from .config import ConfigError, PretrainedConfig
 from .gguf_container import GGUFContainer
 from .moe import Experts
@@ -142,9 +143,10 @@ def _open(path: str | os.PathLike) -> tuple[Any, str]:
 
 
 def gguf_model_type(path: str | os.PathLike) -> str:
-    """The model_type of the spec that declares this file's architecture."""
-    _, arch = _open(path)
-    return _causal_lm_for(arch, None, Path(path)).config_class.model_type
+    """The model_type of the spec that declares this file's architecture (and, of several, fits its
+    tensors best)."""
+    reader, arch = _open(path)
+    return _choose(reader, arch, None, Path(path))[3].config_class.model_type
 
 
 def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -178,7 +180,9 @@ def _tokenizer_metadata(reader: Any, source: object) -> dict[str, Any]:
 
 
 # ---- which model -------------------------------------------------------------------------------------
-def _causal_lm_for(arch: str, requested: type[nn.Module] | None, path: Path) -> type[nn.Module]:
+def _candidates(arch: str, requested: type[nn.Module] | None, path: Path) -> list[type[nn.Module]]:
+    """The causal LMs that may read a file of this architecture: the requested one, or every spec that
+    declares it (the file's tensors choose among several)."""
     if requested is not None:
         declared = getattr(requested, "gguf_architecture", None)
         if declared != arch:
@@ -187,7 +191,7 @@ def _causal_lm_for(arch: str, requested: type[nn.Module] | None, path: Path) -> 
                 f"{path}: a `{arch}` file; {requested.__name__}'s spec {what}, so its tensors cannot be "
                 "placed (load it with `load_causal_lm`, which picks the model the file names)"
             )
-        return model_class(requested.config_class.model_type)
+        return [model_class(requested.config_class.model_type)]
     known = gguf_architectures()
     if arch not in known:
         raise CheckpointError(
@@ -343,7 +347,8 @@ def _expert_bases(model: nn.Module, arch: str, blocks: int) -> dict[str, tuple[s
     for path, module in model.named_modules():
         if isinstance(module, Experts):
             for part, stored in zip(("gate", "up", "down"), module.per_expert, strict=True):
-                base = names.get_name(f"{path}.{stored}")
+                bases = (names.get_name(f"{p}.{stored}") for p in stored_paths(model, path))
+                base = next((b for b in bases if b is not None), None)
                 if base is not None:
                     found[base] = (path, part)
     return found
@@ -371,9 +376,32 @@ def _expected(model: nn.Module, names: dict[str, str]) -> set[str]:
 _DERIVED = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 
 
+def _choose(
+    reader: Any, arch: str, requested: type[nn.Module] | None, path: Path
+) -> tuple[PretrainedConfig, nn.Module, dict[str, str], type[nn.Module]]:
+    """Config, meta model and tensor names of the candidate spec whose tensors fit the file's best."""
+    present = {t.name for t in reader.tensors if t.name not in _DERIVED}
+    fits = []
+    for cls in _candidates(arch, requested, path):
+        config_dict = _read_config(reader, arch, cls.config_class, path)
+        unplaced = config_dict.pop("_unplaced")
+        try:
+            config = cls.config_class.from_dict(config_dict)
+        except ConfigError as err:
+            raise CheckpointError(
+                f"{path}: its metadata does not make a {cls.__name__} config: {err}"
+            ) from None
+        _check_unplaced(config, unplaced, path)
+        fits.append((*_fit_flags(cls, config, present, arch, path), cls))
+        if fits[-1][0] == 0:
+            break  # every tensor placed: no other spec can fit better (the preferred one is tried first)
+    _, config, model, names, cls = min(fits, key=lambda fit: fit[0])  # the fewest tensors left unplaced
+    return config, model, names, cls
+
+
 def _fit_flags(
     cls: type[nn.Module], config: PretrainedConfig, present: set[str], arch: str, path: Path
-) -> tuple[PretrainedConfig, nn.Module, dict[str, str]]:
+) -> tuple[int, PretrainedConfig, nn.Module, dict[str, str]]:
     """Config booleans that only decide which tensors exist (biases, a norm per sublayer) are not in the
     metadata; read them off the file's tensors: flip the ones that bring the model's tensor names
     closer to the file's, one at a time."""
@@ -397,7 +425,7 @@ def _fit_flags(
         if not trials or min(t[0] for t in trials) >= best:
             break
         best, model, names, config = min(trials, key=lambda t: t[0])
-    return config, model, names
+    return best, config, model, names
 
 
 def _blocks(config: PretrainedConfig) -> int:
@@ -416,17 +444,8 @@ def read_gguf(
     """
     reader, arch = _open(path)
     path = Path(path)
-    cls = _causal_lm_for(arch, model_class, path)
-    config_dict = _read_config(reader, arch, cls.config_class, path)
-    unplaced = config_dict.pop("_unplaced")
     _check_tensor_offsets(reader, path)
-    try:
-        config = cls.config_class.from_dict(config_dict)
-    except ConfigError as err:
-        raise CheckpointError(f"{path}: its metadata does not make a {cls.__name__} config: {err}") from None
-    _check_unplaced(config, unplaced, path)
-    present = {t.name for t in reader.tensors if t.name not in _DERIVED}
-    config, model, names = _fit_flags(cls, config, present, arch, path)
+    config, model, names, cls = _choose(reader, arch, model_class, path)
     for name in sorted({t.name for t in reader.tensors} & set(_DERIVED)):
         warnings.warn(f"{path}: `{name}` is derived by llama.cpp from the config; not loaded", stacklevel=2)
     orders = _row_orders(model)

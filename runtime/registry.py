@@ -58,13 +58,16 @@ def model_class(model_type: str, task: str = "ForCausalLM") -> type[nn.Module]:
     return getattr(package, name)
 
 
-def gguf_architectures() -> dict[str, type[nn.Module]]:
-    """GGUF architecture -> the causal LM whose spec declares it (`gguf "llama"`). When several specs
-    declare one name, the one whose model_type is that name wins."""
-    found: dict[str, type[nn.Module]] = {}
+def gguf_architectures() -> dict[str, list[type[nn.Module]]]:
+    """GGUF architecture -> the causal LMs whose specs declare it (`gguf "llama"`), the one whose
+    model_type is that name first: several specs may be stored as one llama.cpp architecture (Mixtral's
+    files are `llama` files with expert tensors), and the file's tensors decide between them."""
+    found: dict[str, list[type[nn.Module]]] = {}
     for model_type, package in sorted(generated_packages().items()):
         classes = (getattr(package, name) for name in package.__all__)
         arch = next((c.gguf_architecture for c in classes if hasattr(c, "gguf_architecture")), None)
-        if arch is not None and (arch not in found or model_type == arch):
-            found[arch] = model_class(model_type)
+        if arch is not None:
+            found.setdefault(arch, []).append(model_class(model_type))
+    for arch, candidates in found.items():
+        candidates.sort(key=lambda c: c.config_class.model_type != arch)
     return found

@@ -129,7 +129,8 @@ def _write_metadata(writer: gguf.GGUFWriter, arch: str, config: Any) -> None:
     if experts:  # Qwen2MoeModel / Qwen3MoeModel.set_gguf_parameters
         writer.add_expert_count(experts)
         writer.add_expert_used_count(config.num_experts_per_tok)
-        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+        if getattr(config, "moe_intermediate_size", None):  # Mixtral's experts are intermediate_size wide
+            writer.add_expert_feed_forward_length(config.moe_intermediate_size)
         if getattr(config, "shared_expert_intermediate_size", None):
             writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
         if getattr(config, "norm_topk_prob", False):

@@ -98,7 +98,7 @@ SPEC_BUDGETS = {
     "gemma2.sf": 26,
     "gemma3_text.sf": 21,
     "modernbert.sf": 103,
-    "mixtral.sf": 15,
+    "mixtral.sf": 17,
     "qwen2_moe.sf": 36,
     "qwen3_moe.sf": 28,
     "olmoe.sf": 40,
