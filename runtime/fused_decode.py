@@ -194,13 +194,14 @@ class FusedDecoder:
 
 
 def _matrix(name: str, linear: nn.Module) -> dict[str, torch.Tensor]:
-    """A projection's tensors by the kernel's names: the weight, or packed blocks with float32 scales
-    (and offsets) beside them."""
+    """A projection's tensors by the kernel's names: the weight, or packed blocks with their scales
+    (float16 as stored, others as float32) and offsets, where the matrix has them, beside them."""
     if not isinstance(linear, QUANTIZED_LINEARS):
         return {name: linear.weight}
-    packed = {name: linear.weight.flatten(1), f"{name}_scales": linear.scales.float().contiguous()}
-    if isinstance(linear, Int4Linear):
-        packed[f"{name}_offsets"] = linear.offsets.float().contiguous()
+    dtype = torch.float16 if linear.scales.dtype == torch.float16 else torch.float32
+    packed = {name: linear.weight.flatten(1), f"{name}_scales": linear.scales.to(dtype).contiguous()}
+    if isinstance(linear, Int4Linear) and linear.offsets is not None:
+        packed[f"{name}_offsets"] = linear.offsets.to(dtype).contiguous()
     return packed
 
 

@@ -597,18 +597,19 @@ def _split_fused(
 
 def _quantized_parts(raw: Any, kind: str) -> dict[str, torch.Tensor]:
     """Split a packed tensor's raw (rows, blocks * bytes) data into the weight, scales and offsets of
-    an int8/int4 layer (`quantization/weight_only.py`): Q8_0/Q4_0/Q4_1 as they are; Q5_0 and the
-    K-quants Q4_K and Q6_K unpacked into the same per-group form."""
+    an int8/int4 layer (`quantization/weight_only.py`): Q8_0/Q4_0/Q4_1 as they are (float16 scales and
+    minimums; Q4_0 symmetric, no offsets); Q5_0 and the K-quants Q4_K and Q6_K unpacked into the same
+    per-group form."""
     if kind in _UNPACKED:
         return _UNPACKED[kind](np.asarray(raw).reshape(raw.shape[0], -1, _BLOCK_LAYOUTS[kind]))
     data = torch.from_numpy(raw.copy())
     blocks = data.reshape(data.shape[0], -1, _BLOCK_LAYOUTS[kind])  # (rows, blocks, bytes)
-    scales = blocks[..., :2].contiguous().view(torch.float16).squeeze(-1).float()
+    scales = blocks[..., :2].contiguous().view(torch.float16).squeeze(-1)
     if kind == "Q8_0":
         return {"weight": blocks[..., 2:].contiguous().view(torch.int8).flatten(1), "scales": scales}
-    if kind == "Q4_0":  # w = d * (q - 8)
-        return {"weight": blocks[..., 2:].contiguous(), "scales": scales, "offsets": -8 * scales}
-    offsets = blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1).float()  # Q4_1: w = d * q + m
+    if kind == "Q4_0":  # w = d * (q - 8): a symmetric layer
+        return {"weight": blocks[..., 2:].contiguous(), "scales": scales}
+    offsets = blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1)  # Q4_1: w = d * q + m
     return {"weight": blocks[..., 4:].contiguous(), "scales": scales, "offsets": offsets}
 
 
@@ -663,7 +664,7 @@ def _q6_k_parts(blocks: np.ndarray) -> dict[str, torch.Tensor]:
 
 def _q5_0_parts(blocks: np.ndarray) -> dict[str, torch.Tensor]:
     """Q5_0 blocks of 32 (d, four bytes of fifth bits, sixteen of nibbles) as int8 groups of 32:
-    w = d * (q - 16), ggml's `dequantize_row_q5_0`, exactly. (Stored wider than the file, 36 bytes a
+    w = d * (q - 16), ggml's `dequantize_row_q5_0`, exactly. (Stored wider than the file, 34 bytes a
     block for 22, so they take the int8 kernels: llama.cpp's Q4_K_M falls back to Q5_0 for matrices
     whose width is not a multiple of 256, most of a small model's.)"""
     rows = blocks.shape[0]
@@ -674,7 +675,7 @@ def _q5_0_parts(blocks: np.ndarray) -> dict[str, torch.Tensor]:
     q = (low | (bits.astype(np.int16) << 4)) - 16
     return {
         "weight": torch.from_numpy(q.astype(np.int8).reshape(rows, -1)),
-        "scales": torch.from_numpy(_half(blocks, 0)),
+        "scales": torch.from_numpy(_half(blocks, 0).astype(np.float16)),  # d itself: exact
     }
 
 

@@ -241,7 +241,7 @@ def from_gguf(
     target = _dtype(dtype) if dtype is not None else None
     layers = quantized_layers(checkpoint.tensors)
     if layers:
-        bits = {b for b, _ in layers.values()}
+        bits = {layout.bits for layout in layers.values()}
         prepare_weight_only(model, WeightOnlyConfig(bits=min(bits), activations=activations), layers)
     plan = resolve_device_map(model, device_map)
     model.load_tensors(checkpoint.tensors.items(), checkpoint.source, dtype=target, placement=plan)

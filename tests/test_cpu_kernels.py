@@ -313,6 +313,41 @@ def test_the_avx2_build_passes_these_tests_too(tmp_path: Path) -> None:
     assert list(tmp_path.glob("kernels/*.so"))  # built for AVX2 there, not taken from the usual cache
 
 
+# How a packed layer's scales and offsets are stored: in the model's dtype with offsets (quantized here),
+# float16 as a GGUF file's Q8_0/Q4_1 blocks keep them, or float16 and symmetric, no offsets (Q4_0).
+STORAGES = st.sampled_from(["model", "float16", "symmetric"])
+
+
+def _random_packed(
+    bits: int,
+    shape: tuple[int, int],
+    group: int | None,
+    bias: bool,
+    dtype: torch.dtype,
+    storage: str,
+    **kwargs,
+) -> torch.nn.Module:
+    """A packed layer with random integer weights, scales, offsets and bias, stored as `storage` says."""
+    from specformer.runtime.quantization import Int4Linear, Int8Linear
+
+    in_features, out_features = shape
+    stored = torch.float16 if storage != "model" else dtype
+    if bits == 4:
+        layer = Int4Linear(
+            in_features, out_features, 32, bias, dtype, symmetric=storage == "symmetric", **kwargs
+        )
+        layer.weight.data = torch.randint(0, 256, layer.weight.shape, dtype=torch.uint8)
+        if layer.offsets is not None:
+            layer.offsets.data = (torch.randn(layer.offsets.shape) * 0.1).to(stored)
+    else:
+        layer = Int8Linear(in_features, out_features, group, bias, dtype, **kwargs)
+        layer.weight.data = torch.randint(-127, 128, layer.weight.shape, dtype=torch.int8)
+    layer.scales.data = (torch.rand(layer.scales.shape) * 0.01).to(stored)
+    if bias:
+        layer.bias.data = torch.randn(out_features).to(dtype)
+    return layer
+
+
 @given(
     bits=st.sampled_from([8, 4]),
     rows=st.integers(1, 8),
@@ -320,29 +355,21 @@ def test_the_avx2_build_passes_these_tests_too(tmp_path: Path) -> None:
     group=st.sampled_from([32, None]),
     bias=st.booleans(),
     dtype=DTYPES,
+    storage=STORAGES,
     seed=st.integers(0, 99),
 )
-def test_packed_linear_matches_the_dequantised_matmul(bits, rows, shape, group, bias, dtype, seed) -> None:
+def test_packed_linear_matches_the_dequantised_matmul(
+    bits, rows, shape, group, bias, dtype, storage, seed
+) -> None:
     """Random int8 / packed int4 blocks with random scales and offsets (what a GGUF file holds), against
     F.linear on the dequantised weight; per-channel int8 groups take the scalar path."""
-    from specformer.runtime.quantization import Int4Linear, Int8Linear
-
     torch.manual_seed(seed)
-    in_features, out_features = shape
-    if bits == 4:
-        layer = Int4Linear(in_features, out_features, 32, bias, dtype)
-        layer.weight.data = torch.randint(0, 256, layer.weight.shape, dtype=torch.uint8)
-        layer.offsets.data = (torch.randn(layer.offsets.shape) * 0.1).to(dtype)
-    else:
-        layer = Int8Linear(in_features, out_features, group, bias, dtype)
-        layer.weight.data = torch.randint(-127, 128, layer.weight.shape, dtype=torch.int8)
-    layer.scales.data = (torch.rand(layer.scales.shape) * 0.01).to(dtype)
-    if bias:
-        layer.bias.data = torch.randn(out_features).to(dtype)
+    in_features = shape[0]
+    layer = _random_packed(bits, shape, group, bias, dtype, storage)
     x = torch.randn(rows, in_features).to(dtype)
     with torch.no_grad():
-        float_layer = type(layer)(in_features, out_features, layer.group_size, bias)  # dequantised in float32
-        float_layer.load_state_dict(
+        float_layer = _random_packed(bits, shape, layer.group_size, bias, torch.float32, storage)
+        float_layer.load_state_dict(  # the same values in float32: dequantised in float32
             {k: v.float() if v.is_floating_point() else v for k, v in layer.state_dict().items()}
         )
         expected = torch.nn.functional.linear(
@@ -371,35 +398,25 @@ def _int8_blocks(x: torch.Tensor) -> torch.Tensor:
     per_channel=st.booleans(),
     bias=st.booleans(),
     dtype=DTYPES,
+    storage=STORAGES,
     seed=st.integers(0, 99),
 )
 def test_integer_dot_products_match_int8_rounded_activations(
-    bits, rows, shape, per_channel, bias, dtype, seed
+    bits, rows, shape, per_channel, bias, dtype, storage, seed
 ):
     """`int8_activations`: x rounded to int8 per block of 32 and integer dot products (llama.cpp's
     arithmetic), against float math on the rounded x and the dequantised weights. The shapes cover whole
     groups of four blocks, tails of one to three, and per-channel int8 scales."""
-    from specformer.runtime.quantization import Int4Linear, Int8Linear
-
     torch.manual_seed(seed)
-    in_features, out_features = shape
-    if bits == 4:
-        layer = Int4Linear(in_features, out_features, 32, bias, dtype, activations="int8")
-        layer.weight.data = torch.randint(0, 256, layer.weight.shape, dtype=torch.uint8)
-        layer.offsets.data = (torch.randn(layer.offsets.shape) * 0.1).to(dtype)
-    else:
-        group = in_features if per_channel else 32
-        layer = Int8Linear(in_features, out_features, group, bias, dtype, activations="int8")
-        layer.weight.data = torch.randint(-127, 128, layer.weight.shape, dtype=torch.int8)
-    layer.scales.data = (torch.rand(layer.scales.shape) * 0.01).to(dtype)
-    if bias:
-        layer.bias.data = torch.randn(out_features).to(dtype)
+    in_features = shape[0]
+    group = in_features if per_channel else 32
+    layer = _random_packed(bits, shape, group, bias, dtype, storage, activations="int8")
     x = torch.randn(rows, in_features).to(dtype)
     x[0, :32] = 0  # a block of zeros has scale 0
     scales = layer.scales.float().repeat_interleave(layer.group_size, 1)
     if bits == 4:
         q = torch.cat(layer._nibbles(torch.float32), -1).flatten(1)
-        offsets = layer.offsets.float().repeat_interleave(32, 1)
+        offsets = layer._offsets(torch.float32).repeat_interleave(32, 1)
         products = [(_int8_blocks(x), q * scales + offsets)]
     else:
         products = [(_int8_blocks(x), layer.weight.float() * scales)]
@@ -419,18 +436,11 @@ def test_integer_dot_products_match_int8_rounded_activations(
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dequantize_packed_gives_the_layers_weight(bits: int, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("storage", ["model", "float16", "symmetric"])
+def test_dequantize_packed_gives_the_layers_weight(bits: int, dtype: torch.dtype, storage: str) -> None:
     """A prompt's rows multiply the weight dequantised in one C++ pass: bit for bit the layer's own."""
-    from specformer.runtime.quantization import Int4Linear, Int8Linear
-
     torch.manual_seed(bits)
-    layer = (Int4Linear(96, 40, 32) if bits == 4 else Int8Linear(96, 40, 32)).to(dtype)
-    if bits == 4:
-        layer.weight.data = torch.randint(0, 256, layer.weight.shape, dtype=torch.uint8)
-        layer.offsets.data = torch.randn(layer.offsets.shape).to(dtype)
-    else:
-        layer.weight.data = torch.randint(-127, 128, layer.weight.shape, dtype=torch.int8)
-    layer.scales.data = torch.rand(layer.scales.shape).to(dtype)
+    layer = _random_packed(bits, (96, 40), 32, False, dtype, storage)
     offsets = getattr(layer, "offsets", None)
     fast = cpu_kernels.dequantize_packed(layer.weight, layer.scales, offsets, bits, torch.float32)
     torch.testing.assert_close(fast, layer.float().dequantize(), atol=0, rtol=0)

@@ -225,9 +225,11 @@ def test_bad_input_names_what_does_not_fit() -> None:
         packed_q = torch.zeros(32, 32, dtype=torch.int8)
         with pytest.raises(RuntimeError, match="layer 0's packed q has no `q_scales`"):
             step(good_keys, [{**step_.layers[0], "q": packed_q}])
-        with pytest.raises(RuntimeError, match=r"q_scales must be float32 \(32, groups\)"):
+        with pytest.raises(RuntimeError, match=r"q_scales must be float32 or float16 \(32, groups\)"):
             step(good_keys, [{**step_.layers[0], "q": packed_q, "q_scales": torch.zeros(31, 1)}])
-        with pytest.raises(RuntimeError, match="int4 q needs float32 `q_offsets`"):
+        with pytest.raises(
+            RuntimeError, match="q_offsets must be an int4 matrix's, shaped and typed like its scales"
+        ):
             step(
                 good_keys,
                 [
@@ -235,6 +237,7 @@ def test_bad_input_names_what_does_not_fit() -> None:
                         **step_.layers[0],
                         "q": torch.zeros(32, 16, dtype=torch.uint8),
                         "q_scales": torch.zeros(32, 1),
+                        "q_offsets": torch.zeros(32, 1, dtype=torch.float16),
                     }
                 ],
             )
@@ -245,20 +248,28 @@ def test_bad_input_names_what_does_not_fit() -> None:
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("activations", ["float", "int8"])
-def test_packed_weights_decode_fused(bits: int, dtype: torch.dtype, activations: str) -> None:
+@pytest.mark.parametrize("as_in_files", [False, True])
+def test_packed_weights_decode_fused(
+    bits: int, dtype: torch.dtype, activations: str, as_in_files: bool
+) -> None:
     """Weight-only int8/int4 layers (GGUF's Q8_0 and Q4 blocks), the output projection packed too: the
     fused step reads the blocks and gives the op-by-op model's tokens and logits, in either arithmetic
-    (the down projection's 160 inputs are a group of four blocks and a tail of one)."""
+    (the down projection's 160 inputs are a group of four blocks and a tail of one). `as_in_files`:
+    float16 scales and symmetric int4 (Q8_0's and Q4_0's blocks)."""
     from specformer.runtime.quantization import Int4Linear, Int8Linear, WeightOnlyConfig, quantize
 
     torch.manual_seed(bits)
     config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
     model = LlamaForCausalLM(config).to(dtype).eval()
-    settings = WeightOnlyConfig(bits, 32, modules_to_convert=["lm_head"], activations=activations)
+    settings = WeightOnlyConfig(
+        bits, 32, modules_to_convert=["lm_head"], activations=activations, symmetric=as_in_files
+    )
     quantize(model, settings)
     kind = Int8Linear if bits == 8 else Int4Linear
     assert isinstance(model.model.layers[0].self_attn.q_proj, kind) and isinstance(model.lm_head, kind)
+    for layer in (m for m in model.modules() if as_in_files and isinstance(m, kind)):
+        layer.scales.data = layer.scales.half()
     prompt = torch.randint(0, 96, (2, 5))
     fused = step_for(model, StaticCache(32))
     assert isinstance(fused, FusedDecoder) and fused.int8_activations == (activations == "int8")

@@ -128,7 +128,11 @@ def test_quantized_blocks_load_without_dequantising(
     dense = load_causal_lm(path, dequantize=True)[0]
     packed = type(dense).from_gguf(path, activations=activations)
     kind = Int8Linear if qtype == "Q8_0" else Int4Linear
-    assert isinstance(packed.model.layers[0].self_attn.q_proj, kind)
+    q_proj = packed.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, kind)
+    assert q_proj.scales.dtype == torch.float16  # the blocks' own scales: two bytes a group, as in the file
+    if qtype != "Q8_0":  # Q4_0 is symmetric ((q - 8) * d, nothing more stored), Q4_1 keeps its minimums
+        assert (q_proj.offsets is None) == (qtype == "Q4_0")
     assert packed.get_memory_footprint() < dense.get_memory_footprint()
     if activations == "int8":
         for name, module in packed.named_modules():

@@ -37,12 +37,19 @@ def logits(model: torch.nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    ("kind", "group"), [(Int8Linear, None), (Int8Linear, 16), (Int4Linear, 16), (Int4Linear, 32)]
+    ("kind", "group", "options"),
+    [
+        (Int8Linear, None, {}),
+        (Int8Linear, 16, {}),
+        (Int4Linear, 16, {}),
+        (Int4Linear, 32, {}),
+        (Int4Linear, 32, {"symmetric": True}),
+    ],
 )
-def test_layers_approximate_the_float_layer(kind: type, group: int | None) -> None:
+def test_layers_approximate_the_float_layer(kind: type, group: int | None, options: dict) -> None:
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 24, bias=True)
-    layer = kind.from_linear(linear, group) if group else kind.from_linear(linear)
+    layer = kind.from_linear(linear, group, **options) if group else kind.from_linear(linear)
     x = torch.randn(3, 5, 64)
     dense = torch.nn.functional.linear(x, layer.dequantize(), linear.bias)
     torch.testing.assert_close(layer(x), dense, atol=1e-5, rtol=0)
@@ -60,13 +67,13 @@ def test_compiled_matvec_form_matches_the_dequantised_form() -> None:
         torch.testing.assert_close(compiled(x), layer(x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_quantized_on_load_saves_and_reloads_exactly(bits: int, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("bits", "symmetric"), [(8, False), (4, False), (4, True)])
+def test_quantized_on_load_saves_and_reloads_exactly(bits: int, symmetric: bool, tmp_path: Path) -> None:
     model = small_llama()
     model.save_pretrained(tmp_path / "fp32")
     expected = logits(model)
     quantized = LlamaForCausalLM.from_pretrained(
-        tmp_path / "fp32", quantization_config=WeightOnlyConfig(bits=bits)
+        tmp_path / "fp32", quantization_config=WeightOnlyConfig(bits=bits, symmetric=symmetric)
     )
     kind = Int8Linear if bits == 8 else Int4Linear
     assert isinstance(quantized.model.layers[0].self_attn.q_proj, kind)
@@ -80,6 +87,8 @@ def test_quantized_on_load_saves_and_reloads_exactly(bits: int, tmp_path: Path) 
     assert saved["quant_method"] == "weight_only" and saved["bits"] == bits
     reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "q")
     assert set(reloaded.state_dict()) == set(quantized.state_dict())
+    # a symmetric int4 layer stores no offsets (Q4_0's (q - 8) * scale)
+    assert any(key.endswith(".offsets") for key in reloaded.state_dict()) == (bits == 4 and not symmetric)
     torch.testing.assert_close(logits(reloaded), got, atol=0, rtol=0)
 
 

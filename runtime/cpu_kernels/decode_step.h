@@ -114,7 +114,8 @@ inline void check_names(const Layer& layer, int64_t l) {
 }
 
 // A packed (N, K) matrix from its weight (int8 (N, K) or uint8 holding N * K / 2 bytes) and the
-// `<name>_scales` (and, for int4, `<name>_offsets`) float32 tensors beside it, each checked.
+// `<name>_scales` (float32 or float16) and, for an int4 matrix with offsets, `<name>_offsets` (the scales'
+// dtype) beside it, each checked; an int4 matrix without offsets is symmetric (Q4_0).
 inline Packed packed_matrix(const Layer& layer, int64_t l, const std::string& name, const at::Tensor& t, int64_t N,
                             int64_t K, bool int8_activations) {
   Packed p;
@@ -125,18 +126,21 @@ inline Packed packed_matrix(const Layer& layer, int64_t l, const std::string& na
   const auto scales = layer.find(name + "_scales");
   TORCH_CHECK(scales != layer.end(), "decode_step: layer ", l, "'s packed ", name, " has no `", name, "_scales`");
   const at::Tensor& s = scales->value();
-  TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.dim() == 2 && s.size(0) == N && s.size(1) > 0 &&
-                  K % s.size(1) == 0,
-              "decode_step: layer ", l, "'s ", name, "_scales must be float32 (", N, ", groups), got ", s.sizes());
+  const auto dtype = s.scalar_type();
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kHalf) && s.is_contiguous() && s.dim() == 2 && s.size(0) == N &&
+                  s.size(1) > 0 && K % s.size(1) == 0,
+              "decode_step: layer ", l, "'s ", name, "_scales must be float32 or float16 (", N, ", groups), got ",
+              s.scalar_type(), " ", s.sizes());
   p.w = t.const_data_ptr();
-  p.scales = s.const_data_ptr<float>();
+  p.scales = s.const_data_ptr();
+  p.half = dtype == at::kHalf;
   p.group = K / s.size(1);
-  if (p.bits == 4) {
-    const auto offsets = layer.find(name + "_offsets");
-    TORCH_CHECK(offsets != layer.end() && offsets->value().sizes() == s.sizes() &&
-                    offsets->value().scalar_type() == at::kFloat && offsets->value().is_contiguous(),
-                "decode_step: layer ", l, "'s int4 ", name, " needs float32 `", name, "_offsets` shaped like its scales");
-    p.offsets = offsets->value().const_data_ptr<float>();
+  const auto offsets = layer.find(name + "_offsets");
+  if (offsets != layer.end()) {
+    const at::Tensor& o = offsets->value();
+    TORCH_CHECK(p.bits == 4 && o.sizes() == s.sizes() && o.scalar_type() == dtype && o.is_contiguous(),
+                "decode_step: layer ", l, "'s ", name, "_offsets must be an int4 matrix's, shaped and typed like its scales");
+    p.offsets = o.const_data_ptr();
   }
   return p;
 }

@@ -18,7 +18,13 @@
 // int4 rows are stored in that order (per four blocks: the four first halves, then the four second
 // halves), so one load of weights meets one load of activations. Rows of activations are padded with
 // zeros to a multiple of four blocks, and a row's last, partial four are read with masked loads.
+//
+// Scales (and offsets) are float32, or float16 as GGUF's Q8_0/Q4_0/Q4_1 blocks store them: decoding reads
+// every byte of them, and two fewer per group of 32 int4 weights is a tenth of the traffic. A symmetric
+// int4 row (Q4_0) stores no offsets at all: its offset is -8 * scale, computed from the scale.
 #include "kernels.h"
+
+#include <c10/util/Half.h>
 
 #include <cstdint>
 #include <vector>
@@ -26,6 +32,15 @@
 namespace specformer {
 
 constexpr int64_t kBlock = 32;  // activation block: llama.cpp's Q8_0
+constexpr float kSymmetricZero = 8.f;  // a symmetric int4 weight is (q - 8) * scale
+
+inline float to_float(float v) { return v; }
+inline float to_float(c10::Half v) { return float(v); }
+
+// The offset of group g: stored, or -8 * scale for a symmetric row (offsets null).
+template <typename S> inline float group_offset(const S* scales, const S* offsets, int64_t g) {
+  return offsets != nullptr ? to_float(offsets[g]) : -kSymmetricZero * to_float(scales[g]);
+}
 
 // x rounded to int8 per block of 32 with a float scale each, in the order one kind of row reads it;
 // each row padded with zero blocks to a multiple of four.
@@ -114,9 +129,12 @@ class QuantizedInput {
 };
 
 // The weight scale of activation block b: groups of `group` inputs (a multiple of 32) share one.
-inline float weight_scale(const float* scales, int64_t group, int64_t b) { return scales[b * kBlock / group]; }
+template <typename S> inline float weight_scale(const S* scales, int64_t group, int64_t b) {
+  return to_float(scales[b * kBlock / group]);
+}
 
-inline void row_i8_q8_scalar(const int8_t* w, const float* scales, int64_t K, int64_t group, const QuantizedRows& x,
+template <typename S>
+inline void row_i8_q8_scalar(const int8_t* w, const S* scales, int64_t K, int64_t group, const QuantizedRows& x,
                              int64_t M, float* acc) {
   const int64_t blocks = K / kBlock;
   for (int64_t m = 0; m < M; ++m) {
@@ -130,7 +148,8 @@ inline void row_i8_q8_scalar(const int8_t* w, const float* scales, int64_t K, in
   }
 }
 
-inline void row_u4_q8_scalar(const uint8_t* w, const float* scales, const float* offsets, int64_t K,
+template <typename S>
+inline void row_u4_q8_scalar(const uint8_t* w, const S* scales, const S* offsets, int64_t K,
                              const QuantizedRows& x, int64_t M, float* acc) {
   const int64_t blocks = K / kBlock;
   for (int64_t m = 0; m < M; ++m) {
@@ -144,8 +163,8 @@ inline void row_u4_q8_scalar(const uint8_t* w, const float* scales, const float*
         dot += int32_t(byte & 15) * q[x.nibble_order ? nibble_position(low) : low] +
                int32_t(byte >> 4) * q[x.nibble_order ? nibble_position(high) : high];
       }
-      total += float(dot) * (scales[b] * x.d[m * x.blocks + b]);
-      shift += offsets[b] * x.sums[m * x.blocks + b];
+      total += float(dot) * (to_float(scales[b]) * x.d[m * x.blocks + b]);
+      shift += group_offset(scales, offsets, b) * x.sums[m * x.blocks + b];
     }
     acc[m] = total + shift;
   }
@@ -163,9 +182,18 @@ SPECFORMER_VNNI inline __m512 spread4(__m128 v) {
                                _mm512_castps128_ps512(v));
 }
 
+// The first `count` (<= 16) values at p as floats, the others zero.
+SPECFORMER_VNNI inline __m512 load_floats(const float* p, int64_t count) {
+  return _mm512_maskz_loadu_ps(__mmask16((1u << count) - 1), p);
+}
+SPECFORMER_VNNI inline __m512 load_floats(const c10::Half* p, int64_t count) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(__mmask16((1u << count) - 1), p));
+}
+
 // The weight scales of blocks b..b+count-1 (count <= 4; the others zero).
-SPECFORMER_VNNI inline __m128 weight_scales4(const float* scales, int64_t group, int64_t b, int64_t count) {
-  if (group == kBlock) return _mm_maskz_loadu_ps(__mmask8((1 << count) - 1), scales + b);
+template <typename S>
+SPECFORMER_VNNI inline __m128 weight_scales4(const S* scales, int64_t group, int64_t b, int64_t count) {
+  if (group == kBlock) return _mm512_castps512_ps128(load_floats(scales + b, count));
   float s[4] = {0.f, 0.f, 0.f, 0.f};
   for (int64_t i = 0; i < count; ++i) s[i] = weight_scale(scales, group, b + i);
   return _mm_loadu_ps(s);
@@ -188,8 +216,8 @@ SPECFORMER_VNNI inline __m512i dot_i8(__m512i w, __m512i x) {
 // off one dependency chain.
 //
 // Blocks b..b+count-1 of an int8 row (groups a multiple of 32) against TM rows' activations, into sum.
-template <int TM>
-SPECFORMER_VNNI __attribute__((always_inline)) inline void four_i8(const int8_t* w, const float* scales,
+template <int TM, typename S>
+SPECFORMER_VNNI __attribute__((always_inline)) inline void four_i8(const int8_t* w, const S* scales,
                                                                    int64_t group, const QuantizedRows& x,
                                                                    int64_t m0, int64_t b, int64_t count,
                                                                    __m512 (&sum)[TM]) {
@@ -210,8 +238,8 @@ SPECFORMER_VNNI __attribute__((always_inline)) inline void four_i8(const int8_t*
 
 // Blocks b..b+count-1 of an int4 row (64 bytes of weights for four) against TM rows' activations in
 // nibble order, into sum.
-template <int TM>
-SPECFORMER_VNNI __attribute__((always_inline)) inline void four_u4(const uint8_t* w, const float* scales,
+template <int TM, typename S>
+SPECFORMER_VNNI __attribute__((always_inline)) inline void four_u4(const uint8_t* w, const S* scales,
                                                                    const QuantizedRows& x, int64_t m0, int64_t b,
                                                                    int64_t count, __m512 (&sum)[TM]) {
   const __m512i nibble = _mm512_set1_epi8(15), v = load_bytes(w + b * 16, count * 16);
@@ -227,59 +255,62 @@ SPECFORMER_VNNI __attribute__((always_inline)) inline void four_u4(const uint8_t
 }
 
 // acc[i] = sum_b (w_b . q_b) * scale_b * d_b over an int8 row.
-template <int TM>
-SPECFORMER_VNNI inline void tile_i8_q8(const int8_t* w, const float* scales, int64_t K, int64_t group,
+template <int TM, typename S>
+SPECFORMER_VNNI inline void tile_i8_q8(const int8_t* w, const S* scales, int64_t K, int64_t group,
                                        const QuantizedRows& x, int64_t m0, float* acc) {
   const int64_t blocks = K / kBlock;
   __m512 total[TM], other[TM];
   for (int i = 0; i < TM; ++i) total[i] = other[i] = _mm512_setzero_ps();
   int64_t b = 0;
   for (; b + 8 <= blocks; b += 8) {
-    four_i8<TM>(w, scales, group, x, m0, b, 4, total);
-    four_i8<TM>(w, scales, group, x, m0, b + 4, 4, other);
+    four_i8<TM, S>(w, scales, group, x, m0, b, 4, total);
+    four_i8<TM, S>(w, scales, group, x, m0, b + 4, 4, other);
   }
-  for (; b < blocks; b += 4) four_i8<TM>(w, scales, group, x, m0, b, std::min<int64_t>(4, blocks - b), total);
+  for (; b < blocks; b += 4) four_i8<TM, S>(w, scales, group, x, m0, b, std::min<int64_t>(4, blocks - b), total);
   for (int i = 0; i < TM; ++i) acc[i] = _mm512_reduce_add_ps(_mm512_add_ps(total[i], other[i]));
 }
 
 // acc[i] = sum_b (q_b . x_b) * scale_b * d_b + offset_b * d_b * sum(x_b) over an int4 row of groups of 32.
-template <int TM>
-SPECFORMER_VNNI inline void tile_u4_q8(const uint8_t* w, const float* scales, const float* offsets, int64_t K,
+template <int TM, typename S>
+SPECFORMER_VNNI inline void tile_u4_q8(const uint8_t* w, const S* scales, const S* offsets, int64_t K,
                                        const QuantizedRows& x, int64_t m0, float* acc) {
   const int64_t blocks = K / kBlock;
   __m512 total[TM], other[TM];
   for (int i = 0; i < TM; ++i) total[i] = other[i] = _mm512_setzero_ps();
   int64_t b = 0;
   for (; b + 8 <= blocks; b += 8) {
-    four_u4<TM>(w, scales, x, m0, b, 4, total);
-    four_u4<TM>(w, scales, x, m0, b + 4, 4, other);
+    four_u4<TM, S>(w, scales, x, m0, b, 4, total);
+    four_u4<TM, S>(w, scales, x, m0, b + 4, 4, other);
   }
-  for (; b < blocks; b += 4) four_u4<TM>(w, scales, x, m0, b, std::min<int64_t>(4, blocks - b), total);
+  for (; b < blocks; b += 4) four_u4<TM, S>(w, scales, x, m0, b, std::min<int64_t>(4, blocks - b), total);
   for (int i = 0; i < TM; ++i) {
     const float* sums = x.sums.data() + (m0 + i) * x.blocks;
     __m512 shift = _mm512_setzero_ps();  // the offsets' share: one product per group
-    int64_t g = 0;
-    for (; g + 16 <= blocks; g += 16)
-      shift = _mm512_fmadd_ps(_mm512_loadu_ps(offsets + g), _mm512_loadu_ps(sums + g), shift);
-    const __mmask16 rest = __mmask16((1u << (blocks - g)) - 1);
-    shift = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(rest, offsets + g), _mm512_maskz_loadu_ps(rest, sums + g), shift);
+    for (int64_t g = 0; g < blocks; g += 16) {
+      const int64_t count = std::min<int64_t>(16, blocks - g);
+      shift = _mm512_fmadd_ps(offsets != nullptr ? load_floats(offsets + g, count) : load_floats(scales + g, count),
+                              load_floats(sums + g, count), shift);
+    }
+    if (offsets == nullptr) shift = _mm512_mul_ps(shift, _mm512_set1_ps(-kSymmetricZero));
     acc[i] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(total[i], other[i]), shift));
   }
 }
 
 // acc[m] for m < M: one packed row against every activation row, four at a time.
-SPECFORMER_VNNI inline void row_i8_q8(const int8_t* w, const float* scales, int64_t K, int64_t group,
+template <typename S>
+SPECFORMER_VNNI inline void row_i8_q8(const int8_t* w, const S* scales, int64_t K, int64_t group,
                                       const QuantizedRows& x, int64_t M, float* acc) {
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) tile_i8_q8<4>(w, scales, K, group, x, m, acc + m);
-  for (; m < M; ++m) tile_i8_q8<1>(w, scales, K, group, x, m, acc + m);
+  for (; m + 4 <= M; m += 4) tile_i8_q8<4, S>(w, scales, K, group, x, m, acc + m);
+  for (; m < M; ++m) tile_i8_q8<1, S>(w, scales, K, group, x, m, acc + m);
 }
 
-SPECFORMER_VNNI inline void row_u4_q8(const uint8_t* w, const float* scales, const float* offsets, int64_t K,
+template <typename S>
+SPECFORMER_VNNI inline void row_u4_q8(const uint8_t* w, const S* scales, const S* offsets, int64_t K,
                                       const QuantizedRows& x, int64_t M, float* acc) {
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) tile_u4_q8<4>(w, scales, offsets, K, x, m, acc + m);
-  for (; m < M; ++m) tile_u4_q8<1>(w, scales, offsets, K, x, m, acc + m);
+  for (; m + 4 <= M; m += 4) tile_u4_q8<4, S>(w, scales, offsets, K, x, m, acc + m);
+  for (; m < M; ++m) tile_u4_q8<1, S>(w, scales, offsets, K, x, m, acc + m);
 }
 #else
 inline bool has_vnni() { return false; }

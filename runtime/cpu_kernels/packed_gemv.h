@@ -1,9 +1,10 @@
 #pragma once
 // ---- linear for a few rows over packed integer weights (decoding a quantized model) ------------------
 // The layouts are llama.cpp's blocks as quantization/weight_only.py keeps them: int8 weights with one
-// float scale per group (Q8_0: groups of 32), or 4-bit weights two to a byte, the first half of a group
+// scale per group (Q8_0: groups of 32), or 4-bit weights two to a byte, the first half of a group
 // in the low nibbles and the second half in the high ones, with a scale and an offset per group
-// (w = q * scale + offset: Q4_0 has offset -8 * scale, Q4_1 its own minimum).
+// (w = q * scale + offset: Q4_1 stores its minimum; a symmetric row, Q4_0, stores none and has -8 * scale).
+// Scales and offsets are float32 or float16 (int8_dot.h).
 //
 // Decoding is bound by reading the weights, and these are 4x (int8) or ~7x (int4) smaller than float32.
 // Each weight is widened to float32 in registers and multiplied with the float activations: the same
@@ -49,7 +50,8 @@ SPECFORMER_TARGET inline void dequantize_u4_group(const uint8_t* bytes, int64_t 
 }
 
 // acc[m] += sum_g scale[g] * dot(W_g, x[m]_g) for one int8 row; group a multiple of 16.
-SPECFORMER_TARGET inline void row_i8(const int8_t* w, const float* scales, int64_t K, int64_t group, const float* xf,
+template <typename S>
+SPECFORMER_TARGET inline void row_i8(const int8_t* w, const S* scales, int64_t K, int64_t group, const float* xf,
                                      int64_t M, float* acc) {
   for (int64_t m = 0; m < M; ++m) {
     __m512 total = _mm512_setzero_ps(), other = _mm512_setzero_ps();
@@ -63,22 +65,23 @@ SPECFORMER_TARGET inline void row_i8(const int8_t* w, const float* scales, int64
                                          _mm512_mul_ps(widen_i8(w + k), _mm512_loadu_ps(x + k)));
         const __m512 b = _mm512_fmadd_ps(widen_i8(w + k + 48), _mm512_loadu_ps(x + k + 48),
                                          _mm512_mul_ps(widen_i8(w + k + 32), _mm512_loadu_ps(x + k + 32)));
-        total = _mm512_fmadd_ps(a, _mm512_set1_ps(scales[g]), total);
-        other = _mm512_fmadd_ps(b, _mm512_set1_ps(scales[g + 1]), other);
+        total = _mm512_fmadd_ps(a, _mm512_set1_ps(to_float(scales[g])), total);
+        other = _mm512_fmadd_ps(b, _mm512_set1_ps(to_float(scales[g + 1])), other);
       }
     }
     for (; g < groups; ++g) {
       __m512 part = _mm512_setzero_ps();
       for (int64_t k = g * group; k < (g + 1) * group; k += 16)
         part = _mm512_fmadd_ps(widen_i8(w + k), _mm512_loadu_ps(x + k), part);
-      total = _mm512_fmadd_ps(part, _mm512_set1_ps(scales[g]), total);
+      total = _mm512_fmadd_ps(part, _mm512_set1_ps(to_float(scales[g])), total);
     }
     acc[m] = _mm512_reduce_add_ps(_mm512_add_ps(total, other));
   }
 }
 
 // acc[m] = sum_g scale[g] * dot(q_g, x[m]_g) + offset[g] * xsum[m, g] for one int4 row; group of 32.
-SPECFORMER_TARGET inline void row_u4(const uint8_t* w, const float* scales, const float* offsets, int64_t K,
+template <typename S>
+SPECFORMER_TARGET inline void row_u4(const uint8_t* w, const S* scales, const S* offsets, int64_t K,
                                      const float* xf, const float* xsum, int64_t M, float* acc) {
   const int64_t groups = K / 32;
   for (int64_t m = 0; m < M; ++m) {
@@ -94,37 +97,40 @@ SPECFORMER_TARGET inline void row_u4(const uint8_t* w, const float* scales, cons
                                        _mm512_mul_ps(low, _mm512_loadu_ps(x + g * 32)));
       const __m512 b = _mm512_fmadd_ps(high2, _mm512_loadu_ps(x + g * 32 + 48),
                                        _mm512_mul_ps(low2, _mm512_loadu_ps(x + g * 32 + 32)));
-      total = _mm512_fmadd_ps(a, _mm512_set1_ps(scales[g]), total);
-      other = _mm512_fmadd_ps(b, _mm512_set1_ps(scales[g + 1]), other);
-      shift += offsets[g] * xsum[m * groups + g] + offsets[g + 1] * xsum[m * groups + g + 1];
+      total = _mm512_fmadd_ps(a, _mm512_set1_ps(to_float(scales[g])), total);
+      other = _mm512_fmadd_ps(b, _mm512_set1_ps(to_float(scales[g + 1])), other);
+      shift += group_offset(scales, offsets, g) * xsum[m * groups + g] +
+               group_offset(scales, offsets, g + 1) * xsum[m * groups + g + 1];
     }
     for (; g < groups; ++g) {
       __m512 low, high;
       widen_u4(w + g * 16, &low, &high);
       const __m512 part = _mm512_fmadd_ps(high, _mm512_loadu_ps(x + g * 32 + 16),
                                           _mm512_mul_ps(low, _mm512_loadu_ps(x + g * 32)));
-      total = _mm512_fmadd_ps(part, _mm512_set1_ps(scales[g]), total);
-      shift += offsets[g] * xsum[m * groups + g];
+      total = _mm512_fmadd_ps(part, _mm512_set1_ps(to_float(scales[g])), total);
+      shift += group_offset(scales, offsets, g) * xsum[m * groups + g];
     }
     acc[m] = _mm512_reduce_add_ps(_mm512_add_ps(total, other)) + shift;
   }
 }
 #endif
 
-inline void row_i8_scalar(const int8_t* w, const float* scales, int64_t K, int64_t group, const float* xf, int64_t M,
+template <typename S>
+inline void row_i8_scalar(const int8_t* w, const S* scales, int64_t K, int64_t group, const float* xf, int64_t M,
                           float* acc) {
   for (int64_t m = 0; m < M; ++m) {
     float total = 0.f;
     for (int64_t g = 0; g * group < K; ++g) {
       float part = 0.f;
       for (int64_t k = g * group; k < (g + 1) * group; ++k) part += float(w[k]) * xf[m * K + k];
-      total += part * scales[g];
+      total += part * to_float(scales[g]);
     }
     acc[m] = total;
   }
 }
 
-inline void row_u4_scalar(const uint8_t* w, const float* scales, const float* offsets, int64_t K, int64_t group,
+template <typename S>
+inline void row_u4_scalar(const uint8_t* w, const S* scales, const S* offsets, int64_t K, int64_t group,
                           const float* xf, const float* xsum, int64_t M, float* acc) {
   const int64_t groups = K / group, half = group / 2;
   for (int64_t m = 0; m < M; ++m) {
@@ -135,7 +141,7 @@ inline void row_u4_scalar(const uint8_t* w, const float* scales, const float* of
         const uint8_t byte = w[g * half + j];
         part += float(byte & 15) * xf[m * K + g * group + j] + float(byte >> 4) * xf[m * K + g * group + half + j];
       }
-      total += part * scales[g] + offsets[g] * xsum[m * groups + g];
+      total += part * to_float(scales[g]) + group_offset(scales, offsets, g) * xsum[m * groups + g];
     }
     acc[m] = total;
   }
@@ -144,10 +150,11 @@ inline void row_u4_scalar(const uint8_t* w, const float* scales, const float* of
 // A weight matrix of the fused decode step: dense in the model's dtype (bits 0), or packed as above.
 struct Packed {
   const void* w = nullptr;
-  const float* scales = nullptr;   // (N, K / group)
-  const float* offsets = nullptr;  // int4 only
+  const void* scales = nullptr;   // (N, K / group), float32 or (`half`) float16
+  const void* offsets = nullptr;  // int4, in the scales' type; null for a symmetric matrix: -8 * scale
   int64_t bits = 0, group = 0;
   bool int8_activations = false;  // asked for integer dot products (int8_dot.h)
+  bool half = false;
 
   // Whether rows of K inputs take the integer path: asked for, and groups it covers (int8 rows:
   // multiples of 32; int4: 32, llama.cpp's Q4 blocks). Other groups widen the weights to float.
@@ -159,27 +166,35 @@ struct Packed {
 // acc[m] for one packed row n of K inputs: integer dot products with `quantized` (x rounded as
 // `p.integer(K)` asks, else null), or the weights widened to float, through the vector kernels where
 // the group allows.
-inline void packed_row(const Packed& p, int64_t n, int64_t K, const float* xf, const float* xsum, int64_t M, float* acc,
-                       const QuantizedRows* quantized) {
+template <typename S>
+void packed_row_as(const Packed& p, int64_t n, int64_t K, const float* xf, const float* xsum, int64_t M, float* acc,
+                   const QuantizedRows* quantized) {
   const int64_t groups = K / p.group;
   const auto* bytes = static_cast<const uint8_t*>(p.w) + n * K * p.bits / 8;
-  const float* scales = p.scales + n * groups;
+  const S* scales = static_cast<const S*>(p.scales) + n * groups;
+  const S* offsets = p.offsets != nullptr ? static_cast<const S*>(p.offsets) + n * groups : nullptr;
   if (quantized != nullptr) {
     const auto* int8_row = reinterpret_cast<const int8_t*>(bytes);
 #if defined(SPECFORMER_AVX512)
     if (has_vnni() && p.bits == 8) return row_i8_q8(int8_row, scales, K, p.group, *quantized, M, acc);
-    if (has_vnni()) return row_u4_q8(bytes, scales, p.offsets + n * groups, K, *quantized, M, acc);
+    if (has_vnni()) return row_u4_q8(bytes, scales, offsets, K, *quantized, M, acc);
 #endif
     if (p.bits == 8) return row_i8_q8_scalar(int8_row, scales, K, p.group, *quantized, M, acc);
-    return row_u4_q8_scalar(bytes, scales, p.offsets + n * groups, K, *quantized, M, acc);
+    return row_u4_q8_scalar(bytes, scales, offsets, K, *quantized, M, acc);
   }
 #if defined(SPECFORMER_AVX512)
   if (p.bits == 8 && p.group % 16 == 0)
     return row_i8(reinterpret_cast<const int8_t*>(bytes), scales, K, p.group, xf, M, acc);
-  if (p.bits == 4 && p.group == 32) return row_u4(bytes, scales, p.offsets + n * groups, K, xf, xsum, M, acc);
+  if (p.bits == 4 && p.group == 32) return row_u4(bytes, scales, offsets, K, xf, xsum, M, acc);
 #endif
   if (p.bits == 8) return row_i8_scalar(reinterpret_cast<const int8_t*>(bytes), scales, K, p.group, xf, M, acc);
-  row_u4_scalar(bytes, scales, p.offsets + n * groups, K, p.group, xf, xsum, M, acc);
+  row_u4_scalar(bytes, scales, offsets, K, p.group, xf, xsum, M, acc);
+}
+
+inline void packed_row(const Packed& p, int64_t n, int64_t K, const float* xf, const float* xsum, int64_t M, float* acc,
+                       const QuantizedRows* quantized) {
+  if (p.half) return packed_row_as<c10::Half>(p, n, K, xf, xsum, M, acc, quantized);
+  packed_row_as<float>(p, n, K, xf, xsum, M, acc, quantized);
 }
 
 // Sums of x over each group, once per input: what int4 offsets multiply.
@@ -193,7 +208,28 @@ inline void group_sums(const float* xf, int64_t M, int64_t K, int64_t group, flo
     }
 }
 
-// y = x W^T + b for packed W; bits 8 (weight int8 (N, K)) or 4 (weight uint8 (N, K/2), offsets given).
+// A packed (N, K) matrix over `weight`, `scales` and `offsets` as the kernels read them (float16 scales
+// as stored, any other float type as float32; offsets in the scales' type, absent for a symmetric int4
+// matrix); `keep` holds any converted copies for as long as the view is used.
+inline Packed packed_view(const at::Tensor& weight, const at::Tensor& scales_in,
+                          const std::optional<at::Tensor>& offsets_in, int64_t bits, int64_t K, at::Tensor (&keep)[2]) {
+  keep[0] = (scales_in.scalar_type() == at::kHalf ? scales_in : scales_in.to(at::kFloat)).contiguous();
+  if (bits == 4 && offsets_in.has_value()) {
+    TORCH_CHECK(offsets_in->sizes() == scales_in.sizes(), "offsets ", offsets_in->sizes(), " do not match scales ",
+                scales_in.sizes());
+    keep[1] = offsets_in->to(keep[0].scalar_type()).contiguous();
+  }
+  Packed p;
+  p.w = weight.const_data_ptr();
+  p.scales = keep[0].const_data_ptr();
+  p.offsets = keep[1].defined() ? keep[1].const_data_ptr() : nullptr;
+  p.bits = bits;
+  p.group = K / scales_in.size(1);
+  p.half = keep[0].scalar_type() == at::kHalf;
+  return p;
+}
+
+// y = x W^T + b for packed W; bits 8 (weight int8 (N, K)) or 4 (weight uint8 (N, K/2), offsets optional).
 template <typename T>
 at::Tensor packed_linear_impl(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& scales_in,
                               const std::optional<at::Tensor>& offsets_in, const std::optional<at::Tensor>& bias,
@@ -207,15 +243,8 @@ at::Tensor packed_linear_impl(const at::Tensor& input, const at::Tensor& weight,
   TORCH_CHECK(groups > 0 && K % groups == 0, "scales ", scales_in.sizes(), " do not group ", K, " inputs");
   TORCH_CHECK(weight.numel() == N * K * bits / 8, "weight ", weight.sizes(), " does not hold ", N, " x ", K,
               " values of ", bits, " bits");
-  TORCH_CHECK(bits == 8 || offsets_in.has_value(), "int4 weights need their offsets");
-  const at::Tensor scales = scales_in.to(at::kFloat).contiguous();
-  const at::Tensor offsets = bits == 4 ? offsets_in->to(at::kFloat).contiguous() : at::Tensor();
-  Packed p;
-  p.w = weight.const_data_ptr();
-  p.scales = scales.const_data_ptr<float>();
-  p.offsets = bits == 4 ? offsets.const_data_ptr<float>() : nullptr;
-  p.bits = bits;
-  p.group = K / groups;
+  at::Tensor keep[2];
+  Packed p = packed_view(weight, scales_in, offsets_in, bits, K, keep);
   p.int8_activations = int8_activations;
   std::vector<float> xf(M * K), xsum(M * groups, 0.f);
   const T* xp = x.const_data_ptr<T>();
@@ -246,22 +275,24 @@ at::Tensor packed_linear_impl(const at::Tensor& input, const at::Tensor& weight,
 }
 
 // Rows n0..n1 of a packed matrix dequantised into `out` (row stride K): w = q * scale (+ offset).
-template <typename T>
-void dequantize_rows(const Packed& p, int64_t K, int64_t n0, int64_t n1, T* out) {
+template <typename S, typename T>
+void dequantize_rows_as(const Packed& p, int64_t K, int64_t n0, int64_t n1, T* out) {
   const int64_t groups = K / p.group, half = p.group / 2;
   for (int64_t n = n0; n < n1; ++n) {
     T* row = out + (n - n0) * K;
-    const float* scales = p.scales + n * groups;
+    const S* scales = static_cast<const S*>(p.scales) + n * groups;
     if (p.bits == 8) {
       const auto* q = static_cast<const int8_t*>(p.w) + n * K;
-      for (int64_t g = 0; g < groups; ++g)
-        for (int64_t j = g * p.group; j < (g + 1) * p.group; ++j) row[j] = T(float(q[j]) * scales[g]);
+      for (int64_t g = 0; g < groups; ++g) {
+        const float d = to_float(scales[g]);
+        for (int64_t j = g * p.group; j < (g + 1) * p.group; ++j) row[j] = T(float(q[j]) * d);
+      }
       continue;
     }
     const uint8_t* q = static_cast<const uint8_t*>(p.w) + n * K / 2;
-    const float* offsets = p.offsets + n * groups;
+    const S* offsets = p.offsets != nullptr ? static_cast<const S*>(p.offsets) + n * groups : nullptr;
     for (int64_t g = 0; g < groups; ++g) {
-      const float d = scales[g], m = offsets[g];
+      const float d = to_float(scales[g]), m = group_offset(scales, offsets, g);
       const uint8_t* bytes = q + g * half;
       T* values = row + g * p.group;
 #if defined(SPECFORMER_AVX512)
@@ -280,6 +311,11 @@ void dequantize_rows(const Packed& p, int64_t K, int64_t n0, int64_t n1, T* out)
   }
 }
 
+template <typename T> void dequantize_rows(const Packed& p, int64_t K, int64_t n0, int64_t n1, T* out) {
+  if (p.half) return dequantize_rows_as<c10::Half>(p, K, n0, n1, out);
+  dequantize_rows_as<float>(p, K, n0, n1, out);
+}
+
 // The float weight of a packed matrix (N, K) in `dtype`, in one pass split over rows.
 inline at::Tensor dequantize_packed(const at::Tensor& weight, const at::Tensor& scales_in,
                                     const std::optional<at::Tensor>& offsets_in, int64_t bits, at::ScalarType dtype) {
@@ -288,11 +324,8 @@ inline at::Tensor dequantize_packed(const at::Tensor& weight, const at::Tensor& 
   const int64_t N = weight.size(0), groups = scales_in.size(1), K = weight.numel() / std::max<int64_t>(N, 1) * 8 / bits;
   TORCH_CHECK(weight.is_contiguous() && scales_in.size(0) == N && groups > 0 && K % groups == 0,
               "weight ", weight.sizes(), " and scales ", scales_in.sizes(), " do not describe one matrix");
-  TORCH_CHECK(bits == 8 || offsets_in.has_value(), "int4 weights need their offsets");
-  const at::Tensor scales = scales_in.to(at::kFloat).contiguous();
-  const at::Tensor offsets = bits == 4 ? offsets_in->to(at::kFloat).contiguous() : at::Tensor();
-  const Packed p{weight.const_data_ptr(), scales.const_data_ptr<float>(),
-                 bits == 4 ? offsets.const_data_ptr<float>() : nullptr, bits, K / groups};
+  at::Tensor keep[2];
+  const Packed p = packed_view(weight, scales_in, offsets_in, bits, K, keep);
   at::Tensor out = at::empty({N, K}, weight.options().dtype(dtype));
   auto fill = [&](auto* y) {
     at::parallel_for(0, N, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t begin, int64_t end) {

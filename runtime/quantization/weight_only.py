@@ -1,7 +1,9 @@
 """Weight-only quantization in plain torch: int8 and int4 linear layers, group-wise scales.
 
-A quantized layer stores integer weights and per-group scales (int4 also per-group offsets, so
-w = q * scale + offset covers both symmetric and min/max schemes). On the CPU, eager, the C++ kernels
+A quantized layer stores integer weights and per-group scales; an int4 layer also per-group offsets
+(w = q * scale + offset, the min/max scheme of Q4_1), or none when it is symmetric (w = (q - 8) * scale,
+Q4_0's scheme: fewer bytes to read per weight). Scales keep the dtype they were made or loaded in: a GGUF
+file's float16 scales stay float16, which is another tenth fewer bytes for an int4 model to stream. On the CPU, eager, the C++ kernels
 (`cpu_kernels`) read the packed weights directly for a few rows (decoding): each weight widened to float
 (`activations="float"`: the dequantised layer's numbers up to the order of the sums), or, with
 `activations="int8"`, activations rounded to int8 per block of 32 and integer dot products (llama.cpp's
@@ -22,7 +24,7 @@ Which layers are quantized: every `nn.Linear` of the backbone (the spec's blocks
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +46,8 @@ class WeightOnlyConfig:
     group_size: int | None = None  # None: per output channel for int8, 32 for int4
     modules_to_not_convert: list[str] = field(default_factory=list)
     modules_to_convert: list[str] = field(default_factory=list)  # heads to quantize too, e.g. lm_head
+    # int4 only: (q - 8) * scale per group (Q4_0: no offsets stored) instead of q * scale + minimum (Q4_1)
+    symmetric: bool = False
     # How the CPU kernels multiply: "float" widens each weight (the dequantised layer's numbers up to the
     # order of the sums); "int8" rounds activations to int8 per block of 32 and takes integer dot
     # products, as llama.cpp does (faster; the activations' rounding changes the numbers slightly).
@@ -111,8 +115,9 @@ class Int8Linear(nn.Module):
         return module
 
     def dequantize(self) -> torch.Tensor:
-        grouped = self.weight.unflatten(1, (-1, self.group_size)).to(self.scales.dtype)
-        return (grouped * self.scales[..., None]).flatten(1)
+        dtype = _exact_dtype(self.scales)
+        grouped = self.weight.unflatten(1, (-1, self.group_size)).to(dtype)
+        return (grouped * self.scales.to(dtype)[..., None]).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _packed_kernel(self, x):
@@ -139,7 +144,8 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """y = x W^T + b with W = q * scales + offsets, q in 0..15 packed two per byte (llama.cpp's Q4 layout)."""
+    """y = x W^T + b with W = q * scales + offsets, q in 0..15 packed two per byte (llama.cpp's Q4 layout);
+    a symmetric layer has no offsets: W = (q - 8) * scales."""
 
     def __init__(
         self,
@@ -150,6 +156,7 @@ class Int4Linear(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         activations: str = "float",
+        symmetric: bool = False,
     ) -> None:
         super().__init__()
         _check_groups(in_features, group_size, "int4")
@@ -163,22 +170,29 @@ class Int4Linear(nn.Module):
         self.scales = nn.Parameter(
             torch.empty(out_features, groups, dtype=dtype, device=device), requires_grad=False
         )
-        self.offsets = nn.Parameter(
-            torch.empty(out_features, groups, dtype=dtype, device=device), requires_grad=False
-        )
+        offsets = torch.empty(out_features, groups, dtype=dtype, device=device)
+        self.register_parameter("offsets", None if symmetric else nn.Parameter(offsets, requires_grad=False))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int = 32, activations: str = "float") -> Int4Linear:
+    def from_linear(
+        cls, linear: nn.Linear, group_size: int = 32, activations: str = "float", symmetric: bool = False
+    ) -> Int4Linear:
         weight = linear.weight.detach()
-        module = _shaped_like(cls, linear, group_size, activations)
+        module = _shaped_like(cls, linear, group_size, activations, symmetric)
         grouped = weight.float().unflatten(1, (-1, group_size))
-        low, high = grouped.amin(-1), grouped.amax(-1)
-        scales = ((high - low) / 15).clamp(min=1e-12)
-        q = ((grouped - low[..., None]) / scales[..., None]).round().clamp(0, 15).to(torch.uint8)
+        if symmetric:  # Q4_0: the value of largest magnitude is -8 * scale, exactly
+            extreme = grouped.gather(-1, grouped.abs().argmax(-1, keepdim=True)).squeeze(-1)
+            scales = torch.where(extreme == 0, 1e-12, extreme / -8)
+            q = (grouped / scales[..., None]).round().add(8).clamp(0, 15).to(torch.uint8)
+        else:
+            low, high = grouped.amin(-1), grouped.amax(-1)
+            scales = ((high - low) / 15).clamp(min=1e-12)
+            q = ((grouped - low[..., None]) / scales[..., None]).round().clamp(0, 15).to(torch.uint8)
+            module.offsets.data = low.to(weight.dtype)
         half = group_size // 2
         module.weight.data = q[..., :half] | (q[..., half:] << 4)
-        module.scales.data, module.offsets.data = scales.to(weight.dtype), low.to(weight.dtype)
+        module.scales.data = scales.to(weight.dtype)
         if linear.bias is not None:
             module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return module
@@ -189,8 +203,13 @@ class Int4Linear(nn.Module):
         return (packed & 15).to(dtype), (packed >> 4).to(dtype)
 
     def dequantize(self) -> torch.Tensor:
-        q = torch.cat(self._nibbles(self.scales.dtype), dim=-1)  # (out, groups, group)
-        return (q * self.scales[..., None] + self.offsets[..., None]).flatten(1)
+        dtype = _exact_dtype(self.scales)
+        q = torch.cat(self._nibbles(dtype), dim=-1)  # (out, groups, group)
+        return (q * self.scales.to(dtype)[..., None] + self._offsets(dtype)[..., None]).flatten(1)
+
+    def _offsets(self, dtype: torch.dtype) -> torch.Tensor:
+        """Each group's offset: stored, or -8 * scale (exact in any float type) for a symmetric layer."""
+        return (self.scales * -8 if self.offsets is None else self.offsets).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _packed_kernel(self, x):
@@ -202,7 +221,7 @@ class Int4Linear(nn.Module):
         if x.numel() // self.in_features > _MATVEC_ROWS or not torch.compiler.is_compiling():
             return F.linear(x, self.dequantize().to(x.dtype), self.bias)
         xg = x.unflatten(-1, (-1, 2, self.group_size // 2)).unsqueeze(-4)  # (..., 1, groups, 2, half)
-        scales, offsets = self.scales.to(x.dtype)[..., None], self.offsets.to(x.dtype)[..., None]
+        scales, offsets = self.scales.to(x.dtype)[..., None], self._offsets(x.dtype)[..., None]
         low, high = (q * scales + offsets for q in self._nibbles(x.dtype))  # dequantised in registers
         y = (xg[..., 0, :] * low + xg[..., 1, :] * high).sum((-1, -2))  # one reduction over the row
         return y if self.bias is None else y + self.bias
@@ -210,8 +229,14 @@ class Int4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.in_features}, {self.out_features}, group_size={self.group_size}, "
-            f"bias={self.bias is not None}, activations={self.activations}"
+            f"bias={self.bias is not None}, activations={self.activations}, symmetric={self.offsets is None}"
         )
+
+
+def _exact_dtype(scales: torch.Tensor) -> torch.dtype:
+    """The dtype to dequantise in: the scales', but float32 for float16 scales (a file's), as llama.cpp's
+    dequantisers compute q * d in float32 (in float16 the products of 4-bit q and an 11-bit d would round)."""
+    return torch.float32 if scales.dtype == torch.float16 else scales.dtype
 
 
 def _packed_kernel(layer: Int8Linear | Int4Linear, x: torch.Tensor) -> bool:
@@ -233,11 +258,22 @@ def _dequantize_kernel(x: torch.Tensor) -> bool:
 _KERNEL_ROWS = {"float": 8, "int8": 32}
 
 
-def _shaped_like(cls: type[nn.Module], linear: nn.Linear, group_size: int, activations: str) -> Any:
+def _shaped_like(
+    cls: type[nn.Module], linear: nn.Linear, group_size: int, activations: str, *symmetric: bool
+) -> Any:
     """An empty quantized layer of `linear`'s sizes, dtype and device."""
     weight = linear.weight
     bias = linear.bias is not None
-    return cls(weight.shape[1], weight.shape[0], group_size, bias, weight.dtype, weight.device, activations)
+    return cls(
+        weight.shape[1],
+        weight.shape[0],
+        group_size,
+        bias,
+        weight.dtype,
+        weight.device,
+        activations,
+        *symmetric,
+    )
 
 
 def _check_activations(activations: str) -> str:
@@ -265,7 +301,7 @@ def quantize_weight_only(model: nn.Module, config: WeightOnlyConfig) -> nn.Modul
     def make(_: str, old: nn.Linear) -> nn.Module:
         if config.bits == 8:
             return Int8Linear.from_linear(old, config.group_size, config.activations)
-        return Int4Linear.from_linear(old, config.group_size or 32, config.activations)
+        return Int4Linear.from_linear(old, config.group_size or 32, config.activations, config.symmetric)
 
     replace_modules(model, names, make)
     remember_quantization(model, config.to_dict())
@@ -273,39 +309,45 @@ def quantize_weight_only(model: nn.Module, config: WeightOnlyConfig) -> nn.Modul
 
 
 def prepare_weight_only(
-    model: nn.Module, config: WeightOnlyConfig, layers: dict[str, tuple[int, int]] | None = None
+    model: nn.Module, config: WeightOnlyConfig, layers: dict[str, QuantizedLayout] | None = None
 ) -> None:
     """Give a (meta-built) model empty quantized layers so a quantized checkpoint can be assigned to it.
 
-    `layers` maps module names to (bits, group size) when they differ per layer (a GGUF file's mix);
+    `layers` maps module names to their layouts when they differ per layer (a GGUF file's mix);
     otherwise every quantizable linear gets `config`'s format.
     """
     if layers is None:
         group = config.group_size or (32 if config.bits == 4 else None)
         names = quantizable_linears(model, config.modules_to_not_convert, config.modules_to_convert)
-        layers = dict.fromkeys(names, (config.bits, group))
+        layers = dict.fromkeys(names, QuantizedLayout(config.bits, group, config.symmetric))
 
     def make(name: str, old: nn.Module) -> nn.Module:
-        bits, group = layers[name]
-        kind = Int8Linear if bits == 8 else Int4Linear
-        device, dtype = old.weight.device, old.weight.dtype
+        layout = layers[name]
         args = (
             old.in_features,
             old.out_features,
-            group or old.in_features,
+            layout.group or old.in_features,
             old.bias is not None,
-            dtype,
-            device,
+            old.weight.dtype,
+            old.weight.device,
             config.activations,
         )
-        return kind(*args)
+        return Int8Linear(*args) if layout.bits == 8 else Int4Linear(*args, symmetric=layout.symmetric)
 
     replace_modules(model, layers, make)
     remember_quantization(model, config.to_dict())
 
 
-def quantized_layers(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
-    """(bits, group size) of each quantized linear in a checkpoint, read off its tensors' dtypes and shapes."""
+class QuantizedLayout(NamedTuple):
+    """How one quantized linear stores its weight: bits, inputs per scale, and (int4) whether symmetric."""
+
+    bits: int
+    group: int | None
+    symmetric: bool = False
+
+
+def quantized_layers(tensors: dict[str, torch.Tensor]) -> dict[str, QuantizedLayout]:
+    """The layout of each quantized linear in a checkpoint, read off its tensors' dtypes, shapes and keys."""
     layers = {}
     for key, scales in tensors.items():
         if not key.endswith(".scales"):
@@ -313,7 +355,7 @@ def quantized_layers(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, i
         module = key.removesuffix(".scales")
         weight = tensors[module + ".weight"]
         if weight.dtype == torch.int8:
-            layers[module] = (8, weight.shape[1] // scales.shape[1])
+            layers[module] = QuantizedLayout(8, weight.shape[1] // scales.shape[1])
         elif weight.dtype == torch.uint8 and weight.dim() == 3:
-            layers[module] = (4, 2 * weight.shape[2])
+            layers[module] = QuantizedLayout(4, 2 * weight.shape[2], module + ".offsets" not in tensors)
     return layers
