@@ -95,10 +95,21 @@ def packed_linear(
 
 
 def dequantize_packed(
-    weight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, bits: int, dtype: torch.dtype
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor | None,
+    bits: int,
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The float (N, K) weight of a packed int8/int4 matrix, in one parallel pass."""
-    return torch.ops.specformer_cpu.dequantize_packed(weight, scales, offsets, bits, dtype)
+    """The float (N, K) weight of a packed int8/int4 matrix, in one parallel pass; into `out` (N * K values
+    of `dtype`, contiguous; returned reshaped) when given."""
+    if out is None:
+        return torch.ops.specformer_cpu.dequantize_packed(weight, scales, offsets, bits, dtype)
+    if out.dtype != dtype:
+        raise ValueError(f"dequantize_packed: out is {out.dtype}; expected {dtype}")
+    torch.ops.specformer_cpu.dequantize_packed_into(out, weight, scales, offsets, bits)
+    return out.view(weight.shape[0], -1)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

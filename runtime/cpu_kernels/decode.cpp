@@ -211,6 +211,7 @@ TORCH_LIBRARY(specformer_cpu, m) {
   m.def("packed_linear(Tensor x, Tensor weight, Tensor scales, Tensor? offsets, Tensor? bias, int bits, "
         "bool int8_activations=False) -> Tensor");
   m.def("dequantize_packed(Tensor weight, Tensor scales, Tensor? offsets, int bits, ScalarType dtype) -> Tensor");
+  m.def("dequantize_packed_into(Tensor(a!) out, Tensor weight, Tensor scales, Tensor? offsets, int bits) -> ()");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
   m.def("rotary(Tensor q, Tensor k, Tensor cos, Tensor signed_sin) -> (Tensor, Tensor)");
@@ -225,6 +226,7 @@ TORCH_LIBRARY_IMPL(specformer_cpu, CPU, m) {
   m.impl("linear", specformer::linear);
   m.impl("packed_linear", specformer::packed_linear);
   m.impl("dequantize_packed", specformer::dequantize_packed);
+  m.impl("dequantize_packed_into", specformer::dequantize_packed_into);
   m.impl("rms_norm", specformer::rms_norm);
   m.impl("silu_mul", specformer::silu_mul);
   m.impl("rotary", specformer::rotary);

@@ -76,6 +76,15 @@ SPECFORMER_TARGET inline __m512 load16(const c10::BFloat16* p) {
   const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
+SPECFORMER_TARGET inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+// Rounded to nearest even, NaN to c10's quiet NaN: c10::BFloat16's own conversion, sixteen at a time.
+SPECFORMER_TARGET inline void store16(c10::BFloat16* p, __m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(rounded));
+}
 
 // Sixteen per-lane dot products summed into one vector whose lane i is dots[i]'s total: a transpose
 // done as a tree of shuffles and adds (45 instructions, where 16 horizontal sums take ~130).

@@ -37,16 +37,23 @@ SPECFORMER_TARGET inline void widen_u4(const uint8_t* p, __m512* low, __m512* hi
   *high = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
 }
 
-// One int4 group of 2 * half values as floats q * d + m, sixteen bytes at a time (their low nibbles,
-// then their high ones); multiplied and added separately, as the dequantised layer's float ops round.
-SPECFORMER_TARGET inline void dequantize_u4_group(const uint8_t* bytes, int64_t half, float d, float m, float* out) {
+// One int4 group of 2 * half values as q * d + m, sixteen bytes at a time (their low nibbles, then
+// their high ones); multiplied and added separately, as the dequantised layer's float ops round.
+template <typename T>
+SPECFORMER_TARGET inline void dequantize_u4_group(const uint8_t* bytes, int64_t half, float d, float m, T* out) {
   const __m512 scale = _mm512_set1_ps(d), offset = _mm512_set1_ps(m);
   for (int64_t j = 0; j < half; j += 16) {
     __m512 low, high;
     widen_u4(bytes + j, &low, &high);
-    _mm512_storeu_ps(out + j, _mm512_add_ps(_mm512_mul_ps(low, scale), offset));
-    _mm512_storeu_ps(out + half + j, _mm512_add_ps(_mm512_mul_ps(high, scale), offset));
+    store16(out + j, _mm512_add_ps(_mm512_mul_ps(low, scale), offset));
+    store16(out + half + j, _mm512_add_ps(_mm512_mul_ps(high, scale), offset));
   }
+}
+
+// One int8 group of `count` (a multiple of 16) values as q * d.
+template <typename T>
+SPECFORMER_TARGET inline void dequantize_i8_group(const int8_t* q, int64_t count, float d, T* out) {
+  for (int64_t j = 0; j < count; j += 16) store16(out + j, _mm512_mul_ps(widen_i8(q + j), _mm512_set1_ps(d)));
 }
 
 // acc[m] += sum_g scale[g] * dot(W_g, x[m]_g) for one int8 row; group a multiple of 16.
@@ -285,6 +292,12 @@ void dequantize_rows_as(const Packed& p, int64_t K, int64_t n0, int64_t n1, T* o
       const auto* q = static_cast<const int8_t*>(p.w) + n * K;
       for (int64_t g = 0; g < groups; ++g) {
         const float d = to_float(scales[g]);
+#if defined(SPECFORMER_AVX512)
+        if (p.group % 16 == 0) {
+          dequantize_i8_group(q + g * p.group, p.group, d, row + g * p.group);
+          continue;
+        }
+#endif
         for (int64_t j = g * p.group; j < (g + 1) * p.group; ++j) row[j] = T(float(q[j]) * d);
       }
       continue;
@@ -296,11 +309,9 @@ void dequantize_rows_as(const Packed& p, int64_t K, int64_t n0, int64_t n1, T* o
       const uint8_t* bytes = q + g * half;
       T* values = row + g * p.group;
 #if defined(SPECFORMER_AVX512)
-      if constexpr (std::is_same_v<T, float>) {
-        if (half % 16 == 0) {
-          dequantize_u4_group(bytes, half, d, m, values);
-          continue;
-        }
+      if (half % 16 == 0) {
+        dequantize_u4_group(bytes, half, d, m, values);
+        continue;
       }
 #endif
       for (int64_t j = 0; j < half; ++j) {
@@ -316,17 +327,20 @@ template <typename T> void dequantize_rows(const Packed& p, int64_t K, int64_t n
   dequantize_rows_as<float>(p, K, n0, n1, out);
 }
 
-// The float weight of a packed matrix (N, K) in `dtype`, in one pass split over rows.
-inline at::Tensor dequantize_packed(const at::Tensor& weight, const at::Tensor& scales_in,
-                                    const std::optional<at::Tensor>& offsets_in, int64_t bits, at::ScalarType dtype) {
+// The float weight of a packed matrix (N, K) written into `out` (float32 or bfloat16, N * K values), in
+// one pass split over rows.
+inline void dequantize_packed_into(at::Tensor& out, const at::Tensor& weight, const at::Tensor& scales_in,
+                                   const std::optional<at::Tensor>& offsets_in, int64_t bits) {
   TORCH_CHECK(bits == 8 || bits == 4, "bits is ", bits, "; expected 8 or 4");
+  const auto dtype = out.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dequantize_packed: float32 or bfloat16 only");
   const int64_t N = weight.size(0), groups = scales_in.size(1), K = weight.numel() / std::max<int64_t>(N, 1) * 8 / bits;
   TORCH_CHECK(weight.is_contiguous() && scales_in.size(0) == N && groups > 0 && K % groups == 0,
               "weight ", weight.sizes(), " and scales ", scales_in.sizes(), " do not describe one matrix");
+  TORCH_CHECK(out.is_contiguous() && out.numel() == N * K, "dequantize_packed: out holds ", out.numel(),
+              " values; expected ", N, " x ", K, ", contiguous");
   at::Tensor keep[2];
   const Packed p = packed_view(weight, scales_in, offsets_in, bits, K, keep);
-  at::Tensor out = at::empty({N, K}, weight.options().dtype(dtype));
   auto fill = [&](auto* y) {
     at::parallel_for(0, N, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t begin, int64_t end) {
       dequantize_rows(p, K, begin, end, y + begin * K);
@@ -334,6 +348,13 @@ inline at::Tensor dequantize_packed(const at::Tensor& weight, const at::Tensor& 
   };
   if (dtype == at::kFloat) fill(out.data_ptr<float>());
   else fill(out.data_ptr<c10::BFloat16>());
+}
+
+inline at::Tensor dequantize_packed(const at::Tensor& weight, const at::Tensor& scales,
+                                    const std::optional<at::Tensor>& offsets, int64_t bits, at::ScalarType dtype) {
+  const int64_t N = weight.size(0), K = weight.numel() / std::max<int64_t>(N, 1) * 8 / bits;
+  at::Tensor out = at::empty({N, K}, weight.options().dtype(dtype));
+  dequantize_packed_into(out, weight, scales, offsets, bits);
   return out;
 }
 
