@@ -249,13 +249,15 @@ def test_bad_input_names_what_does_not_fit() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("activations", ["float", "int8"])
 @pytest.mark.parametrize("as_in_files", [False, True])
+@pytest.mark.parametrize("batch", [1, 2])
 def test_packed_weights_decode_fused(
-    bits: int, dtype: torch.dtype, activations: str, as_in_files: bool
+    bits: int, dtype: torch.dtype, activations: str, as_in_files: bool, batch: int
 ) -> None:
     """Weight-only int8/int4 layers (GGUF's Q8_0 and Q4 blocks), the output projection packed too: the
     fused step reads the blocks and gives the op-by-op model's tokens and logits, in either arithmetic
     (the down projection's 160 inputs are a group of four blocks and a tail of one). `as_in_files`:
-    float16 scales and symmetric int4 (Q8_0's and Q4_0's blocks)."""
+    float16 scales and symmetric int4 (Q8_0's and Q4_0's blocks); one sequence reads short int4 rows
+    four at a time."""
     from specformer.runtime.quantization import Int4Linear, Int8Linear, WeightOnlyConfig, quantize
 
     torch.manual_seed(bits)
@@ -270,7 +272,7 @@ def test_packed_weights_decode_fused(
     assert isinstance(model.model.layers[0].self_attn.q_proj, kind) and isinstance(model.lm_head, kind)
     for layer in (m for m in model.modules() if as_in_files and isinstance(m, kind)):
         layer.scales.data = layer.scales.half()
-    prompt = torch.randint(0, 96, (2, 5))
+    prompt = torch.randint(0, 96, (batch, 5))
     fused = step_for(model, StaticCache(32))
     assert isinstance(fused, FusedDecoder) and fused.int8_activations == (activations == "int8")
     # Rounding to int8 is a step function: where the two sides' float32 inputs differ in the last bit

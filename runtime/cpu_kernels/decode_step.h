@@ -31,7 +31,11 @@ void gemv_matrix(const Matrix<T>& w, const T* bias, int64_t K, const float* xf, 
   if (w.dense != nullptr) return gemv_share(w.dense, bias, K, xf, M, y, y_stride, n0, n1, acc);
   const QuantizedRows* rows = w.packed.integer(K) ? &quantized.get(xf, M, K, w.packed.bits == 4) : nullptr;
   if (w.packed.bits == 4 && rows == nullptr) group_sums(xf, M, K, w.packed.group, xsum);
-  for (int64_t n = n0; n < n1; ++n) {
+  int64_t n = n0;
+  if (M == 1 && rows != nullptr)  // one sequence: several weight rows at a time
+    for (; n + kRows <= n1 && packed_rows(w.packed, n, K, *rows, acc); n += kRows)
+      for (int64_t r = 0; r < kRows; ++r) y[n + r] = round_to<T>(acc[r] + (bias ? float(bias[n + r]) : 0.f));
+  for (; n < n1; ++n) {
     packed_row(w.packed, n, K, xf, xsum, M, acc, rows);
     for (int64_t m = 0; m < M; ++m) y[m * y_stride + n] = round_to<T>(acc[m] + (bias ? float(bias[n]) : 0.f));
   }

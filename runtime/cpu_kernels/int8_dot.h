@@ -312,6 +312,48 @@ SPECFORMER_VNNI inline void row_u4_q8(const uint8_t* w, const S* scales, const S
   for (; m + 4 <= M; m += 4) tile_u4_q8<4, S>(w, scales, offsets, K, x, m, acc + m);
   for (; m < M; ++m) tile_u4_q8<1, S>(w, scales, offsets, K, x, m, acc + m);
 }
+// ---- one row of activations against several weight rows (decoding one sequence) ----
+// With one activation row the tiles above have nothing to share, and a small model's rows are short
+// (576 inputs: 18 blocks), so each row's fixed costs (its reductions, its offsets' share, the calls)
+// weigh as much as its dot products. TR weight rows at a time share every activation load and scale,
+// and run TR independent chains; each row's next TR rows are prefetched as it goes (without, reading
+// TR streams at once measured slower than one).
+template <int TR, typename S>
+SPECFORMER_VNNI inline void rows_u4_q8(const uint8_t* w, const S* scales, const S* offsets, int64_t K,
+                                       const QuantizedRows& x, int64_t m, float* out) {
+  const int64_t blocks = K / kBlock, row_bytes = K / 2;
+  const int8_t* q = x.row(m);
+  const float* xd = x.d.data() + m * x.blocks;
+  const __m512i nibble = _mm512_set1_epi8(15);
+  __m512 total[TR];
+  for (int r = 0; r < TR; ++r) total[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; b += 4) {
+    const int64_t count = std::min<int64_t>(4, blocks - b);
+    const __m512i x_low = _mm512_loadu_si512(q + b * kBlock), x_high = _mm512_loadu_si512(q + b * kBlock + 64);
+    const __m128 d = _mm_loadu_ps(xd + b);  // padded rows: zeros past the last block
+    for (int r = 0; r < TR; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + (TR + r) * row_bytes + b * 16), _MM_HINT_T0);
+      const __m512i v = load_bytes(w + r * row_bytes + b * 16, count * 16);
+      __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v, nibble), x_low);
+      dot = _mm512_dpbusd_epi32(dot, _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble), x_high);
+      const __m512 s = spread4(_mm_mul_ps(weight_scales4(scales + r * blocks, kBlock, b, count), d));
+      total[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, total[r]);
+    }
+  }
+  const float* sums = x.sums.data() + m * x.blocks;
+  for (int r = 0; r < TR; ++r) {
+    const S* row_scales = scales + r * blocks;
+    __m512 shift = _mm512_setzero_ps();  // the offsets' share: one product per group
+    for (int64_t g = 0; g < blocks; g += 16) {
+      const int64_t count = std::min<int64_t>(16, blocks - g);
+      const __m512 o = offsets != nullptr ? load_floats(offsets + r * blocks + g, count) : load_floats(row_scales + g, count);
+      shift = _mm512_fmadd_ps(o, load_floats(sums + g, count), shift);
+    }
+    if (offsets == nullptr) shift = _mm512_mul_ps(shift, _mm512_set1_ps(-kSymmetricZero));
+    out[r] = _mm512_reduce_add_ps(_mm512_add_ps(total[r], shift));
+  }
+}
+
 #else
 inline bool has_vnni() { return false; }
 #endif
