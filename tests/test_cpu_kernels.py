@@ -399,21 +399,21 @@ def _int8_blocks(x: torch.Tensor) -> torch.Tensor:
     bits=st.sampled_from([8, 4]),
     rows=st.integers(1, 8),
     shape=st.sampled_from([(32, 8), (96, 40), (160, 7), (576, 193), (1536, 64)]),
-    per_channel=st.booleans(),
+    group=st.sampled_from([16, 32, None]),
     bias=st.booleans(),
     dtype=DTYPES,
     storage=STORAGES,
     seed=st.integers(0, 99),
 )
 def test_integer_dot_products_match_int8_rounded_activations(
-    bits, rows, shape, per_channel, bias, dtype, storage, seed
+    bits, rows, shape, group, bias, dtype, storage, seed
 ):
     """`int8_activations`: x rounded to int8 per block of 32 and integer dot products (llama.cpp's
     arithmetic), against float math on the rounded x and the dequantised weights. The shapes cover whole
-    groups of four blocks, tails of one to three, and per-channel int8 scales."""
+    groups of four blocks, tails of one to three, per-channel int8 scales and int8 groups of 16 (Q6_K's)."""
     torch.manual_seed(seed)
     in_features = shape[0]
-    group = in_features if per_channel else 32
+    group = group or in_features  # None: per channel
     layer = _random_packed(bits, shape, group, bias, dtype, storage, activations="int8")
     x = torch.randn(rows, in_features).to(dtype)
     x[0, :32] = 0  # a block of zeros has scale 0

@@ -136,14 +136,15 @@ template <typename S> inline float weight_scale(const S* scales, int64_t group, 
 template <typename S>
 inline void row_i8_q8_scalar(const int8_t* w, const S* scales, int64_t K, int64_t group, const QuantizedRows& x,
                              int64_t M, float* acc) {
-  const int64_t blocks = K / kBlock;
+  const int64_t blocks = K / kBlock, part = std::min(group, kBlock);  // part: inputs under one weight scale
   for (int64_t m = 0; m < M; ++m) {
     float total = 0.f;
-    for (int64_t b = 0; b < blocks; ++b) {
-      int32_t dot = 0;
-      for (int64_t j = 0; j < kBlock; ++j) dot += int32_t(w[b * kBlock + j]) * int32_t(x.row(m)[b * kBlock + j]);
-      total += float(dot) * (weight_scale(scales, group, b) * x.d[m * x.blocks + b]);
-    }
+    for (int64_t b = 0; b < blocks; ++b)
+      for (int64_t j0 = b * kBlock; j0 < (b + 1) * kBlock; j0 += part) {
+        int32_t dot = 0;
+        for (int64_t j = j0; j < j0 + part; ++j) dot += int32_t(w[j]) * int32_t(x.row(m)[j]);
+        total += float(dot) * (to_float(scales[j0 / group]) * x.d[m * x.blocks + b]);
+      }
     acc[m] = total;
   }
 }
@@ -215,7 +216,9 @@ SPECFORMER_VNNI inline __m512i dot_i8(__m512i w, __m512i x) {
 // Four blocks a step, the last step masked; two accumulators per activation row keep the float adds
 // off one dependency chain.
 //
-// Blocks b..b+count-1 of an int8 row (groups a multiple of 32) against TM rows' activations, into sum.
+// Blocks b..b+count-1 of an int8 row (groups a multiple of 32, or 16: Q6_K's) against TM rows'
+// activations, into sum. A 64-byte load is two blocks, eight lanes each; with groups of 16 each four
+// lanes have their own weight scale.
 template <int TM, typename S>
 SPECFORMER_VNNI __attribute__((always_inline)) inline void four_i8(const int8_t* w, const S* scales,
                                                                    int64_t group, const QuantizedRows& x,
@@ -225,6 +228,20 @@ SPECFORMER_VNNI __attribute__((always_inline)) inline void four_i8(const int8_t*
   const __m512i high_pair = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2);
   const __m512i first = load_bytes(w + b * kBlock, std::min<int64_t>(64, count * kBlock));
   const __m512i second = load_bytes(w + b * kBlock + 64, std::max<int64_t>(0, count * kBlock - 64));
+  if (group == 16) {
+    const __m512 w_first = spread4(_mm512_castps512_ps128(load_floats(scales + 2 * b, std::min<int64_t>(4, 2 * count))));
+    const __m512 w_second =
+        spread4(_mm512_castps512_ps128(load_floats(scales + 2 * b + 4, std::max<int64_t>(0, 2 * count - 4))));
+    for (int i = 0; i < TM; ++i) {
+      const int8_t* q = x.row(m0 + i) + b * kBlock;
+      const __m512 d = _mm512_castps128_ps512(_mm_loadu_ps(x.d.data() + (m0 + i) * x.blocks + b));
+      const __m512 a = _mm512_cvtepi32_ps(dot_i8(first, _mm512_loadu_si512(q)));
+      const __m512 c = _mm512_cvtepi32_ps(dot_i8(second, _mm512_loadu_si512(q + 64)));
+      sum[i] = _mm512_fmadd_ps(c, _mm512_mul_ps(w_second, _mm512_permutexvar_ps(high_pair, d)),
+                               _mm512_fmadd_ps(a, _mm512_mul_ps(w_first, _mm512_permutexvar_ps(low_pair, d)), sum[i]));
+    }
+    return;
+  }
   const __m128 w_scales = weight_scales4(scales, group, b, count);
   for (int i = 0; i < TM; ++i) {
     const int8_t* q = x.row(m0 + i) + b * kBlock;

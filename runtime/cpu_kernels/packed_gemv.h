@@ -164,9 +164,10 @@ struct Packed {
   bool half = false;
 
   // Whether rows of K inputs take the integer path: asked for, and groups it covers (int8 rows:
-  // multiples of 32; int4: 32, llama.cpp's Q4 blocks). Other groups widen the weights to float.
+  // multiples of 32, or 16 as Q6_K's; int4: 32, llama.cpp's Q4 blocks). Other groups widen the weights
+  // to float.
   bool integer(int64_t K) const {
-    return int8_activations && K % kBlock == 0 && (bits == 8 ? group % kBlock == 0 : group == kBlock);
+    return int8_activations && K % kBlock == 0 && (bits == 8 ? group % kBlock == 0 || group == 16 : group == kBlock);
   }
 };
 
