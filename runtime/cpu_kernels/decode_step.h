@@ -13,7 +13,7 @@ namespace specformer {
 // Op by op, a one-token step of a 30-layer model is hundreds of kernel calls: each pays its launch, and each
 // parallel region ends with both threads waiting for the slower one while the memory bus idles. Here the
 // threads enter one OpenMP region per step and stream every weight matrix back to back, split by rows,
-// meeting at a barrier only where the next phase needs all of the previous one's output (six a layer).
+// meeting at a barrier only where the next phase needs all of the previous one's output (five a layer).
 // The small per-token work (norms of one row, rotary of one position, the attention merge) is done by
 // every thread on its own copy rather than shared behind another barrier. Each phase rounds to the
 // model's dtype where the op-by-op model does, with the kernels above, so bfloat16 follows it closely.
@@ -287,20 +287,17 @@ at::Tensor decode_step_impl(const at::Tensor& hidden, const c10::List<Layer>& gi
       gemv_matrix(w.v, w.v_bias, H, xf.data(), M, qkv.data() + Nq + Nkv, q_stride, k0, k1, acc.data(), xsum.data(),
                   quantized);
 #pragma omp barrier
-      // the new position's rotated key and its value into the cache
-      for (int64_t bh = t; bh < kv_heads; bh += nt) {
-        const int64_t b = bh / Hkv, h = bh % Hkv;
-        const T* kr = qkv.data() + b * q_stride + Nq + h * D;
-        const T* vr = kr + Nkv;
-        T* kc = w.keys + ((b * Hkv + h) * S + slot) * D;
-        rotate_head(kr, cp + b * rope_stride, sp + b * rope_stride, D, kc);
-        std::copy_n(vr, D, w.values + ((b * Hkv + h) * S + slot) * D);
-      }
-#pragma omp barrier
-      // attention: this thread's share of (row, kv head, key chunk) units
+      // attention: this thread's share of (row, kv head, key chunk) units. The one unit whose chunk
+      // holds the new position writes its rotated key and its value into the cache first: no other
+      // unit reads that slot, so no barrier is needed between the write and the reads.
       for (int64_t u = units * t / nt; u < units * (t + 1) / nt; ++u) {
         const int64_t split = u % splits, b = u / splits / Hkv, h = u / splits % Hkv;
         const int64_t s0 = std::min(visible, split * chunk), s1 = std::min(visible, s0 + chunk);
+        if (s0 <= slot && slot < s1) {
+          const T* kr = qkv.data() + b * q_stride + Nq + h * D;
+          rotate_head(kr, cp + b * rope_stride, sp + b * rope_stride, D, w.keys + ((b * Hkv + h) * S + slot) * D);
+          std::copy_n(kr + Nkv, D, w.values + ((b * Hkv + h) * S + slot) * D);
+        }
         for (int64_t j = 0; j < G; ++j) {
           rotate_head(qkv.data() + b * q_stride + (h * G + j) * D, cp + b * rope_stride, sp + b * rope_stride, D,
                       rotated.data());
