@@ -2,8 +2,9 @@
 
 The kernel hard-codes one dataflow: a pre-norm decoder layer (`x = x + attn(norm(x))`, then
 `x + mlp(norm(x))`), attention with q/k/v/o projections, full rotary, `attend` (optionally windowed) and a
-gated MLP `down(act(gate(x)) * up(x))`, under a backbone `norm(layers(embed(input_ids)))` and a head
-`lm_head(h)`. A spec matches when its forwards have exactly this structure under any names: each
+gated MLP `down(act(gate(x)) * up(x))` or a mixture of such MLPs (`weights, chosen = router(x)` then
+`experts(x, chosen, weights)`, a Router and an Experts primitive), under a backbone
+`norm(layers(embed(input_ids)))` and a head `lm_head(h)`. A spec matches when its forwards have exactly this structure under any names: each
 pattern below is parsed by the spec grammar and unified with the spec's IR, its names binding to the
 spec's (the first use of a name binds it, later uses must repeat it). Anything else (post-norm, q/k norms,
 an attention scale or soft-cap...) gets no fused step and decodes op by op. What the IR leaves to the
@@ -34,6 +35,7 @@ model Pattern {
     }
   }
   block MLP { forward(x) { return down_proj(act(gate_proj(x)) * up_proj(x)) } }
+  block Experts { forward(x) { weights, chosen = router(x)  return experts(x, chosen, weights) } }
 }
 """
 _ATTEND_OPTIONS = {"causal", "window", "dropout"}  # `scale` or anything new: not the kernel's math
@@ -58,10 +60,12 @@ class DecoderMatch:
     head_dim: ir.Expr  # the head size split_heads is given
     window: ir.Expr | None  # attend's window, in the attention block's terms
     attention_block: str
-    gate_proj: str
-    up_proj: str
-    down_proj: str
     act: str  # the activation-typed config field
+    gate_proj: str | None = None  # a gated MLP's projections,
+    up_proj: str | None = None
+    down_proj: str | None = None
+    router: str | None = None  # or a mixture of experts' router and experts
+    experts: str | None = None
 
 
 @cache
@@ -93,11 +97,10 @@ def match_decoder(model: ir.ResolvedModel, activation_fields: set[str]) -> Decod
     attention_block = model.block(layer_block.submodule(layer["attn"]).target)  # type: ignore[union-attr]
     attention = _unify_forward(attention_block, "Attention")
     mlp_block = model.block(layer_block.submodule(layer["mlp"]).target)  # type: ignore[union-attr]
-    mlp = _unify_forward(mlp_block, "MLP")
-    if attention is None or mlp is None or mlp["act"] not in activation_fields:
+    mlp = _match_mlp(mlp_block, activation_fields)
+    if attention is None or mlp is None:
         return None
     linears = [(attention_block, attention[n]) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-    linears += [(mlp_block, mlp[n]) for n in ("gate_proj", "up_proj", "down_proj")]
     if not all(_is(block, name, "primitive", "Linear", {"bias"}) for block, name in linears):
         return None
     assert attention_block.forward is not None
@@ -121,11 +124,33 @@ def match_decoder(model: ir.ResolvedModel, activation_fields: set[str]) -> Decod
         head_dim=attention_block.forward.calls()[0].args[1],
         window=None if isinstance(window, ir.Const) and window.value is None else window,
         attention_block=attention_block.name,
-        gate_proj=mlp["gate_proj"],
-        up_proj=mlp["up_proj"],
-        down_proj=mlp["down_proj"],
-        act=mlp["act"],
+        **mlp,
     )
+
+
+def _match_mlp(block: ir.Block | None, activation_fields: set[str]) -> dict[str, str] | None:
+    """A gated MLP's names (gate_proj, up_proj, down_proj, act), or a mixture of experts' (router,
+    experts, act: the experts' activation field), or None."""
+    mlp = _unify_forward(block, "MLP")
+    if mlp is not None and mlp["act"] in activation_fields:
+        assert block is not None
+        names = ("gate_proj", "up_proj", "down_proj")
+        if all(_is(block, mlp[n], "primitive", "Linear", {"bias"}) for n in names):
+            return {n: mlp[n] for n in (*names, "act")}
+        return None
+    moe = _unify_forward(block, "Experts")
+    if moe is None:
+        return None
+    assert block is not None
+    if not (
+        _is(block, moe["router"], "primitive", "Router", {"top_k", "normalize"})
+        and _is(block, moe["experts"], "primitive", "Experts", {"act", "per_expert"})
+    ):
+        return None
+    act = _argument(block.submodule(moe["experts"]), "act")  # type: ignore[arg-type]
+    if not (isinstance(act, ir.Name) and act.id in activation_fields):
+        return None
+    return {"router": moe["router"], "experts": moe["experts"], "act": act.id}
 
 
 def _unify_forward(block: ir.Block | None, pattern: str) -> dict[str, str] | None:
@@ -199,3 +224,10 @@ def _is(
     given = {*signature.names[: len(sub.args)], *(k for k, _ in sub.kwargs)}
     required = {p.name for p in signature.params if p.default is REQUIRED}
     return sub.target == target and given <= required | options
+
+
+def _argument(sub: ir.Submodule, name: str) -> ir.Expr | None:
+    """A primitive submodule's argument `name`, given by position or by keyword."""
+    names = PRIMITIVES[sub.target].signature.names
+    index = names.index(name)
+    return sub.args[index] if index < len(sub.args) else dict(sub.kwargs).get(name)

@@ -19,7 +19,7 @@ from .blocks import BlockPlanner
 from .code import Attribute, Class, Function, Line, ModulePlan, Nested, Param, Stmt
 from .config_plan import literal_source, plan_config, python_type
 from .context import ModelContext, docstring
-from .decoder_match import match_decoder
+from .decoder_match import DecoderMatch, match_decoder
 from .emit import isort_order
 from .heads import HeadPlanner, plain_projection, tp_plan
 
@@ -222,6 +222,16 @@ def _is_none(expr: ir.Expr) -> bool:
     return isinstance(expr, ir.Const) and expr.value is None
 
 
+def _mlp_paths(found: DecoderMatch) -> dict[str, str]:
+    """The fused step's MLP modules, from a layer: a gated MLP's projections and activation, or a
+    mixture's router and experts (whose activation is their own `act_fn`)."""
+    if found.experts is not None:
+        experts = f"{found.mlp}.{found.experts}"
+        return {"router": f"{found.mlp}.{found.router}", "experts": experts, "act": f"{experts}.act_fn"}
+    projections = {k: f"{found.mlp}.{getattr(found, f'{k}_proj')}" for k in ("gate", "up", "down")}
+    return {**projections, "act": f"{found.mlp}.{found.act}_fn"}
+
+
 def decoder_registrations(ctx: ModelContext) -> list[str]:
     """`register_decoder(...)` calls for causal LMs whose spec is exactly the fused decode step's
     dataflow (`decoder_match`), naming where their modules are; nothing for any other model."""
@@ -255,8 +265,7 @@ def decoder_registrations(ctx: ModelContext) -> list[str]:
             "input_norm": found.input_norm,
             **{k: f"{found.attn}.{getattr(found, f'{k}_proj')}" for k in ("q", "k", "v", "o")},
             "post_norm": found.post_norm,
-            **{k: f"{found.mlp}.{getattr(found, f'{k}_proj')}" for k in ("gate", "up", "down")},
-            "act": f"{found.mlp}.{found.act}_fn",
+            **_mlp_paths(found),
         }
         if window is not None:
             paths["window"] = window

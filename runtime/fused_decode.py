@@ -9,7 +9,8 @@ parallel region that streams the weights back to back.
 
 It needs to know the decoder's structure for certain, so it takes it from the code generator: when a spec's
 dataflow is exactly a pre-norm rotary decoder with a gated MLP (Llama, Mistral, Qwen2, Gemma and any spec
-written the same way), the generated package registers where its causal LM keeps those modules
+written the same way) or with a mixture of gated experts behind a router (Mixtral), the generated package
+registers where its causal LM keeps those modules
 (`register_decoder`, attribute paths only: the modeling code carries nothing for it), and `generate()`
 decodes through the kernel over a dynamic or static cache, eager or with `compile=True`
 (nothing to compile). Anything the kernel does not cover (activations other than SwiGLU and GeGLU, partial
@@ -29,6 +30,7 @@ from .attention import AttentionMask
 from .cache import DynamicCache, StaticCache
 from .kernels import DECODE_ROWS
 from .layers import Activation, RMSNorm, is_plain_linear
+from .moe import Experts, Router
 from .outputs import CausalLMOutput
 from .quantization.weight_only import QUANTIZED_LINEARS, Int4Linear
 from .rope import RotaryEmbedding
@@ -40,7 +42,8 @@ _GATES = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 @dataclass(frozen=True)
 class LayerLayout:
     """One decoder layer: x += o(attend(rotary(q, k), v)) of input_norm(x); x += down(act(gate) * up) of
-    post_norm(x). `window` is the layer's sliding attention window (None: none)."""
+    post_norm(x), or that MLP of each of the row's experts `router` picks among `experts`, weighted.
+    `window` is the layer's sliding attention window (None: none)."""
 
     input_norm: nn.Module
     q: nn.Module
@@ -48,11 +51,13 @@ class LayerLayout:
     v: nn.Module
     o: nn.Module
     post_norm: nn.Module
-    gate: nn.Module
-    up: nn.Module
-    down: nn.Module
     act: nn.Module
     window: int | None
+    gate: nn.Module | None = None
+    up: nn.Module | None = None
+    down: nn.Module | None = None
+    router: Router | None = None
+    experts: Experts | None = None
 
 
 @dataclass(frozen=True)
@@ -86,10 +91,12 @@ class DecoderPaths:
     v: str
     o: str
     post_norm: str
-    gate: str
-    up: str
-    down: str
     act: str
+    gate: str | None = None
+    up: str | None = None
+    down: str | None = None
+    router: str | None = None  # a mixture of experts (runtime/moe.py) in place of gate, up and down
+    experts: str | None = None
     window: str | None = None
 
 
@@ -115,8 +122,9 @@ def decoder_layout(model: nn.Module) -> DecoderLayout | None:
 
     def layer_layout(layer: nn.Module) -> LayerLayout:
         window = attrgetter(paths.window)(layer) if paths.window is not None else None
-        parts = ("input_norm", "q", "k", "v", "o", "post_norm", "gate", "up", "down", "act")
-        return LayerLayout(**{p: attrgetter(getattr(paths, p))(layer) for p in parts}, window=window)
+        parts = ("input_norm", "q", "k", "v", "o", "post_norm", "act", "gate", "up", "down", "router", "experts")
+        found = {p: attrgetter(getattr(paths, p))(layer) for p in parts if getattr(paths, p) is not None}
+        return LayerLayout(**found, window=window)
 
     return DecoderLayout(
         head_dim=attrgetter(paths.head_dim)(model.config),
@@ -135,6 +143,8 @@ class FusedDecoder:
         self.layout = layout
         self.activation = activation
         self.int8_activations = int8_activations
+        router = layout.layers[0].router
+        self.top_k, self.normalize_top_k = (router.top_k, router.normalize) if router is not None else (0, False)
         self.unit_offset = layout.norm.unit_offset
         self.scale = layout.head_dim**-0.5
         self.eps = layout.norm.eps
@@ -142,11 +152,17 @@ class FusedDecoder:
         self.layers: list[dict[str, torch.Tensor]] = []
         for layer in layout.layers:
             tensors = {"input_norm": layer.input_norm.weight, "post_norm": layer.post_norm.weight}
-            for name in ("q", "k", "v", "o", "gate", "up", "down"):
+            for name in ("q", "k", "v", "o") if layer.experts is not None else ("q", "k", "v", "o", "gate", "up", "down"):
                 linear = getattr(layer, name)
                 tensors |= _matrix(name, linear)
                 if linear.bias is not None:
                     tensors[f"{name}_bias"] = linear.bias
+            if layer.experts is not None:
+                tensors |= {
+                    "router": layer.router.weight,
+                    "experts_gate_up": layer.experts.gate_up_proj,
+                    "experts_down": layer.experts.down_proj,
+                }
             self.layers.append(tensors)
         parts = _matrix("head", layout.head)
         self.head = parts.pop("head")
@@ -189,6 +205,8 @@ class FusedDecoder:
             self.activation,
             self.head_parts,
             self.int8_activations,
+            self.top_k,
+            self.normalize_top_k,
         )
         return CausalLMOutput(logits=logits[:, None])
 
@@ -226,8 +244,15 @@ def fused_decoder(model: nn.Module, batch: int) -> FusedDecoder | None:
     norms = [layout.norm]
     activations: set[str | None] = set()
     packed = [layout.head] if isinstance(layout.head, QUANTIZED_LINEARS) else []
+    routers = set()
     for layer in layout.layers:
-        linears = (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down)
+        if layer.experts is not None:
+            if not _plain_experts(layer.router, layer.experts):
+                return None
+            routers.add((layer.router.top_k, layer.router.normalize))
+            tensors += [layer.router.weight, layer.experts.gate_up_proj, layer.experts.down_proj]
+        mlp = (layer.gate, layer.up, layer.down) if layer.experts is None else ()
+        linears = (layer.q, layer.k, layer.v, layer.o, *mlp)
         if not all(_projection(m) for m in linears):
             return None  # LoRA, bitsandbytes, tensor-parallel...
         packed += [m for m in linears if isinstance(m, QUANTIZED_LINEARS)]
@@ -241,6 +266,8 @@ def fused_decoder(model: nn.Module, batch: int) -> FusedDecoder | None:
         tensors.append(layout.head.weight)
     if not all(type(n) is RMSNorm and n.kernel == "torch" for n in norms) or len(activations) != 1:
         return None
+    if len(routers) > 1 or (routers and any(layer.experts is None for layer in layout.layers)):
+        return None  # one routing and one kind of MLP per step
     (activation,) = activations
     if (
         activation is None
@@ -265,6 +292,24 @@ def fused_decoder(model: nn.Module, batch: int) -> FusedDecoder | None:
     if len(arithmetic) > 1:
         return None  # one step, one arithmetic: layers asking for both decode op by op
     return FusedDecoder(layout, activation, arithmetic == {"int8"})
+
+
+def _plain_experts(router: Router | None, experts: Experts) -> bool:
+    """A router and experts the step can read: every expert here (no expert parallelism), no adapter,
+    nobody collecting router logits, the weights in contiguous plain tensors."""
+    return (
+        type(router) is Router
+        and type(experts) is Experts
+        and router.recorded is None
+        and router.bias is None
+        and experts.adapter is None
+        and experts.group is None
+        and experts.local_experts == experts.num_experts
+        and all(
+            type(t) in (torch.Tensor, nn.Parameter) and t.is_contiguous()
+            for t in (router.weight, experts.gate_up_proj, experts.down_proj)
+        )
+    )
 
 
 def _hooked(model: nn.Module) -> bool:

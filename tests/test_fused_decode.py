@@ -15,6 +15,7 @@ from specformer.dsl import SpecSet
 from specformer.generated.gemma import GemmaConfig, GemmaForCausalLM
 from specformer.generated.llama import LlamaConfig, LlamaForCausalLM
 from specformer.generated.mistral import MistralConfig, MistralForCausalLM
+from specformer.generated.mixtral import MixtralConfig, MixtralForCausalLM
 from specformer.generated.qwen2 import Qwen2Config, Qwen2ForCausalLM
 from specformer.runtime import AutoModelForCausalLM, cpu_kernels
 from specformer.runtime.cache import StaticCache
@@ -33,6 +34,8 @@ ARCHITECTURES = {
         {"use_sliding_window": True, "sliding_window": 7, "max_window_layers": 1},
     ),
     "gemma": (GemmaForCausalLM, GemmaConfig, {}),  # (1 + w) norms, scaled embeddings, GeGLU
+    # each token's top 2 of 4 experts, and windows
+    "mixtral": (MixtralForCausalLM, MixtralConfig, {"num_local_experts": 4, "sliding_window": 7}),
 }
 
 
@@ -92,6 +95,36 @@ def test_fused_steps_give_the_models_logits(
     mask[1:, :3] = 0
     assert isinstance(step_for(model, StaticCache(32), batch), FusedDecoder)
     assert_fused_decodes_as_op_by_op(model, prompt, mask, 1e-5, cache_implementation=cache)
+
+
+@pytest.mark.parametrize(("experts", "top_k", "normalize"), [(4, 1, True), (8, 2, False), (3, 3, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mixtures_of_experts_decode_fused(
+    experts: int, top_k: int, normalize: bool, dtype: torch.dtype
+) -> None:
+    """A Mixtral-style decoder (router and stacked experts in place of the gated MLP) decodes through the
+    fused step: each row's experts chosen as the Router chooses them, only theirs read, their outputs
+    summed as Experts sums them. Collecting router logits, or experts split over ranks, decode op by op."""
+    torch.manual_seed(top_k)
+    config = MixtralConfig(vocab_size=61, hidden_size=64, intermediate_size=40, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=experts,
+                           num_experts_per_tok=top_k)  # fmt: skip
+    model = MixtralForCausalLM(config).eval().to(dtype)
+    for layer in model.model.layers:
+        layer.mlp.gate.normalize = normalize
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10)  # sharper logits: fewer near-ties between tokens
+    prompt = torch.randint(0, 61, (2, 5))
+    fused = step_for(model, StaticCache(32), 2)
+    assert isinstance(fused, FusedDecoder) and (fused.top_k, fused.normalize_top_k) == (top_k, normalize)
+    assert_fused_decodes_as_op_by_op(
+        model, prompt, torch.ones_like(prompt), 1e-5 if dtype == torch.float32 else 1e-2
+    )
+    model.model.layers[0].mlp.gate.recorded = []  # output_router_logits collecting
+    assert not isinstance(step_for(model, StaticCache(32)), FusedDecoder)
+    model.model.layers[0].mlp.gate.recorded = None
+    model.model.layers[1].mlp.experts.keep_experts(0, 1, None)  # this rank's experts only
+    assert not isinstance(step_for(model, StaticCache(32)), FusedDecoder)
 
 
 def test_bfloat16_rounds_where_the_model_does() -> None:

@@ -18,7 +18,8 @@ from .modeling_mistral import (
 )
 
 # The spec's decoder is exactly the dataflow of specformer's fused CPU decode step (pre-norm, rotary,
-# gated MLP): the runtime is told where its modules are (specformer/runtime/fused_decode.py).
+# gated MLP or routed gated experts): the runtime is told where its modules are
+# (specformer/runtime/fused_decode.py).
 register_decoder(
     MistralForCausalLM,
     DecoderPaths(

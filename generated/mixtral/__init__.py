@@ -5,6 +5,8 @@
 Hugging Face reference: transformers/models/mixtral/modeling_mixtral.py
 """
 
+from specformer.runtime.fused_decode import DecoderPaths, register_decoder
+
 from .configuration_mixtral import MixtralConfig
 from .modeling_mixtral import (
     MixtralForCausalLM,
@@ -13,6 +15,32 @@ from .modeling_mixtral import (
     MixtralForTokenClassification,
     MixtralModel,
     MixtralPreTrainedModel,
+)
+
+# The spec's decoder is exactly the dataflow of specformer's fused CPU decode step (pre-norm, rotary,
+# gated MLP or routed gated experts): the runtime is told where its modules are
+# (specformer/runtime/fused_decode.py).
+register_decoder(
+    MixtralForCausalLM,
+    DecoderPaths(
+        backbone="model",
+        embed="embed_tokens",
+        layers="layers",
+        norm="norm",
+        rotary="rotary_emb",
+        head="lm_head",
+        head_dim="head_dim",
+        input_norm="input_layernorm",
+        q="self_attn.q_proj",
+        k="self_attn.k_proj",
+        v="self_attn.v_proj",
+        o="self_attn.o_proj",
+        post_norm="post_attention_layernorm",
+        router="mlp.gate",
+        experts="mlp.experts",
+        act="mlp.experts.act_fn",
+        window="self_attn.config.sliding_window",
+    ),
 )
 
 __all__ = [

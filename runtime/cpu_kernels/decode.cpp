@@ -219,7 +219,8 @@ TORCH_LIBRARY(specformer_cpu, m) {
   m.def(
       "decode_step(Tensor hidden, Dict(str, Tensor)[] layers, Tensor final_norm, Tensor head, Tensor(a!)[] keys, "
       "Tensor(b!)[] values, Tensor[] allowed, Tensor cos, Tensor signed_sin, int slot, float eps, float scale, "
-      "bool unit_offset, str activation, Dict(str, Tensor) head_parts, bool int8_activations=False) -> Tensor");
+      "bool unit_offset, str activation, Dict(str, Tensor) head_parts, bool int8_activations=False, int top_k=0, "
+      "bool normalize_top_k=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(specformer_cpu, CPU, m) {

@@ -5,6 +5,8 @@
 #include "kernels.h"
 #include "packed_gemv.h"
 
+#include <cmath>
+#include <limits>
 #include <string>
 
 namespace specformer {
@@ -54,7 +56,42 @@ template <typename T> struct LayerWeights {
   T *keys, *values;
   const bool* allowed;  // (B|1, S): which cache slots each row's query may see
   int64_t allowed_batch_stride;
+  // a mixture of experts in place of gate/up/down: the router (E, H), every expert's gate and up
+  // (E, 2I, H) and down (E, H, I), stacked as runtime/moe.py keeps them; null for a dense MLP
+  const T *router = nullptr, *experts_gate_up = nullptr, *experts_down = nullptr;
 };
+
+// How a mixture-of-experts layer routes: each row's top_k experts by softmax probability, their
+// probabilities rescaled to sum to one when `normalize` (runtime/moe.py's Router).
+struct Routing {
+  int64_t top_k = 0;
+  bool normalize = false;
+};
+
+// One row's top_k experts (`chosen`, best first) and their weights rounded to T, as Router computes them:
+// logits x W^T rounded to T, softmax in float32, the top_k kept (ties to the lower index), rescaled to
+// sum to one when asked. `probs` has room for E + top_k floats.
+template <typename T>
+void route(const T* router, int64_t E, int64_t H, const float* xf, const Routing& routing, T* logits, float* probs,
+           float* acc, int64_t* chosen, T* weights) {
+  gemv_share(router, static_cast<const T*>(nullptr), H, xf, 1, logits, E, 0, E, acc);
+  float top = -std::numeric_limits<float>::infinity(), total = 0.f;
+  for (int64_t e = 0; e < E; ++e) top = std::max(top, float(logits[e]));
+  for (int64_t e = 0; e < E; ++e) total += probs[e] = std::exp(float(logits[e]) - top);
+  for (int64_t e = 0; e < E; ++e) probs[e] /= total;
+  float* picked = probs + E;
+  float kept = 0.f;
+  for (int64_t j = 0; j < routing.top_k; ++j) {
+    int64_t best = -1;
+    for (int64_t e = 0; e < E; ++e)
+      if (probs[e] >= 0.f && (best < 0 || probs[e] > probs[best])) best = e;
+    chosen[j] = best;
+    kept += picked[j] = probs[best];
+    probs[best] = -1.f;  // taken
+  }
+  for (int64_t j = 0; j < routing.top_k; ++j)
+    weights[j] = round_to<T>(routing.normalize ? picked[j] / kept : picked[j]);
+}
 
 // This thread's rows of an N-row matrix: whole kRows blocks, split evenly. (Handing out small chunks
 // from a shared counter, so a core the machine slows down takes fewer, measured slower on SmolLM2:
@@ -88,17 +125,21 @@ void norm_rows(const T* x, const T* weight, bool unit_offset, int64_t M, int64_t
 }
 
 // Sizes of one step, read off the inputs: M rows of width H; per layer Nq query rows (Hq heads of D),
-// Nkv key and value rows (Hkv heads), I MLP rows; S cache slots; V vocabulary rows.
+// Nkv key and value rows (Hkv heads), I MLP rows (each expert's, in a mixture of E experts); S cache
+// slots; V vocabulary rows.
 struct StepShape {
-  int64_t L, M, H, Hkv, S, D, Nq, Nkv, I, Hq, G, V;
+  int64_t L, M, H, Hkv, S, D, Nq, Nkv, I, Hq, G, V, E;
 };
 
 // Each layer's tensors arrive by name: a dict per layer with these weights and, where the model has them,
-// these biases (`q_bias`...). Any other key is an error, so a misspelt name cannot go unnoticed.
+// these biases (`q_bias`...); a mixture-of-experts layer has `router`, `experts_gate_up` and
+// `experts_down` in place of gate, up and down. Any other key is an error, so a misspelt name cannot go
+// unnoticed.
 using Layer = c10::Dict<std::string, at::Tensor>;
-constexpr int64_t kPerLayer = 9, kBiases = 7;
+constexpr int64_t kPerLayer = 9, kBiases = 7, kExpertParts = 3, kFirstMlp = 6;  // gate, up, down: 6, 7, 8
 constexpr const char* kWeightNames[kPerLayer] = {"input_norm", "q", "k", "v", "o", "post_norm", "gate", "up", "down"};
 constexpr const char* kBiasNames[kBiases] = {"q_bias", "k_bias", "v_bias", "o_bias", "gate_bias", "up_bias", "down_bias"};
+constexpr const char* kExpertNames[kExpertParts] = {"router", "experts_gate_up", "experts_down"};
 
 inline const at::Tensor& weight(const Layer& layer, int64_t l, const char* name) {
   const auto found = layer.find(name);
@@ -113,6 +154,7 @@ inline void check_names(const Layer& layer, int64_t l) {
     for (const char* name : kWeightNames)
       known = known || key == name || key == std::string(name) + "_scales" || key == std::string(name) + "_offsets";
     for (const char* name : kBiasNames) known = known || key == name;
+    for (const char* name : kExpertNames) known = known || key == name;
     TORCH_CHECK(known, "decode_step: layer ", l, " has an unknown tensor `", key, "`");
   }
 }
@@ -162,8 +204,12 @@ std::vector<LayerWeights<T>> layer_weights(const StepShape& z, const c10::List<L
   for (int64_t l = 0; l < z.L; ++l) {
     const Layer layer = given.get(l);
     check_names(layer, l);
+    const bool experts = layer.contains("router");
+    TORCH_CHECK(experts == (z.E > 0), "decode_step: layer ", l, experts ? " has" : " has no",
+                " experts, unlike layer 0: one kind of MLP per step");
     Matrix<T> w[kPerLayer];
     for (int64_t i = 0; i < kPerLayer; ++i) {
+      if (experts && i >= kFirstMlp) continue;
       const at::Tensor& t = weight(layer, l, kWeightNames[i]);
       if (shapes[i][1] != 0 && (t.scalar_type() == at::kChar || t.scalar_type() == at::kByte)) {
         w[i].packed = packed_matrix(layer, l, kWeightNames[i], t, shapes[i][0], shapes[i][1], int8_activations);
@@ -181,6 +227,8 @@ std::vector<LayerWeights<T>> layer_weights(const StepShape& z, const c10::List<L
     for (int64_t i = 0; i < kBiases; ++i) {
       const auto found = layer.find(kBiasNames[i]);
       b[i] = nullptr;
+      TORCH_CHECK(!experts || i < 4 || found == layer.end(), "decode_step: layer ", l, " has experts and a `",
+                  kBiasNames[i], "`");
       if (found != layer.end()) {
         const at::Tensor& bias = found->value();
         require<T>(bias, kBiasNames[i]);
@@ -205,8 +253,63 @@ std::vector<LayerWeights<T>> layer_weights(const StepShape& z, const c10::List<L
                  b[0], b[1], b[2], b[3], b[4], b[5], b[6],
                  keys[l].data_ptr<T>(), values[l].data_ptr<T>(), mask.const_data_ptr<bool>(),
                  mask.size(0) == 1 ? 0 : mask.stride(0)};
+    if (experts) {
+      const std::vector<int64_t> shapes[kExpertParts] = {{z.E, z.H}, {z.E, 2 * z.I, z.H}, {z.E, z.H, z.I}};
+      const T* parts[kExpertParts];
+      for (int64_t i = 0; i < kExpertParts; ++i) {
+        const at::Tensor& t = weight(layer, l, kExpertNames[i]);
+        require<T>(t, kExpertNames[i]);
+        TORCH_CHECK(t.sizes() == at::IntArrayRef(shapes[i]) && t.is_contiguous(), "decode_step: layer ", l, "'s ",
+                    kExpertNames[i], " has shape ", t.sizes(), "; expected ", at::IntArrayRef(shapes[i]),
+                    ", contiguous");
+        parts[i] = t.const_data_ptr<T>();
+      }
+      layers[l].router = parts[0];
+      layers[l].experts_gate_up = parts[1];
+      layers[l].experts_down = parts[2];
+    }
   }
   return layers;
+}
+
+// The mixture-of-experts MLP of every row, this thread's share: each row routed (by every thread, for
+// itself), then for each of its top_k experts this thread's rows of that expert's gate and up and their
+// gated product; after a barrier, this thread's rows of each chosen expert's down projection, weighted
+// and summed in the order runtime/moe.py's Experts adds them (by expert index), rounded as it rounds.
+// Only the chosen experts' weights are read.
+template <typename T>
+void experts_mlp(const LayerWeights<T>& w, const Routing& routing, int64_t M, int64_t H, int64_t I, int64_t E,
+                 int64_t t, int64_t nt, float* xf, float* acc, T* logits, float* probs, int64_t* chosen, T* weights,
+                 T* gate, T* up, T* expert_out, T* projected, bool gelu) {
+  const int64_t K = routing.top_k;
+  const T* no_bias = nullptr;
+  for (int64_t m = 0; m < M; ++m)
+    route(w.router, E, H, xf + m * H, routing, logits, probs, acc, chosen + m * K, weights + m * K);
+  auto [i0, i1] = share(I, t, nt);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < K; ++j) {
+      const T* gate_up = w.experts_gate_up + chosen[m * K + j] * 2 * I * H;
+      T* g = gate + (m * K + j) * I;
+      T* u = up + (m * K + j) * I;
+      gemv_share(gate_up, no_bias, H, xf + m * H, 1, g, I, i0, i1, acc);
+      gemv_share(gate_up + I * H, no_bias, H, xf + m * H, 1, u, I, i0, i1, acc);
+      gelu ? gelu_tanh_mul_range(g, u, g, i0, i1) : silu_mul_range(g, u, g, i0, i1);
+    }
+#pragma omp barrier
+  for (int64_t i = 0; i < M * K * I; ++i) xf[i] = float(gate[i]);
+  auto [h0, h1] = share(H, t, nt);
+  for (int64_t m = 0; m < M; ++m) {
+    T* out = projected + m * H;
+    std::fill(out + h0, out + h1, T(0.f));
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t j = 0; j < K; ++j) {
+        if (chosen[m * K + j] != e) continue;
+        gemv_share(w.experts_down + e * H * I, no_bias, I, xf + (m * K + j) * I, 1, expert_out, H, h0, h1, acc);
+        const float weight = float(weights[m * K + j]);
+        for (int64_t h = h0; h < h1; ++h)
+          out[h] = round_to<T>(float(out[h]) + float(round_to<T>(float(expert_out[h]) * weight)));
+      }
+  }
 }
 
 template <typename T>
@@ -214,7 +317,7 @@ at::Tensor decode_step_impl(const at::Tensor& hidden, const c10::List<Layer>& gi
                             const at::Tensor& head, const Layer& head_parts, const std::vector<at::Tensor>& keys,
                             const std::vector<at::Tensor>& values, const std::vector<at::Tensor>& allowed,
                             const at::Tensor& cos, const at::Tensor& signed_sin, int64_t slot, double eps_,
-                            double scale_, bool unit_offset, bool gelu, bool int8_activations) {
+                            double scale_, bool unit_offset, bool gelu, bool int8_activations, const Routing& routing) {
   const int64_t L = int64_t(keys.size());
   TORCH_CHECK(L > 0 && int64_t(given.size()) == L && int64_t(values.size()) == L && int64_t(allowed.size()) == L,
               "decode_step: ", given.size(), " layers, ", keys.size(), " keys, ", values.size(), " values and ",
@@ -226,7 +329,11 @@ at::Tensor decode_step_impl(const at::Tensor& hidden, const c10::List<Layer>& gi
   const int64_t Hkv = keys[0].size(1), S = keys[0].size(2), D = keys[0].size(3);
   const Layer first = given.get(0);
   const int64_t Nq = weight(first, 0, "q").size(0), Nkv = weight(first, 0, "k").size(0);
-  const int64_t I = weight(first, 0, "gate").size(0);
+  const bool moe = first.contains("router");
+  const int64_t E = moe ? weight(first, 0, "router").size(0) : 0;
+  const int64_t I = moe ? weight(first, 0, "experts_gate_up").size(1) / 2 : weight(first, 0, "gate").size(0);
+  TORCH_CHECK(!moe || (routing.top_k >= 1 && routing.top_k <= E), "decode_step: top_k is ", routing.top_k,
+              "; expected 1 to the layers' ", E, " experts");
   const int64_t Hq = Nq / D, G = Hq / Hkv, V = head.size(0);
   TORCH_CHECK(slot >= 0 && slot < S, "decode_step: slot ", slot, " is outside the cache's ", S, " slots");
   TORCH_CHECK(Nq % D == 0 && Hq % Hkv == 0 && Nkv == Hkv * D && D % 2 == 0,
@@ -237,7 +344,7 @@ at::Tensor decode_step_impl(const at::Tensor& hidden, const c10::List<Layer>& gi
   require<T>(cos, "cos");
   require<T>(signed_sin, "signed_sin");
   const std::vector<LayerWeights<T>> layers =
-      layer_weights<T>({L, M, H, Hkv, S, D, Nq, Nkv, I, Hq, G, V}, given, keys, values, allowed, slot,
+      layer_weights<T>({L, M, H, Hkv, S, D, Nq, Nkv, I, Hq, G, V, E}, given, keys, values, allowed, slot,
                        int8_activations);
   require<T>(final_norm, "norm");
   TORCH_CHECK(final_norm.numel() == H, "decode_step: final norm ", final_norm.sizes(), " does not fit ", H);
@@ -255,7 +362,8 @@ at::Tensor decode_step_impl(const at::Tensor& hidden, const c10::List<Layer>& gi
   at::Tensor logits = at::empty({M, V}, x0.options());
   T* xp = x.data_ptr<T>();
   // Shared between the threads: this step's q/k/v rows, attention partials, MLP activations.
-  std::vector<T> qkv(M * (Nq + 2 * Nkv)), gate(M * I), up(M * I), projected(M * H);
+  const int64_t K = std::max<int64_t>(1, routing.top_k);  // MLPs a row runs: its experts, or the one
+  std::vector<T> qkv(M * (Nq + 2 * Nkv)), gate(M * K * I), up(M * K * I), projected(M * H);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t kv_heads = M * Hkv, visible = slot + 1;  // slots past this step's hold nothing yet
   const int64_t splits = std::clamp<int64_t>((8 * threads + kv_heads - 1) / kv_heads, 1, std::max<int64_t>(1, (visible + 31) / 32));
@@ -270,9 +378,13 @@ at::Tensor decode_step_impl(const at::Tensor& hidden, const c10::List<Layer>& gi
 #pragma omp parallel num_threads(threads)
   {
     const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-    std::vector<float> xf(M * std::max({H, I, Nq})), upcast(H), acc(kRows * M), xsum(M * std::max({H, I, Nq}));
+    std::vector<float> xf(M * std::max({H, K * I, Nq})), upcast(H), acc(kRows * M), xsum(M * std::max({H, I, Nq}));
     std::vector<float> qf(G * D), scores(G * chunk), row(D), merged(D);
     std::vector<T> y(M * Nq), rotated(D);
+    // routing, each thread for itself (E dot products a row: less than one row of a projection)
+    std::vector<T> logits_e(E), expert_weights(M * K), expert_out(H);
+    std::vector<float> probs(E + K);
+    std::vector<int64_t> chosen(M * K);
     QuantizedInput quantized;
     for (int64_t l = 0; l < L; ++l) {
       const LayerWeights<T>& w = layers[l];
@@ -319,8 +431,16 @@ at::Tensor decode_step_impl(const at::Tensor& hidden, const c10::List<Layer>& gi
       gemv_matrix(w.o, w.o_bias, Nq, xf.data(), M, projected.data(), H, h0, h1, acc.data(), xsum.data(), quantized);
       add_rows(xp, projected.data(), M, H, h0, h1);  // the residual, for the rows this thread owns
 #pragma omp barrier
-      // the gated MLP
       norm_rows(xp, w.post_norm, unit_offset, M, H, eps, xf.data(), upcast.data());
+      if (w.router != nullptr) {
+        experts_mlp(w, routing, M, H, I, E, t, nt, xf.data(), acc.data(), logits_e.data(), probs.data(),
+                    chosen.data(), expert_weights.data(), gate.data(), up.data(), expert_out.data(), projected.data(),
+                    gelu);
+        add_rows(xp, projected.data(), M, H, h0, h1);
+#pragma omp barrier
+        continue;
+      }
+      // the gated MLP
       quantized.reset();
       auto [i0, i1] = share(I, t, nt);
       gemv_matrix(w.gate, w.gate_bias, H, xf.data(), M, gate.data(), I, i0, i1, acc.data(), xsum.data(), quantized);
@@ -348,18 +468,19 @@ at::Tensor decode_step_impl(const at::Tensor& hidden, const c10::List<Layer>& gi
 
 inline at::Tensor decode_step(const at::Tensor& hidden, const c10::List<Layer>& layers, const at::Tensor& final_norm,
                               const at::Tensor& head, const std::vector<at::Tensor>& keys,
-                              const std::vector<at::Tensor>& values, const std::vector<at::Tensor>& allowed,
+                                const std::vector<at::Tensor>& values, const std::vector<at::Tensor>& allowed,
                               const at::Tensor& cos, const at::Tensor& signed_sin, int64_t slot, double eps, double scale,
                               bool unit_offset, c10::string_view activation, const Layer& head_parts,
-                              bool int8_activations) {
+                              bool int8_activations, int64_t top_k, bool normalize_top_k) {
   TORCH_CHECK(activation == "silu" || activation == "gelu_tanh", "decode_step: activation `", activation,
               "`; expected silu or gelu_tanh");
   const bool gelu = activation == "gelu_tanh";
   if (hidden.scalar_type() == at::kBFloat16)
     return decode_step_impl<c10::BFloat16>(hidden, layers, final_norm, head, head_parts, keys, values, allowed, cos,
-                                           signed_sin, slot, eps, scale, unit_offset, gelu, int8_activations);
+                                           signed_sin, slot, eps, scale, unit_offset, gelu, int8_activations,
+                                           {top_k, normalize_top_k});
   return decode_step_impl<float>(hidden, layers, final_norm, head, head_parts, keys, values, allowed, cos, signed_sin,
-                                 slot, eps, scale, unit_offset, gelu, int8_activations);
+                                 slot, eps, scale, unit_offset, gelu, int8_activations, {top_k, normalize_top_k});
 }
 
 }  // namespace specformer
