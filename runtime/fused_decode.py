@@ -35,6 +35,8 @@ from .outputs import CausalLMOutput
 from .quantization.weight_only import QUANTIZED_LINEARS, Int4Linear
 from .rope import RotaryEmbedding
 
+_ATTENTION = ("q", "k", "v", "o")  # the projections, by the kernel's names
+_GATED_MLP = ("gate", "up", "down")
 # The gated activations the kernel computes, by the name a config gives them.
 _GATES = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
@@ -122,20 +124,7 @@ def decoder_layout(model: nn.Module) -> DecoderLayout | None:
 
     def layer_layout(layer: nn.Module) -> LayerLayout:
         window = attrgetter(paths.window)(layer) if paths.window is not None else None
-        parts = (
-            "input_norm",
-            "q",
-            "k",
-            "v",
-            "o",
-            "post_norm",
-            "act",
-            "gate",
-            "up",
-            "down",
-            "router",
-            "experts",
-        )
+        parts = ("input_norm", *_ATTENTION, "post_norm", "act", *_GATED_MLP, "router", "experts")
         found = {p: attrgetter(getattr(paths, p))(layer) for p in parts if getattr(paths, p) is not None}
         return LayerLayout(**found, window=window)
 
@@ -157,9 +146,8 @@ class FusedDecoder:
         self.activation = activation
         self.int8_activations = int8_activations
         router = layout.layers[0].router
-        self.top_k, self.normalize_top_k = (
-            (router.top_k, router.normalize) if router is not None else (0, False)
-        )
+        self.top_k = router.top_k if router is not None else 0  # experts each row runs; 0: a dense MLP
+        self.normalize_top_k = router is not None and router.normalize
         self.unit_offset = layout.norm.unit_offset
         self.scale = layout.head_dim**-0.5
         self.eps = layout.norm.eps
@@ -167,11 +155,7 @@ class FusedDecoder:
         self.layers: list[dict[str, torch.Tensor]] = []
         for layer in layout.layers:
             tensors = {"input_norm": layer.input_norm.weight, "post_norm": layer.post_norm.weight}
-            for name in (
-                ("q", "k", "v", "o")
-                if layer.experts is not None
-                else ("q", "k", "v", "o", "gate", "up", "down")
-            ):
+            for name in _ATTENTION if layer.experts is not None else (*_ATTENTION, *_GATED_MLP):
                 linear = getattr(layer, name)
                 tensors |= _matrix(name, linear)
                 if linear.bias is not None:
