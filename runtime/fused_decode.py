@@ -32,6 +32,7 @@ from .kernels import DECODE_ROWS
 from .layers import Activation, RMSNorm, is_plain_linear
 from .moe import Experts, Router
 from .outputs import CausalLMOutput
+from .quantization import PackedEmbedding
 from .quantization.weight_only import QUANTIZED_LINEARS, Int4Linear
 from .rope import RotaryEmbedding
 
@@ -243,7 +244,8 @@ def fused_decoder(model: nn.Module, batch: int) -> FusedDecoder | None:
     layout = decoder_layout(model)
     assert layout is not None
     dtype = layout.norm.weight.dtype
-    tensors = [layout.embed.weight, layout.norm.weight]  # the floats, all in the model's dtype
+    packed_table = isinstance(layout.embed, PackedEmbedding)  # rows of the packed head's blocks
+    tensors = [layout.norm.weight] if packed_table else [layout.embed.weight, layout.norm.weight]
     norms = [layout.norm]
     activations: set[str | None] = set()
     packed = [layout.head] if isinstance(layout.head, QUANTIZED_LINEARS) else []
@@ -275,9 +277,10 @@ def fused_decoder(model: nn.Module, batch: int) -> FusedDecoder | None:
     if (
         activation is None
         or len({(n.eps, n.unit_offset) for n in norms}) != 1
-        or not isinstance(layout.embed, nn.Embedding)
+        or not isinstance(layout.embed, nn.Embedding | PackedEmbedding)
+        or (packed_table and layout.embed.dtype != dtype)
         or getattr(layout.embed, "sinusoidal", False)
-        or layout.embed.max_norm is not None
+        or getattr(layout.embed, "max_norm", None) is not None
         or not _projection(layout.head)
         or getattr(layout.head, "bias", None) is not None
     ):

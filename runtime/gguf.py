@@ -441,6 +441,8 @@ def read_gguf(
 
     With `keep_quantized`, linear weights stored as Q8_0, Q4_0, Q4_1, Q5_0, Q4_K or Q6_K stay integer, in the layout of
     `quantization.Int8Linear` / `Int4Linear` (`weight`, `scales`, and for int4 `offsets`): no float copy.
+    A token embedding tied to the output projection is then that projection's blocks only (its float
+    table is left out: `from_gguf` looks rows up in the blocks, `quantization.PackedEmbedding`).
     """
     reader, arch = _open(path)
     path = Path(path)
@@ -468,7 +470,11 @@ def read_gguf(
         for key, value in _convert(tensor, model, names, orders, keep_quantized, path):
             tensors[key] = value
     if keep_quantized:
-        tensors |= _packed_tied_outputs(reader, model, names)
+        packed = _packed_tied_outputs(reader, model, names)
+        tensors |= packed
+        for tied, source in model.tied_weights().items():  # the table is the head's blocks, not floats
+            if f"{tied.rpartition('.')[0]}.scales" in packed:
+                tensors.pop(source, None)
     config_out = config.to_dict()
     config_out["model_type"] = cls.config_class.model_type
     return GGUFFile(arch, config_out, tensors, _tokenizer_metadata(reader, path), str(path))

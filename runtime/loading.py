@@ -39,7 +39,15 @@ from .gguf import GGUFFile, read_gguf
 from .hub import resolve
 from .meta import build_on_meta
 from .placement import DeviceMap, attach_device_hooks, device_for, resolve_device_map
-from .quantization import WeightOnlyConfig, prepare_quantized, prepare_weight_only, quantize, quantized_layers
+from .quantization import (
+    QUANTIZED_LINEARS,
+    PackedEmbedding,
+    WeightOnlyConfig,
+    prepare_quantized,
+    prepare_weight_only,
+    quantize,
+    quantized_layers,
+)
 
 M = TypeVar("M", bound=nn.Module)
 logger = logging.getLogger("specformer.runtime.modeling")
@@ -243,9 +251,24 @@ def from_gguf(
     if layers:
         bits = {layout.bits for layout in layers.values()}
         prepare_weight_only(model, WeightOnlyConfig(bits=min(bits), activations=activations), layers)
+        _embed_from_packed_head(model, checkpoint.tensors)
     plan = resolve_device_map(model, device_map)
     model.load_tensors(checkpoint.tensors.items(), checkpoint.source, dtype=target, placement=plan)
     return model._choose_attention(attn_implementation).eval()
+
+
+def _embed_from_packed_head(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """A token embedding tied to a packed output projection whose float table the checkpoint left out
+    (`read_gguf`) looks its rows up in the projection's blocks."""
+    for tied, source in model.tied_weights().items():
+        head = model.get_submodule(tied.rpartition(".")[0])
+        if source in tensors or not isinstance(head, QUANTIZED_LINEARS):
+            continue
+        owner, _, name = source.rpartition(".")[0].rpartition(".")
+        table = model.get_submodule(source.rpartition(".")[0])
+        packed = PackedEmbedding(table=head, dtype=table.weight.dtype, padding_idx=table.padding_idx,
+                                 scale=getattr(table, "scale", None))  # fmt: skip
+        setattr(model.get_submodule(owner), name, packed)
 
 
 def load_tensors(

@@ -16,7 +16,7 @@ from .generation.config import GenerationConfig
 from .layers import Embedding, RMSNorm, TransposedLinear
 from .moe import Experts
 from .output_options import OPTIONS, backbone_of, call_with_options
-from .quantization import is_quantized_layer, memory_footprint
+from .quantization import PackedEmbedding, is_quantized_layer, memory_footprint
 
 M = TypeVar("M", bound="PreTrainedModel")
 logger = logging.getLogger(__name__)
@@ -47,9 +47,9 @@ class PreTrainedModel(nn.Module):
             return call_with_options(self, super().__call__, args, kwargs)
         return super().__call__(*args, **kwargs)
 
-    def get_input_embeddings(self) -> nn.Embedding:
+    def get_input_embeddings(self) -> nn.Embedding | PackedEmbedding:
         """The token embedding table: the backbone's first embedding."""
-        return next(m for m in backbone_of(self).modules() if isinstance(m, nn.Embedding))
+        return next(m for m in backbone_of(self).modules() if isinstance(m, nn.Embedding | PackedEmbedding))
 
     @property
     def attention_features(self) -> frozenset[str]:

@@ -14,7 +14,13 @@ import torch
 
 from specformer.generated.llama import LlamaConfig, LlamaForCausalLM
 from specformer.runtime.layers import Linear
-from specformer.runtime.quantization import Int4Linear, Int8Linear, WeightOnlyConfig, quantize
+from specformer.runtime.quantization import (
+    Int4Linear,
+    Int8Linear,
+    PackedEmbedding,
+    WeightOnlyConfig,
+    quantize,
+)
 
 TOLERANCE = {8: 0.02, 4: 0.15}
 
@@ -123,9 +129,15 @@ def test_gguf_q4_blocks_load_as_int4_without_a_float_copy() -> None:
     dense = LlamaForCausalLM.from_gguf(path, dequantize=True)
     packed = LlamaForCausalLM.from_gguf(path, activations="float")
     assert isinstance(packed.model.layers[0].mlp.up_proj, Int4Linear)  # the file's Q4_1 blocks
-    # the Q4_1 layers, and the tied output projection in its Q8_0 blocks beside the float lookup table
-    assert packed.get_memory_footprint() < 0.45 * dense.get_memory_footprint()
+    # the tied output projection keeps the file's Q8_0 token_embd blocks, and the embedding looks its
+    # rows up there (dequantised as looked up: the dense model's rows exactly), so no float table exists
+    assert isinstance(packed.lm_head, Int8Linear) and isinstance(packed.model.embed_tokens, PackedEmbedding)
+    assert packed.model.embed_tokens.table is packed.lm_head
+    assert packed.get_input_embeddings() is packed.model.embed_tokens
+    # 1.1 bytes a weight for the table and about 0.7 (Q4_1 with float16 scale and minimum) for the rest
+    assert packed.get_memory_footprint() < 0.2 * dense.get_memory_footprint()
     ids = torch.tensor([[1, 504, 3458, 282, 4114, 314, 9876, 288]])
+    assert torch.equal(packed.model.embed_tokens(ids), dense.model.embed_tokens(ids))
     # the packed kernels add each row's products in another order (two chains of groups): float32
     # rounding over ~1500-term sums, on logits of magnitude ~20
     torch.testing.assert_close(logits(packed, ids), logits(dense, ids), atol=5e-4, rtol=1e-5)

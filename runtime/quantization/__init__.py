@@ -11,6 +11,7 @@ from torch import nn
 
 from .bnb import BitsAndBytesConfig, prepare_bnb, quantize_bnb
 from .modules import memory_footprint, quantizable_linears, remember_quantization, replace_modules
+from .packed_embedding import PackedEmbedding
 from .weight_only import (
     QUANTIZED_LINEARS,
     Int4Linear,
@@ -26,6 +27,7 @@ __all__ = [
     "BitsAndBytesConfig",
     "Int4Linear",
     "Int8Linear",
+    "PackedEmbedding",
     "WeightOnlyConfig",
     "is_quantized_layer",
     "memory_footprint",

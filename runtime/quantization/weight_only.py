@@ -116,10 +116,14 @@ class Int8Linear(nn.Module):
             module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return module
 
-    def dequantize(self) -> torch.Tensor:
+    def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The float weight (in the scales' dtype; float32 for float16 scales), or just its `rows`."""
         dtype = _exact_dtype(self.scales)
-        grouped = self.weight.unflatten(1, (-1, self.group_size)).to(dtype)
-        return (grouped * self.scales.to(dtype)[..., None]).flatten(1)
+        weight, scales = (
+            (self.weight, self.scales) if rows is None else (self.weight[rows], self.scales[rows])
+        )
+        grouped = weight.unflatten(1, (-1, self.group_size)).to(dtype)
+        return (grouped * scales.to(dtype)[..., None]).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _packed_kernel(self, x):
@@ -198,15 +202,21 @@ class Int4Linear(nn.Module):
             module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return module
 
-    def _nibbles(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _nibbles(
+        self, dtype: torch.dtype, weight: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The first and second half of each group; bit operations in int32, which inductor vectorises."""
-        packed = self.weight.to(torch.int32)
+        packed = (self.weight if weight is None else weight).to(torch.int32)
         return (packed & 15).to(dtype), (packed >> 4).to(dtype)
 
-    def dequantize(self) -> torch.Tensor:
+    def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The float weight (in the scales' dtype; float32 for float16 scales), or just its `rows`."""
         dtype = _exact_dtype(self.scales)
-        q = torch.cat(self._nibbles(dtype), dim=-1)  # (out, groups, group)
-        return (q * self.scales.to(dtype)[..., None] + self._offsets(dtype)[..., None]).flatten(1)
+        weight, scales, offsets = self.weight, self.scales.to(dtype), self._offsets(dtype)
+        if rows is not None:
+            weight, scales, offsets = weight[rows], scales[rows], offsets[rows]
+        q = torch.cat(self._nibbles(dtype, weight), dim=-1)  # (out, groups, group)
+        return (q * scales[..., None] + offsets[..., None]).flatten(1)
 
     def _offsets(self, dtype: torch.dtype) -> torch.Tensor:
         """Each group's offset: stored, or -8 * scale (exact in any float type) for a symmetric layer."""
