@@ -212,11 +212,13 @@ class Int4Linear(nn.Module):
     def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The float weight (in the scales' dtype; float32 for float16 scales), or just its `rows`."""
         dtype = _exact_dtype(self.scales)
-        weight, scales, offsets = self.weight, self.scales.to(dtype), self._offsets(dtype)
-        if rows is not None:
-            weight, scales, offsets = weight[rows], scales[rows], offsets[rows]
+        weight, scales, offsets = self.weight, self.scales, self.offsets
+        if rows is not None:  # only the rows asked for are converted
+            weight, scales = weight[rows], scales[rows]
+            offsets = None if offsets is None else offsets[rows]
+        offsets = (scales * -8 if offsets is None else offsets).to(dtype)  # -8 * scale: exact in any dtype
         q = torch.cat(self._nibbles(dtype, weight), dim=-1)  # (out, groups, group)
-        return (q * scales[..., None] + offsets[..., None]).flatten(1)
+        return (q * scales.to(dtype)[..., None] + offsets[..., None]).flatten(1)
 
     def _offsets(self, dtype: torch.dtype) -> torch.Tensor:
         """Each group's offset: stored, or -8 * scale (exact in any float type) for a symmetric layer."""
