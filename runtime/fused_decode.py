@@ -172,6 +172,20 @@ class FusedDecoder:
         self.head = parts.pop("head")
         self.head_parts = parts  # the scales (and offsets) of a packed output projection
         self.windows = [layer.window for layer in layout.layers]
+        # the kernel's side of the model, checked on its first step and kept (specformer_cpu::DecodePlan)
+        self.plan = torch.classes.specformer_cpu.DecodePlan(
+            self.layers,
+            layout.norm.weight,
+            self.head,
+            self.head_parts,
+            self.eps,
+            self.scale,
+            self.unit_offset,
+            activation,
+            int8_activations,
+            self.top_k,
+            self.normalize_top_k,
+        )
 
     def __call__(
         self,
@@ -192,25 +206,14 @@ class FusedDecoder:
         mask = AttentionMask(attention_mask, 1, cache.get_seq_length(), cache)  # before the cache moves on
         allowed = {w: mask.allowed(True, w, x.device).flatten(1).contiguous() for w in set(self.windows)}
         slot, keys, values = cache.reserve(1)
-        logits = torch.ops.specformer_cpu.decode_step(
+        logits = self.plan.step(
             x,
-            self.layers,
-            self.layout.norm.weight,
-            self.head,
             keys,
             values,
             [allowed[w] for w in self.windows],
             cos.flatten(1).contiguous(),
             signed_sin.flatten(1).contiguous(),
             slot,
-            self.eps,
-            self.scale,
-            self.unit_offset,
-            self.activation,
-            self.head_parts,
-            self.int8_activations,
-            self.top_k,
-            self.normalize_top_k,
         )
         return CausalLMOutput(logits=logits[:, None])
 

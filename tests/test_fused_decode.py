@@ -127,6 +127,19 @@ def test_mixtures_of_experts_decode_fused(
     assert not isinstance(step_for(model, StaticCache(32)), FusedDecoder)
 
 
+def test_a_growing_cache_is_followed() -> None:
+    """The step's plan checks the model once and keeps its pointers while the caches keep their storage;
+    a dynamic cache that grows mid-generation (64 slots, then 128) moves them, and the plan follows."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    prompt = torch.randint(0, 61, (1, 58))
+    assert_fused_decodes_as_op_by_op(
+        model, prompt, torch.ones_like(prompt), 1e-5, cache_implementation="dynamic"
+    )
+
+
 def test_bfloat16_rounds_where_the_model_does() -> None:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=61, hidden_size=128, intermediate_size=200, num_hidden_layers=3,

@@ -207,6 +207,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 }  // namespace specformer
 
 TORCH_LIBRARY(specformer_cpu, m) {
+  m.class_<specformer::DecodePlan>("DecodePlan")
+      .def(torch::init<c10::List<specformer::Layer>, at::Tensor, at::Tensor, specformer::Layer, double, double, bool,
+                       std::string, bool, int64_t, bool>())
+      .def("step", &specformer::DecodePlan::step);
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("packed_linear(Tensor x, Tensor weight, Tensor scales, Tensor? offsets, Tensor? bias, int bits, "
         "bool int8_activations=False) -> Tensor");
