@@ -454,8 +454,13 @@ def read_gguf(
     experts = _expert_bases(model, arch, _blocks(config))
     halves: dict[str, dict[str, torch.Tensor]] = {}  # an expert stack's gate and up, until both are read
     tensors: dict[str, torch.Tensor] = {}
+    # a token embedding the tied head keeps packed: its blocks only, no float table (`PackedEmbedding`)
+    packed = _packed_tied_outputs(reader, model, names) if keep_quantized else {}
+    tables = {f"{source.rpartition('.')[0]}.weight" for tied, source in model.tied_weights().items()
+              if f"{tied.rpartition('.')[0]}.scales" in packed}  # fmt: skip
+    gguf_tables = {f"{base}.weight" for base, module in names.items() if f"{module}.weight" in tables}
     for tensor in reader.tensors:
-        if tensor.name in _DERIVED:
+        if tensor.name in _DERIVED or tensor.name in gguf_tables:
             continue
         if tensor.name.rpartition(".")[0] in experts:
             stack, part = experts[tensor.name.rpartition(".")[0]]
@@ -469,12 +474,7 @@ def read_gguf(
             continue
         for key, value in _convert(tensor, model, names, orders, keep_quantized, path):
             tensors[key] = value
-    if keep_quantized:
-        packed = _packed_tied_outputs(reader, model, names)
-        tensors |= packed
-        for tied, source in model.tied_weights().items():  # the table is the head's blocks, not floats
-            if f"{tied.rpartition('.')[0]}.scales" in packed:
-                tensors.pop(source, None)
+    tensors |= packed
     config_out = config.to_dict()
     config_out["model_type"] = cls.config_class.model_type
     return GGUFFile(arch, config_out, tensors, _tokenizer_metadata(reader, path), str(path))
@@ -483,7 +483,7 @@ def read_gguf(
 def _packed_tied_outputs(reader: Any, model: nn.Module, names: dict[str, str]) -> dict[str, torch.Tensor]:
     """An output projection tied to the token embedding, kept in the embedding's packed blocks, as
     llama.cpp computes it: decoding reads the file's 8 or 4 bits per weight for the largest matrix of a
-    small model, not a float copy (the lookup table stays float)."""
+    small model, not a float copy; the embedding looks its rows up in the same blocks."""
     tensors = {t.name: t for t in reader.tensors}
     gguf_names = {path: base for base, path in names.items()}
     packed = {}
