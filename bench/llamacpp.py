@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="decoded tokens per round")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--types", nargs="+", default=["Q4_1", "Q8_0", "Q4_0", "Q4_K_M", "F32"])
+    parser.add_argument("--types", nargs="+", default=["Q4_1", "Q8_0", "Q4_0", "Q4_K_M", "F32", "BF16"])
     args = parser.parse_args()
     try:
         import llama_cpp  # noqa: F401
@@ -121,7 +121,9 @@ def main() -> None:
             path = llamacpp_quantize(f32 if f32.exists() else requantize(shipped, "F32", f32), kind, path)
         else:
             path = requantize(shipped, kind, path)
-        model = LlamaForCausalLM.from_gguf(path, dequantize=kind in ("F32", "F16", "BF16")).eval()
+        # float files run in their own dtype (a BF16 file as bfloat16); quantized ones stay packed
+        floats = {"F32": torch.float32, "F16": torch.float32, "BF16": torch.bfloat16}
+        model = LlamaForCausalLM.from_gguf(path, dtype=floats.get(kind)).eval()
         ours, theirs = [], []
         for _ in range(args.rounds):  # alternating, so drifts in machine load hit both sides alike
             theirs.append(llamacpp_round(path, prompt, args.tokens, args.threads))
