@@ -86,6 +86,7 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     # transformers reads no expert sizes from GGUF: its defaults (1408 and 5632; 768) they are
     "qwen2moe": ("Qwen2MoeConfig", DECODER | {"num_experts": 4, "num_experts_per_tok": 2}),
     "qwen3moe": ("Qwen3MoeConfig", DECODER | {"num_experts": 4, "num_experts_per_tok": 2}),
+    "olmoe": ("OlmoeConfig", DECODER | {"num_experts": 4, "num_experts_per_tok": 2}),
     # a `llama` file with expert tensors: the file's tensors choose Mixtral's spec over Llama's
     "llama-mixtral": ("MixtralConfig", DECODER | {"num_local_experts": 4, "num_experts_per_tok": 2}),
 }
