@@ -31,6 +31,7 @@ from .checkpoint import CheckpointError
 from .checkpoint_layout import stored_paths
 from .config import ConfigError, PretrainedConfig
 from .gguf_container import GGUFContainer
+from .layers import is_plain_linear
 from .moe import Experts
 from .registry import gguf_architectures, model_class
 
@@ -459,11 +460,15 @@ def read_gguf(
     tables = {f"{source.rpartition('.')[0]}.weight" for tied, source in model.tied_weights().items()
               if f"{tied.rpartition('.')[0]}.scales" in packed}  # fmt: skip
     gguf_tables = {f"{base}.weight" for base, module in names.items() if f"{module}.weight" in tables}
+    packed_stacks = _packed_stacks(reader, experts) if keep_quantized else set()
     for tensor in reader.tensors:
         if tensor.name in _DERIVED or tensor.name in gguf_tables:
             continue
         if tensor.name.rpartition(".")[0] in experts:
             stack, part = experts[tensor.name.rpartition(".")[0]]
+            if stack in packed_stacks:  # each expert's projection its own packed layer (`PackedExperts`)
+                tensors |= _per_expert(tensor, stack, part)
+                continue
             halves.setdefault(stack, {})[part] = _dequantize(tensor, path)
             if part == "down":
                 tensors[f"{stack}.down_proj"] = halves[stack].pop(part)
@@ -478,6 +483,29 @@ def read_gguf(
     config_out = config.to_dict()
     config_out["model_type"] = cls.config_class.model_type
     return GGUFFile(arch, config_out, tensors, _tokenizer_metadata(reader, path), str(path))
+
+
+def _packed_stacks(reader: Any, experts: dict[str, tuple[str, str]]) -> set[str]:
+    """The expert stacks whose gate, up and down tensors are all in types kept packed."""
+    kinds: dict[str, set[bool]] = {}
+    for tensor in reader.tensors:
+        found = experts.get(tensor.name.rpartition(".")[0])
+        if found is not None:
+            kinds.setdefault(found[0], set()).add(tensor.tensor_type.name in _BLOCK_LAYOUTS)
+    return {stack for stack, packable in kinds.items() if packable == {True}}
+
+
+def _per_expert(tensor: Any, stack: str, part: str) -> dict[str, torch.Tensor]:
+    """llama.cpp's (E, out, in) stack of one projection as each expert's packed layer (`<stack>.<part>.<e>.`
+    `weight`, `scales`, `offsets`): views of one unpacking of the stack's blocks."""
+    raw = np.asarray(tensor.data)
+    count, rows = raw.shape[0], raw.shape[1]
+    parts = _quantized_parts(raw.reshape(count * rows, -1), tensor.tensor_type.name)
+    return {
+        f"{stack}.{part}.{e}.{name}": value.unflatten(0, (count, rows))[e]
+        for name, value in parts.items()
+        for e in range(count)
+    }
 
 
 def _packed_tied_outputs(reader: Any, model: nn.Module, names: dict[str, str]) -> dict[str, torch.Tensor]:
@@ -540,7 +568,8 @@ def _convert(
     order = _order_for(module_path, orders)
     kind = tensor.tensor_type.name
     convert = getattr(module, "from_gguf", None)  # a layer that stores its values its own way
-    packable = isinstance(module, nn.Linear) and convert is None and kind in _BLOCK_LAYOUTS
+    # plain linears only: a Router (an nn.Linear that also picks experts) keeps its float weight
+    packable = is_plain_linear(module) and convert is None and kind in _BLOCK_LAYOUTS
     if keep_quantized and packable and suffix == "weight":
         for part, value in _quantized_parts(tensor.data, kind).items():
             yield f"{module_path}.{part}", _reordered(value, order, tensor.name, path)

@@ -38,10 +38,12 @@ from .generation.config import GENERATION_CONFIG_NAME
 from .gguf import GGUFFile, read_gguf
 from .hub import resolve
 from .meta import build_on_meta
+from .moe import Experts
 from .placement import DeviceMap, attach_device_hooks, device_for, resolve_device_map
 from .quantization import (
     QUANTIZED_LINEARS,
     PackedEmbedding,
+    PackedExperts,
     WeightOnlyConfig,
     prepare_quantized,
     prepare_weight_only,
@@ -250,11 +252,21 @@ def from_gguf(
     layers = quantized_layers(checkpoint.tensors)
     if layers:
         bits = {layout.bits for layout in layers.values()}
+        _packed_expert_stacks(model, checkpoint.tensors)
         prepare_weight_only(model, WeightOnlyConfig(bits=min(bits), activations=activations), layers)
         _embed_from_packed_head(model, checkpoint.tensors)
     plan = resolve_device_map(model, device_map)
     model.load_tensors(checkpoint.tensors.items(), checkpoint.source, dtype=target, placement=plan)
     return model._choose_attention(attn_implementation).eval()
+
+
+def _packed_expert_stacks(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Expert stacks the checkpoint holds as each expert's packed layers (`read_gguf`) become
+    `PackedExperts`, whose placeholders the quantized layers then replace."""
+    for path, module in list(model.named_modules()):
+        if isinstance(module, Experts) and f"{path}.gate.0.scales" in tensors:
+            owner, _, name = path.rpartition(".")
+            setattr(model.get_submodule(owner), name, PackedExperts.like(module))
 
 
 def _embed_from_packed_head(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:

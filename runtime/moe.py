@@ -12,6 +12,7 @@ by expert, so a prompt's rows meet each expert's weights in one matmul and a dec
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -90,31 +91,19 @@ class Experts(nn.Module):
         nn.init.normal_(self.down_proj, mean=0.0, std=std)
 
     def forward(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        rows = x.reshape(-1, shape[-1])
-        top_k = chosen.shape[-1]
-        picks = chosen.reshape(-1)  # (tokens * top_k,): token t's j-th expert at t * top_k + j
-        order = picks.argsort(stable=True)
-        counts = torch.bincount(picks, minlength=self.num_experts).tolist()  # one host sync per call
-        token_of = order // top_k
-        scale = weights.reshape(-1)[order, None]
-        out = torch.zeros_like(rows)
-        start = 0
-        for expert, count in enumerate(counts):
-            local = expert - self.first_expert
-            if count == 0 or not 0 <= local < self.local_experts:
-                start += count
-                continue  # an expert no token chose, or another rank's: its weights are not read here
-            tokens = token_of[start : start + count]
-            gate, up = _linear(rows[tokens], self.weight("gate_up_proj", local)).chunk(2, dim=-1)
-            y = _linear(self.act_fn(gate) * up, self.weight("down_proj", local))
-            out.index_add_(0, tokens, (y * scale[start : start + count]).to(out.dtype))
-            start += count
+        out = run_experts(
+            x, chosen, weights, self.num_experts, self.expert_mlp, self.first_expert, self.local_experts
+        )
         if self.group is not None:
             import torch.distributed as dist
 
             dist.all_reduce(out, group=self.group)
-        return out.view(shape)
+        return out
+
+    def expert_mlp(self, rows: torch.Tensor, expert: int) -> torch.Tensor:
+        """Expert `expert`'s (this rank's numbering) gated MLP of `rows`."""
+        gate, up = _linear(rows, self.weight("gate_up_proj", expert)).chunk(2, dim=-1)
+        return _linear(self.act_fn(gate) * up, self.weight("down_proj", expert))
 
     def weight(self, name: str, expert: int) -> torch.Tensor:
         """One expert's `gate_up_proj` or `down_proj` matrix, with its adapter's update when there is one."""
@@ -123,6 +112,38 @@ class Experts(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_experts}, {self.hidden_size}, {self.intermediate_size}"
+
+
+def run_experts(
+    x: torch.Tensor,
+    chosen: torch.Tensor,
+    weights: torch.Tensor,
+    num_experts: int,
+    expert_mlp: Callable[[torch.Tensor, int], torch.Tensor],
+    first: int = 0,
+    count: int | None = None,
+) -> torch.Tensor:
+    """Every token's chosen experts' outputs, weighted and summed: tokens sorted by expert, so each
+    expert's weights meet all its rows in one product, and an expert nobody chose (or another rank's:
+    outside first..first + count - 1) is never read."""
+    shape = x.shape
+    rows = x.reshape(-1, shape[-1])
+    top_k = chosen.shape[-1]
+    picks = chosen.reshape(-1)  # (tokens * top_k,): token t's j-th expert at t * top_k + j
+    order = picks.argsort(stable=True)
+    counts = torch.bincount(picks, minlength=num_experts).tolist()  # one host sync per call
+    token_of = order // top_k
+    scale = weights.reshape(-1)[order, None]
+    out = torch.zeros_like(rows)
+    start = 0
+    for expert, picked in enumerate(counts):
+        local = expert - first
+        if picked and 0 <= local < (num_experts if count is None else count):
+            tokens = token_of[start : start + picked]
+            y = expert_mlp(rows[tokens], local)
+            out.index_add_(0, tokens, (y * scale[start : start + picked]).to(out.dtype))
+        start += picked
+    return out.view(shape)
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -213,7 +213,12 @@ def write_gguf(
         if raw and name in raw:
             blocks, raw_kind = raw[name]
             writer.add_tensor(gguf_name, blocks, raw_dtype=gguf.GGMLQuantizationType[raw_kind])
-        elif kind is not None and data.ndim == 2 and data.shape[-1] % block == 0 and "norm" not in gguf_name:
+        elif (
+            kind is not None
+            and data.ndim in (2, 3)
+            and data.shape[-1] % block == 0
+            and "norm" not in gguf_name
+        ):
             writer.add_tensor(gguf_name, gguf.quants.quantize(data, kind), raw_dtype=kind)
         else:
             writer.add_tensor(gguf_name, data.astype(np.float32))

@@ -154,6 +154,35 @@ def test_packed_blocks_keep_the_family_layouts(arch: str, qtype: str, tokenizer,
         torch.testing.assert_close(packed(ids).logits, dense(ids).logits, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize(
+    ("arch", "qtype"),
+    [("qwen2moe", "Q8_0"), ("qwen3moe", "Q4_0"), ("llama-mixtral", "Q4_1"), ("olmoe", "Q8_0")],
+)
+def test_quantized_expert_stacks_stay_packed(arch: str, qtype: str, tokenizer, tmp_path: Path) -> None:
+    """A quantized file's expert stacks load as each expert's packed layers (no float copy of the
+    largest tensors); the router keeps its float weight. Tokens route as before: the dequantised load's
+    numbers (float activations) and greedy tokens."""
+    from specformer.runtime.moe import Router
+    from specformer.runtime.quantization import Int4Linear, Int8Linear, PackedExperts
+
+    path = tmp_path / f"{arch}.gguf"
+    write_gguf(path, arch.partition("-")[0], source_model(arch, tokenizer.get_vocab_size()), qtype, tokenizer)
+    dense = load_causal_lm(path, dequantize=True)[0]
+    packed = type(dense).from_gguf(path, activations="float")
+    mlp = packed.model.layers[0].mlp
+    assert isinstance(mlp.experts, PackedExperts) and type(mlp.gate) is Router
+    kind = Int8Linear if qtype == "Q8_0" else Int4Linear
+    assert all(
+        isinstance(m, kind) for stack in (mlp.experts.gate, mlp.experts.up, mlp.experts.down) for m in stack
+    )
+    assert packed.get_memory_footprint() < 0.4 * dense.get_memory_footprint()
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(packed(ids).logits, dense(ids).logits, atol=1e-5, rtol=0)
+    settings = {"max_new_tokens": 8, "do_sample": False, "eos_token_id": None}
+    assert packed.generate(ids, **settings).tolist() == dense.generate(ids, **settings).tolist()
+
+
 @pytest.mark.parametrize("kind", ["Q5_1", "Q2_K", "Q3_K"])
 def test_other_block_types_dequantise_as_transformers_does(kind: str, tokenizer, tmp_path: Path) -> None:
     """The types Q4_K_M / Q5_K_M files mix in besides Q4_K/Q6_K and Q5_0 (which load packed)."""

@@ -12,6 +12,7 @@ from torch import nn
 from .bnb import BitsAndBytesConfig, prepare_bnb, quantize_bnb
 from .modules import memory_footprint, quantizable_linears, remember_quantization, replace_modules
 from .packed_embedding import PackedEmbedding
+from .packed_experts import PackedExperts
 from .weight_only import (
     QUANTIZED_LINEARS,
     Int4Linear,
@@ -28,6 +29,7 @@ __all__ = [
     "Int4Linear",
     "Int8Linear",
     "PackedEmbedding",
+    "PackedExperts",
     "WeightOnlyConfig",
     "is_quantized_layer",
     "memory_footprint",
