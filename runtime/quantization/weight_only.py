@@ -216,13 +216,13 @@ class Int4Linear(nn.Module):
         if rows is not None:  # only the rows asked for are converted
             weight, scales = weight[rows], scales[rows]
             offsets = None if offsets is None else offsets[rows]
-        offsets = (scales * -8 if offsets is None else offsets).to(dtype)  # -8 * scale: exact in any dtype
         q = torch.cat(self._nibbles(dtype, weight), dim=-1)  # (out, groups, group)
-        return (q * scales.to(dtype)[..., None] + offsets[..., None]).flatten(1)
+        return (q * scales.to(dtype)[..., None] + _group_offsets(scales, offsets, dtype)[..., None]).flatten(
+            1
+        )
 
     def _offsets(self, dtype: torch.dtype) -> torch.Tensor:
-        """Each group's offset: stored, or -8 * scale (exact in any float type) for a symmetric layer."""
-        return (self.scales * -8 if self.offsets is None else self.offsets).to(dtype)
+        return _group_offsets(self.scales, self.offsets, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _packed_kernel(self, x):
@@ -243,6 +243,11 @@ class Int4Linear(nn.Module):
             f"{self.in_features}, {self.out_features}, group_size={self.group_size}, "
             f"bias={self.bias is not None}, activations={self.activations}, symmetric={self.offsets is None}"
         )
+
+
+def _group_offsets(scales: torch.Tensor, offsets: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Each group's offset: stored, or -8 * scale (exact in any float type) for a symmetric layer."""
+    return (scales * -8 if offsets is None else offsets).to(dtype)
 
 
 def _exact_dtype(scales: torch.Tensor) -> torch.dtype:
