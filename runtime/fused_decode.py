@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from . import cpu_kernels
-from .attention import AttentionMask
 from .cache import DynamicCache, StaticCache
 from .kernels import DECODE_ROWS
 from .layers import Activation, RMSNorm, is_plain_linear
@@ -171,13 +170,25 @@ class FusedDecoder:
         parts = _matrix("head", layout.head)
         self.head = parts.pop("head")
         self.head_parts = parts  # the scales (and offsets) of a packed output projection
-        self.windows = [layer.window for layer in layout.layers]
+        embed = layout.embed
+        # a packed embedding's rows are a packed matrix's, looked up in its blocks
+        parts = _matrix("embedding", embed.table if isinstance(embed, PackedEmbedding) else embed)
+        self.embedding = parts.pop("embedding")
+        self.embedding_parts = parts
+        self.windows = [layer.window or 0 for layer in layout.layers]
+        self.dtype = layout.norm.weight.dtype
+        self._cos = self._sin = torch.empty(0, layout.head_dim, dtype=self.dtype)  # rotary rows, by position
+        self._rows = torch.arange(DECODE_ROWS)
         # the kernel's side of the model, checked on its first step and kept (specformer_cpu::DecodePlan)
         self.plan = torch.classes.specformer_cpu.DecodePlan(
             self.layers,
             layout.norm.weight,
             self.head,
             self.head_parts,
+            self.embedding,
+            self.embedding_parts,
+            getattr(embed, "scale", None),
+            self.windows,
             self.eps,
             self.scale,
             self.unit_offset,
@@ -200,22 +211,26 @@ class FusedDecoder:
         """The model's forward for a one-token step: it always caches and returns that token's logits."""
         if not use_cache or logits_to_keep != 1:
             raise ValueError("the fused decode step caches its token and returns its logits only")
-        cache = past_key_values
-        x = self.layout.embed(input_ids[:, 0])  # scaled by the embedding itself where the spec says so
-        cos, signed_sin = self.layout.rotary(position_ids).prepared(x.dtype)
-        mask = AttentionMask(attention_mask, 1, cache.get_seq_length(), cache)  # before the cache moves on
-        allowed = {w: mask.allowed(True, w, x.device).flatten(1).contiguous() for w in set(self.windows)}
-        slot, keys, values = cache.reserve(1)
-        logits = self.plan.step(
-            x,
-            keys,
-            values,
-            [allowed[w] for w in self.windows],
-            cos.flatten(1).contiguous(),
-            signed_sin.flatten(1).contiguous(),
-            slot,
-        )
+        slot, keys, values = past_key_values.reserve(1)
+        cos, signed_sin, rows = self._rotary(position_ids, slot)
+        logits = self.plan.step(input_ids, rows, attention_mask, keys, values, cos, signed_sin, slot)
         return CausalLMOutput(logits=logits[:, None])
+
+    def _rotary(
+        self, position_ids: torch.Tensor, slot: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotary tables (cos, signed sin), each (positions, head_dim), and each row's row in them: one
+        table for every position up to the cache's (positions count a row's tokens, so none is past its
+        slot), grown as decoding goes; where the tables depend on the sequence's length, this step's own."""
+        rotary = self.layout.rotary
+        if not rotary.by_position:
+            cos, signed_sin = rotary(position_ids).prepared(self.dtype)
+            return cos.flatten(0, 2), signed_sin.flatten(0, 2), self._rows[: position_ids.shape[0]]
+        if slot >= self._cos.shape[0]:
+            rows = max(slot + 1, 2 * self._cos.shape[0], 256)
+            cos, signed_sin = rotary(torch.arange(rows)[None]).prepared(self.dtype)
+            self._cos, self._sin = cos.flatten(0, 2), signed_sin.flatten(0, 2)
+        return self._cos, self._sin, position_ids
 
 
 def _matrix(name: str, linear: nn.Module) -> dict[str, torch.Tensor]:
@@ -282,6 +297,7 @@ def fused_decoder(model: nn.Module, batch: int) -> FusedDecoder | None:
         or len({(n.eps, n.unit_offset) for n in norms}) != 1
         or not isinstance(layout.embed, nn.Embedding | PackedEmbedding)
         or (packed_table and layout.embed.dtype != dtype)
+        or (packed_table and layout.embed.table.scales.dtype not in (torch.float16, torch.float32))
         or getattr(layout.embed, "sinusoidal", False)
         or getattr(layout.embed, "max_norm", None) is not None
         or not _projection(layout.head)

@@ -154,6 +154,12 @@ class RotaryEmbedding(nn.Module):
         self.cached_len = max_position_embeddings
         self.kernel = "torch"  # set by PreTrainedModel.set_kernels
 
+    @property
+    def by_position(self) -> bool:
+        """True when a position's tables do not depend on the other positions asked with it (dynamic and
+        longrope scaling adapt to the longest): tables for a range of positions can be computed once."""
+        return self.rope_type not in ("dynamic", "longrope")
+
     def _refresh(self, seq_len: int) -> None:
         if self.rope_type == "dynamic":
             if seq_len > self.cached_len or (seq_len < self.max_position_embeddings < self.cached_len):

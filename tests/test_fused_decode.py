@@ -26,6 +26,12 @@ pytestmark = pytest.mark.skipif(cpu_kernels.ops() is None, reason="no C++ compil
 SPECS = Path(__file__).resolve().parents[1] / "specs"
 ARCHITECTURES = {
     "llama": (LlamaForCausalLM, LlamaConfig, {}),
+    # rotary tables that depend on the sequence's length (the step computes each step's own)
+    "llama_dynamic_rope": (
+        LlamaForCausalLM,
+        LlamaConfig,
+        {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}, "max_position_embeddings": 10},
+    ),
     "mistral": (MistralForCausalLM, MistralConfig, {"sliding_window": 7}),
     # q/k/v biases, and windows on the upper layers only
     "qwen2": (
@@ -249,11 +255,34 @@ def test_bad_input_names_what_does_not_fit() -> None:
     assert isinstance(step_for(model, StaticCache(8)), FusedDecoder)
     good_keys, bad_keys = [torch.zeros(1, 2, 8, 8)], [torch.zeros(2, 2, 8, 8)]  # two rows of cache for one
 
-    def step(keys: list[torch.Tensor], layers: list[dict], activation: str = "silu") -> None:
-        torch.ops.specformer_cpu.decode_step(
-            torch.zeros(1, 32), layers, step_.layout.norm.weight, step_.layout.head.weight, keys, keys,
-            [torch.ones(1, 8, dtype=torch.bool)], torch.zeros(1, 8), torch.zeros(1, 8), 0, 1e-6, 0.35, False,
-            activation, {},
+    def step(
+        keys: list[torch.Tensor],
+        layers: list[dict],
+        activation: str = "silu",
+        token: int = 0,
+        position: int = 0,
+        mask_slots: int = 8,
+    ) -> None:
+        plan = torch.classes.specformer_cpu.DecodePlan(
+            layers,
+            step_.layout.norm.weight,
+            step_.layout.head.weight,
+            {},
+            step_.layout.embed.weight,
+            {},
+            None,
+            [0],
+            1e-6,
+            0.35,
+            False,
+            activation,
+            False,
+            0,
+            False,
+        )
+        plan.step(
+            torch.tensor([[token]]), torch.tensor([[position]]), torch.ones(1, mask_slots, dtype=torch.long), keys,
+            keys, torch.zeros(8, 8), torch.zeros(8, 8), 0,
         )  # fmt: skip
 
     step_ = step_for(model, StaticCache(8))
@@ -289,6 +318,19 @@ def test_bad_input_names_what_does_not_fit() -> None:
             )
         with pytest.raises(RuntimeError, match="activation `relu`; expected silu or gelu_tanh"):
             step(good_keys, step_.layers, "relu")
+        with pytest.raises(
+            RuntimeError, match=r"row 0's token id is 61; expected 0 to 60 \(the embedding's rows\)"
+        ):
+            step(good_keys, step_.layers, token=61)
+        with pytest.raises(
+            RuntimeError, match=r"row 0's position is 8; expected 0 to 7 \(the rotary tables' rows\)"
+        ):
+            step(good_keys, step_.layers, position=8)
+        with pytest.raises(
+            RuntimeError,
+            match="attention_mask must have 1 row and a column for each of the cache's first 1 slots",
+        ):
+            step(good_keys, step_.layers, mask_slots=0)
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -208,7 +208,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 
 TORCH_LIBRARY(specformer_cpu, m) {
   m.class_<specformer::DecodePlan>("DecodePlan")
-      .def(torch::init<c10::List<specformer::Layer>, at::Tensor, at::Tensor, specformer::Layer, double, double, bool,
+      .def(torch::init<c10::List<specformer::Layer>, at::Tensor, at::Tensor, specformer::Layer, at::Tensor,
+                       specformer::Layer, std::optional<double>, std::vector<int64_t>, double, double, bool,
                        std::string, bool, int64_t, bool>())
       .def("step", &specformer::DecodePlan::step);
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
@@ -220,11 +221,6 @@ TORCH_LIBRARY(specformer_cpu, m) {
   m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
   m.def("rotary(Tensor q, Tensor k, Tensor cos, Tensor signed_sin) -> (Tensor, Tensor)");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? allowed, float scale) -> Tensor");
-  m.def(
-      "decode_step(Tensor hidden, Dict(str, Tensor)[] layers, Tensor final_norm, Tensor head, Tensor(a!)[] keys, "
-      "Tensor(b!)[] values, Tensor[] allowed, Tensor cos, Tensor signed_sin, int slot, float eps, float scale, "
-      "bool unit_offset, str activation, Dict(str, Tensor) head_parts, bool int8_activations=False, int top_k=0, "
-      "bool normalize_top_k=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(specformer_cpu, CPU, m) {
@@ -236,5 +232,4 @@ TORCH_LIBRARY_IMPL(specformer_cpu, CPU, m) {
   m.impl("silu_mul", specformer::silu_mul);
   m.impl("rotary", specformer::rotary);
   m.impl("decode_attention", specformer::decode_attention);
-  m.impl("decode_step", specformer::decode_step);
 }

@@ -58,8 +58,7 @@ template <typename T> struct LayerWeights {
   Matrix<T> q, k, v, o, gate, up, down;
   const T *q_bias, *k_bias, *v_bias, *o_bias, *gate_bias, *up_bias, *down_bias;
   T *keys, *values;
-  const bool* allowed;  // (B|1, S): which cache slots each row's query may see
-  int64_t allowed_batch_stride;
+  const bool* allowed = nullptr;  // (B, slot + 1): which cache slots each row's query may see, this step
   // a mixture of experts in place of gate/up/down: the router (E, H), every expert's gate and up
   // (E, 2I, H) and down (E, H, I), stacked as runtime/moe.py keeps them; null for a dense MLP
   const T *router = nullptr, *experts_gate_up = nullptr, *experts_down = nullptr;
@@ -199,7 +198,6 @@ inline Packed packed_matrix(const Layer& layer, int64_t l, const std::string& na
 template <typename T>
 std::vector<LayerWeights<T>> layer_weights(const StepShape& z, const c10::List<Layer>& given,
                                            const std::vector<at::Tensor>& keys, const std::vector<at::Tensor>& values,
-                                           const std::vector<at::Tensor>& allowed, int64_t slot,
                                            bool int8_activations) {
   std::vector<LayerWeights<T>> layers(z.L);
   const int64_t shapes[kPerLayer][2] = {{z.H, 0},    {z.Nq, z.H}, {z.Nkv, z.H}, {z.Nkv, z.H}, {z.H, z.Nq},
@@ -248,15 +246,9 @@ std::vector<LayerWeights<T>> layer_weights(const StepShape& z, const c10::List<L
                   "decode_step: layer ", l, " cache has shape ", cache->sizes(), "; expected (", z.M, ", ", z.Hkv, ", ",
                   z.S, ", ", z.D, "), contiguous");
     }
-    const at::Tensor& mask = allowed[l];
-    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(1) > slot && mask.size(1) <= z.S &&
-                    mask.stride(1) == 1 && (mask.size(0) == 1 || mask.size(0) == z.M),
-                "decode_step: layer ", l, " mask must be a (batch or 1, ", slot + 1, " to ", z.S,
-                ") bool mask over the cache's slots, got ", mask.sizes());
     layers[l] = {w[0].dense, w[5].dense, w[1], w[2], w[3], w[4], w[6], w[7], w[8],
                  b[0], b[1], b[2], b[3], b[4], b[5], b[6],
-                 keys[l].data_ptr<T>(), values[l].data_ptr<T>(), mask.const_data_ptr<bool>(),
-                 mask.size(0) == 1 ? 0 : mask.stride(0)};
+                 keys[l].data_ptr<T>(), values[l].data_ptr<T>()};
     if (experts) {
       const std::vector<int64_t> shapes[kExpertParts] = {{z.E, z.H}, {z.E, 2 * z.I, z.H}, {z.E, z.H, z.I}};
       const T* parts[kExpertParts];
@@ -321,25 +313,54 @@ template <typename T> struct Prepared {
   using Scalar = T;
   StepShape z;
   std::vector<LayerWeights<T>> layers;
-  Matrix<T> head;
+  Matrix<T> head, embedding;  // the embedding: dense rows, or a packed matrix's (a tied, packed head's)
+  int64_t vocabulary = 0;     // the embedding's rows
   const T* final_norm = nullptr;
   std::vector<const void*> caches;  // every layer's keys and values storage, when prepared
 };
 
-// Everything about a step that its model decides, checked against its inputs: the layers' tensors, the
-// head, the final norm, the caches' and masks' shapes.
+// A matrix given as a tensor of the model's dtype or packed blocks with their `<name>_scales` (and
+// offsets) in `parts`, checked to be (N, K) (N: -1 for any).
 template <typename T>
-Prepared<T> prepare(const at::Tensor& x0, const c10::List<Layer>& given, const at::Tensor& final_norm,
-                    const at::Tensor& head, const Layer& head_parts, const std::vector<at::Tensor>& keys,
-                    const std::vector<at::Tensor>& values, const std::vector<at::Tensor>& allowed, int64_t slot,
-                    bool int8_activations, const Routing& routing) {
+Matrix<T> model_matrix(const at::Tensor& t, const Layer& parts, const char* name, int64_t N, int64_t K,
+                       bool int8_activations) {
+  Matrix<T> m;
+  if (t.scalar_type() == at::kChar || t.scalar_type() == at::kByte) {
+    m.packed = packed_matrix(parts, -1, name, t, N < 0 ? t.size(0) : N, K, int8_activations);
+    return m;
+  }
+  require<T>(t, name);
+  TORCH_CHECK(t.dim() == 2 && (N < 0 || t.size(0) == N) && t.size(1) == K && t.is_contiguous(), "decode_step: ",
+              name, " has shape ", t.sizes(), "; expected (", N < 0 ? "rows" : std::to_string(N), ", ", K,
+              "), contiguous");
+  m.dense = t.const_data_ptr<T>();
+  return m;
+}
+
+// What a model's step is made of, as DecodePlan holds it.
+struct StepModel {
+  c10::List<Layer> layers;
+  at::Tensor final_norm, head, embedding;
+  Layer head_parts, embedding_parts;
+  std::vector<int64_t> windows;  // each layer's sliding attention window; 0: none
+  bool int8_activations;
+  Routing routing;
+};
+
+// Everything about a step that its model decides, checked against its inputs (M rows, and the caches):
+// the layers' tensors, the embedding, the head, the final norm, the caches' shapes.
+template <typename T>
+Prepared<T> prepare(const StepModel& model, int64_t M, const std::vector<at::Tensor>& keys,
+                    const std::vector<at::Tensor>& values) {
   const int64_t L = int64_t(keys.size());
-  TORCH_CHECK(L > 0 && int64_t(given.size()) == L && int64_t(values.size()) == L && int64_t(allowed.size()) == L,
+  const c10::List<Layer>& given = model.layers;
+  const Routing& routing = model.routing;
+  TORCH_CHECK(L > 0 && int64_t(given.size()) == L && int64_t(values.size()) == L &&
+                  int64_t(model.windows.size()) == L,
               "decode_step: ", given.size(), " layers, ", keys.size(), " keys, ", values.size(), " values and ",
-              allowed.size(), " masks do not describe the same layers");
-  require<T>(x0, "hidden");
-  TORCH_CHECK(x0.dim() == 2, "decode_step: hidden must be (batch, hidden_size), got ", x0.sizes());
-  const int64_t M = x0.size(0), H = x0.size(1);
+              model.windows.size(), " windows do not describe the same layers");
+  require<T>(model.final_norm, "norm");
+  const int64_t H = model.final_norm.numel();
   const int64_t Hkv = keys[0].size(1), S = keys[0].size(2), D = keys[0].size(3);
   const Layer first = given.get(0);
   const int64_t Nq = weight(first, 0, "q").size(0), Nkv = weight(first, 0, "k").size(0);
@@ -348,68 +369,119 @@ Prepared<T> prepare(const at::Tensor& x0, const c10::List<Layer>& given, const a
   const int64_t I = moe ? weight(first, 0, "experts_gate_up").size(1) / 2 : weight(first, 0, "gate").size(0);
   TORCH_CHECK(!moe || (routing.top_k >= 1 && routing.top_k <= E), "decode_step: top_k is ", routing.top_k,
               "; expected 1 to the layers' ", E, " experts");
-  const int64_t Hq = Nq / D, G = Hq / Hkv, V = head.size(0);
-  TORCH_CHECK(slot >= 0 && slot < S, "decode_step: slot ", slot, " is outside the cache's ", S, " slots");
+  const int64_t Hq = Nq / D, G = Hq / Hkv, V = model.head.size(0);
   TORCH_CHECK(Nq % D == 0 && Hq % Hkv == 0 && Nkv == Hkv * D && D % 2 == 0,
               "decode_step: q rows ", Nq, ", kv rows ", Nkv, " and head size ", D, " do not fit together");
   Prepared<T> p;
   p.z = {L, M, H, Hkv, S, D, Nq, Nkv, I, Hq, G, V, E};
-  p.layers = layer_weights<T>(p.z, given, keys, values, allowed, slot, int8_activations);
-  require<T>(final_norm, "norm");
-  TORCH_CHECK(final_norm.numel() == H, "decode_step: final norm ", final_norm.sizes(), " does not fit ", H);
-  p.final_norm = final_norm.const_data_ptr<T>();
-  if (head.scalar_type() == at::kChar || head.scalar_type() == at::kByte) {  // an output projection kept packed
-    p.head.packed = packed_matrix(head_parts, -1, "head", head, V, H, int8_activations);
-  } else {
-    require<T>(head, "lm_head");
-    TORCH_CHECK(head.dim() == 2 && head.size(1) == H && head.is_contiguous(), "decode_step: lm_head ", head.sizes(),
-                " does not fit ", H);
-    p.head.dense = head.const_data_ptr<T>();
-  }
+  p.layers = layer_weights<T>(p.z, given, keys, values, model.int8_activations);
+  p.final_norm = model.final_norm.const_data_ptr<T>();
+  p.head = model_matrix<T>(model.head, model.head_parts, "head", V, H, model.int8_activations);
+  p.embedding = model_matrix<T>(model.embedding, model.embedding_parts, "embedding", -1, H, model.int8_activations);
+  p.vocabulary = model.embedding.size(0);
   for (int64_t l = 0; l < L; ++l) p.caches.insert(p.caches.end(), {keys[l].const_data_ptr(), values[l].const_data_ptr()});
   return p;
 }
 
-// A plan's prepared step for this step's inputs: kept when the batch, the width and every cache storage
-// are those it was prepared for (the masks, new each step, are checked and pointed to again); false
-// when something changed and the step must be prepared anew.
+// A plan's prepared step for this step's inputs: kept when the batch and every cache storage are those it
+// was prepared for; false when something changed and the step must be prepared anew.
 template <typename T>
-bool still_fits(Prepared<T>& p, const at::Tensor& x0, const std::vector<at::Tensor>& keys,
-                const std::vector<at::Tensor>& values, const std::vector<at::Tensor>& allowed, int64_t slot) {
+bool still_fits(const Prepared<T>& p, int64_t M, const std::vector<at::Tensor>& keys,
+                const std::vector<at::Tensor>& values) {
   const int64_t L = p.z.L;
-  if (x0.scalar_type() != c10::CppTypeToScalarType<T>::value || x0.dim() != 2 || x0.size(0) != p.z.M ||
-      x0.size(1) != p.z.H || int64_t(keys.size()) != L || int64_t(values.size()) != L ||
-      int64_t(allowed.size()) != L || slot < 0 || slot >= p.z.S)
-    return false;
-  for (int64_t l = 0; l < L; ++l) {
-    const at::Tensor& mask = allowed[l];
-    if (keys[l].const_data_ptr() != p.caches[2 * l] || values[l].const_data_ptr() != p.caches[2 * l + 1] ||
-        mask.scalar_type() != at::kBool || mask.dim() != 2 || mask.size(1) <= slot || mask.size(1) > p.z.S ||
-        mask.stride(1) != 1 || (mask.size(0) != 1 && mask.size(0) != p.z.M))
-      return false;
-    p.layers[l].allowed = mask.const_data_ptr<bool>();
-    p.layers[l].allowed_batch_stride = mask.size(0) == 1 ? 0 : mask.stride(0);
-  }
+  if (M != p.z.M || int64_t(keys.size()) != L || int64_t(values.size()) != L) return false;
+  for (int64_t l = 0; l < L; ++l)
+    if (keys[l].const_data_ptr() != p.caches[2 * l] || values[l].const_data_ptr() != p.caches[2 * l + 1]) return false;
   return true;
 }
 
-// The step itself, over prepared pointers: the next token's logits.
+// One integer per row, (M) or (M, 1): this step's token ids or positions, each checked to be in [0, limit).
+inline std::vector<int64_t> row_values(const at::Tensor& t, const char* name, int64_t M, int64_t limit,
+                                       const char* what) {
+  const bool wide = t.scalar_type() == at::kLong;
+  TORCH_CHECK((wide || t.scalar_type() == at::kInt) && t.numel() == M &&
+                  (t.dim() == 1 || (t.dim() == 2 && t.size(1) == 1)),
+              "decode_step: ", name, " must be ", M, " int64 or int32 values, one per row, got ", t.scalar_type(), " ",
+              t.sizes());
+  std::vector<int64_t> out(M);
+  for (int64_t m = 0; m < M; ++m) {
+    out[m] = wide ? t.const_data_ptr<int64_t>()[m * t.stride(0)] : t.const_data_ptr<int32_t>()[m * t.stride(0)];
+    TORCH_CHECK(out[m] >= 0 && out[m] < limit, "decode_step: row ", m, "'s ", name, " is ", out[m], "; expected 0 to ",
+                limit - 1, " (", what, ")");
+  }
+  return out;
+}
+
+// The step's input: each row's token embedding, from dense rows or dequantised from packed blocks (as
+// PackedEmbedding dequantises them), times `scale` rounded to T where the embedding scales.
 template <typename T>
-at::Tensor run_step(const Prepared<T>& prepared, const at::Tensor& x0, const at::Tensor& cos,
-                    const at::Tensor& signed_sin, int64_t slot, double eps_, double scale_, bool unit_offset, bool gelu,
-                    const Routing& routing) {
+at::Tensor embed(const Prepared<T>& p, const std::vector<int64_t>& ids, const std::optional<double>& scale,
+                 const at::TensorOptions& options) {
+  const int64_t M = p.z.M, H = p.z.H;
+  at::Tensor x = at::empty({M, H}, options);
+  T* xp = x.data_ptr<T>();
+  for (int64_t m = 0; m < M; ++m) {
+    T* row = xp + m * H;
+    if (p.embedding.dense != nullptr) std::copy_n(p.embedding.dense + ids[m] * H, H, row);
+    else dequantize_rows(p.embedding.packed, H, ids[m], ids[m] + 1, row);
+    if (scale.has_value()) {
+      const float factor = float(round_to<T>(float(*scale)));
+      for (int64_t h = 0; h < H; ++h) row[h] = round_to<T>(float(row[h]) * factor);
+    }
+  }
+  return x;
+}
+
+// Which cache slots each row's query may see, for each distinct window among the layers (pointed to by
+// the layers): the slots written so far whose attention_mask column is set, within the window; a row
+// that may see none (a left-padding position) sees them all instead, as runtime/attention.py's
+// AttentionMask lets it (its output is never used). Column s of the mask is cache slot s.
+template <typename T>
+std::vector<at::Tensor> point_masks(Prepared<T>& p, const std::vector<int64_t>& windows, const at::Tensor& mask_in,
+                                    int64_t slot) {
+  const int64_t M = p.z.M, visible = slot + 1;
+  TORCH_CHECK(mask_in.dim() == 2 && (mask_in.size(0) == 1 || mask_in.size(0) == M) && mask_in.size(1) >= visible,
+              "decode_step: attention_mask must have ", M == 1 ? "1 row" : std::to_string(M) + " rows or 1",
+              " and a column for each of the cache's first ", visible, " slots, got ", mask_in.sizes());
+  const at::Tensor mask = (mask_in.scalar_type() == at::kBool ? mask_in : mask_in.ne(0)).contiguous();
+  const bool* given = mask.const_data_ptr<bool>();
+  const int64_t row_stride = mask.size(0) == 1 ? 0 : mask.size(1);
+  std::vector<at::Tensor> kept;
+  std::vector<int64_t> seen;
+  for (int64_t l = 0; l < p.z.L; ++l) {
+    const int64_t window = windows[l];
+    const auto found = std::find(seen.begin(), seen.end(), window);
+    if (found == seen.end()) {
+      at::Tensor allowed = at::empty({M, visible}, mask.options().dtype(at::kBool));
+      bool* out = allowed.data_ptr<bool>();
+      for (int64_t m = 0; m < M; ++m) {
+        bool* row = out + m * visible;
+        bool any = false;
+        for (int64_t s = 0; s < visible; ++s)
+          any |= row[s] = given[m * row_stride + s] && (window == 0 || slot - s < window);
+        if (!any) std::fill_n(row, visible, true);
+      }
+      seen.push_back(window);
+      kept.push_back(allowed);
+    }
+    p.layers[l].allowed = kept[std::find(seen.begin(), seen.end(), window) - seen.begin()].const_data_ptr<bool>();
+  }
+  return kept;
+}
+
+// The step itself, over prepared pointers: the next token's logits. Row m's rotary tables are rows
+// positions[m] of cos and signed_sin.
+template <typename T>
+at::Tensor run_step(const Prepared<T>& prepared, const at::Tensor& x, const at::Tensor& cos,
+                    const at::Tensor& signed_sin, const std::vector<int64_t>& positions, int64_t slot, double eps_,
+                    double scale_, bool unit_offset, bool gelu, const Routing& routing) {
   const auto [L, M, H, Hkv, S, D, Nq, Nkv, I, Hq, G, V, E] = prepared.z;
-  TORCH_CHECK(cos.dim() == 2 && cos.size(1) == D && (cos.size(0) == 1 || cos.size(0) == M) && cos.is_contiguous() &&
-                  signed_sin.sizes() == cos.sizes() && signed_sin.is_contiguous(),
-              "decode_step: cos and signed_sin must be (batch or 1, ", D, "), got ", cos.sizes());
-  require<T>(cos, "cos");
-  require<T>(signed_sin, "signed_sin");
+  TORCH_CHECK(slot >= 0 && slot < S, "decode_step: slot ", slot, " is outside the cache's ", S, " slots");
   const std::vector<LayerWeights<T>>& layers = prepared.layers;
   const Matrix<T>& head_matrix = prepared.head;
 
-  at::Tensor x = x0.clone();  // the residual stream, updated in place layer by layer
-  at::Tensor logits = at::empty({M, V}, x0.options());
-  T* xp = x.data_ptr<T>();
+  at::Tensor logits = at::empty({M, V}, x.options());
+  T* xp = x.data_ptr<T>();  // the residual stream, updated in place layer by layer
   // Shared between the threads: this step's q/k/v rows, attention partials, MLP activations.
   const int64_t K = std::max<int64_t>(1, routing.top_k);  // MLPs a row runs: its experts, or the one
   std::vector<T> qkv(M * (Nq + 2 * Nkv)), gate(M * K * I), up(M * K * I), projected(M * H);
@@ -421,7 +493,6 @@ at::Tensor run_step(const Prepared<T>& prepared, const at::Tensor& x0, const at:
   const float eps = float(eps_), scale = float(scale_);
   const T* cp = cos.const_data_ptr<T>();
   const T* sp = signed_sin.const_data_ptr<T>();
-  const int64_t rope_stride = cos.size(0) == 1 ? 0 : D;
   const int64_t q_stride = Nq + 2 * Nkv;
 
 #pragma omp parallel num_threads(threads)
@@ -456,17 +527,17 @@ at::Tensor run_step(const Prepared<T>& prepared, const at::Tensor& x0, const at:
         const int64_t s0 = std::min(visible, split * chunk), s1 = std::min(visible, s0 + chunk);
         if (s0 <= slot && slot < s1) {
           const T* kr = qkv.data() + b * q_stride + Nq + h * D;
-          rotate_head(kr, cp + b * rope_stride, sp + b * rope_stride, D, w.keys + ((b * Hkv + h) * S + slot) * D);
+          rotate_head(kr, cp + positions[b] * D, sp + positions[b] * D, D, w.keys + ((b * Hkv + h) * S + slot) * D);
           std::copy_n(kr + Nkv, D, w.values + ((b * Hkv + h) * S + slot) * D);
         }
         for (int64_t j = 0; j < G; ++j) {
-          rotate_head(qkv.data() + b * q_stride + (h * G + j) * D, cp + b * rope_stride, sp + b * rope_stride, D,
+          rotate_head(qkv.data() + b * q_stride + (h * G + j) * D, cp + positions[b] * D, sp + positions[b] * D, D,
                       rotated.data());
           for (int64_t i = 0; i < D; ++i) qf[j * D + i] = float(rotated[i]) * scale;
         }
         const int64_t cache_offset = (b * Hkv + h) * S * D;
         attend_chunk<T>(qf.data(), G, D, w.keys + cache_offset, w.values + cache_offset, D, D,
-                        w.allowed + b * w.allowed_batch_stride, s0, s1, scores.data(), row.data(), &part.max[u * G],
+                        w.allowed + b * visible, s0, s1, scores.data(), row.data(), &part.max[u * G],
                         &part.sum[u * G], &part.acc[u * G * D]);
       }
 #pragma omp barrier
@@ -521,59 +592,61 @@ inline bool gelu_activation(c10::string_view activation) {
   return activation == "gelu_tanh";
 }
 
-inline at::Tensor decode_step(const at::Tensor& hidden, const c10::List<Layer>& layers, const at::Tensor& final_norm,
-                              const at::Tensor& head, const std::vector<at::Tensor>& keys,
-                              const std::vector<at::Tensor>& values, const std::vector<at::Tensor>& allowed,
-                              const at::Tensor& cos, const at::Tensor& signed_sin, int64_t slot, double eps, double scale,
-                              bool unit_offset, c10::string_view activation, const Layer& head_parts,
-                              bool int8_activations, int64_t top_k, bool normalize_top_k) {
-  const bool gelu = gelu_activation(activation);
-  const Routing routing{top_k, normalize_top_k};
-  const at::Tensor x0 = hidden.contiguous();
-  auto run = [&](auto typed) {
-    using T = decltype(typed);
-    const Prepared<T> p = prepare<T>(x0, layers, final_norm, head, head_parts, keys, values, allowed, slot,
-                                     int8_activations, routing);
-    return run_step(p, x0, cos, signed_sin, slot, eps, scale, unit_offset, gelu, routing);
-  };
-  return x0.scalar_type() == at::kBFloat16 ? run(c10::BFloat16()) : run(float());
-}
-
 // A model's side of the fused step, given once (runtime/fused_decode.py keeps one per decoder): the
-// layers' tensors by name, the final norm, the head, and how the step computes. Converting and checking
-// the layers' dicts on every call cost ~15 us a layer (a third of a millisecond a token for a 30-layer
-// model); a plan checks them on its first step and again only when the batch or a cache's storage
-// changes, and takes only the step's own inputs after that.
+// layers' tensors by name, the final norm, the head and the token embedding (dense, or a packed matrix
+// with its parts), each layer's window, and how the step computes. Converting and checking the layers'
+// dicts on every call cost ~15 us a layer (a third of a millisecond a token for a 30-layer model); a plan
+// checks them on its first step and again only when the batch or a cache's storage changes. A step
+// takes only what changes: the tokens, their positions, the attention mask and the caches. The
+// embedding lookup, the rotary rows and the masks are done here because as torch ops, each a few
+// microseconds warm, they cost ~0.4 ms a token after the step has streamed the weights through the caches.
 struct DecodePlan : torch::CustomClassHolder {
-  c10::List<Layer> layers;
-  at::Tensor final_norm, head;
-  Layer head_parts;
+  StepModel model;
+  std::optional<double> embedding_scale;
   double eps, scale;
-  bool unit_offset, gelu, int8_activations;
-  Routing routing;
+  bool unit_offset, gelu;
   std::optional<Prepared<float>> as_float;
   std::optional<Prepared<c10::BFloat16>> as_bfloat16;
   std::mutex busy;  // one step at a time: a step points the prepared layers at its masks
 
-  DecodePlan(c10::List<Layer> layers, at::Tensor final_norm, at::Tensor head, Layer head_parts, double eps,
+  DecodePlan(c10::List<Layer> layers, at::Tensor final_norm, at::Tensor head, Layer head_parts, at::Tensor embedding,
+             Layer embedding_parts, std::optional<double> embedding_scale, std::vector<int64_t> windows, double eps,
              double scale, bool unit_offset, std::string activation, bool int8_activations, int64_t top_k,
              bool normalize_top_k)
-      : layers(std::move(layers)), final_norm(std::move(final_norm)), head(std::move(head)),
-        head_parts(std::move(head_parts)), eps(eps), scale(scale), unit_offset(unit_offset),
-        gelu(gelu_activation(activation)), int8_activations(int8_activations), routing{top_k, normalize_top_k} {}
+      : model{std::move(layers),          std::move(final_norm),      std::move(head), std::move(embedding),
+              std::move(head_parts),      std::move(embedding_parts), std::move(windows), int8_activations,
+              Routing{top_k, normalize_top_k}},
+        embedding_scale(embedding_scale), eps(eps), scale(scale), unit_offset(unit_offset),
+        gelu(gelu_activation(activation)) {
+    for (const int64_t window : model.windows)
+      TORCH_CHECK(window >= 0, "decode_step: window ", window, "; expected a positive size, or 0 for none");
+  }
 
-  at::Tensor step(at::Tensor hidden, std::vector<at::Tensor> keys, std::vector<at::Tensor> values,
-                  std::vector<at::Tensor> allowed, at::Tensor cos, at::Tensor signed_sin, int64_t slot) {
+  // The logits after each row's token `ids` at `positions` (rows of the rotary tables `cos` and
+  // `signed_sin`, (positions, head_size)), its key and value written to cache slot `slot`.
+  at::Tensor step(at::Tensor ids, at::Tensor positions, at::Tensor attention_mask, std::vector<at::Tensor> keys,
+                  std::vector<at::Tensor> values, at::Tensor cos, at::Tensor signed_sin, int64_t slot) {
     std::lock_guard<std::mutex> lock(busy);
-    const at::Tensor x0 = hidden.contiguous();
+    const int64_t M = ids.numel();
     auto run = [&](auto& prepared) {
       using T = typename std::decay_t<decltype(*prepared)>::Scalar;
-      if (!prepared || !still_fits(*prepared, x0, keys, values, allowed, slot))
-        prepared = prepare<T>(x0, layers, final_norm, head, head_parts, keys, values, allowed, slot,
-                              int8_activations, routing);
-      return run_step(*prepared, x0, cos, signed_sin, slot, eps, scale, unit_offset, gelu, routing);
+      if (!prepared || !still_fits(*prepared, M, keys, values)) prepared = prepare<T>(model, M, keys, values);
+      const int64_t D = prepared->z.D;
+      require<T>(cos, "cos");
+      require<T>(signed_sin, "signed_sin");
+      TORCH_CHECK(cos.dim() == 2 && cos.size(1) == D && cos.is_contiguous() && signed_sin.sizes() == cos.sizes() &&
+                      signed_sin.is_contiguous(),
+                  "decode_step: cos and signed_sin must be (positions, ", D, "), contiguous, got ", cos.sizes(), " and ",
+                  signed_sin.sizes());
+      const auto tokens = row_values(ids, "token id", M, prepared->vocabulary, "the embedding's rows");
+      const auto rows = row_values(positions, "position", M, cos.size(0), "the rotary tables' rows");
+      TORCH_CHECK(slot >= 0 && slot < prepared->z.S, "decode_step: slot ", slot, " is outside the cache's ",
+                  prepared->z.S, " slots");
+      const auto masks = point_masks(*prepared, model.windows, attention_mask, slot);
+      const at::Tensor x = embed(*prepared, tokens, embedding_scale, model.final_norm.options());
+      return run_step(*prepared, x, cos, signed_sin, rows, slot, eps, scale, unit_offset, gelu, model.routing);
     };
-    return x0.scalar_type() == at::kBFloat16 ? run(as_bfloat16) : run(as_float);
+    return model.final_norm.scalar_type() == at::kBFloat16 ? run(as_bfloat16) : run(as_float);
   }
 };
 
