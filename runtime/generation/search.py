@@ -64,21 +64,40 @@ class Stop:
         if self.strings and tokenizer is None:
             raise GenerationError("stop_strings need the tokenizer: generate(..., tokenizer=tokenizer)")
         self.tokenizer = tokenizer
+        self._eos: dict[torch.device, torch.Tensor] = {}
 
     def __call__(self, sequences: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
         """(rows,) bool: which rows are done after their last token."""
-        done = torch.zeros(sequences.shape[0], dtype=torch.bool, device=sequences.device)
-        for criterion in self.criteria:
-            done |= torch.as_tensor(criterion(sequences, scores), device=done.device).bool()
-        if self.eos:
-            done |= torch.isin(sequences[:, -1], torch.tensor(self.eos, device=sequences.device))
+        done = self.ended(sequences, scores)
+        if done is None:
+            return torch.zeros(sequences.shape[0], dtype=torch.bool, device=sequences.device)
+        return done
+
+    def ended(self, sequences: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Which rows are done after their last token, or None when no criterion can end any row now
+        (a decoding loop's common case, at no tensor op)."""
         if sequences.shape[1] >= self.max_length or (
             self.deadline is not None and time.monotonic() > self.deadline
         ):
-            done |= True
+            return torch.ones(sequences.shape[0], dtype=torch.bool, device=sequences.device)
+        marks = [torch.as_tensor(c(sequences, scores), device=sequences.device).bool() for c in self.criteria]
+        if self.eos:
+            device = sequences.device
+            if device not in self._eos:
+                self._eos[device] = torch.tensor(self.eos, device=device)
+            marks.append(torch.isin(sequences[:, -1], self._eos[device]))
         if self.strings:
             tails = [self.tokenizer.decode(row[-16:].tolist()) for row in sequences]  # type: ignore[attr-defined]
-            done |= torch.tensor([any(s in tail for s in self.strings) for tail in tails], device=done.device)
+            marks.append(
+                torch.tensor(
+                    [any(s in tail for s in self.strings) for tail in tails], device=sequences.device
+                )
+            )
+        if not marks:
+            return None
+        done = marks[0].expand(sequences.shape[0])
+        for mark in marks[1:]:
+            done = done | mark
         return done
 
 
@@ -104,10 +123,7 @@ def _step(
             tokens[:, seen:].clone(memory_format=fresh),
             positions[:, seen:].clone(memory_format=fresh),
         )
-    if isinstance(cache, StaticCache):
-        slots = mask.new_ones(mask.shape[0], cache.max_length)
-        slots[:, : mask.shape[1]] = mask
-        mask = slots
+    mask = _slot_mask(mask, cache)
     step = decode if decode is not None and seen and tokens.shape[1] == 1 else model
     out = step(tokens, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
                logits_to_keep=1)  # fmt: skip
@@ -132,10 +148,15 @@ def sample_or_greedy(
     pad = config.pad_token_id if config.pad_token_id is not None else (config.eos_ids() or [0])[0]
     sequences = input_ids
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    all_running = True  # no row has finished (so no token needs replacing by padding)
     scores: list[torch.Tensor] = []
     raw: list[torch.Tensor] = []
+    token_steps: _TokenSteps | None = None
     while True:
-        logits = _step(model, sequences, mask, cache, decode if cache is not None else None)
+        if token_steps is not None:
+            logits = token_steps(sequences[:, -1], mask)
+        else:
+            logits = _step(model, sequences, mask, cache, decode if cache is not None else None)
         next_scores = apply_all(processors, sequences, logits)
         if config.output_scores:
             scores.append(next_scores)
@@ -146,16 +167,22 @@ def sample_or_greedy(
             tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         else:
             tokens = next_scores.argmax(dim=-1)
-        tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad))
+        if not all_running:
+            tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad))
         sequences = torch.cat((sequences, tokens[:, None]), dim=1)
         mask = torch.cat((mask, mask.new_ones(mask.shape[0], 1)), dim=1)
         if streamer is not None:
             streamer.put(tokens.cpu())  # type: ignore[attr-defined]
         if on_token is not None:  # a callback for the first row, as the command line streams
             on_token(int(tokens[0]))
-        unfinished &= ~stop(sequences, next_scores)
-        if not bool(unfinished.any()):
-            break
+        ended = stop.ended(sequences, next_scores)
+        if ended is not None and bool(ended.any()):
+            unfinished &= ~ended
+            all_running = False
+            if not bool(unfinished.any()):
+                break
+        if cache is not None and token_steps is None:
+            token_steps = _TokenSteps(decode if decode is not None else model, mask, cache)
     if streamer is not None:
         streamer.end()  # type: ignore[attr-defined]
     return GenerateOutput(
@@ -164,6 +191,37 @@ def sample_or_greedy(
         logits=tuple(raw) if config.output_logits else None,
         past_key_values=cache,
     )
+
+
+def _slot_mask(mask: torch.Tensor, cache: Cache) -> torch.Tensor:
+    """The attention mask as the cache reads it: a static cache's covers all its slots (fixed shape),
+    those past the sequence marked real (unwritten ones are masked by position)."""
+    if not isinstance(cache, StaticCache):
+        return mask
+    slots = mask.new_ones(mask.shape[0], cache.max_length)
+    slots[:, : mask.shape[1]] = mask
+    return slots
+
+
+class _TokenSteps:
+    """The steps after the first over a cache, each feeding one new token per row (always a real one):
+    each row's position is one past its last, and a static cache's slot mask does not change (its slots
+    past the prompt are marked real already). Derived from the whole mask every step, as the first step
+    derives them, they cost a dozen small tensor ops a token."""
+
+    def __init__(self, run: Callable[..., Any], mask: torch.Tensor, cache: Cache) -> None:
+        self.run, self.cache = run, cache
+        self.positions = positions_from_mask(mask)[:, -1:].clone(memory_format=torch.contiguous_format)
+        self.slots = _slot_mask(mask, cache) if isinstance(cache, StaticCache) else None
+
+    def __call__(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The next logits (rows, vocab) after `tokens` (rows,), with `mask` covering them."""
+        fresh = torch.contiguous_format  # the same strides every step, as a compiled step expects
+        out = self.run(tokens[:, None].clone(memory_format=fresh), position_ids=self.positions,
+                       attention_mask=mask if self.slots is None else self.slots, past_key_values=self.cache,
+                       use_cache=True, logits_to_keep=1)  # fmt: skip
+        self.positions = self.positions + 1
+        return out.logits[:, -1].float()
 
 
 def _gather(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
