@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import GenerationError
+from .hardware import available_memory
 
 
 class Cache:
@@ -154,18 +155,6 @@ def _regrow(buffer: torch.Tensor, filled: int, capacity: int) -> torch.Tensor:
     return grown
 
 
-def _available_memory() -> int | None:
-    """Memory the kernel can hand out without swapping (MemAvailable: free plus reclaimable page cache)."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def _check_fits(shape: tuple[int, ...], like: torch.Tensor, max_length: int) -> None:
     """Refuse, before allocating, a preallocated layer (keys and values) larger than the memory free on
     its device: a clear error instead of the allocator's failure or the OOM killer."""
@@ -173,7 +162,7 @@ def _check_fits(shape: tuple[int, ...], like: torch.Tensor, max_length: int) -> 
     if like.is_cuda:
         free = torch.cuda.mem_get_info(like.device)[0]
     elif like.device.type == "cpu":
-        free = _available_memory()
+        free = available_memory()
         if free is None:
             return
     else:

@@ -31,6 +31,18 @@ class MissingDependencyError(ImportError):
     """An optional package a feature needs is not installed (or not usable on this machine)."""
 
 
+def available_memory() -> int | None:
+    """Memory the kernel can hand out without swapping (MemAvailable: free plus reclaimable page cache)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def is_installed(package: str) -> bool:
     """Whether `package` can be found, without importing it; a broken install counts as absent."""
     try:
