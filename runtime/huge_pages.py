@@ -53,9 +53,13 @@ def huge_page_buffer(nbytes: int) -> torch.Tensor | None:
 
 
 def _tensors(module: nn.Module) -> Iterator[tuple[nn.Module, str, torch.Tensor]]:
+    """Every CPU parameter and buffer holding its own memory: tensor subclasses that wrap others (a
+    tensor-parallel DTensor, a bitsandbytes parameter) are left as they are."""
     for owner in module.modules():
         for name, tensor in (*owner._parameters.items(), *owner._buffers.items()):
-            if tensor is not None and tensor.device.type == "cpu" and tensor.numel() > 0:
+            if tensor is None or type(tensor.data) is not torch.Tensor:
+                continue
+            if tensor.device.type == "cpu" and tensor.numel() > 0:
                 yield owner, name, tensor
 
 

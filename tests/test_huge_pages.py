@@ -107,3 +107,18 @@ def test_loading_places_large_models_in_huge_pages(tmp_path: Path, monkeypatch: 
     assert len(storages(placed)) == 1
     kept = LlamaForCausalLM.from_pretrained(tmp_path, huge_pages=False)
     assert len(storages(kept)) > 1
+
+
+@needs_huge_pages
+def test_tensor_subclasses_are_left_alone() -> None:
+    """A wrapper subclass (as tensor parallelism's DTensor is) has no storage of its own to move."""
+
+    class Wrapped(torch.Tensor):
+        pass
+
+    module = nn.Module()
+    module.plain = nn.Parameter(torch.randn(3))
+    module.wrapped = nn.Parameter(torch.randn(3).as_subclass(Wrapped))
+    before = module.wrapped.data_ptr()
+    assert gather_into_huge_pages(module) > 0
+    assert module.wrapped.data_ptr() == before
