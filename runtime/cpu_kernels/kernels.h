@@ -235,8 +235,15 @@ inline float torch_sum_of_squares(const float* x, int64_t n) {
 template <typename T> void silu_mul_range(const T* gp, const T* up_, T* op, int64_t begin, int64_t end) {
   const Vec one(1.f);
   const int64_t vectorised = begin + (end - begin) / SPECFORMER_SILU_STEP * SPECFORMER_SILU_STEP;
+  int64_t i = begin;
+  if constexpr (std::is_same_v<T, float>) {  // straight from and to memory: a prompt's rows are long
+    for (; i < vectorised; i += Vec::size()) {
+      const Vec x = Vec::loadu(gp + i);
+      ((x / (one + x.neg().exp())) * Vec::loadu(up_ + i)).store(op + i);
+    }
+  }
   float g[Vec::size()], u[Vec::size()], y[Vec::size()];
-  for (int64_t i = begin; i < end; i += Vec::size()) {
+  for (; i < end; i += Vec::size()) {
     const int64_t n = std::min<int64_t>(Vec::size(), end - i);
     for (int64_t j = 0; j < n; ++j) g[j] = float(gp[i + j]), u[j] = float(up_[i + j]);
     if (i < vectorised) {
