@@ -3,9 +3,10 @@
 A compiled op-by-op step of a small model still makes hundreds of kernel calls a token, and each
 parallel one ends with the threads waiting for each other while the memory bus idles. The decode rate is
 bounded by reading the weights once per token; `bench/generate.py` prints both sides' rates and the share
-of that bound each reaches. `specformer_cpu::decode_step` runs the whole step (every layer's norms,
-projections, rotary, cache write, attention and gated MLP, then the final norm and the head) in one
-parallel region that streams the weights back to back.
+of that bound each reaches. `specformer_cpu::DecodePlan` runs the whole step (the embedding lookup, every
+layer's norms, projections, rotary, cache write, masked attention and gated MLP, then the final norm and
+the head) in one parallel region that streams the weights back to back; Python only hands it the
+tokens, their positions, the attention mask and the caches.
 
 It needs to know the decoder's structure for certain, so it takes it from the code generator: when a spec's
 dataflow is exactly a pre-norm rotary decoder with a gated MLP (Llama, Mistral, Qwen2, Gemma and any spec

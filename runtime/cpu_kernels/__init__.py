@@ -1,5 +1,5 @@
 """Fused CPU kernels for inference: RMSNorm, SwiGLU, rotary, one-query attention, bf16 GEMV, and a whole
-one-token decode step built from them (`decode_step`, driven by `runtime/fused_decode.py`).
+one-token decode step built from them (`DecodePlan`, driven by `runtime/fused_decode.py`).
 
 Eager decoding on the CPU spends close to a third of each token outside the weight GEMVs, in ops that
 each touch a few kilobytes: a norm is six aten ops, rotary five per tensor, SwiGLU two, and every one
