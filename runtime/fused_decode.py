@@ -33,7 +33,7 @@ from .layers import Activation, RMSNorm, is_plain_linear
 from .moe import Experts, Router
 from .outputs import CausalLMOutput
 from .quantization import PackedEmbedding
-from .quantization.weight_only import QUANTIZED_LINEARS, Int4Linear
+from .quantization.weight_only import QUANTIZED_LINEARS
 from .rope import RotaryEmbedding
 
 _ATTENTION = ("q", "k", "v", "o")  # the projections, by the kernel's names
@@ -241,7 +241,7 @@ def _matrix(name: str, linear: nn.Module) -> dict[str, torch.Tensor]:
         return {name: linear.weight}
     dtype = torch.float16 if linear.scales.dtype == torch.float16 else torch.float32
     packed = {name: linear.weight.flatten(1), f"{name}_scales": linear.scales.to(dtype).contiguous()}
-    if isinstance(linear, Int4Linear) and linear.offsets is not None:
+    if linear.offsets is not None:
         packed[f"{name}_offsets"] = linear.offsets.to(dtype).contiguous()
     return packed
 

@@ -8,7 +8,7 @@ whoever knows it: the spec's row orders (Llama's interleaved rotary pairs, GPT-N
 each layer for its own storage (`from_gguf` on a layer: a Gemma norm's +1, a transposed linear, stacked
 per-head norms). The container is read in one pass by `gguf_container.py`; the `gguf` package (an
 optional dependency, imported only when a file is read) supplies the block types, the name tables and the
-numpy dequantisers for blocks that are not kept packed (Q8_0/Q4_0/Q4_1/Q5_0/Q4_K/Q6_K linears stay packed by
+numpy dequantisers for blocks that are not kept packed (Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q5_K/Q6_K linears stay packed by
 default).
 """
 
@@ -440,8 +440,8 @@ def read_gguf(
     """Read a GGUF file into a Hugging Face style config dict and state dict (float32), for the model its
     architecture names (or `model_class`, whose spec must declare that architecture).
 
-    With `keep_quantized`, linear weights stored as Q8_0, Q4_0, Q4_1, Q5_0, Q4_K or Q6_K stay integer, in the layout of
-    `quantization.Int8Linear` / `Int4Linear` (`weight`, `scales`, and for int4 `offsets`): no float copy.
+    With `keep_quantized`, linear weights stored as Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K or Q6_K stay integer, in the layout of
+    `quantization.Int8Linear` / `Int4Linear` (`weight`, `scales`, and `offsets` where the type has minimums): no float copy.
     A token embedding tied to the output projection is then that projection's blocks only (its float
     table is left out: `from_gguf` looks rows up in the blocks, `quantization.PackedEmbedding`).
     """
@@ -552,7 +552,16 @@ def _order_for(path: str, orders: dict) -> tuple[tuple[int, ...], tuple[int, ...
 
 
 # llama.cpp block layouts we keep as integers: bytes per block of 32 values.
-_BLOCK_LAYOUTS = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q4_K": 144, "Q6_K": 210}
+_BLOCK_LAYOUTS = {
+    "Q8_0": 34,
+    "Q4_0": 18,
+    "Q4_1": 20,
+    "Q5_0": 22,
+    "Q5_1": 24,
+    "Q4_K": 144,
+    "Q5_K": 176,
+    "Q6_K": 210,
+}
 
 
 def _convert(
@@ -633,7 +642,7 @@ def _split_fused(
 def _quantized_parts(raw: Any, kind: str) -> dict[str, torch.Tensor]:
     """Split a packed tensor's raw (rows, blocks * bytes) data into the weight, scales and offsets of
     an int8/int4 layer (`quantization/weight_only.py`): Q8_0/Q4_0/Q4_1 as they are (float16 scales and
-    minimums; Q4_0 symmetric, no offsets); Q5_0 and the K-quants Q4_K and Q6_K unpacked into the same
+    minimums; Q4_0 symmetric, no offsets); Q5_0, Q5_1 and the K-quants Q4_K, Q5_K and Q6_K unpacked into the same
     per-group form."""
     if kind in _UNPACKED:
         return _UNPACKED[kind](np.asarray(raw).reshape(raw.shape[0], -1, _BLOCK_LAYOUTS[kind]))
@@ -653,16 +662,33 @@ def _half(blocks: np.ndarray, start: int) -> np.ndarray:
     return np.ascontiguousarray(blocks[..., start : start + 2]).view(np.float16)[..., 0].astype(np.float32)
 
 
-def _q4_k_parts(blocks: np.ndarray) -> dict[str, torch.Tensor]:
-    """Q4_K super-blocks of 256 (d, dmin, twelve bytes of 6-bit scales and mins, 128 bytes of nibbles) as
-    int4 groups of 32: w = q * d * scale_j - dmin * min_j, ggml's `dequantize_row_q4_K`, exactly."""
-    d, dmin = _half(blocks, 0), _half(blocks, 2)
+def _k_scales_mins(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The eight 6-bit scales and mins packed in bytes 4..16 of a Q4_K/Q5_K super-block (ggml's
+    get_scale_min_k4), each (rows, blocks, 8)."""
     packed = blocks[..., 4:16].astype(np.uint8)
     shape = blocks.shape[:2]
     scales, mins = np.empty((*shape, 8), np.uint8), np.empty((*shape, 8), np.uint8)
-    scales[..., :4], mins[..., :4] = packed[..., 0:4] & 63, packed[..., 4:8] & 63  # ggml's get_scale_min_k4
+    scales[..., :4], mins[..., :4] = packed[..., 0:4] & 63, packed[..., 4:8] & 63
     scales[..., 4:] = (packed[..., 8:12] & 15) | ((packed[..., 0:4] >> 6) << 4)
     mins[..., 4:] = (packed[..., 8:12] >> 4) | ((packed[..., 4:8] >> 6) << 4)
+    return scales, mins
+
+
+def _k_group_scales(blocks: np.ndarray) -> dict[str, torch.Tensor]:
+    """A Q4_K/Q5_K super-block's groups of 32 as scale and offset: w = q * (d * scale_j) - dmin * min_j."""
+    d, dmin = _half(blocks, 0), _half(blocks, 2)
+    scales, mins = _k_scales_mins(blocks)
+    rows = blocks.shape[0]
+    return {
+        "scales": torch.from_numpy((d[..., None] * scales.astype(np.float32)).reshape(rows, -1)),
+        "offsets": torch.from_numpy((-(dmin[..., None] * mins.astype(np.float32))).reshape(rows, -1)),
+    }
+
+
+def _q4_k_parts(blocks: np.ndarray) -> dict[str, torch.Tensor]:
+    """Q4_K super-blocks of 256 (d, dmin, twelve bytes of 6-bit scales and mins, 128 bytes of nibbles) as
+    int4 groups of 32: w = q * d * scale_j - dmin * min_j, ggml's `dequantize_row_q4_K`, exactly."""
+    shape = blocks.shape[:2]
     nibbles = blocks[..., 16:].reshape(*shape, 4, 32)  # sub-blocks 2p and 2p+1 share 32 bytes
     values = np.stack([nibbles & 15, nibbles >> 4], axis=3).reshape(*shape, 8, 32)
     weight = values[..., :16] | (
@@ -671,9 +697,21 @@ def _q4_k_parts(blocks: np.ndarray) -> dict[str, torch.Tensor]:
     rows = blocks.shape[0]
     return {
         "weight": torch.from_numpy(np.ascontiguousarray(weight.reshape(rows, -1, 16))),
-        "scales": torch.from_numpy((d[..., None] * scales.astype(np.float32)).reshape(rows, -1)),
-        "offsets": torch.from_numpy((-(dmin[..., None] * mins.astype(np.float32))).reshape(rows, -1)),
+        **_k_group_scales(blocks),
     }
+
+
+def _q5_k_parts(blocks: np.ndarray) -> dict[str, torch.Tensor]:
+    """Q5_K super-blocks of 256 (d, dmin, twelve bytes of 6-bit scales and mins, 32 bytes of fifth bits,
+    128 of nibbles) as int8 groups of 32 with offsets: w = q * d * scale_j - dmin * min_j, q in 0..31,
+    ggml's `dequantize_row_q5_K`, exactly (40 bytes a group for the file's 22, like Q4_K's 24 for 18)."""
+    rows, count = blocks.shape[:2]
+    high = blocks[..., 16:48]  # bit j of byte l: the fifth bit of value l of sub-block j
+    nibbles = blocks[..., 48:].reshape(rows, count, 4, 32)  # sub-blocks 2p and 2p+1 share 32 bytes
+    low = np.stack([nibbles & 15, nibbles >> 4], axis=3).reshape(rows, count, 8, 32)
+    fifth = (high[..., None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1  # (rows, count, 8, 32)
+    q = low | (fifth << 4)
+    return {"weight": torch.from_numpy(q.astype(np.int8).reshape(rows, -1)), **_k_group_scales(blocks)}
 
 
 def _q6_k_parts(blocks: np.ndarray) -> dict[str, torch.Tensor]:
@@ -697,22 +735,40 @@ def _q6_k_parts(blocks: np.ndarray) -> dict[str, torch.Tensor]:
     }
 
 
+def _fifth_bit_values(blocks: np.ndarray, start: int) -> np.ndarray:
+    """The 5-bit values 0..31 of Q5_0/Q5_1 blocks: four bytes of fifth bits at `start` (bit j: value j's),
+    then sixteen of nibbles (values 0..15 low, 16..31 high)."""
+    fifth = np.ascontiguousarray(blocks[..., start : start + 4]).view("<u4")[..., 0]
+    bits = (fifth[..., None] >> np.arange(32, dtype=np.uint32)) & 1
+    nibbles = blocks[..., start + 4 : start + 20]
+    low = np.concatenate([nibbles & 15, nibbles >> 4], axis=-1).astype(np.int16)
+    return low | (bits.astype(np.int16) << 4)
+
+
 def _q5_0_parts(blocks: np.ndarray) -> dict[str, torch.Tensor]:
     """Q5_0 blocks of 32 (d, four bytes of fifth bits, sixteen of nibbles) as int8 groups of 32:
     w = d * (q - 16), ggml's `dequantize_row_q5_0`, exactly. (Stored wider than the file, 34 bytes a
     block for 22, so they take the int8 kernels: llama.cpp's Q4_K_M falls back to Q5_0 for matrices
     whose width is not a multiple of 256, most of a small model's.)"""
-    rows = blocks.shape[0]
-    fifth = np.ascontiguousarray(blocks[..., 2:6]).view("<u4")[..., 0]  # bit j: value j's fifth bit
-    bits = (fifth[..., None] >> np.arange(32, dtype=np.uint32)) & 1
-    nibbles = blocks[..., 6:22]
-    low = np.concatenate([nibbles & 15, nibbles >> 4], axis=-1).astype(np.int16)
-    q = (low | (bits.astype(np.int16) << 4)) - 16
+    q = _fifth_bit_values(blocks, 2) - 16
     return {
-        "weight": torch.from_numpy(q.astype(np.int8).reshape(rows, -1)),
+        "weight": torch.from_numpy(q.astype(np.int8).reshape(blocks.shape[0], -1)),
         "scales": torch.from_numpy(_half(blocks, 0).astype(np.float16)),  # d itself: exact
     }
 
 
+def _q5_1_parts(blocks: np.ndarray) -> dict[str, torch.Tensor]:
+    """Q5_1 blocks of 32 (d, m, four bytes of fifth bits, sixteen of nibbles) as int8 groups of 32 with
+    offsets: w = d * q + m, q in 0..31, ggml's `dequantize_row_q5_1`, exactly."""
+    q = _fifth_bit_values(blocks, 4)
+    return {
+        "weight": torch.from_numpy(q.astype(np.int8).reshape(blocks.shape[0], -1)),
+        "scales": torch.from_numpy(_half(blocks, 0).astype(np.float16)),
+        "offsets": torch.from_numpy(_half(blocks, 2).astype(np.float16)),
+    }
+
+
 # Packed types that need unpacking into the int8/int4 layers' form
-_UNPACKED = {"Q4_K": _q4_k_parts, "Q6_K": _q6_k_parts, "Q5_0": _q5_0_parts}
+_UNPACKED = {
+    "Q4_K": _q4_k_parts, "Q5_K": _q5_k_parts, "Q6_K": _q6_k_parts, "Q5_0": _q5_0_parts, "Q5_1": _q5_1_parts,
+}  # fmt: skip

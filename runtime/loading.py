@@ -240,7 +240,7 @@ def from_gguf(
 ) -> M:
     """Load a llama.cpp GGUF file, or one already read.
 
-    Linear weights stored as Q8_0, Q4_0, Q4_1, Q5_0, Q4_K or Q6_K stay packed by default, as int8/int4 layers
+    Linear weights stored as Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K or Q6_K stay packed by default, as int8/int4 layers
     (weight-only quantization, `quantization/weight_only.py`) with no float round trip, and so does a
     tied output projection; the C++ kernels decode from them directly, with llama.cpp's arithmetic by
     default (`activations="int8"`: activations rounded to int8 per block of 32, integer dot products) or

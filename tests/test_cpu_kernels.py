@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from specformer.runtime import cpu_kernels
@@ -315,7 +315,9 @@ def test_the_avx2_build_passes_these_tests_too(tmp_path: Path) -> None:
 
 # How a packed layer's scales and offsets are stored: in the model's dtype with offsets (quantized here),
 # float16 as a GGUF file's Q8_0/Q4_1 blocks keep them, or float16 and symmetric, no offsets (Q4_0).
-STORAGES = st.sampled_from(["model", "float16", "symmetric"])
+# how a packed layer stores its scales: in the model's dtype, as float16 (a GGUF file's), symmetric (no
+# offsets: Q4_0, or plain int8), or float16 with offsets (int8 too: Q5_1's 5-bit values and minimums)
+STORAGES = st.sampled_from(["model", "float16", "symmetric", "offsets"])
 
 
 def _random_packed(
@@ -340,8 +342,12 @@ def _random_packed(
         if layer.offsets is not None:
             layer.offsets.data = (torch.randn(layer.offsets.shape) * 0.1).to(stored)
     else:
-        layer = Int8Linear(in_features, out_features, group, bias, dtype, **kwargs)
+        layer = Int8Linear(
+            in_features, out_features, group, bias, dtype, symmetric=storage != "offsets", **kwargs
+        )
         layer.weight.data = torch.randint(-127, 128, layer.weight.shape, dtype=torch.int8)
+        if layer.offsets is not None:
+            layer.offsets.data = (torch.randn(layer.offsets.shape) * 0.1).to(stored)
     layer.scales.data = (torch.rand(layer.scales.shape) * 0.01).to(stored)
     if bias:
         layer.bias.data = torch.randn(out_features).to(dtype)
@@ -411,6 +417,8 @@ def test_integer_dot_products_match_int8_rounded_activations(
     """`int8_activations`: x rounded to int8 per block of 32 and integer dot products (llama.cpp's
     arithmetic), against float math on the rounded x and the dequantised weights. The shapes cover whole
     groups of four blocks, tails of one to three, per-channel int8 scales and int8 groups of 16 (Q6_K's)."""
+    # int8 groups of 16 with offsets (no GGUF type's) widen to float: the test above covers them
+    assume(not (bits == 8 and group == 16 and storage == "offsets"))
     torch.manual_seed(seed)
     in_features = shape[0]
     group = group or in_features  # None: per channel
@@ -423,7 +431,8 @@ def test_integer_dot_products_match_int8_rounded_activations(
         offsets = layer._offsets(torch.float32).repeat_interleave(32, 1)
         products = [(_int8_blocks(x), q * scales + offsets)]
     else:
-        products = [(_int8_blocks(x), layer.weight.float() * scales)]
+        offsets = 0 if layer.offsets is None else layer.offsets.float().repeat_interleave(layer.group_size, 1)
+        products = [(_int8_blocks(x), layer.weight.float() * scales + offsets)]
     expected = sum(a @ w.T for a, w in products) + (layer.bias.float() if bias else 0)
     # float32 sums of up to 1536 products in another order: a few units of rounding of their magnitudes
     magnitude = sum(a.abs() @ w.abs().T for a, w in products)
@@ -440,7 +449,7 @@ def test_integer_dot_products_match_int8_rounded_activations(
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("storage", ["model", "float16", "symmetric"])
+@pytest.mark.parametrize("storage", ["model", "float16", "symmetric", "offsets"])
 def test_dequantize_packed_gives_the_layers_weight(bits: int, dtype: torch.dtype, storage: str) -> None:
     """A prompt's rows multiply the weight dequantised in one C++ pass: bit for bit the layer's own."""
     torch.manual_seed(bits)

@@ -302,9 +302,7 @@ def test_bad_input_names_what_does_not_fit() -> None:
             step(good_keys, [{**step_.layers[0], "q": packed_q}])
         with pytest.raises(RuntimeError, match=r"q_scales must be float32 or float16 \(32, groups\)"):
             step(good_keys, [{**step_.layers[0], "q": packed_q, "q_scales": torch.zeros(31, 1)}])
-        with pytest.raises(
-            RuntimeError, match="q_offsets must be an int4 matrix's, shaped and typed like its scales"
-        ):
+        with pytest.raises(RuntimeError, match="q_offsets must be shaped and typed like its scales"):
             step(
                 good_keys,
                 [
@@ -344,8 +342,8 @@ def test_packed_weights_decode_fused(
     """Weight-only int8/int4 layers (GGUF's Q8_0 and Q4 blocks), the output projection packed too: the
     fused step reads the blocks and gives the op-by-op model's tokens and logits, in either arithmetic
     (the down projection's 160 inputs are a group of four blocks and a tail of one). `as_in_files`:
-    float16 scales and symmetric int4 (Q8_0's and Q4_0's blocks); one sequence reads short int4 rows
-    four at a time."""
+    float16 scales and symmetric int4 (Q8_0's and Q4_0's blocks), and int8 up projections with offsets
+    (Q5_1's 5-bit values and minimums); one sequence reads short int4 rows four at a time."""
     from specformer.runtime.quantization import Int4Linear, Int8Linear, WeightOnlyConfig, quantize
 
     torch.manual_seed(bits)
@@ -360,6 +358,13 @@ def test_packed_weights_decode_fused(
     assert isinstance(model.model.layers[0].self_attn.q_proj, kind) and isinstance(model.lm_head, kind)
     for layer in (m for m in model.modules() if as_in_files and isinstance(m, kind)):
         layer.scales.data = layer.scales.half()
+    for block in model.model.layers if as_in_files and bits == 8 else []:
+        old = block.mlp.up_proj
+        up = Int8Linear(64, 160, 32, False, dtype, activations=activations, symmetric=False)
+        up.weight.data = torch.randint(0, 32, up.weight.shape, dtype=torch.int8)
+        up.scales.data = old.scales.data
+        up.offsets.data = (old.scales.float() * (torch.rand(old.scales.shape) - 16)).half()
+        block.mlp.up_proj = up
     prompt = torch.randint(0, 96, (batch, 5))
     fused = step_for(model, StaticCache(32))
     assert isinstance(fused, FusedDecoder) and fused.int8_activations == (activations == "int8")

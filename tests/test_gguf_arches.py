@@ -78,9 +78,9 @@ def test_gguf_matches_transformers(arch: str, qtype: str, tokenizer, tmp_path: P
 @pytest.mark.parametrize("kind", ["Q4_K", "Q5_K", "Q6_K", "Q5_0"])
 @pytest.mark.parametrize("dequantize", [False, True])
 def test_k_quants_match_transformers(kind: str, dequantize: bool, tokenizer, tmp_path: Path) -> None:
-    """Q4_K, Q6_K and Q5_0 (the types of a Q4_K_M file) load packed by default (int4 groups of 32, int8
-    groups of 16 and 32), Q5_K dequantised: either way the weights equal transformers' dequantised ones
-    bit for bit."""
+    """Q4_K, Q6_K and Q5_0 (the types of a Q4_K_M file) and Q5_K (a Q5_K_M file's) load packed by default
+    (int4 groups of 32, int8 groups of 16 and 32, int8 groups of 32 with offsets), or dequantised: either
+    way the weights equal transformers' dequantised ones bit for bit."""
     from specformer.runtime.quantization import Int4Linear, Int8Linear
 
     config = CONFIG | {"vocab_size": tokenizer.get_vocab_size(), "intermediate_size": 256}
@@ -91,8 +91,8 @@ def test_k_quants_match_transformers(kind: str, dequantize: bool, tokenizer, tmp
     model, _ = load_causal_lm(path, activations="float", dequantize=dequantize)
     reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name).eval()
     layer = model.model.layers[0].mlp.down_proj
-    packed = {"Q4_K": Int4Linear, "Q6_K": Int8Linear, "Q5_0": Int8Linear}.get(kind)
-    assert isinstance(layer, packed) if packed and not dequantize else isinstance(layer, torch.nn.Linear)
+    packed = {"Q4_K": Int4Linear, "Q5_K": Int8Linear, "Q6_K": Int8Linear, "Q5_0": Int8Linear}[kind]
+    assert isinstance(layer, torch.nn.Linear if dequantize else packed)
     weight = layer.dequantize() if isinstance(layer, Int4Linear | Int8Linear) else layer.weight
     torch.testing.assert_close(weight, reference.model.layers[0].mlp.down_proj.weight, atol=0, rtol=0)
     assert weight.abs().max() > 0 and torch.isfinite(weight).all()

@@ -15,6 +15,7 @@ import transformers
 from gguf_files import bpe_tokenizer, k_quant_blocks, sentencepiece_vocab, write_gguf
 
 from specformer.runtime.auto import load_causal_lm
+from specformer.runtime.quantization import Int8Linear
 from specformer.runtime.registry import gguf_architectures as architectures
 
 BASE = {"vocab_size": 0, "max_position_embeddings": 64, "tie_word_embeddings": False}
@@ -185,7 +186,8 @@ def test_quantized_expert_stacks_stay_packed(arch: str, qtype: str, tokenizer, t
 
 @pytest.mark.parametrize("kind", ["Q5_1", "Q2_K", "Q3_K"])
 def test_other_block_types_dequantise_as_transformers_does(kind: str, tokenizer, tmp_path: Path) -> None:
-    """The types Q4_K_M / Q5_K_M files mix in besides Q4_K/Q6_K and Q5_0 (which load packed)."""
+    """The types Q4_K_M / Q5_K_M files mix in besides Q4_K/Q5_K/Q6_K and Q5_0: Q5_1 loads packed (int8
+    groups of 32 with offsets), Q2_K and Q3_K dequantised."""
     source = source_model("qwen3", tokenizer.get_vocab_size())
     source.config.intermediate_size = 256
     source = transformers.Qwen3ForCausalLM(source.config).eval()
@@ -201,12 +203,20 @@ def test_other_block_types_dequantise_as_transformers_does(kind: str, tokenizer,
     write_gguf(path, "qwen3", source, "F32" if raw else kind, tokenizer, raw)
     model = load_causal_lm(path, activations="float")[0]
     reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name).eval()
-    weight = model.model.layers[0].mlp.down_proj.weight
+    layer = model.model.layers[0].mlp.down_proj
+    assert isinstance(layer, Int8Linear) == (kind == "Q5_1") and (kind != "Q5_1" or layer.offsets is not None)
+    weight = layer.dequantize() if isinstance(layer, Int8Linear) else layer.weight
     torch.testing.assert_close(weight, reference.model.layers[0].mlp.down_proj.weight, atol=0, rtol=0)
     assert torch.isfinite(weight).all() and weight.abs().max() > 0
     ids = torch.arange(1, 9)[None]
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=0)
+    if kind == "Q5_1":  # int8 with offsets saves and reloads as such, exactly
+        model.save_pretrained(tmp_path / "saved")
+        reloaded = type(model).from_pretrained(tmp_path / "saved")
+        assert reloaded.model.layers[0].mlp.down_proj.offsets is not None
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=0, rtol=0)
 
 
 def test_sentencepiece_vocabulary_matches_transformers(tmp_path: Path) -> None:

@@ -224,6 +224,8 @@ def compile_command() -> list[str]:
     command += [f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
     command += [f"-I{path}" for path in cpp_extension.include_paths()]
     command += _ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])
+    if "-DSPECFORMER_AVX512" in command and getattr(torch.cpu, "_is_avx512_bf16_supported", bool)():
+        command.append("-DSPECFORMER_AVX512_BF16")  # the CPU's own float32 -> bfloat16 conversion
     command += [f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}", "-lc10", "-ltorch_cpu"]
     if sys.platform.startswith("linux"):
         # at::parallel_for is OpenMP in the header; link the libgomp torch already loaded, not a second one.

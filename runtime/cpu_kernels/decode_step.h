@@ -36,7 +36,7 @@ void gemv_matrix(const Matrix<T>& w, const T* bias, int64_t K, const float* xf, 
                  int64_t n0, int64_t n1, float* acc, float* xsum, QuantizedInput& quantized) {
   if (w.dense != nullptr) return gemv_share(w.dense, bias, K, xf, M, y, y_stride, n0, n1, acc);
   const QuantizedRows* rows = w.packed.integer(K) ? &quantized.get(xf, M, K, w.packed.bits == 4) : nullptr;
-  if (w.packed.bits == 4 && rows == nullptr) group_sums(xf, M, K, w.packed.group, xsum);
+  if ((w.packed.bits == 4 || w.packed.offsets != nullptr) && rows == nullptr) group_sums(xf, M, K, w.packed.group, xsum);
   int64_t n = n0;
   if (M == 1 && rows != nullptr)  // one sequence: several weight rows at a time
     for (; n + kRows <= n1 && packed_rows(w.packed, n, K, *rows, acc); n += kRows)
@@ -163,8 +163,9 @@ inline void check_names(const Layer& layer, int64_t l) {
 }
 
 // A packed (N, K) matrix from its weight (int8 (N, K) or uint8 holding N * K / 2 bytes) and the
-// `<name>_scales` (float32 or float16) and, for an int4 matrix with offsets, `<name>_offsets` (the scales'
-// dtype) beside it, each checked; an int4 matrix without offsets is symmetric (Q4_0).
+// `<name>_scales` (float32 or float16) and, for a matrix with offsets (w = q * scale + offset: Q4_1, Q4_K,
+// Q5_1, Q5_K), `<name>_offsets` (the scales' dtype) beside it, each checked; an int4 matrix without
+// offsets is symmetric (Q4_0: -8 * scale), an int8 one has none.
 inline Packed packed_matrix(const Layer& layer, int64_t l, const std::string& name, const at::Tensor& t, int64_t N,
                             int64_t K, bool int8_activations) {
   Packed p;
@@ -187,8 +188,8 @@ inline Packed packed_matrix(const Layer& layer, int64_t l, const std::string& na
   const auto offsets = layer.find(name + "_offsets");
   if (offsets != layer.end()) {
     const at::Tensor& o = offsets->value();
-    TORCH_CHECK(p.bits == 4 && o.sizes() == s.sizes() && o.scalar_type() == dtype && o.is_contiguous(),
-                "decode_step: layer ", l, "'s ", name, "_offsets must be an int4 matrix's, shaped and typed like its scales");
+    TORCH_CHECK(o.sizes() == s.sizes() && o.scalar_type() == dtype && o.is_contiguous(), "decode_step: layer ", l,
+                "'s ", name, "_offsets must be shaped and typed like its scales");
     p.offsets = o.const_data_ptr();
   }
   return p;

@@ -61,7 +61,11 @@ inline int64_t nibble_position(int64_t i) {
 }
 
 #if defined(SPECFORMER_AVX512)
+#if defined(SPECFORMER_AVX512_BF16)  // a superset of SPECFORMER_TARGET's, so its functions inline here
+#define SPECFORMER_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16")))
+#else
 #define SPECFORMER_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+#endif
 
 // One block's 32 values rounded: the first 16 to `low`, the last 16 to `high`; its scale into `d` and
 // the sum of its rounded values into `sum`.
@@ -146,6 +150,19 @@ inline void row_i8_q8_scalar(const int8_t* w, const S* scales, int64_t K, int64_
         total += float(dot) * (to_float(scales[j0 / group]) * x.d[m * x.blocks + b]);
       }
     acc[m] = total;
+  }
+}
+
+// acc[m] += the offsets' share of an int8 row with offsets (w = q * scale + offset: Q5_1's, Q5_K's):
+// each group's offset times the sum of the rounded activations over it, as for int4 rows.
+template <typename S>
+inline void add_offsets_q8(const S* offsets, int64_t K, int64_t group, const QuantizedRows& x, int64_t M,
+                           float* acc) {
+  const int64_t blocks = K / kBlock;
+  for (int64_t m = 0; m < M; ++m) {
+    float shift = 0.f;
+    for (int64_t b = 0; b < blocks; ++b) shift += weight_scale(offsets, group, b) * x.sums[m * x.blocks + b];
+    acc[m] += shift;
   }
 }
 

@@ -69,8 +69,12 @@ static_assert(kRows * 4 == 16, "dot_rows sums kRows x 4 dot products in one 16-l
 
 // acc[r * M + m] = dot(W[n0 + r, :K], x[m, :K]) for full blocks of kRows rows; returns how many columns
 // (a multiple of the vector width) it covered, the caller adding the rest.
-#if defined(SPECFORMER_AVX512)
+#if defined(SPECFORMER_AVX512_BF16)
+#define SPECFORMER_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#elif defined(SPECFORMER_AVX512)
 #define SPECFORMER_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+#endif
+#if defined(SPECFORMER_AVX512)
 SPECFORMER_TARGET inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 SPECFORMER_TARGET inline __m512 load16(const c10::BFloat16* p) {
   const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -84,6 +88,18 @@ SPECFORMER_TARGET inline void store16(c10::BFloat16* p, __m512 v) {
   __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
   rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(rounded));
+}
+// A dequantised weight (q * scale + offset) stored: bfloat16 by the CPU's own conversion where it has
+// one, a single instruction for store16's nine. It rounds to nearest even as store16 does but flushes
+// denormals, which no such weight is: float16 scales (and float32 products of them with 6-bit integers)
+// put every nonzero weight at 2^-47 or more.
+SPECFORMER_TARGET inline void store16_weight(float* p, __m512 v) { store16(p, v); }
+SPECFORMER_TARGET inline void store16_weight(c10::BFloat16* p, __m512 v) {
+#if defined(SPECFORMER_AVX512_BF16)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+#else
+  store16(p, v);
+#endif
 }
 
 // Sixteen per-lane dot products summed into one vector whose lane i is dots[i]'s total: a transpose

@@ -45,15 +45,18 @@ SPECFORMER_TARGET inline void dequantize_u4_group(const uint8_t* bytes, int64_t 
   for (int64_t j = 0; j < half; j += 16) {
     __m512 low, high;
     widen_u4(bytes + j, &low, &high);
-    store16(out + j, _mm512_add_ps(_mm512_mul_ps(low, scale), offset));
-    store16(out + half + j, _mm512_add_ps(_mm512_mul_ps(high, scale), offset));
+    store16_weight(out + j, _mm512_add_ps(_mm512_mul_ps(low, scale), offset));
+    store16_weight(out + half + j, _mm512_add_ps(_mm512_mul_ps(high, scale), offset));
   }
 }
 
-// One int8 group of `count` (a multiple of 16) values as q * d.
+// One int8 group of `count` (a multiple of 16) values as q * d, plus m where the matrix has offsets.
 template <typename T>
-SPECFORMER_TARGET inline void dequantize_i8_group(const int8_t* q, int64_t count, float d, T* out) {
-  for (int64_t j = 0; j < count; j += 16) store16(out + j, _mm512_mul_ps(widen_i8(q + j), _mm512_set1_ps(d)));
+SPECFORMER_TARGET inline void dequantize_i8_group(const int8_t* q, int64_t count, float d, const float* m, T* out) {
+  for (int64_t j = 0; j < count; j += 16) {
+    const __m512 v = _mm512_mul_ps(widen_i8(q + j), _mm512_set1_ps(d));
+    store16_weight(out + j, m != nullptr ? _mm512_add_ps(v, _mm512_set1_ps(*m)) : v);
+  }
 }
 
 // acc[m] += sum_g scale[g] * dot(W_g, x[m]_g) for one int8 row; group a multiple of 16.
@@ -158,16 +161,18 @@ inline void row_u4_scalar(const uint8_t* w, const S* scales, const S* offsets, i
 struct Packed {
   const void* w = nullptr;
   const void* scales = nullptr;   // (N, K / group), float32 or (`half`) float16
-  const void* offsets = nullptr;  // int4, in the scales' type; null for a symmetric matrix: -8 * scale
+  // in the scales' type; null for a symmetric matrix (int4: -8 * scale; int8: none)
+  const void* offsets = nullptr;
   int64_t bits = 0, group = 0;
   bool int8_activations = false;  // asked for integer dot products (int8_dot.h)
   bool half = false;
 
   // Whether rows of K inputs take the integer path: asked for, and groups it covers (int8 rows:
-  // multiples of 32, or 16 as Q6_K's; int4: 32, llama.cpp's Q4 blocks). Other groups widen the weights
-  // to float.
+  // multiples of 32, or 16 as Q6_K's without offsets; int4: 32, llama.cpp's Q4 blocks). Other groups
+  // widen the weights to float. (Offsets multiply the sums of the activations over blocks of 32.)
   bool integer(int64_t K) const {
-    return int8_activations && K % kBlock == 0 && (bits == 8 ? group % kBlock == 0 || group == 16 : group == kBlock);
+    const bool int8_groups = group % kBlock == 0 || (group == 16 && offsets == nullptr);
+    return int8_activations && K % kBlock == 0 && (bits == 8 ? int8_groups : group == kBlock);
   }
 };
 
@@ -183,20 +188,35 @@ void packed_row_as(const Packed& p, int64_t n, int64_t K, const float* xf, const
   const S* offsets = p.offsets != nullptr ? static_cast<const S*>(p.offsets) + n * groups : nullptr;
   if (quantized != nullptr) {
     const auto* int8_row = reinterpret_cast<const int8_t*>(bytes);
+    if (p.bits == 4) {
 #if defined(SPECFORMER_AVX512)
-    if (has_vnni() && p.bits == 8) return row_i8_q8(int8_row, scales, K, p.group, *quantized, M, acc);
-    if (has_vnni()) return row_u4_q8(bytes, scales, offsets, K, *quantized, M, acc);
+      if (has_vnni()) return row_u4_q8(bytes, scales, offsets, K, *quantized, M, acc);
 #endif
-    if (p.bits == 8) return row_i8_q8_scalar(int8_row, scales, K, p.group, *quantized, M, acc);
-    return row_u4_q8_scalar(bytes, scales, offsets, K, *quantized, M, acc);
+      return row_u4_q8_scalar(bytes, scales, offsets, K, *quantized, M, acc);
+    }
+#if defined(SPECFORMER_AVX512)
+    if (has_vnni()) row_i8_q8(int8_row, scales, K, p.group, *quantized, M, acc);
+    else
+#endif
+      row_i8_q8_scalar(int8_row, scales, K, p.group, *quantized, M, acc);
+    if (offsets != nullptr) add_offsets_q8(offsets, K, p.group, *quantized, M, acc);
+    return;
   }
+  if (p.bits == 4) {
 #if defined(SPECFORMER_AVX512)
-  if (p.bits == 8 && p.group % 16 == 0)
-    return row_i8(reinterpret_cast<const int8_t*>(bytes), scales, K, p.group, xf, M, acc);
-  if (p.bits == 4 && p.group == 32) return row_u4(bytes, scales, offsets, K, xf, xsum, M, acc);
+    if (p.group == 32) return row_u4(bytes, scales, offsets, K, xf, xsum, M, acc);
 #endif
-  if (p.bits == 8) return row_i8_scalar(reinterpret_cast<const int8_t*>(bytes), scales, K, p.group, xf, M, acc);
-  row_u4_scalar(bytes, scales, offsets, K, p.group, xf, xsum, M, acc);
+    return row_u4_scalar(bytes, scales, offsets, K, p.group, xf, xsum, M, acc);
+  }
+  const auto* int8_weights = reinterpret_cast<const int8_t*>(bytes);
+#if defined(SPECFORMER_AVX512)
+  if (p.group % 16 == 0) row_i8(int8_weights, scales, K, p.group, xf, M, acc);
+  else
+#endif
+    row_i8_scalar(int8_weights, scales, K, p.group, xf, M, acc);
+  if (offsets != nullptr)  // each group's offset times the sum of x over it
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < groups; ++g) acc[m] += to_float(offsets[g]) * xsum[m * groups + g];
 }
 
 inline void packed_row(const Packed& p, int64_t n, int64_t K, const float* xf, const float* xsum, int64_t M, float* acc,
@@ -231,7 +251,7 @@ inline bool packed_rows(const Packed& p, int64_t n, int64_t K, const QuantizedRo
   return p.half ? packed_rows_as<c10::Half>(p, n, K, x, acc) : packed_rows_as<float>(p, n, K, x, acc);
 }
 
-// Sums of x over each group, once per input: what int4 offsets multiply.
+// Sums of x over each group, once per input: what offsets multiply (int4's, and int8 Q5_1/Q5_K's).
 inline void group_sums(const float* xf, int64_t M, int64_t K, int64_t group, float* xsum) {
   const int64_t groups = K / group;
   for (int64_t m = 0; m < M; ++m)
@@ -248,7 +268,7 @@ inline void group_sums(const float* xf, int64_t M, int64_t K, int64_t group, flo
 inline Packed packed_view(const at::Tensor& weight, const at::Tensor& scales_in,
                           const std::optional<at::Tensor>& offsets_in, int64_t bits, int64_t K, at::Tensor (&keep)[2]) {
   keep[0] = (scales_in.scalar_type() == at::kHalf ? scales_in : scales_in.to(at::kFloat)).contiguous();
-  if (bits == 4 && offsets_in.has_value()) {
+  if (offsets_in.has_value()) {
     TORCH_CHECK(offsets_in->sizes() == scales_in.sizes(), "offsets ", offsets_in->sizes(), " do not match scales ",
                 scales_in.sizes());
     keep[1] = offsets_in->to(keep[0].scalar_type()).contiguous();
@@ -263,7 +283,7 @@ inline Packed packed_view(const at::Tensor& weight, const at::Tensor& scales_in,
   return p;
 }
 
-// y = x W^T + b for packed W; bits 8 (weight int8 (N, K)) or 4 (weight uint8 (N, K/2), offsets optional).
+// y = x W^T + b for packed W; bits 8 (weight int8 (N, K)) or 4 (weight uint8 (N, K/2)), offsets optional.
 template <typename T>
 at::Tensor packed_linear_impl(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& scales_in,
                               const std::optional<at::Tensor>& offsets_in, const std::optional<at::Tensor>& bias,
@@ -285,7 +305,7 @@ at::Tensor packed_linear_impl(const at::Tensor& input, const at::Tensor& weight,
   for (int64_t i = 0; i < M * K; ++i) xf[i] = float(xp[i]);
   QuantizedRows quantized;
   if (p.integer(K)) quantize_rows(xf.data(), M, K, bits == 4, &quantized);
-  else if (bits == 4) group_sums(xf.data(), M, K, p.group, xsum.data());
+  else if (bits == 4 || p.offsets != nullptr) group_sums(xf.data(), M, K, p.group, xsum.data());
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = N;
   at::Tensor out = at::empty(sizes, x.options());
@@ -319,22 +339,24 @@ void dequantize_rows_as(const Packed& p, int64_t K, int64_t n0, int64_t n1, T* o
   for (int64_t n = n0; n < n1; ++n) {
     T* row = out + (n - n0) * K;
     const S* scales = static_cast<const S*>(p.scales) + n * groups;
+    const S* offsets = p.offsets != nullptr ? static_cast<const S*>(p.offsets) + n * groups : nullptr;
     if (p.bits == 8) {
       const auto* q = static_cast<const int8_t*>(p.w) + n * K;
       for (int64_t g = 0; g < groups; ++g) {
         const float d = to_float(scales[g]);
+        const float m = offsets != nullptr ? to_float(offsets[g]) : 0.f;
 #if defined(SPECFORMER_AVX512)
         if (p.group % 16 == 0) {
-          dequantize_i8_group(q + g * p.group, p.group, d, row + g * p.group);
+          dequantize_i8_group(q + g * p.group, p.group, d, offsets != nullptr ? &m : nullptr, row + g * p.group);
           continue;
         }
 #endif
-        for (int64_t j = g * p.group; j < (g + 1) * p.group; ++j) row[j] = T(float(q[j]) * d);
+        for (int64_t j = g * p.group; j < (g + 1) * p.group; ++j)
+          row[j] = T(offsets != nullptr ? float(q[j]) * d + m : float(q[j]) * d);
       }
       continue;
     }
     const uint8_t* q = static_cast<const uint8_t*>(p.w) + n * K / 2;
-    const S* offsets = p.offsets != nullptr ? static_cast<const S*>(p.offsets) + n * groups : nullptr;
     for (int64_t g = 0; g < groups; ++g) {
       const float d = to_float(scales[g]), m = group_offset(scales, offsets, g);
       const uint8_t* bytes = q + g * half;

@@ -75,7 +75,8 @@ class WeightOnlyConfig:
 
 
 class Int8Linear(nn.Module):
-    """y = x W^T + b with W = weight (int8) * scales, one scale per `group_size` inputs of each row."""
+    """y = x W^T + b with W = weight (int8) * scales, one scale per `group_size` inputs of each row; with
+    `symmetric=False`, W = weight * scales + offsets (GGUF's Q5_1 and Q5_K: 5-bit q with a minimum)."""
 
     def __init__(
         self,
@@ -86,6 +87,7 @@ class Int8Linear(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         activations: str = "float",
+        symmetric: bool = True,
     ) -> None:
         super().__init__()
         group_size = group_size or in_features
@@ -99,6 +101,8 @@ class Int8Linear(nn.Module):
         self.scales = nn.Parameter(
             torch.empty(out_features, groups, dtype=dtype, device=device), requires_grad=False
         )
+        offsets = torch.empty(out_features, groups, dtype=dtype, device=device)
+        self.register_parameter("offsets", None if symmetric else nn.Parameter(offsets, requires_grad=False))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
 
     @classmethod
@@ -122,15 +126,18 @@ class Int8Linear(nn.Module):
         weight, scales = (
             (self.weight, self.scales) if rows is None else (self.weight[rows], self.scales[rows])
         )
-        grouped = weight.unflatten(1, (-1, self.group_size)).to(dtype)
-        return (grouped * scales.to(dtype)[..., None]).flatten(1)
+        grouped = weight.unflatten(1, (-1, self.group_size)).to(dtype) * scales.to(dtype)[..., None]
+        if self.offsets is not None:
+            offsets = self.offsets if rows is None else self.offsets[rows]
+            grouped = grouped + offsets.to(dtype)[..., None]
+        return grouped.flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _packed_kernel(self, x):
             integer = self.activations == "int8"
-            return cpu_kernels.packed_linear(x, self.weight, self.scales, None, self.bias, 8, integer)
+            return cpu_kernels.packed_linear(x, self.weight, self.scales, self.offsets, self.bias, 8, integer)
         if _dequantize_kernel(x):
-            return _prompt_linear(self, x, None, 8)
+            return _prompt_linear(self, x, self.offsets, 8)
         if x.numel() // self.in_features > _MATVEC_ROWS or not torch.compiler.is_compiling():
             return F.linear(x, self.dequantize().to(x.dtype), self.bias)
         # Widening through int32 lets inductor vectorise the conversion; one reduction over the whole row.
@@ -138,13 +145,16 @@ class Int8Linear(nn.Module):
         w = (
             self.weight.unflatten(1, (-1, self.group_size)).to(torch.int32).to(x.dtype)
         )  # (out, groups, group)
-        y = (xg * (w * self.scales.to(x.dtype)[..., None])).sum((-1, -2))
+        w = w * self.scales.to(x.dtype)[..., None]
+        if self.offsets is not None:
+            w = w + self.offsets.to(x.dtype)[..., None]
+        y = (xg * w).sum((-1, -2))
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return (
             f"{self.in_features}, {self.out_features}, group_size={self.group_size}, "
-            f"bias={self.bias is not None}, activations={self.activations}"
+            f"bias={self.bias is not None}, activations={self.activations}, symmetric={self.offsets is None}"
         )
 
 
@@ -391,7 +401,8 @@ def prepare_weight_only(
     if layers is None:
         group = config.group_size or (32 if config.bits == 4 else None)
         names = quantizable_linears(model, config.modules_to_not_convert, config.modules_to_convert)
-        layers = dict.fromkeys(names, QuantizedLayout(config.bits, group, config.symmetric))
+        symmetric = config.symmetric or config.bits == 8  # load-time int8 has no offsets
+        layers = dict.fromkeys(names, QuantizedLayout(config.bits, group, symmetric))
 
     def make(name: str, old: nn.Module) -> nn.Module:
         layout = layers[name]
@@ -404,14 +415,16 @@ def prepare_weight_only(
             old.weight.device,
             config.activations,
         )
-        return Int8Linear(*args) if layout.bits == 8 else Int4Linear(*args, symmetric=layout.symmetric)
+        kind = Int8Linear if layout.bits == 8 else Int4Linear
+        return kind(*args, symmetric=layout.symmetric)
 
     replace_modules(model, layers, make)
     remember_quantization(model, config.to_dict())
 
 
 class QuantizedLayout(NamedTuple):
-    """How one quantized linear stores its weight: bits, inputs per scale, and (int4) whether symmetric."""
+    """How one quantized linear stores its weight: bits, inputs per scale, and whether symmetric (no
+    offsets: int4's are then -8 * scale, int8's zero)."""
 
     bits: int
     group: int | None
@@ -427,7 +440,9 @@ def quantized_layers(tensors: dict[str, torch.Tensor]) -> dict[str, QuantizedLay
         module = key.removesuffix(".scales")
         weight = tensors[module + ".weight"]
         if weight.dtype == torch.int8:
-            layers[module] = QuantizedLayout(8, weight.shape[1] // scales.shape[1])
+            layers[module] = QuantizedLayout(
+                8, weight.shape[1] // scales.shape[1], module + ".offsets" not in tensors
+            )
         elif weight.dtype == torch.uint8 and weight.dim() == 3:
             layers[module] = QuantizedLayout(4, 2 * weight.shape[2], module + ".offsets" not in tensors)
     return layers
