@@ -5,7 +5,7 @@ decode tokens/s per storage type and specformer's ratio to llama.cpp (above 1: f
 
 Files: SmolLM2-135M-Instruct as shipped (Q4_1), and copies written here in other types with the `gguf`
 package's own quantizers (Q8_0, Q4_0, F32, BF16) or, for the K-quant mix Q4_K_M (which gguf cannot
-write), with llama.cpp's own quantizer from the F32 copy.
+write: Q4_K_M, Q5_K_M), with llama.cpp's own quantizer from the F32 copy.
 
     python bench/llamacpp.py --threads 2 --types Q4_1 Q8_0 Q4_0 Q4_K_M F32 --rounds 3
 """
@@ -97,7 +97,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="decoded tokens per round")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--types", nargs="+", default=["Q4_1", "Q8_0", "Q4_0", "Q4_K_M", "F32", "BF16"])
+    parser.add_argument(
+        "--types", nargs="+", default=["Q4_1", "Q8_0", "Q4_0", "Q4_K_M", "Q5_K_M", "F32", "BF16"]
+    )
     args = parser.parse_args()
     try:
         import llama_cpp  # noqa: F401

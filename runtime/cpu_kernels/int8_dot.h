@@ -153,19 +153,6 @@ inline void row_i8_q8_scalar(const int8_t* w, const S* scales, int64_t K, int64_
   }
 }
 
-// acc[m] += the offsets' share of an int8 row with offsets (w = q * scale + offset: Q5_1's, Q5_K's):
-// each group's offset times the sum of the rounded activations over it, as for int4 rows.
-template <typename S>
-inline void add_offsets_q8(const S* offsets, int64_t K, int64_t group, const QuantizedRows& x, int64_t M,
-                           float* acc) {
-  const int64_t blocks = K / kBlock;
-  for (int64_t m = 0; m < M; ++m) {
-    float shift = 0.f;
-    for (int64_t b = 0; b < blocks; ++b) shift += weight_scale(offsets, group, b) * x.sums[m * x.blocks + b];
-    acc[m] += shift;
-  }
-}
-
 template <typename S>
 inline void row_u4_q8_scalar(const uint8_t* w, const S* scales, const S* offsets, int64_t K,
                              const QuantizedRows& x, int64_t M, float* acc) {
@@ -226,6 +213,29 @@ SPECFORMER_VNNI inline __m512i load_bytes(const void* p, int64_t bytes) {
 SPECFORMER_VNNI inline __m512i dot_i8(__m512i w, __m512i x) {
   const __m512i signed_x = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
   return _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), signed_x);
+}
+
+// acc[m] += the offsets' share of an int8 row with offsets (w = q * scale + offset: Q5_1's, Q5_K's):
+// each group's offset times the sum of the rounded activations over it, as for int4 rows.
+template <typename S>
+SPECFORMER_VNNI inline void add_offsets_q8(const S* offsets, int64_t K, int64_t group, const QuantizedRows& x,
+                                           int64_t M, float* acc) {
+  const int64_t blocks = K / kBlock;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* sums = x.sums.data() + m * x.blocks;
+    if (group == kBlock) {  // sixteen groups a step
+      __m512 shift = _mm512_setzero_ps();
+      for (int64_t g = 0; g < blocks; g += 16) {
+        const int64_t count = std::min<int64_t>(16, blocks - g);
+        shift = _mm512_fmadd_ps(load_floats(offsets + g, count), load_floats(sums + g, count), shift);
+      }
+      acc[m] += _mm512_reduce_add_ps(shift);
+      continue;
+    }
+    float shift = 0.f;
+    for (int64_t b = 0; b < blocks; ++b) shift += weight_scale(offsets, group, b) * sums[b];
+    acc[m] += shift;
+  }
 }
 
 // A row times TM rows of activations at once (m0..m0+TM-1): each weight load and widening is shared
@@ -390,6 +400,16 @@ SPECFORMER_VNNI inline void rows_u4_q8(const uint8_t* w, const S* scales, const 
 
 #else
 inline bool has_vnni() { return false; }
+
+template <typename S>
+inline void add_offsets_q8(const S* offsets, int64_t K, int64_t group, const QuantizedRows& x, int64_t M,
+                           float* acc) {
+  for (int64_t m = 0; m < M; ++m) {
+    float shift = 0.f;
+    for (int64_t b = 0; b < K / kBlock; ++b) shift += weight_scale(offsets, group, b) * x.sums[m * x.blocks + b];
+    acc[m] += shift;
+  }
+}
 #endif
 
 }  // namespace specformer
