@@ -4,8 +4,8 @@ and by specformer, with the same threads, rounds alternating between the two sid
 decode tokens/s per storage type and specformer's ratio to llama.cpp (above 1: faster).
 
 Files: SmolLM2-135M-Instruct as shipped (Q4_1), and copies written here in other types with the `gguf`
-package's own quantizers (Q8_0, Q4_0, F32, BF16) or, for the K-quant mix Q4_K_M (which gguf cannot
-write: Q4_K_M, Q5_K_M), with llama.cpp's own quantizer from the F32 copy.
+package's own quantizers (Q8_0, Q4_0, F32, BF16) or, for the K-quant mixes Q4_K_M and Q5_K_M (which gguf
+cannot write), with llama.cpp's own quantizer from the F32 copy.
 
     python bench/llamacpp.py --threads 2 --types Q4_1 Q8_0 Q4_0 Q4_K_M F32 --rounds 3
 """
