@@ -2,9 +2,9 @@
 
 Decoding reads every weight once a token. From 4 KB pages that is a TLB miss every 4 KB (19,000 page walks
 a token for a 76 MB model, each a two-level walk in a virtual machine), and the hardware prefetchers stop at
-every page boundary. Measured on a 2-core VM (AVX-512, `/tmp`-style microbenchmark of the int4 GEMV over
-256 MB): a plain 2-thread read streams 28 GB/s from 4 KB pages and 57 GB/s from 2 MB pages; the GEMV 24 and
-36 GB/s. `gather_into_huge_pages` copies a module's CPU tensors into one anonymous mapping advised as
+every page boundary. Measured on a 2-core VM (AVX-512) over 256 MB: a plain one-thread read streams 22 GB/s
+from 4 KB pages and 31 from 2 MB pages; the int4 GEMV kernel 13.5 and 17-18 on one thread, 20-22 and 25-36
+on two. `gather_into_huge_pages` copies a module's CPU tensors into one anonymous mapping advised as
 transparent huge pages and points its parameters and buffers there, keeping every tie and every view of a
 shared storage (same values, same Parameter objects).
 

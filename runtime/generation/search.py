@@ -76,11 +76,11 @@ class Stop:
     def ended(self, sequences: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor | None:
         """Which rows are done after their last token, or None when no criterion can end any row now
         (a decoding loop's common case, at no tensor op)."""
+        marks = [torch.as_tensor(c(sequences, scores), device=sequences.device).bool() for c in self.criteria]
         if sequences.shape[1] >= self.max_length or (
             self.deadline is not None and time.monotonic() > self.deadline
         ):
             return torch.ones(sequences.shape[0], dtype=torch.bool, device=sequences.device)
-        marks = [torch.as_tensor(c(sequences, scores), device=sequences.device).bool() for c in self.criteria]
         if self.eos:
             device = sequences.device
             if device not in self._eos:
