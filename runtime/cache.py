@@ -77,10 +77,13 @@ class _ListCache(Cache):
 
 class DynamicCache(Cache):
     """Grows with the sequence, exactly. Storage grows geometrically (like a vector), so appending a
-    token writes only that token instead of copying the whole history each step as concatenation would."""
+    token writes only that token instead of copying the whole history each step as concatenation would.
+    `dtype` stores the keys and values in another dtype (float16 halves a float32 model's cache, as
+    llama.cpp keeps its own); attention reads them back in the model's."""
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        self.dtype = dtype
         self._keys: list[torch.Tensor] = []  # (B, H, capacity, D); the first `length` slots are filled
         self._values: list[torch.Tensor] = []
         self.length = 0
@@ -96,6 +99,12 @@ class DynamicCache(Cache):
         return [v[..., : self.length, :] for v in self._values]
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.dtype is not None and k.dtype != self.dtype:
+            keys, values = self._store(layer_idx, k.to(self.dtype), v.to(self.dtype))
+            return keys.to(k.dtype), values.to(v.dtype)  # the model attends in its own dtype
+        return self._store(layer_idx, k, v)
+
+    def _store(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._advance(layer_idx, k.shape[-2])
         if layer_idx == len(self._keys):  # a new layer: store as given, no copy
             self._keys.append(k)
@@ -181,9 +190,10 @@ class StaticCache(Cache):
     and replayed for every token. The mask it gets must cover all `max_length` slots.
     """
 
-    def __init__(self, max_length: int) -> None:
+    def __init__(self, max_length: int, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.max_length = max_length
+        self.dtype = dtype  # the slots' dtype (None: the model's), as DynamicCache's
         self.position = torch.zeros((), dtype=torch.long)  # tokens written so far, as a tensor
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
@@ -194,18 +204,20 @@ class StaticCache(Cache):
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if layer_idx == len(self.keys):
             shape = (*k.shape[:-2], self.max_length, k.shape[-1])
-            _check_fits(shape, k, self.max_length)
-            self.keys.append(k.new_zeros(shape))
-            self.values.append(v.new_zeros(shape))
+            stored = self.dtype or k.dtype
+            _check_fits(shape, k.new_empty(0, dtype=stored), self.max_length)
+            self.keys.append(k.new_zeros(shape, dtype=stored))
+            self.values.append(v.new_zeros(shape, dtype=stored))
         q_len = k.shape[-2]
         # layer 0 counts this step's tokens first, so later layers see the position already advanced
         start = self.position if layer_idx == 0 else self.position - q_len
         slots = start.to(k.device) + torch.arange(q_len, device=k.device)
-        self.keys[layer_idx].index_copy_(-2, slots, k)
-        self.values[layer_idx].index_copy_(-2, slots, v)
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys.index_copy_(-2, slots, k.to(keys.dtype))
+        values.index_copy_(-2, slots, v.to(values.dtype))
         if layer_idx == 0:
             self.position.add_(q_len)
-        return self.keys[layer_idx], self.values[layer_idx]
+        return keys.to(k.dtype), values.to(v.dtype)  # the model attends in its own dtype
 
     def key_positions(self, q_len: int, device: torch.device) -> torch.Tensor:
         return torch.arange(self.max_length, device=device)

@@ -49,6 +49,41 @@ def test_exact_caches_match_the_dynamic_cache(
     assert greedy(llama, cache_implementation=name, cache_config=config).tolist() == expected.tolist()
 
 
+@pytest.mark.parametrize("name", ["dynamic", "static"])
+def test_a_float16_cache_stores_half_and_attends_in_the_models_dtype(
+    llama: LlamaForCausalLM, name: str
+) -> None:
+    """`cache_config={"dtype": "float16"}`: keys and values stored in float16 (half of float32's bytes),
+    read back as float32; the logits move by the keys' and values' rounding only."""
+    from specformer.runtime.cache import DynamicCache, StaticCache
+
+    ids = torch.tensor([[5, 17, 42, 9]])
+    settings = {
+        "max_new_tokens": 16,
+        "eos_token_id": None,
+        "return_dict_in_generate": True,
+        "output_logits": True,
+    }
+    exact = generate(llama, ids, cache_implementation=name, **settings)
+    half = generate(llama, ids, cache_implementation=name, cache_config={"dtype": "float16"}, **settings)
+    cache = half.past_key_values
+    stored = cache._keys if isinstance(cache, DynamicCache) else cache.keys
+    assert all(k.dtype == torch.float16 for k in stored)
+    for a, b in zip(half.logits, exact.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-3)  # float16 keeps 11 significant bits
+    for cache in (DynamicCache(torch.float16), StaticCache(8, torch.float16)):
+        k = torch.randn(1, 2, 3, 8)
+        keys, values = cache.update(0, k, k * 2)
+        assert keys.dtype == values.dtype == torch.float32
+        assert torch.equal(keys[..., :3, :], k.half().float()) and torch.equal(
+            values[..., :3, :], (k * 2).half().float()
+        )
+    with pytest.raises(
+        ValueError, match="cache_config dtype 'int8': expected one of bfloat16, float16, float32"
+    ):
+        generate(llama, ids, max_new_tokens=2, cache_config={"dtype": "int8"})
+
+
 @pytest.mark.parametrize(("bits", "tolerance"), [(8, 0.01), (4, 0.2)])
 def test_quantized_cache_stays_close_to_the_exact_one(bits: int, tolerance: float) -> None:
     """Keys and values come back within a quantisation step of what was stored; the recent ones exactly.

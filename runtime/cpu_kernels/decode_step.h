@@ -57,7 +57,7 @@ template <typename T> struct LayerWeights {
   const T *input_norm, *post_norm;
   Matrix<T> q, k, v, o, gate, up, down;
   const T *q_bias, *k_bias, *v_bias, *o_bias, *gate_bias, *up_bias, *down_bias;
-  T *keys, *values;
+  void *keys, *values;  // (B, Hkv, S, D) in the cache's dtype: the model's, or float16
   const bool* allowed = nullptr;  // (B, slot + 1): which cache slots each row's query may see, this step
   // a mixture of experts in place of gate/up/down: the router (E, H), every expert's gate and up
   // (E, 2I, H) and down (E, H, I), stacked as runtime/moe.py keeps them; null for a dense MLP
@@ -241,7 +241,10 @@ std::vector<LayerWeights<T>> layer_weights(const StepShape& z, const c10::List<L
       }
     }
     for (const at::Tensor* cache : {&keys[l], &values[l]}) {
-      require<T>(*cache, "cache");
+      TORCH_CHECK(cache->device().is_cpu() && cache->scalar_type() == keys[0].scalar_type() &&
+                      (cache->scalar_type() == c10::CppTypeToScalarType<T>::value || cache->scalar_type() == at::kHalf),
+                  "decode_step: layer ", l, " cache has dtype ", cache->scalar_type(), "; expected the model's (",
+                  c10::CppTypeToScalarType<T>::value, ") or float16 in every layer, on the CPU");
       TORCH_CHECK(cache->dim() == 4 && cache->size(0) == z.M && cache->size(1) == z.Hkv && cache->size(2) == z.S &&
                       cache->size(3) == z.D && cache->is_contiguous(),
                   "decode_step: layer ", l, " cache has shape ", cache->sizes(), "; expected (", z.M, ", ", z.Hkv, ", ",
@@ -249,7 +252,7 @@ std::vector<LayerWeights<T>> layer_weights(const StepShape& z, const c10::List<L
     }
     layers[l] = {w[0].dense, w[5].dense, w[1], w[2], w[3], w[4], w[6], w[7], w[8],
                  b[0], b[1], b[2], b[3], b[4], b[5], b[6],
-                 keys[l].data_ptr<T>(), values[l].data_ptr<T>()};
+                 keys[l].data_ptr(), values[l].data_ptr()};
     if (experts) {
       const std::vector<int64_t> shapes[kExpertParts] = {{z.E, z.H}, {z.E, 2 * z.I, z.H}, {z.E, z.H, z.I}};
       const T* parts[kExpertParts];
@@ -472,7 +475,7 @@ std::vector<at::Tensor> point_masks(Prepared<T>& p, const std::vector<int64_t>& 
 
 // The step itself, over prepared pointers: the next token's logits. Row m's rotary tables are rows
 // positions[m] of cos and signed_sin.
-template <typename T>
+template <typename T, typename C>
 at::Tensor run_step(const Prepared<T>& prepared, const at::Tensor& x, const at::Tensor& cos,
                     const at::Tensor& signed_sin, const std::vector<int64_t>& positions, int64_t slot, double eps_,
                     double scale_, bool unit_offset, bool gelu, const Routing& routing) {
@@ -526,18 +529,22 @@ at::Tensor run_step(const Prepared<T>& prepared, const at::Tensor& x, const at::
       for (int64_t u = units * t / nt; u < units * (t + 1) / nt; ++u) {
         const int64_t split = u % splits, b = u / splits / Hkv, h = u / splits % Hkv;
         const int64_t s0 = std::min(visible, split * chunk), s1 = std::min(visible, s0 + chunk);
-        if (s0 <= slot && slot < s1) {
+        C* const keys = static_cast<C*>(w.keys) + (b * Hkv + h) * S * D;
+        C* const values = static_cast<C*>(w.values) + (b * Hkv + h) * S * D;
+        if (s0 <= slot && slot < s1) {  // rounded to the cache's dtype as the cache's update rounds
           const T* kr = qkv.data() + b * q_stride + Nq + h * D;
-          rotate_head(kr, cp + positions[b] * D, sp + positions[b] * D, D, w.keys + ((b * Hkv + h) * S + slot) * D);
-          std::copy_n(kr + Nkv, D, w.values + ((b * Hkv + h) * S + slot) * D);
+          rotate_head(kr, cp + positions[b] * D, sp + positions[b] * D, D, rotated.data());
+          for (int64_t i = 0; i < D; ++i) {
+            keys[slot * D + i] = round_to<C>(float(rotated[i]));
+            values[slot * D + i] = round_to<C>(float(kr[Nkv + i]));
+          }
         }
         for (int64_t j = 0; j < G; ++j) {
           rotate_head(qkv.data() + b * q_stride + (h * G + j) * D, cp + positions[b] * D, sp + positions[b] * D, D,
                       rotated.data());
           for (int64_t i = 0; i < D; ++i) qf[j * D + i] = float(rotated[i]) * scale;
         }
-        const int64_t cache_offset = (b * Hkv + h) * S * D;
-        attend_chunk<T>(qf.data(), G, D, w.keys + cache_offset, w.values + cache_offset, D, D,
+        attend_chunk<C>(qf.data(), G, D, keys, values, D, D,
                         w.allowed + b * visible, s0, s1, scores.data(), row.data(), &part.max[u * G],
                         &part.sum[u * G], &part.acc[u * G * D]);
       }
@@ -645,7 +652,9 @@ struct DecodePlan : torch::CustomClassHolder {
                   prepared->z.S, " slots");
       const auto masks = point_masks(*prepared, model.windows, attention_mask, slot);
       const at::Tensor x = embed(*prepared, tokens, embedding_scale, model.final_norm.options());
-      return run_step(*prepared, x, cos, signed_sin, rows, slot, eps, scale, unit_offset, gelu, model.routing);
+      const bool half_cache = keys[0].scalar_type() == at::kHalf;  // checked by prepare: every layer alike
+      return (half_cache ? run_step<T, c10::Half> : run_step<T, T>)(*prepared, x, cos, signed_sin, rows, slot, eps,
+                                                                    scale, unit_offset, gelu, model.routing);
     };
     return model.final_norm.scalar_type() == at::kBFloat16 ? run(as_bfloat16) : run(as_float);
   }

@@ -11,6 +11,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -49,6 +50,9 @@ template <typename T> void require(const at::Tensor& t, const char* name) {
 template <typename T> inline const float* as_float(const T* src, float* buffer, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
     return src;
+  } else if constexpr (std::is_same_v<T, c10::Half>) {  // a float16 KV cache's rows
+    for (int64_t i = 0; i < n; ++i) buffer[i] = float(src[i]);
+    return buffer;
   } else {
     // bfloat16 is float32's upper half: widening is a 16-bit shift, written on the bits so it vectorises.
     const auto* bits = reinterpret_cast<const uint16_t*>(src);
@@ -79,6 +83,9 @@ SPECFORMER_TARGET inline __m512 load16(const float* p) { return _mm512_loadu_ps(
 SPECFORMER_TARGET inline __m512 load16(const c10::BFloat16* p) {
   const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+SPECFORMER_TARGET inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 SPECFORMER_TARGET inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 // Rounded to nearest even, NaN to c10's quiet NaN: c10::BFloat16's own conversion, sixteen at a time.

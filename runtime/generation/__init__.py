@@ -86,7 +86,7 @@ def make_cache(model: torch.nn.Module, config: GenerationConfig, max_length: int
         # Slots rounded up to a multiple of STATIC_CACHE_BUCKET: the compiled step specialises on the
         # cache's size, so requests of nearby lengths share one compilation instead of paying one each.
         slots = -(-max_length // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET
-        return StaticCache(options.get("max_length", slots))
+        return StaticCache(options.get("max_length", slots), config.cache_dtype())
     if name == "sliding_window":
         window = options.get("window", getattr(model.config, "sliding_window", None))
         layer_types = getattr(model.config, "layer_types", None)

@@ -10,10 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from specformer.dsl.errors import did_you_mean
 
 from ..errors import ArgumentError, GenerationError
 from ..files import atomic_write_text, read_json_object
+
+_CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 
@@ -33,7 +37,9 @@ class GenerationConfig:
     num_beams: int = 1
     use_cache: bool = True
     cache_implementation: str | None = None  # dynamic, static, sliding_window, sink, quantized, offloaded
-    cache_config: dict[str, Any] | None = None  # window, sink, nbits, residual_length
+    # window, sink, nbits, residual_length; dtype: the dynamic/static cache's storage ("float16": half a
+    # float32 model's cache, as llama.cpp keeps its own)
+    cache_config: dict[str, Any] | None = None
     # logits processing
     temperature: float = 1.0
     top_k: int | None = 50
@@ -91,8 +97,21 @@ class GenerationConfig:
             return []
         return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
 
+    def cache_dtype(self) -> torch.dtype | None:
+        """The dtype `cache_config["dtype"]` asks the cache to store keys and values in (None: the model's)."""
+        value = (self.cache_config or {}).get("dtype")
+        if value is None or isinstance(value, torch.dtype):
+            return value
+        dtype = _CACHE_DTYPES.get(str(value).removeprefix("torch."))
+        if dtype is None:
+            raise GenerationError(
+                f"cache_config dtype {value!r}: expected one of {', '.join(sorted(_CACHE_DTYPES))}"
+            )
+        return dtype
+
     def validate(self) -> None:
         """Contradictions are errors; settings that will be ignored are warnings, as in Hugging Face."""
+        self.cache_dtype()
         if self.num_beams < 1:
             raise GenerationError(f"num_beams is {self.num_beams}; expected at least 1")
         if self.max_new_tokens is not None and self.max_new_tokens < 0:

@@ -144,7 +144,7 @@ def sample_or_greedy(
     decode: Callable[..., object] | None = None,
 ) -> GenerateOutput:
     if config.use_cache and cache is None:
-        cache = DynamicCache()
+        cache = DynamicCache(config.cache_dtype())
     pad = config.pad_token_id if config.pad_token_id is not None else (config.eos_ids() or [0])[0]
     sequences = input_ids
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -259,7 +259,7 @@ def beam_search(
     improvable = torch.ones(batch, 1, dtype=torch.bool, device=device)
     origins = torch.full((batch, beams, max_length - prompt_len), -1, dtype=torch.long, device=device)
     finished_origins = origins.clone()
-    cache = DynamicCache()
+    cache = DynamicCache(config.cache_dtype())
     scores: list[torch.Tensor] = []
     cur = prompt_len
     while True:

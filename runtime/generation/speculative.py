@@ -25,7 +25,7 @@ Proposer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
 def draft_model_proposer(draft: torch.nn.Module, lookahead: int, config: GenerationConfig) -> Proposer:
     """Greedy (or sampled, with its probabilities) proposals from a smaller model sharing the tokenizer."""
-    cache = DynamicCache()
+    cache = DynamicCache(config.cache_dtype())
 
     def propose(sequence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         cache.crop(min(cache.get_seq_length(), sequence.shape[1] - 1))
@@ -81,7 +81,7 @@ def speculative_decode(
 ) -> GenerateOutput:
     if input_ids.shape[0] != 1:
         raise GenerationError("speculative decoding runs one sequence at a time (batch size 1)")
-    cache = DynamicCache()
+    cache = DynamicCache(config.cache_dtype())
     sequence = input_ids
     fed = 0  # how many tokens of `sequence` the model's cache holds
     while True:
