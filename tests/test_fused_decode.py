@@ -148,10 +148,12 @@ def test_a_growing_cache_is_followed() -> None:
 
 @pytest.mark.parametrize("cache", ["static", "dynamic"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_float16_cache_decodes_fused(cache: str, dtype: torch.dtype) -> None:
-    """A float16 KV cache (`cache_config={"dtype": "float16"}`): the step writes each key and value rounded
-    to float16, as the cache's update rounds them, and attends over them in float32, as the op-by-op
-    model does after reading them back: the same logits to float rounding, left padding and windows too."""
+@pytest.mark.parametrize("stored", ["float16", "bfloat16", "float32"])
+def test_caches_in_another_dtype_decode_fused(cache: str, dtype: torch.dtype, stored: str) -> None:
+    """A KV cache in another dtype (`cache_config={"dtype": "float16"}`, as llama.cpp keeps its own): the
+    step writes each key and value rounded to it, as the cache's update rounds them, and attends over them
+    in float32, as the op-by-op model does after reading them back: the same logits to float rounding,
+    left padding and windows too."""
     torch.manual_seed(3)
     config = MistralConfig(vocab_size=61, hidden_size=64, intermediate_size=44, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, sliding_window=5)  # fmt: skip
@@ -163,7 +165,7 @@ def test_a_float16_cache_decodes_fused(cache: str, dtype: torch.dtype) -> None:
     mask[1, :2] = 0
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     assert_fused_decodes_as_op_by_op(
-        model, prompt, mask, tolerance, cache_implementation=cache, cache_config={"dtype": "float16"}
+        model, prompt, mask, tolerance, cache_implementation=cache, cache_config={"dtype": stored}
     )
 
 

@@ -57,7 +57,7 @@ template <typename T> struct LayerWeights {
   const T *input_norm, *post_norm;
   Matrix<T> q, k, v, o, gate, up, down;
   const T *q_bias, *k_bias, *v_bias, *o_bias, *gate_bias, *up_bias, *down_bias;
-  void *keys, *values;  // (B, Hkv, S, D) in the cache's dtype: the model's, or float16
+  void *keys, *values;  // (B, Hkv, S, D) in the cache's dtype: float32, float16 or bfloat16
   const bool* allowed = nullptr;  // (B, slot + 1): which cache slots each row's query may see, this step
   // a mixture of experts in place of gate/up/down: the router (E, H), every expert's gate and up
   // (E, 2I, H) and down (E, H, I), stacked as runtime/moe.py keeps them; null for a dense MLP
@@ -241,10 +241,11 @@ std::vector<LayerWeights<T>> layer_weights(const StepShape& z, const c10::List<L
       }
     }
     for (const at::Tensor* cache : {&keys[l], &values[l]}) {
-      TORCH_CHECK(cache->device().is_cpu() && cache->scalar_type() == keys[0].scalar_type() &&
-                      (cache->scalar_type() == c10::CppTypeToScalarType<T>::value || cache->scalar_type() == at::kHalf),
-                  "decode_step: layer ", l, " cache has dtype ", cache->scalar_type(), "; expected the model's (",
-                  c10::CppTypeToScalarType<T>::value, ") or float16 in every layer, on the CPU");
+      const auto dtype = cache->scalar_type();
+      TORCH_CHECK(cache->device().is_cpu() && dtype == keys[0].scalar_type() &&
+                      (dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16),
+                  "decode_step: layer ", l, " cache has dtype ", dtype,
+                  "; expected float32, float16 or bfloat16, the same in every layer, on the CPU");
       TORCH_CHECK(cache->dim() == 4 && cache->size(0) == z.M && cache->size(1) == z.Hkv && cache->size(2) == z.S &&
                       cache->size(3) == z.D && cache->is_contiguous(),
                   "decode_step: layer ", l, " cache has shape ", cache->sizes(), "; expected (", z.M, ", ", z.Hkv, ", ",
@@ -652,9 +653,11 @@ struct DecodePlan : torch::CustomClassHolder {
                   prepared->z.S, " slots");
       const auto masks = point_masks(*prepared, model.windows, attention_mask, slot);
       const at::Tensor x = embed(*prepared, tokens, embedding_scale, model.final_norm.options());
-      const bool half_cache = keys[0].scalar_type() == at::kHalf;  // checked by prepare: every layer alike
-      return (half_cache ? run_step<T, c10::Half> : run_step<T, T>)(*prepared, x, cos, signed_sin, rows, slot, eps,
-                                                                    scale, unit_offset, gelu, model.routing);
+      // the cache's dtype, checked by prepare: every layer alike
+      const auto step = keys[0].scalar_type() == at::kHalf       ? run_step<T, c10::Half>
+                        : keys[0].scalar_type() == at::kBFloat16 ? run_step<T, c10::BFloat16>
+                                                                 : run_step<T, float>;
+      return step(*prepared, x, cos, signed_sin, rows, slot, eps, scale, unit_offset, gelu, model.routing);
     };
     return model.final_norm.scalar_type() == at::kBFloat16 ? run(as_bfloat16) : run(as_float);
   }
