@@ -82,6 +82,8 @@ def test_a_float16_cache_stores_half_and_attends_in_the_models_dtype(
         ValueError, match="cache_config dtype 'int8': expected one of bfloat16, float16, float32"
     ):
         generate(llama, ids, max_new_tokens=2, cache_config={"dtype": "int8"})
+    with pytest.raises(ValueError, match="`sink` keeps its own"):
+        generate(llama, ids, max_new_tokens=2, cache_implementation="sink", cache_config={"dtype": "float16"})
 
 
 @pytest.mark.parametrize(("bits", "tolerance"), [(8, 0.01), (4, 0.2)])

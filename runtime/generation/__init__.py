@@ -82,6 +82,10 @@ def make_cache(model: torch.nn.Module, config: GenerationConfig, max_length: int
     """The cache `config.cache_implementation` names, sized from the model and `config.cache_config`."""
     name = config.cache_implementation
     options = config.cache_config or {}
+    if config.cache_dtype() is not None and name != "static":
+        raise GenerationError(
+            f"cache_config dtype: the dynamic and static caches store in another dtype; `{name}` keeps its own"
+        )
     if name == "static":
         # Slots rounded up to a multiple of STATIC_CACHE_BUCKET: the compiled step specialises on the
         # cache's size, so requests of nearby lengths share one compilation instead of paying one each.
