@@ -71,15 +71,21 @@ def _span(tensor: torch.Tensor) -> tuple[int, int]:
     return start, start + (last + 1) * size
 
 
-def weight_bytes(module: nn.Module) -> int:
-    """Bytes of the distinct storage ranges a module's CPU parameters and buffers read."""
-    spans: dict[int, tuple[int, int]] = {}
-    for _, _, tensor in _tensors(module):
+def _storage_spans(tensors: list[torch.Tensor]) -> dict[int, tuple[torch.Tensor, int, int]]:
+    """Per storage the tensors read: (one tensor on it, first byte, end byte) of the range they cover."""
+    spans: dict[int, tuple[torch.Tensor, int, int]] = {}
+    for tensor in tensors:
         key = tensor.untyped_storage().data_ptr()
         start, end = _span(tensor)
-        low, high = spans.get(key, (start, end))
-        spans[key] = (min(low, start), max(high, end))
-    return sum(high - low for low, high in spans.values())
+        _, low, high = spans.get(key, (tensor, start, end))
+        spans[key] = (tensor, min(low, start), max(high, end))
+    return spans
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of the distinct storage ranges a module's CPU parameters and buffers read."""
+    spans = _storage_spans([tensor for _, _, tensor in _tensors(module)])
+    return sum(high - low for _, low, high in spans.values())
 
 
 def gather_into_huge_pages(module: nn.Module) -> int:
@@ -87,12 +93,7 @@ def gather_into_huge_pages(module: nn.Module) -> int:
     bytes moved (0 where the system has no huge pages). Tensors sharing a storage (ties, views of one
     block of memory) still share one afterwards; gradients and requires_grad are kept."""
     entries = list(_tensors(module))
-    spans: dict[int, tuple[torch.Tensor, int, int]] = {}  # storage -> (a tensor on it, start, end)
-    for _, _, tensor in entries:
-        key = tensor.untyped_storage().data_ptr()
-        start, end = _span(tensor)
-        _, low, high = spans.get(key, (tensor, start, end))
-        spans[key] = (tensor, min(low, start), max(high, end))
+    spans = _storage_spans([tensor for _, _, tensor in entries])
     places: dict[int, int] = {}  # storage -> where its byte `low` lands in the arena
     cursor = 0
     for key, (_, low, high) in spans.items():
